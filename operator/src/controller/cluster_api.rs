@@ -1,0 +1,274 @@
+//! The cluster's own etcd API, as the operator uses it: the state comes from MemberList,
+//! Status, Alarm and HashKV, never from guessing at pods.
+//!
+//! [`ClusterApi`] is a trait so the controller can be driven by a fake in tests;
+//! [`GrpcClusterApi`] speaks the etcd v3 gRPC API through `metastore-proto`.
+
+use std::time::Duration;
+
+use futures::future::BoxFuture;
+use metastore_proto::etcdserverpb::{
+    alarm_request::AlarmAction, cluster_client::ClusterClient,
+    maintenance_client::MaintenanceClient, AlarmRequest, AlarmType, HashKvRequest,
+    MemberAddRequest, MemberListRequest, MemberPromoteRequest, MemberRemoveRequest,
+    MoveLeaderRequest, StatusRequest,
+};
+use tonic::transport::{Channel, Endpoint};
+
+use crate::plan::{ClusterView, HashCheck, MemberView};
+use crate::{Error, Result};
+
+/// Membership and maintenance calls on a cluster, addressed by member client URLs.
+pub trait ClusterApi: Send + Sync {
+    /// Reads the cluster's view through any member in `endpoints`; `None` when none answers
+    /// MemberList.
+    fn observe<'a>(&'a self, endpoints: &'a [String]) -> BoxFuture<'a, Option<ClusterView>>;
+    /// MemberAdd as a learner.
+    fn add_learner<'a>(
+        &'a self,
+        endpoints: &'a [String],
+        peer_url: &'a str,
+    ) -> BoxFuture<'a, Result<()>>;
+    /// MemberPromote.
+    fn promote<'a>(&'a self, endpoints: &'a [String], id: u64) -> BoxFuture<'a, Result<()>>;
+    /// MemberRemove.
+    fn remove<'a>(&'a self, endpoints: &'a [String], id: u64) -> BoxFuture<'a, Result<()>>;
+    /// MoveLeader, sent to the leader's client URL.
+    fn move_leader<'a>(&'a self, leader: &'a str, to: u64) -> BoxFuture<'a, Result<()>>;
+}
+
+/// [`ClusterApi`] over gRPC (plain HTTP/2; TLS client certificates are not wired in yet).
+#[derive(Clone, Debug)]
+pub struct GrpcClusterApi {
+    timeout: Duration,
+}
+
+impl Default for GrpcClusterApi {
+    fn default() -> Self {
+        GrpcClusterApi {
+            timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+fn api_error(endpoint: &str, e: impl std::fmt::Display) -> Error {
+    Error::ClusterApi {
+        endpoint: endpoint.to_string(),
+        message: e.to_string(),
+    }
+}
+
+impl GrpcClusterApi {
+    async fn channel(&self, url: &str) -> Result<Channel> {
+        Endpoint::from_shared(url.to_string())
+            .map_err(|e| api_error(url, e))?
+            .connect_timeout(self.timeout)
+            .timeout(self.timeout)
+            .connect()
+            .await
+            .map_err(|e| api_error(url, e))
+    }
+
+    /// The first endpoint that connects.
+    async fn any_channel(&self, endpoints: &[String]) -> Result<(String, Channel)> {
+        let mut last = api_error("(none)", "no endpoints");
+        for url in endpoints {
+            match self.channel(url).await {
+                Ok(channel) => return Ok((url.clone(), channel)),
+                Err(e) => last = e,
+            }
+        }
+        Err(last)
+    }
+
+    async fn observe_inner(&self, endpoints: &[String]) -> Option<ClusterView> {
+        let mut list = None;
+        for url in endpoints {
+            let Ok(channel) = self.channel(url).await else {
+                continue;
+            };
+            let request = MemberListRequest { linearizable: true };
+            if let Ok(response) = ClusterClient::new(channel).member_list(request).await {
+                list = Some(response.into_inner());
+                break;
+            }
+        }
+        let list = list?;
+        let revision = list.header.as_ref().map_or(0, |h| h.revision);
+
+        let mut members = Vec::new();
+        let mut leader = None;
+        let mut alarms = Vec::new();
+        let mut hashes = Vec::new();
+        for m in list.members {
+            let mut view = MemberView {
+                id: m.id,
+                name: m.name.clone(),
+                peer_urls: m.peer_ur_ls.clone(),
+                is_learner: m.is_learner,
+                healthy: false,
+                applied_index: 0,
+                // Filled from the pod image by the controller until the server reports them.
+                version: None,
+                format_version: None,
+                max_format_version: None,
+            };
+            let Some(url) = m.client_ur_ls.first() else {
+                hashes.push(None); // never started: no hash to compare
+                members.push(view);
+                continue;
+            };
+            let Ok(channel) = self.channel(url).await else {
+                hashes.push(None);
+                members.push(view);
+                continue;
+            };
+            let mut maintenance = MaintenanceClient::new(channel);
+            if let Ok(status) = maintenance.status(StatusRequest {}).await {
+                let status = status.into_inner();
+                view.healthy = status.errors.is_empty();
+                view.applied_index = status.raft_applied_index;
+                if status.leader != 0 && leader.is_none() {
+                    leader = Some(status.leader);
+                }
+            }
+            if alarms.is_empty() {
+                let request = AlarmRequest {
+                    action: AlarmAction::Get as i32,
+                    member_id: 0,
+                    alarm: AlarmType::None as i32,
+                };
+                if let Ok(response) = maintenance.alarm(request).await {
+                    alarms = response
+                        .into_inner()
+                        .alarms
+                        .iter()
+                        .filter_map(|a| AlarmType::try_from(a.alarm).ok())
+                        .filter(|a| *a != AlarmType::None)
+                        .map(|a| a.as_str_name().to_string())
+                        .collect();
+                }
+            }
+            let hash = if m.is_learner {
+                None
+            } else {
+                maintenance
+                    .hash_kv(HashKvRequest { revision })
+                    .await
+                    .ok()
+                    .map(|r| r.into_inner().hash)
+            };
+            if !m.is_learner {
+                hashes.push(hash);
+            }
+            members.push(view);
+        }
+        let hash = hash_check(&hashes);
+        let leader = leader.filter(|id| members.iter().any(|m| m.id == *id));
+        Some(ClusterView {
+            members,
+            leader,
+            alarms,
+            hash,
+        })
+    }
+}
+
+/// Agreement of the voters' HashKV answers at one revision.
+pub fn hash_check(hashes: &[Option<u32>]) -> HashCheck {
+    let mut known = hashes.iter();
+    let Some(Some(first)) = known.next() else {
+        return HashCheck::Unknown;
+    };
+    let mut unknown = false;
+    for h in known {
+        match h {
+            Some(h) if h != first => return HashCheck::Disagree,
+            Some(_) => {}
+            None => unknown = true,
+        }
+    }
+    if unknown {
+        HashCheck::Unknown
+    } else {
+        HashCheck::Agree
+    }
+}
+
+impl ClusterApi for GrpcClusterApi {
+    fn observe<'a>(&'a self, endpoints: &'a [String]) -> BoxFuture<'a, Option<ClusterView>> {
+        Box::pin(self.observe_inner(endpoints))
+    }
+
+    fn add_learner<'a>(
+        &'a self,
+        endpoints: &'a [String],
+        peer_url: &'a str,
+    ) -> BoxFuture<'a, Result<()>> {
+        Box::pin(async move {
+            let (url, channel) = self.any_channel(endpoints).await?;
+            let request = MemberAddRequest {
+                peer_ur_ls: vec![peer_url.to_string()],
+                is_learner: true,
+            };
+            ClusterClient::new(channel)
+                .member_add(request)
+                .await
+                .map_err(|e| api_error(&url, e))?;
+            Ok(())
+        })
+    }
+
+    fn promote<'a>(&'a self, endpoints: &'a [String], id: u64) -> BoxFuture<'a, Result<()>> {
+        Box::pin(async move {
+            let (url, channel) = self.any_channel(endpoints).await?;
+            ClusterClient::new(channel)
+                .member_promote(MemberPromoteRequest { id })
+                .await
+                .map_err(|e| api_error(&url, e))?;
+            Ok(())
+        })
+    }
+
+    fn remove<'a>(&'a self, endpoints: &'a [String], id: u64) -> BoxFuture<'a, Result<()>> {
+        Box::pin(async move {
+            let (url, channel) = self.any_channel(endpoints).await?;
+            ClusterClient::new(channel)
+                .member_remove(MemberRemoveRequest { id })
+                .await
+                .map_err(|e| api_error(&url, e))?;
+            Ok(())
+        })
+    }
+
+    fn move_leader<'a>(&'a self, leader: &'a str, to: u64) -> BoxFuture<'a, Result<()>> {
+        Box::pin(async move {
+            let channel = self.channel(leader).await?;
+            MaintenanceClient::new(channel)
+                .move_leader(MoveLeaderRequest { target_id: to })
+                .await
+                .map_err(|e| api_error(leader, e))?;
+            Ok(())
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hash_agreement() {
+        let cases = [
+            (vec![Some(1), Some(1), Some(1)], HashCheck::Agree),
+            (vec![Some(1), Some(2), Some(1)], HashCheck::Disagree),
+            (vec![Some(1), None, Some(1)], HashCheck::Unknown),
+            (vec![Some(1), None, Some(2)], HashCheck::Disagree),
+            (vec![None, Some(1)], HashCheck::Unknown),
+            (vec![], HashCheck::Unknown),
+        ];
+        for (hashes, want) in cases {
+            assert_eq!(hash_check(&hashes), want, "{hashes:?}");
+        }
+    }
+}

@@ -1,0 +1,546 @@
+//! The kube-runtime controller: observe → plan → apply → act → write status.
+//!
+//! One reconcile of a `MetaStoreCluster`:
+//! 1. observe the StatefulSet, the member pods, their volumes and the migration Job, and the
+//!    cluster itself through its etcd API ([`cluster_api`]);
+//! 2. [`crate::plan::plan`] decides one action;
+//! 3. the owned objects are rendered ([`crate::render`]) and sent with server-side apply (the
+//!    StatefulSet's replicas come from the decision, so Bootstrap and ScaleStatefulSet are
+//!    applies too), claims that the spec grew are patched, the PodDisruptionBudget is removed
+//!    when disabled;
+//! 4. the action is performed (MemberAdd/Promote/Remove, MoveLeader, a pod deletion, the
+//!    migration Job);
+//! 5. the status, workflow record included, is written by server-side apply on the status
+//!    subresource, and an Event is published for every action and every new Degraded reason.
+//!
+//! Every step is idempotent: a reconcile that dies half-way is simply run again.
+
+pub mod cluster_api;
+pub mod status;
+
+use std::collections::BTreeMap;
+use std::fmt::Debug;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use k8s_openapi::api::apps::v1::StatefulSet;
+use k8s_openapi::api::batch::v1::Job;
+use k8s_openapi::api::core::v1::{ConfigMap, PersistentVolumeClaim, Pod, Service};
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use k8s_openapi::jiff::Timestamp;
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
+use kube::runtime::controller::{Action as Requeue, Controller};
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::reflector::ObjectRef;
+use kube::runtime::watcher;
+use kube::{Client, Resource, ResourceExt};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use tracing::{info, warn};
+
+use self::cluster_api::ClusterApi;
+use crate::crd::{ConditionStatus, ConditionType, Engine, MetaStoreCluster};
+use crate::naming::{version_of_image, ClusterNames, FIELD_MANAGER};
+use crate::plan::{plan, Action, Decision, JobView, Observed, PodView, StatefulSetView, Version};
+use crate::render::statefulset::{CONTAINER, DATA_VOLUME};
+use crate::render::{volume_growth, RenderParams, Renderer};
+use crate::{Error, Result};
+
+/// Shared state of the reconcilers.
+pub struct Context {
+    /// Kubernetes client.
+    pub client: Client,
+    /// The clusters' etcd API.
+    pub cluster_api: Arc<dyn ClusterApi>,
+    /// Event recorder.
+    pub recorder: Recorder,
+}
+
+/// Runs the controller until a termination signal.
+pub async fn run(client: Client, cluster_api: Arc<dyn ClusterApi>) {
+    let reporter = Reporter {
+        controller: FIELD_MANAGER.into(),
+        instance: std::env::var("POD_NAME").ok(),
+    };
+    let context = Arc::new(Context {
+        client: client.clone(),
+        cluster_api,
+        recorder: Recorder::new(client.clone(), reporter),
+    });
+    let owned =
+        watcher::Config::default().labels("app.kubernetes.io/managed-by=metastore-operator");
+    Controller::new(
+        Api::<MetaStoreCluster>::all(client.clone()),
+        watcher::Config::default().any_semantic(),
+    )
+    .owns(Api::<StatefulSet>::all(client.clone()), owned.clone())
+    .owns(Api::<Service>::all(client.clone()), owned.clone())
+    .owns(Api::<ConfigMap>::all(client.clone()), owned.clone())
+    .owns(
+        Api::<PodDisruptionBudget>::all(client.clone()),
+        owned.clone(),
+    )
+    .owns(Api::<Job>::all(client.clone()), owned.clone())
+    // Pods are owned by the StatefulSet, not the cluster: map them back by label.
+    .watches(Api::<Pod>::all(client), owned, |pod| {
+        let instance = pod.labels().get("app.kubernetes.io/instance")?.clone();
+        Some(ObjectRef::<MetaStoreCluster>::new(&instance).within(&pod.namespace()?))
+    })
+    .shutdown_on_signal()
+    .run(reconcile, error_policy, context)
+    .for_each(|result| async move {
+        match result {
+            Ok((object, _)) => tracing::debug!(cluster = %object, "reconciled"),
+            Err(error) => warn!(%error, "reconcile failed"),
+        }
+    })
+    .await;
+}
+
+/// Requeue after an error, with the error logged under its metric label.
+pub fn error_policy(cluster: Arc<MetaStoreCluster>, error: &Error, _ctx: Arc<Context>) -> Requeue {
+    warn!(cluster = %cluster.name_any(), error = %error, label = error.metric_label(), "reconcile error");
+    Requeue::requeue(Duration::from_secs(15))
+}
+
+/// One reconcile of one cluster.
+pub async fn reconcile(cluster: Arc<MetaStoreCluster>, ctx: Arc<Context>) -> Result<Requeue> {
+    let namespace = cluster
+        .namespace()
+        .ok_or(Error::MissingObjectKey("metadata.namespace"))?;
+    let renderer = Renderer::new(&cluster)?;
+    let names = renderer.names().clone();
+    let client = ctx.client.clone();
+    let statefulsets: Api<StatefulSet> = Api::namespaced(client.clone(), &namespace);
+    let pods_api: Api<Pod> = Api::namespaced(client.clone(), &namespace);
+    let claims_api: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), &namespace);
+    let jobs: Api<Job> = Api::namespaced(client.clone(), &namespace);
+
+    // 1. Observe.
+    let selector = selector(&names);
+    let sts = statefulsets.get_opt(&names.statefulset()).await?;
+    let pods = pods_api
+        .list(&ListParams::default().labels(&selector))
+        .await?
+        .items;
+    let claims = if cluster.spec.storage.engine == Engine::Rocksdb {
+        claims_api
+            .list(&ListParams::default().labels(&selector))
+            .await?
+            .items
+    } else {
+        Vec::new()
+    };
+    let migration_jobs = jobs
+        .list(&ListParams::default().labels(&format!(
+            "app.kubernetes.io/instance={},app.kubernetes.io/component=migration",
+            names.name()
+        )))
+        .await?
+        .items;
+
+    let sts_replicas = sts
+        .as_ref()
+        .and_then(|s| s.spec.as_ref())
+        .and_then(|s| s.replicas);
+    let recorded = cluster.status.as_ref().map_or(0, |s| s.members.len());
+    let span = sts_replicas
+        .unwrap_or(0)
+        .max(cluster.spec.replicas)
+        .max(i32::try_from(recorded).unwrap_or(0));
+    let endpoints: Vec<String> = (0..span).map(|i| names.client_url(i)).collect();
+    let mut view = ctx.cluster_api.observe(&endpoints).await;
+
+    let holders = data_holders(&cluster, &names, &pods, &claims);
+    if let Some(view) = view.as_mut() {
+        for m in &mut view.members {
+            // The binary's version is the image's until the server reports its own.
+            if m.version.is_none() {
+                let pod = m
+                    .ordinal(&names)
+                    .and_then(|o| pods.iter().find(|p| p.name_any() == names.pod_name(o)));
+                m.version = pod
+                    .and_then(container_image)
+                    .and_then(|image| version_of_image(&image))
+                    .and_then(|v| Version::parse(&v));
+            }
+        }
+    }
+    let observed = Observed {
+        now: Timestamp::now(),
+        statefulset: sts.as_ref().map(statefulset_view),
+        pods: pods
+            .iter()
+            .map(|p| pod_view(&cluster, p, sts.as_ref(), view.as_ref(), &holders, &names))
+            .collect(),
+        migration_job: migration_jobs
+            .iter()
+            .filter_map(job_view)
+            .max_by_key(|j| j.target_format),
+        cluster: view,
+    };
+
+    // 2. Plan.
+    let decision = plan(&cluster, &observed);
+    info!(cluster = %cluster.name_any(), action = %decision.action, "planned");
+
+    // 3. Apply the owned objects.
+    let replicas = match decision.action {
+        Action::Bootstrap { replicas } | Action::ScaleStatefulSet { replicas } => replicas,
+        _ => sts_replicas.unwrap_or(cluster.spec.replicas),
+    };
+    let storage_format = cluster
+        .status
+        .as_ref()
+        .and_then(|s| s.current_format_version)
+        .unwrap_or(cluster.spec.storage.format_version);
+    let mut params = RenderParams::from_decision(&decision, replicas, storage_format);
+    params.existing_claim_templates = sts
+        .as_ref()
+        .and_then(|s| s.spec.as_ref())
+        .and_then(|s| s.volume_claim_templates.clone());
+    let objects = renderer.render(&params);
+    apply(
+        &Api::namespaced(client.clone(), &namespace),
+        &objects.peer_service,
+    )
+    .await?;
+    apply(
+        &Api::namespaced(client.clone(), &namespace),
+        &objects.client_service,
+    )
+    .await?;
+    apply(
+        &Api::namespaced(client.clone(), &namespace),
+        &objects.config_map,
+    )
+    .await?;
+    apply(&statefulsets, &objects.statefulset).await?;
+    let pdbs: Api<PodDisruptionBudget> = Api::namespaced(client.clone(), &namespace);
+    match &objects.pdb {
+        Some(pdb) => apply(&pdbs, pdb).await?,
+        None => delete_if_exists(&pdbs, &names.pdb()).await?,
+    }
+    grow_volumes(&cluster, &claims_api, &claims).await?;
+
+    // 4. Act.
+    act(&ctx, &renderer, &observed, &decision, &endpoints).await?;
+
+    // 5. Status and Events.
+    let new_status = status::build(&cluster, &names, &observed, &decision, &holders);
+    let patch = serde_json::json!({
+        "apiVersion": "metastore.io/v1alpha1",
+        "kind": "MetaStoreCluster",
+        "status": new_status,
+    });
+    Api::<MetaStoreCluster>::namespaced(client, &namespace)
+        .patch_status(
+            &cluster.name_any(),
+            &PatchParams::apply(FIELD_MANAGER).force(),
+            &Patch::Apply(&patch),
+        )
+        .await?;
+    publish_events(&ctx, &cluster, &decision).await;
+
+    Ok(match decision.action {
+        Action::Done => Requeue::requeue(Duration::from_secs(300)),
+        Action::MarkDegraded(_) | Action::RefuseWithCondition(_) => {
+            Requeue::requeue(Duration::from_secs(60))
+        }
+        Action::WaitFor(_) => Requeue::requeue(Duration::from_secs(10)),
+        _ => Requeue::requeue(Duration::from_secs(2)),
+    })
+}
+
+/// Performs the decided action against the cluster or the pods.
+async fn act(
+    ctx: &Context,
+    renderer: &Renderer<'_>,
+    observed: &Observed,
+    decision: &Decision,
+    endpoints: &[String],
+) -> Result<()> {
+    let names = renderer.names();
+    let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), names.namespace());
+    match &decision.action {
+        Action::AddLearner { peer_url, .. } => {
+            ctx.cluster_api.add_learner(endpoints, peer_url).await
+        }
+        Action::PromoteLearner { id, .. } => ctx.cluster_api.promote(endpoints, *id).await,
+        Action::RemoveMember { id, .. } => ctx.cluster_api.remove(endpoints, *id).await,
+        Action::MoveLeader { to_id, .. } => {
+            let leader = observed
+                .cluster
+                .as_ref()
+                .and_then(|v| v.leader_member())
+                .and_then(|m| m.ordinal(names))
+                .map(|o| names.client_url(o));
+            match leader {
+                Some(url) => ctx.cluster_api.move_leader(&url, *to_id).await,
+                None => Ok(()), // leadership already moved or an election is on: replan
+            }
+        }
+        Action::DeletePodForUpgrade { member } | Action::RestartPod { member } => {
+            delete_if_exists(&pods, member).await
+        }
+        Action::StartMigrationJob { to } => {
+            let jobs: Api<Job> = Api::namespaced(ctx.client.clone(), names.namespace());
+            apply(&jobs, &renderer.migration_job(*to, &decision.image)).await
+        }
+        // The StatefulSet's replicas were applied with the objects.
+        Action::Bootstrap { .. } | Action::ScaleStatefulSet { .. } => Ok(()),
+        Action::WaitFor(_)
+        | Action::MarkDegraded(_)
+        | Action::RefuseWithCondition(_)
+        | Action::Done => Ok(()),
+    }
+}
+
+async fn publish_events(ctx: &Context, cluster: &MetaStoreCluster, decision: &Decision) {
+    let (type_, reason) = match &decision.action {
+        Action::MarkDegraded(reason) => (EventType::Warning, reason.reason()),
+        Action::RefuseWithCondition(refusal) => (EventType::Warning, refusal.reason()),
+        Action::WaitFor(_) | Action::Done => return,
+        Action::Bootstrap { .. } => (EventType::Normal, "Bootstrap"),
+        Action::AddLearner { .. } => (EventType::Normal, "AddLearner"),
+        Action::PromoteLearner { .. } => (EventType::Normal, "PromoteLearner"),
+        Action::RemoveMember { .. } => (EventType::Normal, "RemoveMember"),
+        Action::MoveLeader { .. } => (EventType::Normal, "MoveLeader"),
+        Action::DeletePodForUpgrade { .. } => (EventType::Normal, "ReplacePod"),
+        Action::RestartPod { .. } => (EventType::Normal, "RestartPod"),
+        Action::ScaleStatefulSet { .. } => (EventType::Normal, "ScaleStatefulSet"),
+        Action::StartMigrationJob { .. } => (EventType::Normal, "StartMigration"),
+    };
+    // A Degraded reason already shown is not announced again on every reconcile.
+    if type_ == EventType::Warning {
+        let already = cluster.status.as_ref().is_some_and(|s| {
+            s.conditions.iter().any(|c| {
+                c.type_ == ConditionType::Degraded
+                    && c.status == ConditionStatus::True
+                    && c.reason == reason
+            })
+        });
+        if already {
+            return;
+        }
+    }
+    let event = Event {
+        type_,
+        reason: reason.into(),
+        note: Some(decision.action.to_string()),
+        action: "Reconcile".into(),
+        secondary: None,
+    };
+    if let Err(error) = ctx.recorder.publish(&event, &cluster.object_ref(&())).await {
+        warn!(%error, "publishing an event failed");
+    }
+}
+
+/// Server-side apply under the operator's field manager.
+async fn apply<K>(api: &Api<K>, object: &K) -> Result<()>
+where
+    K: Resource + Clone + Debug + Serialize + DeserializeOwned,
+{
+    let name = object
+        .meta()
+        .name
+        .clone()
+        .ok_or(Error::MissingObjectKey("metadata.name"))?;
+    api.patch(
+        &name,
+        &PatchParams::apply(FIELD_MANAGER).force(),
+        &Patch::Apply(object),
+    )
+    .await?;
+    Ok(())
+}
+
+async fn delete_if_exists<K>(api: &Api<K>, name: &str) -> Result<()>
+where
+    K: Resource + Clone + Debug + DeserializeOwned,
+{
+    match api.delete(name, &DeleteParams::default()).await {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(status)) if status.code == 404 => Ok(()),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Patches claims smaller than the spec asks (claim templates are immutable).
+async fn grow_volumes(
+    cluster: &MetaStoreCluster,
+    api: &Api<PersistentVolumeClaim>,
+    claims: &[PersistentVolumeClaim],
+) -> Result<()> {
+    let Some(desired) = cluster.spec.storage.size.as_ref() else {
+        return Ok(());
+    };
+    for claim in claims {
+        let current = claim
+            .spec
+            .as_ref()
+            .and_then(|s| s.resources.as_ref())
+            .and_then(|r| r.requests.as_ref())
+            .and_then(|r| r.get("storage"));
+        if let Some(size) = current.and_then(|c| volume_growth(desired, c)) {
+            let patch = serde_json::json!({"spec": {"resources": {"requests": {"storage": size}}}});
+            api.patch(
+                &claim.name_any(),
+                &PatchParams::default(),
+                &Patch::Merge(&patch),
+            )
+            .await?;
+        }
+    }
+    Ok(())
+}
+
+fn selector(names: &ClusterNames) -> String {
+    names
+        .selector_labels()
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+fn container_image(pod: &Pod) -> Option<String> {
+    pod.spec
+        .as_ref()?
+        .containers
+        .iter()
+        .find(|c| c.name == CONTAINER)?
+        .image
+        .clone()
+}
+
+fn statefulset_view(sts: &StatefulSet) -> StatefulSetView {
+    let spec = sts.spec.as_ref();
+    StatefulSetView {
+        replicas: spec.and_then(|s| s.replicas).unwrap_or(0),
+        image: spec
+            .and_then(|s| s.template.spec.as_ref())
+            .and_then(|p| p.containers.iter().find(|c| c.name == CONTAINER))
+            .and_then(|c| c.image.clone())
+            .unwrap_or_default(),
+    }
+}
+
+fn job_view(job: &Job) -> Option<JobView> {
+    let target_format = job
+        .labels()
+        .get("metastore.io/target-format")?
+        .parse()
+        .ok()?;
+    let status = job.status.as_ref();
+    let condition = |t: &str| {
+        status
+            .and_then(|s| s.conditions.as_ref())
+            .is_some_and(|cs| cs.iter().any(|c| c.type_ == t && c.status == "True"))
+    };
+    Some(JobView {
+        target_format,
+        succeeded: condition("Complete") || status.and_then(|s| s.succeeded).unwrap_or(0) > 0,
+        failed: condition("Failed"),
+    })
+}
+
+/// What holds each pod's data now: the PVC uid, or with the memory engine the pod uid and
+/// the container's restart count (a restart loses everything).
+fn data_holders(
+    cluster: &MetaStoreCluster,
+    names: &ClusterNames,
+    pods: &[Pod],
+    claims: &[PersistentVolumeClaim],
+) -> BTreeMap<String, String> {
+    pods.iter()
+        .filter_map(|pod| {
+            let name = pod.name_any();
+            let holder = match cluster.spec.storage.engine {
+                Engine::Rocksdb => {
+                    let claim = format!("{DATA_VOLUME}-{name}");
+                    claims.iter().find(|c| c.name_any() == claim)?.uid()?
+                }
+                Engine::Memory => {
+                    let restarts = pod
+                        .status
+                        .as_ref()
+                        .and_then(|s| s.container_statuses.as_ref())
+                        .and_then(|cs| cs.iter().find(|c| c.name == CONTAINER))
+                        .map_or(0, |c| c.restart_count);
+                    format!("{}:{restarts}", pod.uid()?)
+                }
+            };
+            names.ordinal_of(&name)?;
+            Some((name, holder))
+        })
+        .collect()
+}
+
+fn pod_view(
+    cluster: &MetaStoreCluster,
+    pod: &Pod,
+    sts: Option<&StatefulSet>,
+    view: Option<&crate::plan::ClusterView>,
+    holders: &BTreeMap<String, String>,
+    names: &ClusterNames,
+) -> PodView {
+    let name = pod.name_any();
+    let status = pod.status.as_ref();
+    let ready = status
+        .and_then(|s| s.conditions.as_ref())
+        .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"));
+    let update_revision = sts
+        .and_then(|s| s.status.as_ref())
+        .and_then(|s| s.update_revision.as_deref());
+    let up_to_date = match update_revision {
+        Some(revision) => {
+            pod.labels()
+                .get("controller-revision-hash")
+                .map(String::as_str)
+                == Some(revision)
+        }
+        None => true,
+    };
+    let crash_looping = status
+        .and_then(|s| s.container_statuses.as_ref())
+        .is_some_and(|cs| {
+            cs.iter().any(|c| {
+                c.state
+                    .as_ref()
+                    .and_then(|s| s.waiting.as_ref())
+                    .and_then(|w| w.reason.as_deref())
+                    == Some("CrashLoopBackOff")
+            })
+        });
+    // Empty volume: the member registered under this name recorded another data holder while
+    // it was healthy.
+    let member_id = view.and_then(|v| {
+        v.members
+            .iter()
+            .find(|m| {
+                names.ordinal_of(&name).is_some() && m.ordinal(names) == names.ordinal_of(&name)
+            })
+            .map(|m| format!("{:x}", m.id))
+    });
+    let recorded = cluster.status.as_ref().and_then(|s| {
+        s.members
+            .iter()
+            .find(|m| m.name == name && Some(&m.id) == member_id.as_ref())
+            .and_then(|m| m.data_holder.clone())
+    });
+    let empty_volume = match (recorded, holders.get(&name)) {
+        (Some(recorded), Some(current)) => &recorded != current,
+        _ => false,
+    };
+    PodView {
+        image: container_image(pod).unwrap_or_default(),
+        name,
+        ready,
+        up_to_date,
+        terminating: pod.metadata.deletion_timestamp.is_some(),
+        crash_looping,
+        empty_volume,
+    }
+}

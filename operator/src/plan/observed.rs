@@ -1,0 +1,218 @@
+//! What the operator observed on one reconcile: the cluster as its own etcd API reports it
+//! (MemberList, Status of each member, Alarm list, HashKV) and the Kubernetes objects
+//! (StatefulSet, pods, migration Job).
+//!
+//! These are plain values so that the plan can be tested without a cluster; the controller
+//! fills them in.
+
+use k8s_openapi::jiff::Timestamp;
+
+use super::Version;
+use crate::naming::ClusterNames;
+
+/// Everything the plan looks at besides the spec and the recorded status.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Observed {
+    /// The time of this reconcile (deadlines compare against it).
+    pub now: Timestamp,
+    /// The cluster as its etcd API reports it; `None` when no member answered MemberList.
+    pub cluster: Option<ClusterView>,
+    /// The StatefulSet, if it exists.
+    pub statefulset: Option<StatefulSetView>,
+    /// The member pods that exist.
+    pub pods: Vec<PodView>,
+    /// The migration Job, if one exists.
+    pub migration_job: Option<JobView>,
+}
+
+/// Whether HashKV agreed on every member at one revision.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HashCheck {
+    /// Every member returned the same hash.
+    Agree,
+    /// Two members disagree: their data has diverged.
+    Disagree,
+    /// Not every member could be asked.
+    Unknown,
+}
+
+/// The cluster as its etcd API reports it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ClusterView {
+    /// MemberList, joined with each member's Status.
+    pub members: Vec<MemberView>,
+    /// The leader's member ID, if there is a leader.
+    pub leader: Option<u64>,
+    /// Raised alarms (`NOSPACE`, `CORRUPT`).
+    pub alarms: Vec<String>,
+    /// HashKV agreement.
+    pub hash: HashCheck,
+}
+
+/// One member.
+#[derive(Clone, Debug, PartialEq)]
+pub struct MemberView {
+    /// Member ID.
+    pub id: u64,
+    /// Member name; empty for a member added but never started.
+    pub name: String,
+    /// Peer URLs.
+    pub peer_urls: Vec<String>,
+    /// Whether the member is a non-voting learner.
+    pub is_learner: bool,
+    /// Whether the member answered Status without errors.
+    pub healthy: bool,
+    /// Its applied Raft index.
+    pub applied_index: u64,
+    /// The MetaStore version its binary reports.
+    pub version: Option<Version>,
+    /// The on-disk format of its data.
+    pub format_version: Option<i32>,
+    /// The highest on-disk format its binary supports.
+    pub max_format_version: Option<i32>,
+}
+
+/// The StatefulSet.
+#[derive(Clone, Debug, PartialEq)]
+pub struct StatefulSetView {
+    /// `spec.replicas`.
+    pub replicas: i32,
+    /// Image of the `metastore` container in the pod template.
+    pub image: String,
+}
+
+/// One member pod.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PodView {
+    /// Pod name (`<cluster>-<ordinal>`).
+    pub name: String,
+    /// The pod's Ready condition.
+    pub ready: bool,
+    /// Image of its `metastore` container.
+    pub image: String,
+    /// Whether the pod was created from the StatefulSet's current template revision.
+    pub up_to_date: bool,
+    /// Whether the pod has a deletion timestamp.
+    pub terminating: bool,
+    /// Whether its container keeps crashing (CrashLoopBackOff or repeated errors).
+    pub crash_looping: bool,
+    /// Whether its volume holds no data of the member registered under this name (a new PVC,
+    /// or any restart with the memory engine).
+    pub empty_volume: bool,
+}
+
+/// The migration Job.
+#[derive(Clone, Debug, PartialEq)]
+pub struct JobView {
+    /// The format it migrates to.
+    pub target_format: i32,
+    /// Whether it completed.
+    pub succeeded: bool,
+    /// Whether it failed for good (backoff limit reached).
+    pub failed: bool,
+}
+
+impl ClusterView {
+    /// The member with this ID.
+    pub fn member(&self, id: u64) -> Option<&MemberView> {
+        self.members.iter().find(|m| m.id == id)
+    }
+
+    /// The leader.
+    pub fn leader_member(&self) -> Option<&MemberView> {
+        self.leader.and_then(|id| self.member(id))
+    }
+
+    /// Voting members.
+    pub fn voters(&self) -> impl Iterator<Item = &MemberView> {
+        self.members.iter().filter(|m| !m.is_learner)
+    }
+
+    /// Number of voting members.
+    pub fn voter_count(&self) -> usize {
+        self.voters().count()
+    }
+
+    /// Number of healthy voting members.
+    pub fn healthy_voter_count(&self) -> usize {
+        self.voters().filter(|m| m.healthy).count()
+    }
+
+    /// Learners.
+    pub fn learners(&self) -> impl Iterator<Item = &MemberView> {
+        self.members.iter().filter(|m| m.is_learner)
+    }
+
+    /// How far `member` is behind the leader's applied index (0 when there is no leader).
+    pub fn lag(&self, member: &MemberView) -> u64 {
+        self.leader_member()
+            .map(|l| l.applied_index.saturating_sub(member.applied_index))
+            .unwrap_or(0)
+    }
+
+    /// The lowest and highest versions the members report, if any does.
+    pub fn version_range(&self) -> Option<(Version, Version)> {
+        let mut versions = self.members.iter().filter_map(|m| m.version.clone());
+        let first = versions.next()?;
+        Some(versions.fold((first.clone(), first), |(lo, hi), v| {
+            (lo.min(v.clone()), hi.max(v))
+        }))
+    }
+
+    /// The cluster's on-disk format: the lowest any member reports.
+    pub fn format_version(&self) -> Option<i32> {
+        self.members.iter().filter_map(|m| m.format_version).min()
+    }
+}
+
+impl MemberView {
+    /// The ordinal of this member's pod: from its name, or from its peer URL when it has not
+    /// started yet (MemberAdd registers only the URL).
+    pub fn ordinal(&self, names: &ClusterNames) -> Option<i32> {
+        names.ordinal_of(&self.name).or_else(|| {
+            self.peer_urls
+                .iter()
+                .find_map(|u| names.ordinal_of_peer_url(u))
+        })
+    }
+}
+
+impl Observed {
+    /// The pod of an ordinal.
+    pub fn pod(&self, names: &ClusterNames, ordinal: i32) -> Option<&PodView> {
+        let name = names.pod_name(ordinal);
+        self.pods.iter().find(|p| p.name == name)
+    }
+}
+
+/// Votes needed for a majority of `voters`.
+pub fn quorum(voters: usize) -> usize {
+    voters / 2 + 1
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quorum_sizes() {
+        assert_eq!([1, 2, 3, 4, 5, 7].map(quorum), [1, 2, 2, 3, 3, 4]);
+    }
+
+    #[test]
+    fn unstarted_member_maps_by_peer_url() {
+        let names = ClusterNames::new("demo", "db", false, false);
+        let m = MemberView {
+            id: 9,
+            name: String::new(),
+            peer_urls: vec![names.peer_url(3)],
+            is_learner: true,
+            healthy: false,
+            applied_index: 0,
+            version: None,
+            format_version: None,
+            max_format_version: None,
+        };
+        assert_eq!(m.ordinal(&names), Some(3));
+    }
+}

@@ -1,0 +1,110 @@
+//! [`Command`]: every state change, and [`apply`], the one function that executes it.
+
+use metastore_proto::etcdserverpb::{
+    CompactionRequest, CompactionResponse, DeleteRangeRequest, DeleteRangeResponse, PutRequest,
+    PutResponse, TxnRequest, TxnResponse,
+};
+use metastore_proto::mvccpb::Event;
+
+use super::txn::{self, header};
+use super::{LeaseLookup, Result};
+use crate::mvcc::compactor::CompactTicket;
+use crate::mvcc::store::Applying;
+
+/// A state change, as proposed (and, with Raft, as replicated).
+#[derive(Debug, Clone, PartialEq)]
+pub enum Command {
+    Put(PutRequest),
+    DeleteRange(DeleteRangeRequest),
+    Txn(TxnRequest),
+    Compact(CompactionRequest),
+}
+
+impl Command {
+    /// The RPC name, for metrics and logs.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Command::Put(_) => "Put",
+            Command::DeleteRange(_) => "DeleteRange",
+            Command::Txn(_) => "Txn",
+            Command::Compact(_) => "Compact",
+        }
+    }
+}
+
+/// The result of an applied command. Headers carry only the revision.
+#[derive(Debug)]
+pub enum CommandResult {
+    Put(PutResponse),
+    DeleteRange(DeleteRangeResponse),
+    Txn(TxnResponse),
+    Compact(CompactionResponse, CompactTicket),
+}
+
+/// An applied command's result and the events it produced (for watchers).
+#[derive(Debug)]
+pub struct Applied {
+    pub result: CommandResult,
+    pub events: Vec<Event>,
+    pub revision: i64,
+}
+
+/// Applies `cmd` as command number `index`. A command that fails leaves the key space as it
+/// was (its batch is dropped) but still consumes its index.
+pub fn apply(
+    applying: &mut Applying<'_>,
+    index: u64,
+    cmd: &Command,
+    leases: &dyn LeaseLookup,
+) -> Result<Applied> {
+    let r = apply_inner(applying, index, cmd, leases);
+    if r.is_err() {
+        applying.skip(index)?;
+    }
+    r
+}
+
+fn apply_inner(
+    applying: &mut Applying<'_>,
+    index: u64,
+    cmd: &Command,
+    leases: &dyn LeaseLookup,
+) -> Result<Applied> {
+    let mut t = applying.begin();
+    let result = match cmd {
+        Command::Put(p) => {
+            txn::check_put(&t, p, leases)?;
+            CommandResult::Put(txn::put(&mut t, p)?)
+        }
+        Command::DeleteRange(d) => CommandResult::DeleteRange(txn::delete_range(&mut t, d)?),
+        Command::Txn(r) => {
+            let path = txn::path(&t, r)?;
+            txn::check_path(&t, r, &path, leases)?;
+            CommandResult::Txn(txn::execute(&mut t, r, &path)?)
+        }
+        Command::Compact(c) => {
+            drop(t);
+            let ticket = applying.compact(c.revision, index)?;
+            let revision = applying.applied_rev();
+            return Ok(Applied {
+                result: CommandResult::Compact(
+                    CompactionResponse {
+                        header: Some(header(revision)),
+                    },
+                    ticket,
+                ),
+                events: Vec::new(),
+                revision,
+            });
+        }
+    };
+    let outcome = applying.commit(t, index)?;
+    Ok(Applied {
+        result,
+        events: outcome.events,
+        revision: outcome.rev,
+    })
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,17 @@
+//! MetaStore: an etcd v3 compatible metadata store.
+//!
+//! # Layout
+//! The layers, bottom up; each depends only on the ones above it in this list.
+//! - [`storage`]: the [`Engine`](storage::Engine) trait, the memory and RocksDB engines, the
+//!   record codecs per format version, the data directory stamp.
+//! - [`mvcc`]: revisions, reads at a revision, write transactions, compaction.
+//! - [`apply`]: the deterministic `Command -> result` step with etcd's request semantics.
+//! - [`server`]: configuration, the write pipeline (group commit), the tonic services, the
+//!   error → gRPC status table, HTTP endpoints and metrics.
+//!
+//! `docs/ARCHITECTURE.md` walks a Put through these layers.
+
+pub mod apply;
+pub mod mvcc;
+pub mod server;
+pub mod storage;

@@ -1,0 +1,59 @@
+//! The `metastore` daemon.
+
+use std::time::Duration;
+
+use anyhow::Context;
+use metastore::server::config::{Config, ConfigError};
+use tracing_subscriber::EnvFilter;
+
+fn main() -> anyhow::Result<()> {
+    let config = match Config::load(std::env::args_os()) {
+        Ok(c) => c,
+        Err(ConfigError::Args(e)) => e.exit(),
+        Err(e) => return Err(e.into()),
+    };
+    tracing_subscriber::fmt()
+        .with_env_filter(EnvFilter::try_new(&config.log_level).context("--log-level")?)
+        .with_writer(std::io::stderr)
+        .init();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("metastore-worker")
+        .build()
+        .context("starting the runtime")?;
+    let stopped = rt.block_on(async {
+        let server = metastore::server::start(&config)
+            .await
+            .context("starting metastore")?;
+        shutdown_signal().await;
+        tracing::info!("shutting down");
+        anyhow::Ok(server.shutdown().await)
+    })?;
+    // Dropping the runtime's remaining tasks (connections still open) releases the last
+    // references to the store; then the write pipeline ends and the engine closes cleanly.
+    rt.shutdown_timeout(Duration::from_secs(5));
+    stopped.wait();
+    tracing::info!("stopped");
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term => {},
+    }
+}

@@ -1,0 +1,31 @@
+//! The revisioned (MVCC) key space, independent of the engine.
+//!
+//! # Layout
+//! - [`key_codec`]: engine key layout (`enc(key) ++ !rev`, revision log).
+//! - [`key_range`]: etcd's `(key, range_end)` forms as one type.
+//! - [`store`]: [`Store`]: reads at a revision, the current and compacted revisions.
+//! - [`write_txn`]: [`WriteTxn`]: one write transaction = one new revision.
+//! - [`compactor`]: history removal below a revision, in the background, resumable.
+//!
+//! Nothing here holds the history in memory: a read at an old revision seeks straight to the
+//! version it needs, a range scans only its keys, and compaction walks only the revisions it
+//! removes.
+//!
+//! # Revisions, by example
+//! A fresh store is at revision 1. `put a=1` creates revision 2 (`a`: create 2, mod 2,
+//! version 1); `put a=2` creates 3 (create 2, mod 3, version 2); `del a` creates 4 and leaves a
+//! tombstone; `put a=3` creates 5 (a new generation: create 5, version 1). A read at revision 3
+//! sees `a=2`, at 4 sees nothing. `compact 4` drops every version of `a` below 4 and the
+//! tombstone itself (nothing is live at 4); `compact 5` would keep `a=3`.
+
+pub mod compactor;
+mod error;
+pub mod key_codec;
+pub mod key_range;
+pub mod store;
+pub mod write_txn;
+
+pub use error::{Error, Result};
+pub use key_range::KeyRange;
+pub use store::{RangeOptions, RangeResult, Store, StoreOptions};
+pub use write_txn::{WriteOutcome, WriteTxn};

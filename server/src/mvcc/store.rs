@@ -1,0 +1,383 @@
+//! [`Store`]: the MVCC key space over an [`Engine`].
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use metastore_proto::mvccpb::KeyValue;
+
+use super::compactor::{CompactTicket, Compactor};
+use super::key_codec::{kv_key, kv_prefix, split_kv_key};
+use super::write_txn::{WriteOutcome, WriteTxn};
+use super::{Error, KeyRange, Result};
+use crate::storage::codec::{self, DEFAULT_FORMAT};
+use crate::storage::{Engine, Snapshot, Table, WriteBatch};
+
+pub(crate) const META_CURRENT_REV: &[u8] = b"current_rev";
+pub(crate) const META_APPLIED_INDEX: &[u8] = b"applied_index";
+pub(crate) const META_COMPACT_SCHEDULED: &[u8] = b"compact_scheduled";
+pub(crate) const META_COMPACT_FINISHED: &[u8] = b"compact_finished";
+pub(crate) const META_STORAGE_FORMAT: &[u8] = b"storage_format";
+
+/// Options fixed when a [`Store`] is opened.
+#[derive(Debug, Clone)]
+pub struct StoreOptions {
+    /// The record format new writes use.
+    pub write_format: u8,
+    /// fsync before a write is acknowledged (`--unsafe-no-fsync` turns it off).
+    pub fsync: bool,
+}
+
+impl Default for StoreOptions {
+    fn default() -> Self {
+        Self {
+            write_format: DEFAULT_FORMAT,
+            fsync: true,
+        }
+    }
+}
+
+/// What a read asks for, besides the key range.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RangeOptions {
+    /// At most this many keys (0: no limit). `count` still covers the whole range.
+    pub limit: usize,
+    /// Read at this revision (0 or less: the current one).
+    pub rev: i64,
+    /// Only count; return no key-values.
+    pub count_only: bool,
+}
+
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct RangeResult {
+    pub kvs: Vec<KeyValue>,
+    /// The store's current revision when the read was served (as etcd reports it in the
+    /// response header), whatever revision the read was at.
+    pub rev: i64,
+    /// Live keys in the whole range at `rev`.
+    pub count: usize,
+}
+
+/// The MVCC store.
+///
+/// Readers and the single writer never block each other. The writer applies commands through
+/// [`Applying`] (one at a time: it holds the writer lock), writing each command's batch to the
+/// engine without fsync; [`Applying::publish`] then syncs once for the whole group and only
+/// then moves `current_rev` forward. Readers read at `current_rev`, so they never observe a
+/// revision that is not yet durable, even though its entries may already sit in the engine.
+pub struct Store {
+    engine: Arc<dyn Engine>,
+    opts: StoreOptions,
+    /// The newest durable, readable revision.
+    current_rev: AtomicI64,
+    /// Reads below this revision fail with `Compacted`.
+    compact_rev: AtomicI64,
+    applied_index: AtomicU64,
+    /// Writer-side state. Lock order: this lock, then the engine's internal locks.
+    writer: Mutex<WriterState>,
+    compactor: Compactor,
+}
+
+struct WriterState {
+    /// Newest revision written to the engine (may be ahead of `current_rev` until publish).
+    applied_rev: i64,
+    applied_index: u64,
+    pending_compactions: Vec<CompactTicket>,
+}
+
+fn meta_i64(engine: &dyn Engine, key: &[u8]) -> Result<Option<i64>> {
+    match engine.get(Table::Meta, key)? {
+        None => Ok(None),
+        Some(v) => {
+            let arr: [u8; 8] = v
+                .as_slice()
+                .try_into()
+                .map_err(|_| Error::Corrupt(format!("meta {:?}", String::from_utf8_lossy(key))))?;
+            Ok(Some(i64::from_be_bytes(arr)))
+        }
+    }
+}
+
+pub(crate) fn put_meta_i64(batch: &mut WriteBatch, key: &[u8], v: i64) {
+    batch.put(Table::Meta, key.to_vec(), v.to_be_bytes().to_vec());
+}
+
+impl Store {
+    /// Opens the store on `engine`, resuming an interrupted compaction.
+    pub fn open(engine: Arc<dyn Engine>, opts: StoreOptions) -> Result<Arc<Self>> {
+        codec::encode(opts.write_format, &KeyValue::default(), &mut Vec::new())?;
+        let current = meta_i64(engine.as_ref(), META_CURRENT_REV)?.unwrap_or(1);
+        let index = meta_i64(engine.as_ref(), META_APPLIED_INDEX)?.unwrap_or(0);
+        let scheduled = meta_i64(engine.as_ref(), META_COMPACT_SCHEDULED)?.unwrap_or(0);
+        let finished = meta_i64(engine.as_ref(), META_COMPACT_FINISHED)?.unwrap_or(0);
+        if engine.get(Table::Meta, META_STORAGE_FORMAT)?.is_none() {
+            let mut b = WriteBatch::new();
+            b.put(
+                Table::Meta,
+                META_STORAGE_FORMAT.to_vec(),
+                vec![opts.write_format],
+            );
+            put_meta_i64(&mut b, META_CURRENT_REV, current);
+            engine.write(b, opts.fsync)?;
+        }
+        let compactor = Compactor::start(engine.clone(), finished)?;
+        let store = Arc::new(Self {
+            engine,
+            opts,
+            current_rev: AtomicI64::new(current),
+            compact_rev: AtomicI64::new(scheduled),
+            applied_index: AtomicU64::new(index as u64),
+            writer: Mutex::new(WriterState {
+                applied_rev: current,
+                applied_index: index as u64,
+                pending_compactions: Vec::new(),
+            }),
+            compactor,
+        });
+        if scheduled > finished {
+            tracing::info!(scheduled, finished, "resuming interrupted compaction");
+            store.compactor.schedule(CompactTicket::new(scheduled));
+        }
+        Ok(store)
+    }
+
+    pub fn engine(&self) -> &Arc<dyn Engine> {
+        &self.engine
+    }
+
+    pub fn options(&self) -> &StoreOptions {
+        &self.opts
+    }
+
+    /// The newest readable revision.
+    pub fn current_revision(&self) -> i64 {
+        self.current_rev.load(Ordering::SeqCst)
+    }
+
+    /// The revision below which history is gone.
+    pub fn compact_revision(&self) -> i64 {
+        self.compact_rev.load(Ordering::SeqCst)
+    }
+
+    /// Index of the last applied command.
+    pub fn applied_index(&self) -> u64 {
+        self.applied_index.load(Ordering::SeqCst)
+    }
+
+    /// Waits until physical compaction up to the newest scheduled revision is finished.
+    pub fn compactor(&self) -> &Compactor {
+        &self.compactor
+    }
+
+    /// Reads `range` as of `opts.rev`.
+    pub fn range(&self, range: &KeyRange, opts: RangeOptions) -> Result<RangeResult> {
+        // Load the revision before taking the snapshot, so the snapshot contains it; check
+        // compaction after, so a passing check means the snapshot predates the deletion.
+        let current = self.current_revision();
+        let snap = self.engine.snapshot();
+        let rev = self.check_rev(opts.rev, current)?;
+        let mut r = range_snapshot(snap.as_ref(), range, rev, opts)?;
+        r.rev = current;
+        Ok(r)
+    }
+
+    /// Validates a requested revision against the current and compacted ones.
+    pub(crate) fn check_rev(&self, requested: i64, current: i64) -> Result<i64> {
+        if requested > current {
+            return Err(Error::FutureRev);
+        }
+        let rev = if requested <= 0 { current } else { requested };
+        if rev < self.compact_revision() {
+            return Err(Error::Compacted);
+        }
+        Ok(rev)
+    }
+
+    /// Takes the writer lock. Only one [`Applying`] exists at a time.
+    pub fn applier(&self) -> Result<Applying<'_>> {
+        let state = self.writer.lock().map_err(|_| Error::Closed)?;
+        Ok(Applying {
+            store: self,
+            state,
+            dirty: false,
+        })
+    }
+}
+
+/// Reads `range` at `rev` from a snapshot.
+pub(crate) fn range_snapshot(
+    snap: &dyn Snapshot,
+    range: &KeyRange,
+    rev: i64,
+    opts: RangeOptions,
+) -> Result<RangeResult> {
+    let mut kvs = Vec::new();
+    let mut count = 0usize;
+    scan(snap, range, rev, |record| {
+        count += 1;
+        if !opts.count_only && (opts.limit == 0 || kvs.len() < opts.limit) {
+            kvs.push(codec::decode(record)?);
+        }
+        Ok(true)
+    })?;
+    Ok(RangeResult { kvs, rev, count })
+}
+
+/// Calls `visit` with the record of every key live at `rev` in `range`, in key order, until it
+/// returns `false`.
+pub(crate) fn scan(
+    snap: &dyn Snapshot,
+    range: &KeyRange,
+    rev: i64,
+    mut visit: impl FnMut(&[u8]) -> Result<bool>,
+) -> Result<()> {
+    let mut it = snap.iter(Table::Kv);
+    if let KeyRange::Single(key) = range {
+        let prefix = kv_prefix(key);
+        it.seek(&kv_key(key, rev));
+        if it.valid() && it.key().len() == prefix.len() + 8 && it.key().starts_with(&prefix) {
+            let record = it.value();
+            if !is_tombstone(record)? {
+                visit(record)?;
+            }
+        }
+        return it.status().map_err(Error::from);
+    }
+    if let KeyRange::Between(s, e) = range {
+        if e <= s {
+            return Ok(());
+        }
+    }
+    let end = range.end().map(kv_prefix);
+    it.seek(&kv_prefix(range.start()));
+    let mut target = Vec::new();
+    while it.valid() {
+        let (plen, r) = split_kv_key(it.key()).ok_or_else(|| Error::Corrupt("kv key".into()))?;
+        if let Some(end) = &end {
+            if it.key()[..plen] >= end[..] {
+                break;
+            }
+        }
+        if r > rev {
+            // Newer than the read: jump to the newest version at or below `rev`.
+            target.clear();
+            target.extend_from_slice(&it.key()[..plen]);
+            target.extend_from_slice(&(!(rev as u64)).to_be_bytes());
+            it.seek(&target);
+            if !it.valid() {
+                break;
+            }
+            if it.key().len() != plen + 8 || it.key()[..plen] != target[..plen] {
+                continue; // no version at or below `rev`: we are on the next key already
+            }
+        }
+        if !is_tombstone(it.value())? && !visit(it.value())? {
+            return Ok(());
+        }
+        // Skip the older versions of this key: a few steps, then a seek past them.
+        target.clear();
+        target.extend_from_slice(&it.key()[..plen]);
+        let mut steps = 0;
+        loop {
+            it.next();
+            if !it.valid() || it.key().len() != plen + 8 || it.key()[..plen] != target[..] {
+                break;
+            }
+            steps += 1;
+            if steps == 4 {
+                target.extend_from_slice(&[0xff; 9]);
+                it.seek(&target);
+                break;
+            }
+        }
+    }
+    it.status().map_err(Error::from)
+}
+
+pub(crate) fn is_tombstone(record: &[u8]) -> Result<bool> {
+    Ok(codec::peek_mod_version(record)?.1 == 0)
+}
+
+/// The writer's handle: applies commands one after another, then publishes them together.
+pub struct Applying<'a> {
+    store: &'a Store,
+    state: MutexGuard<'a, WriterState>,
+    dirty: bool,
+}
+
+impl<'a> Applying<'a> {
+    /// Begins a write transaction on top of everything applied so far.
+    pub fn begin(&self) -> WriteTxn<'a> {
+        WriteTxn::new(self.store, self.state.applied_rev)
+    }
+
+    /// The newest applied (not necessarily published) revision.
+    pub fn applied_rev(&self) -> i64 {
+        self.state.applied_rev
+    }
+
+    /// Writes the transaction as command number `index` (the apply index). Not yet durable.
+    pub fn commit(&mut self, txn: WriteTxn<'a>, index: u64) -> Result<WriteOutcome> {
+        let (mut batch, outcome) = txn.finish()?;
+        put_meta_i64(&mut batch, META_APPLIED_INDEX, index as i64);
+        self.store.engine.write(batch, false)?;
+        self.state.applied_rev = outcome.rev;
+        self.state.applied_index = index;
+        self.dirty = true;
+        Ok(outcome)
+    }
+
+    /// Schedules compaction of history below `rev` as command `index`.
+    ///
+    /// Errors: `Compacted` if `rev` is not above the compacted revision, `FutureRev` if it is
+    /// above the applied revision. Reads below `rev` fail from now on; the physical removal
+    /// starts after [`publish`](Self::publish) and the returned ticket completes when it ends.
+    pub fn compact(&mut self, rev: i64, index: u64) -> Result<CompactTicket> {
+        if rev <= self.store.compact_revision() {
+            return Err(Error::Compacted);
+        }
+        if rev > self.state.applied_rev {
+            return Err(Error::FutureRev);
+        }
+        let mut batch = WriteBatch::new();
+        put_meta_i64(&mut batch, META_COMPACT_SCHEDULED, rev);
+        put_meta_i64(&mut batch, META_APPLIED_INDEX, index as i64);
+        self.store.engine.write(batch, false)?;
+        self.store.compact_rev.store(rev, Ordering::SeqCst);
+        self.state.applied_index = index;
+        self.dirty = true;
+        let ticket = CompactTicket::new(rev);
+        self.state.pending_compactions.push(ticket.clone());
+        Ok(ticket)
+    }
+
+    /// Records that command `index` was applied without changing the key space.
+    pub fn skip(&mut self, index: u64) -> Result<()> {
+        let mut batch = WriteBatch::new();
+        put_meta_i64(&mut batch, META_APPLIED_INDEX, index as i64);
+        self.store.engine.write(batch, false)?;
+        self.state.applied_index = index;
+        self.dirty = true;
+        Ok(())
+    }
+
+    /// Makes everything applied durable (one fsync for the whole group), then lets readers see
+    /// it and starts scheduled compactions.
+    pub fn publish(mut self) -> Result<i64> {
+        if self.dirty && self.store.opts.fsync {
+            self.store.engine.sync()?;
+        }
+        let rev = self.state.applied_rev;
+        self.store.current_rev.store(rev, Ordering::SeqCst);
+        self.store
+            .applied_index
+            .store(self.state.applied_index, Ordering::SeqCst);
+        for t in self.state.pending_compactions.drain(..) {
+            self.store.compactor.schedule(t);
+        }
+        Ok(rev)
+    }
+}
+
+/// The changes of a write transaction, keyed by user key (`None`: deleted).
+pub(crate) type Overlay = BTreeMap<Vec<u8>, Option<KeyValue>>;

@@ -1,0 +1,124 @@
+//! `etcdserverpb.KV`: validate, call the store or propose, map errors, fill the header.
+
+use metastore_proto::etcdserverpb::kv_server::Kv;
+use metastore_proto::etcdserverpb::{
+    CompactionRequest, CompactionResponse, DeleteRangeRequest, DeleteRangeResponse, PutRequest,
+    PutResponse, RangeRequest, RangeResponse, TxnRequest, TxnResponse,
+};
+use prost::Message;
+use tonic::{Request, Response, Status};
+
+use super::node::{Node, NodeRef};
+use super::status::to_status;
+use crate::apply::command::CommandResult;
+use crate::apply::{self, validate, ApplyError, Command};
+
+pub struct KvService {
+    node: NodeRef,
+}
+
+impl KvService {
+    pub fn new(node: NodeRef) -> Self {
+        Self { node }
+    }
+
+    async fn propose(node: &Node, cmd: Command) -> Result<CommandResult, Status> {
+        node.propose(cmd)
+            .await
+            .map(|a| a.result)
+            .map_err(|e| to_status(&e))
+    }
+}
+
+fn unexpected() -> Status {
+    Status::internal("etcdserver: unexpected apply result")
+}
+
+fn err(e: ApplyError) -> Status {
+    to_status(&e)
+}
+
+#[tonic::async_trait]
+impl Kv for KvService {
+    async fn range(&self, req: Request<RangeRequest>) -> Result<Response<RangeResponse>, Status> {
+        let node = self.node.get()?;
+        let r = req.into_inner();
+        validate::check_range(&r).map_err(err)?;
+        let mut resp = if r.range_end.is_empty() {
+            // A single key is a point lookup: no need to leave the async worker.
+            apply::range::range(node.store.as_ref(), &r)
+        } else {
+            let store = node.store.clone();
+            tokio::task::spawn_blocking(move || apply::range::range(store.as_ref(), &r))
+                .await
+                .map_err(|e| Status::internal(format!("etcdserver: range task: {e}")))?
+        }
+        .map_err(err)?;
+        node.fill(&mut resp.header);
+        Ok(Response::new(resp))
+    }
+
+    async fn put(&self, req: Request<PutRequest>) -> Result<Response<PutResponse>, Status> {
+        let node = self.node.get()?;
+        let r = req.into_inner();
+        validate::check_put(&r).map_err(err)?;
+        node.check_size(r.encoded_len()).map_err(err)?;
+        match Self::propose(&node, Command::Put(r)).await? {
+            CommandResult::Put(mut resp) => {
+                node.fill(&mut resp.header);
+                Ok(Response::new(resp))
+            }
+            _ => Err(unexpected()),
+        }
+    }
+
+    async fn delete_range(
+        &self,
+        req: Request<DeleteRangeRequest>,
+    ) -> Result<Response<DeleteRangeResponse>, Status> {
+        let node = self.node.get()?;
+        let r = req.into_inner();
+        validate::check_delete(&r).map_err(err)?;
+        node.check_size(r.encoded_len()).map_err(err)?;
+        match Self::propose(&node, Command::DeleteRange(r)).await? {
+            CommandResult::DeleteRange(mut resp) => {
+                node.fill(&mut resp.header);
+                Ok(Response::new(resp))
+            }
+            _ => Err(unexpected()),
+        }
+    }
+
+    async fn txn(&self, req: Request<TxnRequest>) -> Result<Response<TxnResponse>, Status> {
+        let node = self.node.get()?;
+        let r = req.into_inner();
+        validate::check_txn(&r, node.limits.max_txn_ops).map_err(err)?;
+        node.check_size(r.encoded_len()).map_err(err)?;
+        match Self::propose(&node, Command::Txn(r)).await? {
+            CommandResult::Txn(mut resp) => {
+                node.fill(&mut resp.header);
+                Ok(Response::new(resp))
+            }
+            _ => Err(unexpected()),
+        }
+    }
+
+    async fn compact(
+        &self,
+        req: Request<CompactionRequest>,
+    ) -> Result<Response<CompactionResponse>, Status> {
+        let node = self.node.get()?;
+        let r = req.into_inner();
+        let physical = r.physical;
+        match Self::propose(&node, Command::Compact(r)).await? {
+            CommandResult::Compact(mut resp, ticket) => {
+                if physical {
+                    node.store.compactor().wait(&ticket).await;
+                }
+                node.fill(&mut resp.header);
+                Ok(Response::new(resp))
+            }
+            _ => Err(unexpected()),
+        }
+    }
+}

@@ -1,0 +1,182 @@
+//! Prometheus metrics: per-RPC request counts and latencies (a tower layer around every gRPC
+//! service), and store gauges refreshed at scrape time.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Instant;
+
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, Opts, Registry,
+    TextEncoder,
+};
+
+use super::proposer::ApplyObserver;
+
+/// Every metric the server exports.
+pub struct Metrics {
+    registry: Registry,
+    requests: IntCounterVec,
+    latency: HistogramVec,
+    apply_group: Histogram,
+    pub db_size: IntGauge,
+    pub db_size_in_use: IntGauge,
+    pub current_revision: IntGauge,
+    pub compact_revision: IntGauge,
+    pub applied_index: IntGauge,
+}
+
+impl Metrics {
+    pub fn new() -> Result<Self, prometheus::Error> {
+        let registry = Registry::new();
+        let requests = IntCounterVec::new(
+            Opts::new(
+                "metastore_grpc_requests_total",
+                "gRPC requests handled, by method and status code",
+            ),
+            &["method", "code"],
+        )?;
+        let latency = HistogramVec::new(
+            HistogramOpts::new(
+                "metastore_grpc_request_duration_seconds",
+                "gRPC request latency, by method",
+            )
+            .buckets(prometheus::exponential_buckets(0.0001, 2.0, 18)?),
+            &["method"],
+        )?;
+        let apply_group = Histogram::with_opts(
+            HistogramOpts::new(
+                "metastore_apply_group_size",
+                "Commands applied per fsync (group commit)",
+            )
+            .buckets(prometheus::exponential_buckets(1.0, 2.0, 11)?),
+        )?;
+        let gauge = |name: &str, help: &str| IntGauge::new(name, help);
+        let m = Self {
+            db_size: gauge(
+                "metastore_mvcc_db_total_size_in_bytes",
+                "Bytes the storage engine occupies",
+            )?,
+            db_size_in_use: gauge(
+                "metastore_mvcc_db_total_size_in_use_in_bytes",
+                "Bytes of live data",
+            )?,
+            current_revision: gauge(
+                "metastore_mvcc_current_revision",
+                "Current revision of the key space",
+            )?,
+            compact_revision: gauge(
+                "metastore_mvcc_compact_revision",
+                "Revision history is compacted to",
+            )?,
+            applied_index: gauge(
+                "metastore_server_applied_index",
+                "Index of the last applied command",
+            )?,
+            registry,
+            requests,
+            latency,
+            apply_group,
+        };
+        m.registry.register(Box::new(m.requests.clone()))?;
+        m.registry.register(Box::new(m.latency.clone()))?;
+        m.registry.register(Box::new(m.apply_group.clone()))?;
+        for g in [
+            &m.db_size,
+            &m.db_size_in_use,
+            &m.current_revision,
+            &m.compact_revision,
+            &m.applied_index,
+        ] {
+            m.registry.register(Box::new(g.clone()))?;
+        }
+        Ok(m)
+    }
+
+    /// The text exposition of every metric.
+    pub fn render(&self) -> String {
+        let mut buf = Vec::new();
+        // Encoding into a Vec cannot fail for the text format.
+        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut buf);
+        String::from_utf8_lossy(&buf).into_owned()
+    }
+
+    fn observe(&self, method: &str, code: &str, seconds: f64) {
+        self.requests.with_label_values(&[method, code]).inc();
+        self.latency.with_label_values(&[method]).observe(seconds);
+    }
+}
+
+impl ApplyObserver for Metrics {
+    fn group_applied(&self, n: usize) {
+        self.apply_group.observe(n as f64);
+    }
+}
+
+/// The method label for a request path; unknown paths share one label so that clients cannot
+/// blow up the label set.
+fn method_label(path: &str) -> Option<&str> {
+    let m = path.strip_prefix('/')?;
+    let known = ["etcdserverpb.", "v3lockpb.", "v3electionpb."];
+    known.iter().any(|p| m.starts_with(p)).then_some(m)
+}
+
+/// A tower layer recording [`Metrics`] for every gRPC call.
+#[derive(Clone)]
+pub struct MetricsLayer(pub std::sync::Arc<Metrics>);
+
+impl<S> tower::Layer<S> for MetricsLayer {
+    type Service = MetricsService<S>;
+    fn layer(&self, inner: S) -> Self::Service {
+        MetricsService {
+            inner,
+            metrics: self.0.clone(),
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct MetricsService<S> {
+    inner: S,
+    metrics: std::sync::Arc<Metrics>,
+}
+
+type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
+
+impl<S, B, RB> tower::Service<http::Request<B>> for MetricsService<S>
+where
+    S: tower::Service<http::Request<B>, Response = http::Response<RB>>,
+    S::Future: Send + 'static,
+    S::Error: Send + 'static,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = BoxFuture<Result<Self::Response, Self::Error>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: http::Request<B>) -> Self::Future {
+        let method = method_label(req.uri().path()).map(str::to_string);
+        let start = Instant::now();
+        let fut = self.inner.call(req);
+        let metrics = self.metrics.clone();
+        Box::pin(async move {
+            let res = fut.await;
+            if let Some(method) = method {
+                let code = match &res {
+                    Ok(r) => r
+                        .headers()
+                        .get("grpc-status")
+                        .and_then(|v| v.to_str().ok())
+                        .unwrap_or("0")
+                        .to_string(),
+                    Err(_) => "transport".to_string(),
+                };
+                metrics.observe(&method, &code, start.elapsed().as_secs_f64());
+            }
+            res
+        })
+    }
+}

@@ -1,0 +1,121 @@
+//! [`Node`]: what every service shares: the store, the write pipeline, identity and limits.
+
+use std::sync::Arc;
+
+use metastore_proto::etcdserverpb::{Member, ResponseHeader};
+
+use super::metrics::Metrics;
+use super::proposer::Proposer;
+use crate::apply::{ApplyError, Command};
+use crate::mvcc::Store;
+
+/// The etcd version MetaStore reports (Status.version, /version). kube-apiserver enables
+/// consistent reads from its watch cache and WatchList from 3.5.13 on; MetaStore implements
+/// what those rely on (see docs/COMPATIBILITY.md).
+pub const ETCD_VERSION: &str = "3.5.16";
+/// The cluster version reported by /version.
+pub const ETCD_CLUSTER_VERSION: &str = "3.5.0";
+
+/// Request limits, all configurable.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    pub max_request_bytes: usize,
+    pub max_txn_ops: usize,
+}
+
+/// This member as the Cluster API reports it.
+#[derive(Debug, Clone)]
+pub struct MemberInfo {
+    pub id: u64,
+    pub name: String,
+    pub peer_urls: Vec<String>,
+    pub client_urls: Vec<String>,
+}
+
+impl MemberInfo {
+    pub fn to_proto(&self) -> Member {
+        Member {
+            id: self.id,
+            name: self.name.clone(),
+            peer_ur_ls: self.peer_urls.clone(),
+            client_ur_ls: self.client_urls.clone(),
+            is_learner: false,
+        }
+    }
+}
+
+/// How services reach the [`Node`]: weakly, so that only the [`Server`](super::Server) handle
+/// keeps it alive and shutting down releases the store at once, however many connections are
+/// still open. A request arriving after shutdown gets etcd's "server stopped".
+#[derive(Clone)]
+pub struct NodeRef(std::sync::Weak<Node>);
+
+impl NodeRef {
+    pub fn new(node: &Arc<Node>) -> Self {
+        Self(Arc::downgrade(node))
+    }
+
+    pub fn get(&self) -> Result<Arc<Node>, tonic::Status> {
+        self.0
+            .upgrade()
+            .ok_or_else(|| tonic::Status::unavailable(super::status::MSG_STOPPED))
+    }
+}
+
+pub struct Node {
+    pub store: Arc<Store>,
+    pub proposer: Proposer,
+    pub member: MemberInfo,
+    pub cluster_id: u64,
+    pub limits: Limits,
+    pub metrics: Arc<Metrics>,
+}
+
+/// The Raft term a single member reports (there are no elections without peers).
+pub const SINGLE_NODE_TERM: u64 = 1;
+
+impl Node {
+    /// A full response header at `revision`.
+    pub fn header(&self, revision: i64) -> ResponseHeader {
+        ResponseHeader {
+            cluster_id: self.cluster_id,
+            member_id: self.member.id,
+            revision,
+            raft_term: SINGLE_NODE_TERM,
+        }
+    }
+
+    /// Fills the identity fields of a header the apply step produced (it sets the revision).
+    pub fn fill(&self, h: &mut Option<ResponseHeader>) {
+        let revision = h
+            .as_ref()
+            .map_or_else(|| self.store.current_revision(), |h| h.revision);
+        *h = Some(self.header(revision));
+    }
+
+    /// Rejects a write request over `--max-request-bytes`.
+    pub fn check_size(&self, encoded_len: usize) -> Result<(), ApplyError> {
+        if encoded_len > self.limits.max_request_bytes {
+            return Err(ApplyError::RequestTooLarge);
+        }
+        Ok(())
+    }
+
+    pub async fn propose(
+        &self,
+        cmd: Command,
+    ) -> Result<crate::apply::command::Applied, ApplyError> {
+        self.proposer.propose(cmd).await
+    }
+
+    /// Refreshes the store gauges (called at scrape time).
+    pub fn refresh_gauges(&self) {
+        let m = &self.metrics;
+        m.db_size.set(self.store.engine().size_bytes() as i64);
+        m.db_size_in_use
+            .set(self.store.engine().size_in_use_bytes() as i64);
+        m.current_revision.set(self.store.current_revision());
+        m.compact_revision.set(self.store.compact_revision());
+        m.applied_index.set(self.store.applied_index() as i64);
+    }
+}

@@ -1,0 +1,108 @@
+//! The one error → gRPC status table. Codes and messages are etcd's (`rpctypes`), because
+//! clients match on them: etcd's client libraries turn these exact strings back into typed
+//! errors (`rpctypes.ErrCompacted`, ...).
+
+use tonic::{Code, Status};
+
+use crate::apply::ApplyError;
+use crate::mvcc;
+
+pub const MSG_COMPACTED: &str = "etcdserver: mvcc: required revision has been compacted";
+pub const MSG_FUTURE_REV: &str = "etcdserver: mvcc: required revision is a future revision";
+pub const MSG_STOPPED: &str = "etcdserver: server stopped";
+
+/// Maps an apply or validation error to etcd's status.
+pub fn to_status(e: &ApplyError) -> Status {
+    use ApplyError as E;
+    match e {
+        E::EmptyKey
+        | E::KeyNotFound
+        | E::ValueProvided
+        | E::LeaseProvided
+        | E::TooManyOps
+        | E::DuplicateKey
+        | E::InvalidSortOption
+        | E::RequestTooLarge => Status::invalid_argument(e.to_string()),
+        E::LeaseNotFound => Status::not_found(e.to_string()),
+        E::Mvcc(m) => mvcc_status(m),
+        #[allow(unreachable_patterns)]
+        _ => Status::internal(format!("etcdserver: {e}")),
+    }
+}
+
+pub fn mvcc_status(e: &mvcc::Error) -> Status {
+    match e {
+        mvcc::Error::Compacted => Status::out_of_range(MSG_COMPACTED),
+        mvcc::Error::FutureRev => Status::out_of_range(MSG_FUTURE_REV),
+        mvcc::Error::Closed => Status::unavailable(MSG_STOPPED),
+        mvcc::Error::Storage(s) => {
+            Status::new(Code::Unavailable, format!("etcdserver: storage: {s}"))
+        }
+        other => Status::internal(format!("etcdserver: {other}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn etcd_codes_and_messages() {
+        let cases: Vec<(ApplyError, Code, &str)> = vec![
+            (
+                ApplyError::EmptyKey,
+                Code::InvalidArgument,
+                "etcdserver: key is not provided",
+            ),
+            (
+                ApplyError::TooManyOps,
+                Code::InvalidArgument,
+                "etcdserver: too many operations in txn request",
+            ),
+            (
+                ApplyError::DuplicateKey,
+                Code::InvalidArgument,
+                "etcdserver: duplicate key given in txn request",
+            ),
+            (
+                ApplyError::RequestTooLarge,
+                Code::InvalidArgument,
+                "etcdserver: request is too large",
+            ),
+            (
+                ApplyError::ValueProvided,
+                Code::InvalidArgument,
+                "etcdserver: value is provided",
+            ),
+            (
+                ApplyError::LeaseProvided,
+                Code::InvalidArgument,
+                "etcdserver: lease is provided",
+            ),
+            (
+                ApplyError::KeyNotFound,
+                Code::InvalidArgument,
+                "etcdserver: key not found",
+            ),
+            (
+                ApplyError::LeaseNotFound,
+                Code::NotFound,
+                "etcdserver: requested lease not found",
+            ),
+            (
+                mvcc::Error::Compacted.into(),
+                Code::OutOfRange,
+                MSG_COMPACTED,
+            ),
+            (
+                mvcc::Error::FutureRev.into(),
+                Code::OutOfRange,
+                MSG_FUTURE_REV,
+            ),
+        ];
+        for (e, code, msg) in cases {
+            let s = to_status(&e);
+            assert_eq!((s.code(), s.message()), (code, msg));
+        }
+    }
+}

@@ -1,0 +1,149 @@
+//! One conformance suite, run against every engine.
+
+use super::engine::{Engine, Table, WriteBatch};
+use super::{MemoryEngine, RocksEngine};
+
+fn engines() -> Vec<(Box<dyn Engine>, Option<tempfile::TempDir>)> {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let rocks = RocksEngine::open(dir.path(), &Default::default()).expect("open rocksdb");
+    vec![
+        (Box::new(MemoryEngine::new()), None),
+        (Box::new(rocks), Some(dir)),
+    ]
+}
+
+fn collect(e: &dyn Engine, table: Table, from: &[u8]) -> Vec<(Vec<u8>, Vec<u8>)> {
+    let snap = e.snapshot();
+    let mut it = snap.iter(table);
+    it.seek(from);
+    let mut out = Vec::new();
+    while it.valid() {
+        out.push((it.key().to_vec(), it.value().to_vec()));
+        it.next();
+    }
+    it.status().expect("iterator status");
+    out
+}
+
+#[test]
+fn batches_put_get_delete_in_order() {
+    for (e, _dir) in engines() {
+        let mut b = WriteBatch::new();
+        b.put(Table::Kv, b"b".to_vec(), b"2".to_vec());
+        b.put(Table::Kv, b"a".to_vec(), b"1".to_vec());
+        b.put(Table::Kv, b"c".to_vec(), b"3".to_vec());
+        b.put(Table::Meta, b"a".to_vec(), b"meta".to_vec());
+        b.delete(Table::Kv, b"c".to_vec());
+        e.write(b, true).expect("write");
+        assert_eq!(
+            e.get(Table::Kv, b"a").expect("get"),
+            Some(b"1".to_vec()),
+            "{}",
+            e.name()
+        );
+        assert_eq!(e.get(Table::Kv, b"c").expect("get"), None, "{}", e.name());
+        assert_eq!(
+            e.get(Table::Meta, b"a").expect("get"),
+            Some(b"meta".to_vec())
+        );
+        assert_eq!(
+            e.get(Table::Rev, b"a").expect("get"),
+            None,
+            "tables are separate"
+        );
+        let all = collect(e.as_ref(), Table::Kv, b"");
+        assert_eq!(
+            all,
+            vec![
+                (b"a".to_vec(), b"1".to_vec()),
+                (b"b".to_vec(), b"2".to_vec())
+            ],
+            "{}",
+            e.name()
+        );
+        assert_eq!(collect(e.as_ref(), Table::Kv, b"aa").len(), 1);
+        assert!(collect(e.as_ref(), Table::Kv, b"z").is_empty());
+    }
+}
+
+#[test]
+fn snapshots_do_not_see_later_writes() {
+    for (e, _dir) in engines() {
+        let mut b = WriteBatch::new();
+        b.put(Table::Kv, b"k".to_vec(), b"old".to_vec());
+        e.write(b, false).expect("write");
+        let snap = e.snapshot();
+        let mut b = WriteBatch::new();
+        b.put(Table::Kv, b"k".to_vec(), b"new".to_vec());
+        b.put(Table::Kv, b"k2".to_vec(), b"x".to_vec());
+        e.write(b, false).expect("write");
+        assert_eq!(
+            snap.get(Table::Kv, b"k").expect("get"),
+            Some(b"old".to_vec())
+        );
+        let mut it = snap.iter(Table::Kv);
+        it.seek(b"");
+        let mut n = 0;
+        while it.valid() {
+            n += 1;
+            it.next();
+        }
+        assert_eq!(n, 1, "{}: snapshot saw a later write", e.name());
+        assert_eq!(e.get(Table::Kv, b"k").expect("get"), Some(b"new".to_vec()));
+        e.sync().expect("sync");
+    }
+}
+
+#[test]
+fn binary_keys_sort_bytewise_and_seek_lands_on_successor() {
+    for (e, _dir) in engines() {
+        let keys: Vec<Vec<u8>> = vec![vec![0], vec![0, 0], vec![1], vec![0xff], vec![0x7f, 0xff]];
+        let mut b = WriteBatch::new();
+        for k in &keys {
+            b.put(Table::Rev, k.clone(), k.clone());
+        }
+        e.write(b, true).expect("write");
+        let got: Vec<Vec<u8>> = collect(e.as_ref(), Table::Rev, &[])
+            .into_iter()
+            .map(|(k, _)| k)
+            .collect();
+        let mut want = keys.clone();
+        want.sort();
+        assert_eq!(got, want, "{}", e.name());
+        let snap = e.snapshot();
+        let mut it = snap.iter(Table::Rev);
+        it.seek(&[0, 0, 0]);
+        assert!(it.valid());
+        assert_eq!(it.key(), &[1], "{}", e.name());
+    }
+}
+
+#[test]
+fn sizes_grow_with_data_and_defragment_works() {
+    for (e, _dir) in engines() {
+        let mut b = WriteBatch::new();
+        for i in 0..1000u32 {
+            b.put(Table::Kv, i.to_be_bytes().to_vec(), vec![7u8; 100]);
+        }
+        e.write(b, true).expect("write");
+        assert!(e.size_bytes() > 0, "{}", e.name());
+        e.defragment().expect("defragment");
+        assert_eq!(collect(e.as_ref(), Table::Kv, b"").len(), 1000);
+    }
+}
+
+#[test]
+fn rocksdb_data_survives_reopen() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    {
+        let e = RocksEngine::open(dir.path(), &Default::default()).expect("open");
+        let mut b = WriteBatch::new();
+        b.put(Table::Kv, b"durable".to_vec(), b"yes".to_vec());
+        e.write(b, true).expect("write");
+    }
+    let e = RocksEngine::open(dir.path(), &Default::default()).expect("reopen");
+    assert_eq!(
+        e.get(Table::Kv, b"durable").expect("get"),
+        Some(b"yes".to_vec())
+    );
+}

@@ -1,0 +1,138 @@
+//! The engine interface: a few ordered byte-string tables with snapshots and atomic batches.
+
+use super::Result;
+
+/// The tables (RocksDB column families) MetaStore keeps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Table {
+    /// Versions of user keys: `enc(key) ++ !rev` → record (see `mvcc::key_codec`).
+    Kv,
+    /// Revision log: `main ++ sub` (big endian) → user key. Drives watch replay, compaction
+    /// and HashKV in revision order.
+    Rev,
+    /// Store metadata: current revision, compaction marks, format, applied index.
+    Meta,
+}
+
+impl Table {
+    pub const ALL: [Table; 3] = [Table::Kv, Table::Rev, Table::Meta];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Table::Kv => "kv",
+            Table::Rev => "rev",
+            Table::Meta => "meta",
+        }
+    }
+
+    pub(crate) fn index(self) -> usize {
+        self as usize
+    }
+}
+
+/// One write in a [`WriteBatch`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum WriteOp {
+    Put {
+        table: Table,
+        key: Vec<u8>,
+        value: Vec<u8>,
+    },
+    Delete {
+        table: Table,
+        key: Vec<u8>,
+    },
+}
+
+/// Writes applied atomically by [`Engine::write`]: all or none are visible, in order.
+#[derive(Debug, Default, Clone)]
+pub struct WriteBatch {
+    ops: Vec<WriteOp>,
+    bytes: usize,
+}
+
+impl WriteBatch {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    pub fn put(&mut self, table: Table, key: Vec<u8>, value: Vec<u8>) {
+        self.bytes += key.len() + value.len();
+        self.ops.push(WriteOp::Put { table, key, value });
+    }
+
+    pub fn delete(&mut self, table: Table, key: Vec<u8>) {
+        self.bytes += key.len();
+        self.ops.push(WriteOp::Delete { table, key });
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.ops.is_empty()
+    }
+
+    pub fn len(&self) -> usize {
+        self.ops.len()
+    }
+
+    /// Bytes of keys and values in the batch.
+    pub fn size_bytes(&self) -> usize {
+        self.bytes
+    }
+
+    pub fn ops(&self) -> &[WriteOp] {
+        &self.ops
+    }
+
+    pub fn into_ops(self) -> Vec<WriteOp> {
+        self.ops
+    }
+}
+
+/// A seekable cursor over one table of a snapshot, in ascending key order.
+///
+/// Modelled on RocksDB's raw iterator: position with [`seek`](EngineIter::seek), check
+/// [`valid`](EngineIter::valid), read [`key`](EngineIter::key)/[`value`](EngineIter::value),
+/// advance with [`next`](EngineIter::next). When `valid()` turns false, [`status`](EngineIter::status)
+/// tells an exhausted cursor (`Ok`) from a failed one (`Err`).
+pub trait EngineIter {
+    /// Positions at the first entry whose key is `>= key`.
+    fn seek(&mut self, key: &[u8]);
+    fn valid(&self) -> bool;
+    /// The current key. Only meaningful while `valid()`.
+    fn key(&self) -> &[u8];
+    /// The current value. Only meaningful while `valid()`.
+    fn value(&self) -> &[u8];
+    fn next(&mut self);
+    fn status(&self) -> Result<()>;
+}
+
+/// A consistent point-in-time view of every table.
+pub trait Snapshot: Send {
+    fn get(&self, table: Table, key: &[u8]) -> Result<Option<Vec<u8>>>;
+    /// A cursor over `table`. It starts unpositioned: call `seek` first.
+    fn iter(&self, table: Table) -> Box<dyn EngineIter + '_>;
+}
+
+/// An ordered key-value engine.
+///
+/// Correctness requirements, checked by the conformance suite for every implementation:
+/// - a [`WriteBatch`] is atomic: after a crash either all of it or none of it is present;
+/// - writes are visible to snapshots taken after `write` returns, never to earlier snapshots;
+/// - `write(batch, true)` and [`sync`](Engine::sync) return only once the data (and every write
+///   before it) is durable; `write(batch, false)` may lose the batch on a crash, but never
+///   reorders it after a later synced write.
+pub trait Engine: Send + Sync + 'static {
+    /// The engine's name as used by `--engine`.
+    fn name(&self) -> &'static str;
+    fn get(&self, table: Table, key: &[u8]) -> Result<Option<Vec<u8>>>;
+    fn snapshot(&self) -> Box<dyn Snapshot + '_>;
+    fn write(&self, batch: WriteBatch, sync: bool) -> Result<()>;
+    /// Makes every write so far durable.
+    fn sync(&self) -> Result<()>;
+    /// Bytes the engine occupies (on disk, or in memory for the memory engine).
+    fn size_bytes(&self) -> u64;
+    /// Bytes of live data, an estimate (`size_bytes() - size_in_use_bytes()` is reclaimable).
+    fn size_in_use_bytes(&self) -> u64;
+    /// Reclaims space left by deleted entries (etcd's defragment).
+    fn defragment(&self) -> Result<()>;
+}

@@ -1,0 +1,200 @@
+//! [`RocksEngine`]: the durable default engine, one RocksDB column family per [`Table`].
+
+use std::path::{Path, PathBuf};
+
+use rocksdb::{
+    BlockBasedOptions, Cache, ColumnFamily, ColumnFamilyDescriptor, DBCompressionType,
+    DBRawIteratorWithThreadMode, Options, WriteOptions, DB,
+};
+
+use super::engine::{Engine, EngineIter, Snapshot, Table, WriteBatch, WriteOp};
+use super::{Error, Result};
+
+/// Tuning knobs for [`RocksEngine::open`].
+#[derive(Debug, Clone)]
+pub struct RocksOptions {
+    /// Shared block cache size in bytes.
+    pub block_cache_bytes: usize,
+    /// Memtable size per column family in bytes.
+    pub write_buffer_bytes: usize,
+}
+
+impl Default for RocksOptions {
+    fn default() -> Self {
+        Self {
+            block_cache_bytes: 128 << 20,
+            write_buffer_bytes: 64 << 20,
+        }
+    }
+}
+
+/// The RocksDB engine (`--engine rocksdb`, the default).
+pub struct RocksEngine {
+    db: DB,
+    path: PathBuf,
+}
+
+impl RocksEngine {
+    /// Opens (creating if needed) the database at `path`.
+    pub fn open(path: &Path, opts: &RocksOptions) -> Result<Self> {
+        let cache = Cache::new_lru_cache(opts.block_cache_bytes);
+        let mut block = BlockBasedOptions::default();
+        block.set_block_cache(&cache);
+        block.set_bloom_filter(10.0, false);
+        block.set_cache_index_and_filter_blocks(true);
+
+        let cf_opts = |table: Table| {
+            let mut o = Options::default();
+            o.set_block_based_table_factory(&block);
+            o.set_write_buffer_size(opts.write_buffer_bytes);
+            o.set_compression_type(match table {
+                Table::Meta => DBCompressionType::None,
+                _ => DBCompressionType::Lz4,
+            });
+            ColumnFamilyDescriptor::new(table.name(), o)
+        };
+        let mut db_opts = Options::default();
+        db_opts.create_if_missing(true);
+        db_opts.create_missing_column_families(true);
+        db_opts.set_max_background_jobs(2);
+        db_opts.set_keep_log_file_num(4);
+        let cfs: Vec<_> = Table::ALL.iter().map(|t| cf_opts(*t)).collect();
+        let db = DB::open_cf_descriptors(&db_opts, path, cfs)?;
+        Ok(Self {
+            db,
+            path: path.to_path_buf(),
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn cf(&self, table: Table) -> Result<&ColumnFamily> {
+        self.db
+            .cf_handle(table.name())
+            .ok_or_else(|| Error::Engine(format!("column family {} missing", table.name())))
+    }
+
+    fn property_sum(&self, name: &str) -> u64 {
+        Table::ALL
+            .iter()
+            .filter_map(|t| self.cf(*t).ok())
+            .filter_map(|cf| self.db.property_int_value_cf(cf, name).ok().flatten())
+            .sum()
+    }
+}
+
+impl Engine for RocksEngine {
+    fn name(&self) -> &'static str {
+        "rocksdb"
+    }
+
+    fn get(&self, table: Table, key: &[u8]) -> Result<Option<Vec<u8>>> {
+        Ok(self.db.get_cf(self.cf(table)?, key)?)
+    }
+
+    fn snapshot(&self) -> Box<dyn Snapshot + '_> {
+        Box::new(RocksSnapshot {
+            engine: self,
+            snap: self.db.snapshot(),
+        })
+    }
+
+    fn write(&self, batch: WriteBatch, sync: bool) -> Result<()> {
+        let mut wb = rocksdb::WriteBatch::default();
+        for op in batch.ops() {
+            match op {
+                WriteOp::Put { table, key, value } => wb.put_cf(self.cf(*table)?, key, value),
+                WriteOp::Delete { table, key } => wb.delete_cf(self.cf(*table)?, key),
+            }
+        }
+        let mut wo = WriteOptions::default();
+        wo.set_sync(sync);
+        Ok(self.db.write_opt(wb, &wo)?)
+    }
+
+    fn sync(&self) -> Result<()> {
+        Ok(self.db.flush_wal(true)?)
+    }
+
+    fn size_bytes(&self) -> u64 {
+        self.property_sum("rocksdb.total-sst-files-size")
+            + self.property_sum("rocksdb.cur-size-all-mem-tables")
+    }
+
+    fn size_in_use_bytes(&self) -> u64 {
+        self.property_sum("rocksdb.estimate-live-data-size")
+            + self.property_sum("rocksdb.cur-size-all-mem-tables")
+    }
+
+    fn defragment(&self) -> Result<()> {
+        for t in Table::ALL {
+            self.db
+                .compact_range_cf(self.cf(t)?, None::<&[u8]>, None::<&[u8]>);
+        }
+        Ok(())
+    }
+}
+
+struct RocksSnapshot<'a> {
+    engine: &'a RocksEngine,
+    snap: rocksdb::Snapshot<'a>,
+}
+
+// rocksdb::Snapshot is Send + Sync because DB is; a snapshot is an immutable handle.
+impl Snapshot for RocksSnapshot<'_> {
+    fn get(&self, table: Table, key: &[u8]) -> Result<Option<Vec<u8>>> {
+        Ok(self.snap.get_cf(self.engine.cf(table)?, key)?)
+    }
+
+    fn iter(&self, table: Table) -> Box<dyn EngineIter + '_> {
+        match self.engine.cf(table) {
+            Ok(cf) => Box::new(RocksIter(Ok(self.snap.raw_iterator_cf(cf)))),
+            Err(e) => Box::new(RocksIter(Err(e.to_string()))),
+        }
+    }
+}
+
+struct RocksIter<'a>(std::result::Result<DBRawIteratorWithThreadMode<'a, DB>, String>);
+
+impl EngineIter for RocksIter<'_> {
+    fn seek(&mut self, key: &[u8]) {
+        if let Ok(it) = &mut self.0 {
+            it.seek(key);
+        }
+    }
+
+    fn valid(&self) -> bool {
+        self.0.as_ref().map(|it| it.valid()).unwrap_or(false)
+    }
+
+    fn key(&self) -> &[u8] {
+        self.0
+            .as_ref()
+            .ok()
+            .and_then(|it| it.key())
+            .unwrap_or_default()
+    }
+
+    fn value(&self) -> &[u8] {
+        self.0
+            .as_ref()
+            .ok()
+            .and_then(|it| it.value())
+            .unwrap_or_default()
+    }
+
+    fn next(&mut self) {
+        if let Ok(it) = &mut self.0 {
+            it.next();
+        }
+    }
+
+    fn status(&self) -> Result<()> {
+        match &self.0 {
+            Ok(it) => Ok(it.status()?),
+            Err(e) => Err(Error::Engine(e.clone())),
+        }
+    }
+}

@@ -1,0 +1,40 @@
+use crate::common::{http_get, TestServer};
+
+#[tokio::test]
+async fn health_version_metrics() -> anyhow::Result<()> {
+    let s = TestServer::start(&["--listen-metrics-urls", "http://127.0.0.1:0"]).await?;
+    let mut c = s.client().await?;
+    c.put("k", "v", None).await?;
+    c.get("k", None).await?;
+    let addr = s.addr();
+    let got = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
+        Ok((
+            http_get(addr, "/health")?,
+            http_get(addr, "/version")?,
+            http_get(addr, "/metrics")?,
+        ))
+    })
+    .await??;
+    assert_eq!(got.0, (200, r#"{"health":"true","reason":""}"#.to_string()));
+    assert_eq!(got.1 .0, 200);
+    assert!(got.1 .1.contains(r#""etcdserver":"3.5."#), "{}", got.1 .1);
+    let metrics = got.2 .1;
+    assert!(
+        metrics
+            .contains(r#"metastore_grpc_requests_total{code="0",method="etcdserverpb.KV/Put"} 1"#),
+        "{metrics}"
+    );
+    assert!(metrics.contains(
+        "metastore_grpc_request_duration_seconds_bucket{method=\"etcdserverpb.KV/Range\""
+    ));
+    assert!(
+        metrics.contains("metastore_mvcc_current_revision 2"),
+        "{metrics}"
+    );
+    assert!(metrics.contains("metastore_mvcc_db_total_size_in_bytes"));
+    let maddr = s.server.metrics_addrs()[0];
+    let (code, body) = tokio::task::spawn_blocking(move || http_get(maddr, "/metrics")).await??;
+    assert_eq!(code, 200);
+    assert!(body.contains("metastore_apply_group_size"));
+    Ok(())
+}

@@ -1,0 +1,282 @@
+use etcd_client::{
+    Compare, CompareOp, DeleteOptions, GetOptions, PutOptions, SortOrder, SortTarget, Txn, TxnOp,
+    TxnOpResponse,
+};
+use tonic::Code;
+
+use crate::common::{status, TestServer};
+
+#[tokio::test]
+async fn put_get_delete_with_revisions() -> anyhow::Result<()> {
+    for engine in ["rocksdb", "memory"] {
+        let s = TestServer::start(&["--engine", engine]).await?;
+        let mut c = s.client().await?;
+        let r = c.put("foo", "bar", None).await?;
+        assert_eq!(r.header().map(|h| h.revision()), Some(2));
+        let r = c
+            .put("foo", "baz", Some(PutOptions::new().with_prev_key()))
+            .await?;
+        assert_eq!(r.prev_key().map(|kv| kv.value()), Some(&b"bar"[..]));
+        let g = c.get("foo", None).await?;
+        let kv = &g.kvs()[0];
+        assert_eq!(
+            (kv.create_revision(), kv.mod_revision(), kv.version()),
+            (2, 3, 2)
+        );
+        let old = c
+            .get("foo", Some(GetOptions::new().with_revision(2)))
+            .await?;
+        assert_eq!(old.kvs()[0].value(), b"bar");
+        let d = c
+            .delete("foo", Some(DeleteOptions::new().with_prev_key()))
+            .await?;
+        assert_eq!(d.deleted(), 1);
+        assert_eq!(d.prev_kvs()[0].value(), b"baz");
+        assert_eq!(c.get("foo", None).await?.count(), 0);
+        let h = c.get("foo", None).await?;
+        assert_eq!(h.header().map(|h| h.revision()), Some(4));
+        let header = h.header().expect("header");
+        assert_ne!(header.cluster_id(), 0);
+        assert_ne!(header.member_id(), 0);
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn ranges_prefix_sort_limit_count() -> anyhow::Result<()> {
+    let s = TestServer::start(&[]).await?;
+    let mut c = s.client().await?;
+    for (k, v) in [("p/a", "3"), ("p/b", "1"), ("p/c", "2"), ("q", "0")] {
+        c.put(k, v, None).await?;
+    }
+    let r = c
+        .get("p/", Some(GetOptions::new().with_prefix().with_limit(2)))
+        .await?;
+    assert_eq!((r.kvs().len(), r.more(), r.count()), (2, true, 3));
+    let r = c
+        .get(
+            "p/",
+            Some(
+                GetOptions::new()
+                    .with_prefix()
+                    .with_sort(SortTarget::Value, SortOrder::Descend),
+            ),
+        )
+        .await?;
+    let keys: Vec<_> = r
+        .kvs()
+        .iter()
+        .map(|kv| kv.key_str().unwrap_or_default().to_string())
+        .collect();
+    assert_eq!(keys, ["p/a", "p/c", "p/b"]);
+    let r = c
+        .get("p/b", Some(GetOptions::new().with_from_key()))
+        .await?;
+    assert_eq!(r.count(), 3);
+    let r = c
+        .get(
+            "\0",
+            Some(GetOptions::new().with_from_key().with_count_only()),
+        )
+        .await?;
+    assert_eq!((r.count(), r.kvs().len()), (4, 0));
+    let r = c
+        .get("p/", Some(GetOptions::new().with_prefix().with_keys_only()))
+        .await?;
+    assert!(r.kvs().iter().all(|kv| kv.value().is_empty()));
+    let r = c.get("q", Some(GetOptions::new().with_range("p"))).await?;
+    assert_eq!(r.count(), 0, "inverted range is empty, not an error");
+    Ok(())
+}
+
+#[tokio::test]
+async fn txn_compare_and_swap() -> anyhow::Result<()> {
+    let s = TestServer::start(&[]).await?;
+    let mut c = s.client().await?;
+    // kube-apiserver's create: ModRevision == 0 then Put.
+    let create = Txn::new()
+        .when([Compare::mod_revision("obj", CompareOp::Equal, 0)])
+        .and_then([TxnOp::put("obj", "v1", None)])
+        .or_else([TxnOp::get("obj", None)]);
+    assert!(c.txn(create.clone()).await?.succeeded());
+    let again = c.txn(create).await?;
+    assert!(!again.succeeded());
+    let TxnOpResponse::Get(g) = &again.op_responses()[0] else {
+        panic!("get")
+    };
+    let rev = g.kvs()[0].mod_revision();
+    let update = Txn::new()
+        .when([Compare::mod_revision("obj", CompareOp::Equal, rev)])
+        .and_then([TxnOp::put("obj", "v2", None)]);
+    let r = c.txn(update).await?;
+    assert!(r.succeeded());
+    assert_eq!(r.header().map(|h| h.revision()), Some(rev + 1));
+    Ok(())
+}
+
+#[tokio::test]
+async fn errors_use_etcd_codes_and_messages() -> anyhow::Result<()> {
+    let s = TestServer::start(&[]).await?;
+    let mut c = s.client().await?;
+    c.put("k", "v", None).await?;
+    c.put("k", "v2", None).await?;
+    c.put("k", "v3", None).await?;
+    let e = c
+        .get("k", Some(GetOptions::new().with_revision(100)))
+        .await
+        .expect_err("must fail");
+    assert_eq!(
+        status(e),
+        (
+            Code::OutOfRange,
+            "etcdserver: mvcc: required revision is a future revision".into()
+        )
+    );
+    c.compact(3, None).await?;
+    let e = c
+        .get("k", Some(GetOptions::new().with_revision(2)))
+        .await
+        .expect_err("must fail");
+    assert_eq!(
+        status(e),
+        (
+            Code::OutOfRange,
+            "etcdserver: mvcc: required revision has been compacted".into()
+        )
+    );
+    let e = c.compact(2, None).await.expect_err("must fail");
+    assert_eq!(status(e).0, Code::OutOfRange);
+    let e = c.put("", "v", None).await.expect_err("must fail");
+    assert_eq!(
+        status(e),
+        (
+            Code::InvalidArgument,
+            "etcdserver: key is not provided".into()
+        )
+    );
+    let e = c
+        .put("k", "v", Some(PutOptions::new().with_lease(12345)))
+        .await
+        .expect_err("must fail");
+    assert_eq!(
+        status(e),
+        (
+            Code::NotFound,
+            "etcdserver: requested lease not found".into()
+        )
+    );
+    let e = c
+        .put("missing", "", Some(PutOptions::new().with_ignore_value()))
+        .await
+        .expect_err("must fail");
+    assert_eq!(
+        status(e),
+        (Code::InvalidArgument, "etcdserver: key not found".into())
+    );
+    let dup = Txn::new().and_then([TxnOp::put("a", "1", None), TxnOp::put("a", "2", None)]);
+    let e = c.txn(dup).await.expect_err("must fail");
+    assert_eq!(
+        status(e),
+        (
+            Code::InvalidArgument,
+            "etcdserver: duplicate key given in txn request".into()
+        )
+    );
+    // The server keeps serving, and none of the refused writes landed.
+    let r = c.get("k", None).await?;
+    assert_eq!(r.header().map(|h| h.revision()), Some(4));
+    Ok(())
+}
+
+#[tokio::test]
+async fn physical_compaction_waits_and_keeps_latest() -> anyhow::Result<()> {
+    let s = TestServer::start(&[]).await?;
+    let mut c = s.client().await?;
+    for i in 0..50 {
+        c.put(format!("k{}", i % 5), format!("v{i}"), None).await?;
+    }
+    c.delete("k0", None).await?;
+    let rev = c
+        .get("k1", None)
+        .await?
+        .header()
+        .map(|h| h.revision())
+        .unwrap_or_default();
+    c.compact(
+        rev,
+        Some(etcd_client::CompactionOptions::new().with_physical()),
+    )
+    .await?;
+    assert_eq!(
+        s.server
+            .node()
+            .expect("running")
+            .store
+            .compactor()
+            .finished(),
+        rev
+    );
+    let r = c.get("k", Some(GetOptions::new().with_prefix())).await?;
+    assert_eq!(r.count(), 4);
+    let r = c
+        .get(
+            "k",
+            Some(GetOptions::new().with_prefix().with_revision(rev)),
+        )
+        .await?;
+    assert_eq!(
+        r.count(),
+        4,
+        "reading at the compacted revision still works"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn concurrent_writes_share_fsyncs_and_get_unique_revisions() -> anyhow::Result<()> {
+    let s = TestServer::start(&[]).await?;
+    let c = s.client().await?;
+    let mut tasks = Vec::new();
+    for i in 0..200 {
+        let mut c = c.clone();
+        tasks.push(tokio::spawn(async move {
+            c.put(format!("c/{i}"), "x", None)
+                .await
+                .map(|r| r.header().map(|h| h.revision()))
+        }));
+    }
+    let mut revs = Vec::new();
+    for t in tasks {
+        revs.push(t.await??.unwrap_or_default());
+    }
+    revs.sort();
+    revs.dedup();
+    assert_eq!(revs.len(), 200);
+    assert_eq!(revs, (2..202).collect::<Vec<_>>());
+    Ok(())
+}
+
+#[tokio::test]
+async fn status_and_member_list() -> anyhow::Result<()> {
+    let s = TestServer::start(&["--name", "solo"]).await?;
+    let mut c = s.client().await?;
+    c.put("a", "b", None).await?;
+    let st = c.status().await?;
+    assert!(st.version().starts_with("3.5."));
+    let minor: u32 = st
+        .version()
+        .split('.')
+        .nth(2)
+        .and_then(|p| p.parse().ok())
+        .unwrap_or(0);
+    assert!(minor >= 13, "kube-apiserver needs >= 3.5.13");
+    assert!(st.db_size() > 0);
+    assert_eq!(st.raft_index(), 1);
+    let members = c.member_list().await?;
+    assert_eq!(members.members().len(), 1);
+    assert_eq!(members.members()[0].name(), "solo");
+    assert_eq!(st.leader(), members.members()[0].id());
+    c.defragment().await?;
+    assert_eq!(c.get("a", None).await?.count(), 1);
+    Ok(())
+}

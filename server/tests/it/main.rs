@@ -1,0 +1,9 @@
+//! Integration tests: a real server (in process, or the real binary) driven through the gRPC API
+//! by the `etcd-client` crate, and over plain HTTP.
+
+mod common;
+mod gateway;
+mod http;
+mod kv;
+mod limits;
+mod restart;

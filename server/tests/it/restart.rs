@@ -1,0 +1,133 @@
+use etcd_client::GetOptions;
+
+use crate::common::{free_port, Proc};
+
+async fn snapshot(p: &Proc) -> anyhow::Result<Vec<(Vec<u8>, Vec<u8>, i64, i64, i64)>> {
+    let mut c = p.client().await?;
+    let r = c.get("\0", Some(GetOptions::new().with_from_key())).await?;
+    Ok(r.kvs()
+        .iter()
+        .map(|kv| {
+            (
+                kv.key().to_vec(),
+                kv.value().to_vec(),
+                kv.create_revision(),
+                kv.mod_revision(),
+                kv.version(),
+            )
+        })
+        .collect())
+}
+
+async fn write_some(p: &Proc, prefix: &str) -> anyhow::Result<i64> {
+    let mut c = p.client().await?;
+    let mut rev = 0;
+    for i in 0..20 {
+        let r = c
+            .put(format!("{prefix}/{}", i % 7), format!("v{i}"), None)
+            .await?;
+        rev = r.header().map(|h| h.revision()).unwrap_or_default();
+    }
+    c.delete(format!("{prefix}/3"), None).await?;
+    Ok(rev + 1)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn data_survives_sigterm_and_sigkill() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let port = free_port()?;
+    let mut p = Proc::spawn(dir.path(), port, &[])?;
+    let rev = write_some(&p, "a").await?;
+    let before = snapshot(&p).await?;
+    p.signal("TERM")?;
+
+    let mut p = Proc::spawn(dir.path(), port, &[])?;
+    assert_eq!(snapshot(&p).await?, before, "after SIGTERM");
+    let mut c = p.client().await?;
+    assert_eq!(
+        c.get("a/1", None).await?.header().map(|h| h.revision()),
+        Some(rev)
+    );
+    // a/1 was first written at revision 3 (the second put).
+    let old = c
+        .get("a/1", Some(GetOptions::new().with_revision(3)))
+        .await?;
+    assert_eq!(
+        old.kvs().first().map(|kv| kv.value()),
+        Some(&b"v1"[..]),
+        "history survives too"
+    );
+
+    let rev2 = write_some(&p, "b").await?;
+    let before = snapshot(&p).await?;
+    // Every acknowledged write must be there after a crash.
+    p.signal("KILL")?;
+    let p = Proc::spawn(dir.path(), port, &[])?;
+    assert_eq!(snapshot(&p).await?, before, "after SIGKILL");
+    let mut c = p.client().await?;
+    assert_eq!(
+        c.get("b/1", None).await?.header().map(|h| h.revision()),
+        Some(rev2)
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn memory_engine_starts_empty_and_ids_are_stable() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let port = free_port()?;
+    let mut p = Proc::spawn(dir.path(), port, &[])?;
+    let id1 = p
+        .client()
+        .await?
+        .status()
+        .await?
+        .header()
+        .map(|h| h.member_id());
+    p.signal("TERM")?;
+    let mut p = Proc::spawn(dir.path(), port, &[("METASTORE_NAME", "renamed")])?;
+    let id2 = p
+        .client()
+        .await?
+        .status()
+        .await?
+        .header()
+        .map(|h| h.member_id());
+    assert_eq!(id1, id2, "ids come from the data directory once it exists");
+    p.signal("TERM")?;
+
+    let mdir = tempfile::tempdir()?;
+    let mut p = Proc::spawn(mdir.path(), port, &[("METASTORE_ENGINE", "memory")])?;
+    p.client().await?.put("k", "v", None).await?;
+    p.signal("TERM")?;
+    let p = Proc::spawn(mdir.path(), port, &[("METASTORE_ENGINE", "memory")])?;
+    assert_eq!(p.client().await?.get("k", None).await?.count(), 0);
+    assert!(
+        !mdir.path().join("db").exists(),
+        "the memory engine writes nothing"
+    );
+    Ok(())
+}
+
+#[test]
+fn refuses_a_data_dir_of_an_unknown_format() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    std::fs::write(
+        dir.path().join("metastore.json"),
+        r#"{"layout_version":1,"storage_format":7,"engine":"rocksdb","member_name":"x",
+            "member_id":"1","cluster_id":"2","created_by":"future"}"#,
+    )?;
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_metastore"))
+        .arg("--data-dir")
+        .arg(dir.path())
+        .env(
+            "METASTORE_LISTEN_CLIENT_URLS",
+            format!("http://127.0.0.1:{}", free_port()?),
+        )
+        .output()?;
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("storage format 7"), "{err}");
+    assert!(!dir.path().join("db").exists(), "nothing written");
+    Ok(())
+}
