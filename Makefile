@@ -38,10 +38,10 @@ generate: build-deps ## regenerate the checked-in CRD from the Rust types (a tes
 	cargo run --release -p metastore-operator --bin crdgen > crds/metastoreclusters.metastore.io.yaml
 
 bench: ## criterion benchmarks of the hot paths
-	cargo bench --workspace --benches
+	cargo bench --workspace --bench '*'
 
 bench-smoke: ## compile the benchmarks and run each once (seconds)
-	cargo bench --workspace --benches -- --test
+	cargo bench --workspace --bench '*' -- --test
 
 # Install what is missing (on Debian, as root), or say exactly what to install.
 build-deps:
