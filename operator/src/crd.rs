@@ -190,6 +190,11 @@ pub struct StorageSpec {
     /// StorageClass of the volumes; the cluster default when unset.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub storage_class_name: Option<String>,
+
+    /// Delete the members' PersistentVolumeClaims when the cluster is deleted. By default
+    /// (false) the claims, and so the data, outlive the cluster, ready for a restore.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub delete_claims_on_delete: bool,
 }
 
 fn default_format_version() -> i32 {
@@ -203,6 +208,7 @@ impl Default for StorageSpec {
             format_version: default_format_version(),
             size: None,
             storage_class_name: None,
+            delete_claims_on_delete: false,
         }
     }
 }
@@ -540,6 +546,25 @@ mod tests {
         kube::core::cel::Validator::new()
             .validate(&schema, &new, old.as_ref())
             .map_err(|e| format!("{e:?}"))
+    }
+
+    #[test]
+    fn sample_manifests_pass_the_cel_rules() {
+        for text in [
+            include_str!("../../config/cluster-dev.yaml"),
+            include_str!("../../config/cluster-production.yaml"),
+        ] {
+            let sample: Value = serde_yaml_ng::from_str(text).expect("sample parses");
+            assert_eq!(validate(sample.clone(), None), Ok(()), "{sample}");
+            // And as an update of itself (the transition rules compare with oldSelf).
+            assert_eq!(
+                validate(sample.clone(), Some(sample.clone())),
+                Ok(()),
+                "{sample}"
+            );
+            let typed: MetaStoreCluster = serde_json::from_value(sample).expect("typed");
+            assert!(typed.spec.version.is_some());
+        }
     }
 
     #[test]

@@ -7,13 +7,19 @@
 //!   the observed state; table-tested.
 //! - [`render`]: the owned objects (Services, ConfigMap, StatefulSet, PodDisruptionBudget,
 //!   migration Job) as pure functions of the cluster and the plan's choices.
-//! - [`controller`]: the kube-runtime controller: observe, plan, apply, act, write status.
+//! - [`controller`]: the kube-runtime controller: observe, plan, apply, act, write status;
+//!   the finalizer; [`controller::permissions`], the RBAC rules it needs.
+//! - [`metrics`]: Prometheus metrics and their HTTP endpoint.
+//! - [`leader`]: leader election over a Lease, so several replicas can run.
 //!
-//! The binaries are `metastore-operator` (the controller) and `crdgen` (prints the CRD that is
+//! The binaries are `metastore-operator` (the controller; `metastore-operator render --file
+//! cluster.yaml` prints the objects it would apply) and `crdgen` (prints the CRD that is
 //! checked in under `crds/`).
 
 pub mod controller;
 pub mod crd;
+pub mod leader;
+pub mod metrics;
 pub mod naming;
 pub mod plan;
 pub mod render;
@@ -40,6 +46,12 @@ pub enum Error {
         /// What went wrong.
         message: String,
     },
+    /// Adding or removing the finalizer failed (the reconcile's own errors are unwrapped).
+    #[error("finalizer: {0}")]
+    Finalizer(#[source] Box<kube::runtime::finalizer::Error<Error>>),
+    /// A cluster manifest given on the command line could not be read.
+    #[error("reading the cluster manifest: {0}")]
+    Manifest(String),
 }
 
 impl Error {
@@ -50,6 +62,19 @@ impl Error {
             Error::MissingObjectKey(_) => "missing_object_key",
             Error::Serialize(_) => "serialize",
             Error::ClusterApi { .. } => "cluster_api",
+            Error::Finalizer(_) => "finalizer",
+            Error::Manifest(_) => "manifest",
+        }
+    }
+}
+
+impl From<kube::runtime::finalizer::Error<Error>> for Error {
+    /// The reconcile's own errors come out as themselves, so they keep their metric label.
+    fn from(error: kube::runtime::finalizer::Error<Error>) -> Self {
+        use kube::runtime::finalizer::Error as F;
+        match error {
+            F::ApplyFailed(e) | F::CleanupFailed(e) => e,
+            other => Error::Finalizer(Box::new(other)),
         }
     }
 }

@@ -6,12 +6,16 @@
 //!   record codecs per format version, the data directory stamp.
 //! - [`mvcc`]: revisions, reads at a revision, write transactions, compaction.
 //! - [`apply`]: the deterministic `Command -> result` step with etcd's request semantics.
+//! - [`lease`]: the lessor (lease existence and deadlines).
+//! - [`watch`]: watchers, the fan-out of published events, history replay.
 //! - [`server`]: configuration, the write pipeline (group commit), the tonic services, the
 //!   error → gRPC status table, HTTP endpoints and metrics.
 //!
 //! `docs/ARCHITECTURE.md` walks a Put through these layers.
 
 pub mod apply;
+pub mod lease;
 pub mod mvcc;
 pub mod server;
 pub mod storage;
+pub mod watch;

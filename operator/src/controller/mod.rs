@@ -14,14 +14,24 @@
 //!    subresource, and an Event is published for every action and every new Degraded reason.
 //!
 //! Every step is idempotent: a reconcile that dies half-way is simply run again.
+//!
+//! A finalizer ([`FINALIZER`]) is added before the first apply. On deletion the owned objects
+//! go with their owner references; the member volumes are kept unless
+//! `spec.storage.deleteClaimsOnDelete` is true (see [`cleanup`]).
+//!
+//! The exact API requests of a reconcile are asserted against a mocked API server in
+//! `tests.rs`; the RBAC rules they need are listed in [`permissions`].
 
 pub mod cluster_api;
+pub mod permissions;
 pub mod status;
+#[cfg(test)]
+mod tests;
 
 use std::collections::BTreeMap;
 use std::fmt::Debug;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use k8s_openapi::api::apps::v1::StatefulSet;
@@ -32,6 +42,7 @@ use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
 use kube::runtime::controller::{Action as Requeue, Controller};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::finalizer::{finalizer, Event as Finalizer};
 use kube::runtime::reflector::ObjectRef;
 use kube::runtime::watcher;
 use kube::{Client, Resource, ResourceExt};
@@ -41,6 +52,7 @@ use tracing::{info, warn};
 
 use self::cluster_api::ClusterApi;
 use crate::crd::{ConditionStatus, ConditionType, Engine, MetaStoreCluster};
+use crate::metrics::Metrics;
 use crate::naming::{version_of_image, ClusterNames, FIELD_MANAGER};
 use crate::plan::{plan, Action, Decision, JobView, Observed, PodView, StatefulSetView, Version};
 use crate::render::statefulset::{CONTAINER, DATA_VOLUME};
@@ -55,19 +67,35 @@ pub struct Context {
     pub cluster_api: Arc<dyn ClusterApi>,
     /// Event recorder.
     pub recorder: Recorder,
+    /// Prometheus metrics.
+    pub metrics: Arc<Metrics>,
+    /// The clock (fixed in tests so status bodies are exact).
+    pub now: fn() -> Timestamp,
 }
 
+impl Context {
+    /// A context with the real clock and an Event recorder reporting as this pod.
+    pub fn new(client: Client, cluster_api: Arc<dyn ClusterApi>, metrics: Arc<Metrics>) -> Self {
+        let reporter = Reporter {
+            controller: FIELD_MANAGER.into(),
+            instance: std::env::var("POD_NAME").ok(),
+        };
+        Context {
+            recorder: Recorder::new(client.clone(), reporter),
+            client,
+            cluster_api,
+            metrics,
+            now: Timestamp::now,
+        }
+    }
+}
+
+/// The finalizer the operator keeps on every `MetaStoreCluster` until its cleanup ran.
+pub const FINALIZER: &str = "metastore.io/cleanup";
+
 /// Runs the controller until a termination signal.
-pub async fn run(client: Client, cluster_api: Arc<dyn ClusterApi>) {
-    let reporter = Reporter {
-        controller: FIELD_MANAGER.into(),
-        instance: std::env::var("POD_NAME").ok(),
-    };
-    let context = Arc::new(Context {
-        client: client.clone(),
-        cluster_api,
-        recorder: Recorder::new(client.clone(), reporter),
-    });
+pub async fn run(client: Client, cluster_api: Arc<dyn ClusterApi>, metrics: Arc<Metrics>) {
+    let context = Arc::new(Context::new(client.clone(), cluster_api, metrics));
     let owned =
         watcher::Config::default().labels("app.kubernetes.io/managed-by=metastore-operator");
     Controller::new(
@@ -98,14 +126,69 @@ pub async fn run(client: Client, cluster_api: Arc<dyn ClusterApi>) {
     .await;
 }
 
-/// Requeue after an error, with the error logged under its metric label.
-pub fn error_policy(cluster: Arc<MetaStoreCluster>, error: &Error, _ctx: Arc<Context>) -> Requeue {
+/// Requeue after an error, with the error logged and counted under its metric label.
+pub fn error_policy(cluster: Arc<MetaStoreCluster>, error: &Error, ctx: Arc<Context>) -> Requeue {
     warn!(cluster = %cluster.name_any(), error = %error, label = error.metric_label(), "reconcile error");
+    ctx.metrics.failed(error.metric_label());
     Requeue::requeue(Duration::from_secs(15))
 }
 
-/// One reconcile of one cluster.
+/// One reconcile of one cluster: adds the finalizer, then [`apply_cluster`], or on deletion
+/// [`cleanup`] and removes the finalizer.
 pub async fn reconcile(cluster: Arc<MetaStoreCluster>, ctx: Arc<Context>) -> Result<Requeue> {
+    let started = Instant::now();
+    let namespace = cluster
+        .namespace()
+        .ok_or(Error::MissingObjectKey("metadata.namespace"))?;
+    let api: Api<MetaStoreCluster> = Api::namespaced(ctx.client.clone(), &namespace);
+    let result = finalizer(&api, FINALIZER, cluster, |event| async {
+        match event {
+            Finalizer::Apply(cluster) => apply_cluster(cluster, ctx.clone()).await,
+            Finalizer::Cleanup(cluster) => cleanup(cluster, ctx.clone()).await,
+        }
+    })
+    .await
+    .map_err(Error::from);
+    ctx.metrics.reconciled(started.elapsed());
+    result
+}
+
+/// On deletion: deletes the member volumes when `spec.storage.deleteClaimsOnDelete` says so
+/// (the other owned objects go with their owner references), and records an Event.
+pub async fn cleanup(cluster: Arc<MetaStoreCluster>, ctx: Arc<Context>) -> Result<Requeue> {
+    let namespace = cluster
+        .namespace()
+        .ok_or(Error::MissingObjectKey("metadata.namespace"))?;
+    let names = ClusterNames::new(&cluster.name_any(), &namespace, false, false);
+    let note = if cluster.spec.storage.delete_claims_on_delete {
+        let claims: Api<PersistentVolumeClaim> = Api::namespaced(ctx.client.clone(), &namespace);
+        let found = claims
+            .list(&ListParams::default().labels(&selector(&names)))
+            .await?
+            .items;
+        for claim in &found {
+            delete_if_exists(&claims, &claim.name_any()).await?;
+        }
+        format!("deleted {} volume claims", found.len())
+    } else {
+        "volume claims kept (spec.storage.deleteClaimsOnDelete is false)".to_string()
+    };
+    info!(cluster = %cluster.name_any(), %note, "cleanup");
+    let event = Event {
+        type_: EventType::Normal,
+        reason: "Deleting".into(),
+        note: Some(note),
+        action: "Cleanup".into(),
+        secondary: None,
+    };
+    if let Err(error) = ctx.recorder.publish(&event, &cluster.object_ref(&())).await {
+        warn!(%error, "publishing an event failed");
+    }
+    Ok(Requeue::await_change())
+}
+
+/// Observe, plan, apply, act and write status for one cluster that is not being deleted.
+pub async fn apply_cluster(cluster: Arc<MetaStoreCluster>, ctx: Arc<Context>) -> Result<Requeue> {
     let namespace = cluster
         .namespace()
         .ok_or(Error::MissingObjectKey("metadata.namespace"))?;
@@ -168,7 +251,7 @@ pub async fn reconcile(cluster: Arc<MetaStoreCluster>, ctx: Arc<Context>) -> Res
         }
     }
     let observed = Observed {
-        now: Timestamp::now(),
+        now: (ctx.now)(),
         statefulset: sts.as_ref().map(statefulset_view),
         pods: pods
             .iter()
@@ -298,20 +381,14 @@ async fn act(
 }
 
 async fn publish_events(ctx: &Context, cluster: &MetaStoreCluster, decision: &Decision) {
-    let (type_, reason) = match &decision.action {
-        Action::MarkDegraded(reason) => (EventType::Warning, reason.reason()),
-        Action::RefuseWithCondition(refusal) => (EventType::Warning, refusal.reason()),
-        Action::WaitFor(_) | Action::Done => return,
-        Action::Bootstrap { .. } => (EventType::Normal, "Bootstrap"),
-        Action::AddLearner { .. } => (EventType::Normal, "AddLearner"),
-        Action::PromoteLearner { .. } => (EventType::Normal, "PromoteLearner"),
-        Action::RemoveMember { .. } => (EventType::Normal, "RemoveMember"),
-        Action::MoveLeader { .. } => (EventType::Normal, "MoveLeader"),
-        Action::DeletePodForUpgrade { .. } => (EventType::Normal, "ReplacePod"),
-        Action::RestartPod { .. } => (EventType::Normal, "RestartPod"),
-        Action::ScaleStatefulSet { .. } => (EventType::Normal, "ScaleStatefulSet"),
-        Action::StartMigrationJob { .. } => (EventType::Normal, "StartMigration"),
-    };
+    let (type_, reason) = action_reason(&decision.action);
+    if matches!(decision.action, Action::WaitFor(_) | Action::Done) {
+        return;
+    }
+    if type_ == EventType::Normal {
+        let workflow = decision.workflow.as_ref().map(|w| format!("{:?}", w.kind));
+        ctx.metrics.action(reason, workflow.as_deref());
+    }
     // A Degraded reason already shown is not announced again on every reconcile.
     if type_ == EventType::Warning {
         let already = cluster.status.as_ref().is_some_and(|s| {
@@ -334,6 +411,25 @@ async fn publish_events(ctx: &Context, cluster: &MetaStoreCluster, decision: &De
     };
     if let Err(error) = ctx.recorder.publish(&event, &cluster.object_ref(&())).await {
         warn!(%error, "publishing an event failed");
+    }
+}
+
+/// The Event type and reason of an action (also its `action` metric label).
+fn action_reason(action: &Action) -> (EventType, &'static str) {
+    match action {
+        Action::MarkDegraded(reason) => (EventType::Warning, reason.reason()),
+        Action::RefuseWithCondition(refusal) => (EventType::Warning, refusal.reason()),
+        Action::WaitFor(_) => (EventType::Normal, "Wait"),
+        Action::Done => (EventType::Normal, "Done"),
+        Action::Bootstrap { .. } => (EventType::Normal, "Bootstrap"),
+        Action::AddLearner { .. } => (EventType::Normal, "AddLearner"),
+        Action::PromoteLearner { .. } => (EventType::Normal, "PromoteLearner"),
+        Action::RemoveMember { .. } => (EventType::Normal, "RemoveMember"),
+        Action::MoveLeader { .. } => (EventType::Normal, "MoveLeader"),
+        Action::DeletePodForUpgrade { .. } => (EventType::Normal, "ReplacePod"),
+        Action::RestartPod { .. } => (EventType::Normal, "RestartPod"),
+        Action::ScaleStatefulSet { .. } => (EventType::Normal, "ScaleStatefulSet"),
+        Action::StartMigrationJob { .. } => (EventType::Normal, "StartMigration"),
     }
 }
 

@@ -20,6 +20,7 @@
 //! member at a time by the plan (the StatefulSet is `OnDelete`).
 
 pub mod job;
+pub mod manifest;
 pub mod services;
 pub mod statefulset;
 

@@ -1,13 +1,14 @@
 //! [`Command`]: every state change, and [`apply`], the one function that executes it.
 
 use metastore_proto::etcdserverpb::{
-    CompactionRequest, CompactionResponse, DeleteRangeRequest, DeleteRangeResponse, PutRequest,
+    CompactionRequest, CompactionResponse, DeleteRangeRequest, DeleteRangeResponse,
+    LeaseGrantRequest, LeaseGrantResponse, LeaseRevokeRequest, LeaseRevokeResponse, PutRequest,
     PutResponse, TxnRequest, TxnResponse,
 };
 use metastore_proto::mvccpb::Event;
 
 use super::txn::{self, header};
-use super::{LeaseLookup, Result};
+use super::{ApplyError, LeaseLookup, Result};
 use crate::mvcc::compactor::CompactTicket;
 use crate::mvcc::store::Applying;
 
@@ -18,6 +19,10 @@ pub enum Command {
     DeleteRange(DeleteRangeRequest),
     Txn(TxnRequest),
     Compact(CompactionRequest),
+    /// A grant with its id already chosen (non-zero) and its TTL already raised to the minimum:
+    /// both are decided before proposing, so applying it is deterministic.
+    LeaseGrant(LeaseGrantRequest),
+    LeaseRevoke(LeaseRevokeRequest),
 }
 
 impl Command {
@@ -28,6 +33,8 @@ impl Command {
             Command::DeleteRange(_) => "DeleteRange",
             Command::Txn(_) => "Txn",
             Command::Compact(_) => "Compact",
+            Command::LeaseGrant(_) => "LeaseGrant",
+            Command::LeaseRevoke(_) => "LeaseRevoke",
         }
     }
 }
@@ -39,6 +46,8 @@ pub enum CommandResult {
     DeleteRange(DeleteRangeResponse),
     Txn(TxnResponse),
     Compact(CompactionResponse, CompactTicket),
+    LeaseGrant(LeaseGrantResponse),
+    LeaseRevoke(LeaseRevokeResponse),
 }
 
 /// An applied command's result and the events it produced (for watchers).
@@ -81,6 +90,46 @@ fn apply_inner(
             let path = txn::path(&t, r)?;
             txn::check_path(&t, r, &path, leases)?;
             CommandResult::Txn(txn::execute(&mut t, r, &path)?)
+        }
+        Command::LeaseGrant(g) => {
+            if g.ttl > crate::lease::MAX_LEASE_TTL {
+                return Err(ApplyError::LeaseTtlTooLarge);
+            }
+            if g.id <= 0 {
+                return Err(ApplyError::LeaseNotFound);
+            }
+            if leases.lease_exists(g.id) {
+                return Err(ApplyError::LeaseExists);
+            }
+            t.lease_grant(g.id, g.ttl);
+            let revision = t.rev();
+            let outcome = applying.commit(t, index)?;
+            leases.granted(g.id, g.ttl);
+            return Ok(Applied {
+                result: CommandResult::LeaseGrant(LeaseGrantResponse {
+                    header: Some(header(revision)),
+                    id: g.id,
+                    ttl: g.ttl,
+                    error: String::new(),
+                }),
+                events: outcome.events,
+                revision: outcome.rev,
+            });
+        }
+        Command::LeaseRevoke(r) => {
+            if !leases.lease_exists(r.id) {
+                return Err(ApplyError::LeaseNotFound);
+            }
+            t.lease_revoke(r.id)?;
+            let outcome = applying.commit(t, index)?;
+            leases.revoked(r.id);
+            return Ok(Applied {
+                result: CommandResult::LeaseRevoke(LeaseRevokeResponse {
+                    header: Some(header(outcome.rev)),
+                }),
+                events: outcome.events,
+                revision: outcome.rev,
+            });
         }
         Command::Compact(c) => {
             drop(t);

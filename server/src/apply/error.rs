@@ -21,6 +21,10 @@ pub enum ApplyError {
     RequestTooLarge,
     #[error("etcdserver: requested lease not found")]
     LeaseNotFound,
+    #[error("etcdserver: lease already exists")]
+    LeaseExists,
+    #[error("etcdserver: too large lease TTL")]
+    LeaseTtlTooLarge,
     #[error(transparent)]
     Mvcc(#[from] crate::mvcc::Error),
 }

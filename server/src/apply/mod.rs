@@ -22,16 +22,23 @@ pub use command::{apply, Command, CommandResult};
 pub use error::{ApplyError, Result};
 pub use range::ReadView;
 
-/// Which leases exist. The lease subsystem implements it; until then nothing exists.
+/// The apply step's view of the lessor: which leases exist, and the hooks that keep it in
+/// step with applied grants and revokes.
 pub trait LeaseLookup {
     fn lease_exists(&self, id: i64) -> bool;
+    /// A grant of `id` with `ttl` seconds was applied.
+    fn granted(&self, id: i64, ttl: i64);
+    /// A revoke of `id` was applied.
+    fn revoked(&self, id: i64);
 }
 
-/// A [`LeaseLookup`] for which no lease exists.
+/// A [`LeaseLookup`] for which no lease exists (tests of the KV semantics).
 pub struct NoLeases;
 
 impl LeaseLookup for NoLeases {
     fn lease_exists(&self, _id: i64) -> bool {
         false
     }
+    fn granted(&self, _id: i64, _ttl: i64) {}
+    fn revoked(&self, _id: i64) {}
 }

@@ -80,6 +80,14 @@ pub fn rev_key(main: i64, sub: i64) -> Vec<u8> {
     out
 }
 
+/// The `Lease` table key of lease `id` (its header when `key` is empty, else an attachment).
+pub fn lease_key(id: i64, key: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(8 + key.len());
+    out.extend_from_slice(&(id as u64).to_be_bytes());
+    out.extend_from_slice(key);
+    out
+}
+
 /// Splits a `Rev` table key into `(main, sub)`.
 pub fn split_rev_key(raw: &[u8]) -> Option<(i64, i64)> {
     if raw.len() != 16 {

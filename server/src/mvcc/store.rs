@@ -4,10 +4,10 @@ use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use metastore_proto::mvccpb::KeyValue;
+use metastore_proto::mvccpb::{event::EventType, Event, KeyValue};
 
 use super::compactor::{CompactTicket, Compactor};
-use super::key_codec::{kv_key, kv_prefix, split_kv_key};
+use super::key_codec::{kv_key, kv_prefix, lease_key, rev_key, split_kv_key, split_rev_key};
 use super::write_txn::{WriteOutcome, WriteTxn};
 use super::{Error, KeyRange, Result};
 use crate::storage::codec::{self, DEFAULT_FORMAT};
@@ -193,6 +193,76 @@ impl Store {
         Ok(rev)
     }
 
+    /// The change events of revisions `from..=to`, in revision and sub-revision order, at most
+    /// `max_events` of them but never part of a revision: a revision's events come whole (so
+    /// slightly more than `max_events` can be returned). Events carry no `prev_kv`.
+    ///
+    /// Errors: `Compacted` if `from` is below the compacted revision (the history is gone),
+    /// `FutureRev` if `to` is beyond the current revision.
+    pub fn history(&self, from: i64, to: i64, max_events: usize) -> Result<Vec<Event>> {
+        let current = self.current_revision();
+        let snap = self.engine.snapshot();
+        if to > current {
+            return Err(Error::FutureRev);
+        }
+        if from < self.compact_revision() {
+            return Err(Error::Compacted);
+        }
+        let mut out = Vec::new();
+        let mut it = snap.iter(Table::Rev);
+        it.seek(&rev_key(from.max(1), 0));
+        let mut last_main = None;
+        while it.valid() {
+            let (main, _) =
+                split_rev_key(it.key()).ok_or_else(|| Error::Corrupt("rev key".into()))?;
+            if main > to || (out.len() >= max_events && last_main != Some(main)) {
+                break;
+            }
+            let record = snap
+                .get(Table::Kv, &kv_key(it.value(), main))?
+                .ok_or_else(|| Error::Corrupt(format!("revision {main} has no record")))?;
+            let kv = codec::decode(&record)?;
+            let kind = if kv.version == 0 {
+                EventType::Delete
+            } else {
+                EventType::Put
+            };
+            out.push(Event {
+                r#type: kind as i32,
+                kv: Some(kv),
+                prev_kv: None,
+            });
+            last_main = Some(main);
+            it.next();
+        }
+        it.status()?;
+        Ok(out)
+    }
+
+    /// Every granted lease as `(id, granted TTL)`, from durable state.
+    pub fn leases(&self) -> Result<Vec<(i64, i64)>> {
+        let snap = self.engine.snapshot();
+        let mut it = snap.iter(Table::Lease);
+        it.seek(&[]);
+        let mut out = Vec::new();
+        let corrupt = || Error::Corrupt("lease table".into());
+        while it.valid() {
+            if it.key().len() == 8 {
+                let id = i64::from_be_bytes(it.key().try_into().map_err(|_| corrupt())?);
+                let ttl = i64::from_le_bytes(it.value().try_into().map_err(|_| corrupt())?);
+                out.push((id, ttl));
+            }
+            it.next();
+        }
+        it.status()?;
+        Ok(out)
+    }
+
+    /// The keys attached to lease `id`.
+    pub fn lease_keys(&self, id: i64) -> Result<Vec<Vec<u8>>> {
+        lease_keys(self.engine.snapshot().as_ref(), id)
+    }
+
     /// Takes the writer lock. Only one [`Applying`] exists at a time.
     pub fn applier(&self) -> Result<Applying<'_>> {
         let state = self.writer.lock().map_err(|_| Error::Closed)?;
@@ -202,6 +272,22 @@ impl Store {
             dirty: false,
         })
     }
+}
+
+/// The keys attached to lease `id`, in key order.
+pub(crate) fn lease_keys(snap: &dyn Snapshot, id: i64) -> Result<Vec<Vec<u8>>> {
+    let prefix = lease_key(id, &[]);
+    let mut it = snap.iter(Table::Lease);
+    it.seek(&prefix);
+    let mut out = Vec::new();
+    while it.valid() && it.key().starts_with(&prefix) {
+        if it.key().len() > prefix.len() {
+            out.push(it.key()[prefix.len()..].to_vec());
+        }
+        it.next();
+    }
+    it.status()?;
+    Ok(out)
 }
 
 /// Reads `range` at `rev` from a snapshot.

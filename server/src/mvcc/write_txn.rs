@@ -3,9 +3,10 @@
 use bytes::Bytes;
 use metastore_proto::mvccpb::{event::EventType, Event, KeyValue};
 
-use super::key_codec::{kv_key, rev_key};
+use super::key_codec::{kv_key, lease_key, rev_key};
 use super::store::{
-    put_meta_i64, range_snapshot, scan, Overlay, RangeOptions, RangeResult, Store, META_CURRENT_REV,
+    lease_keys, put_meta_i64, range_snapshot, scan, Overlay, RangeOptions, RangeResult, Store,
+    META_CURRENT_REV,
 };
 use super::{Error, KeyRange, Result};
 use crate::storage::{codec, Snapshot, Table, WriteBatch};
@@ -135,9 +136,20 @@ impl<'a> WriteTxn<'a> {
         })
     }
 
-    /// Puts `key`; returns the previous key-value, if any.
+    /// Puts `key`; returns the previous key-value, if any. Moves the key's lease attachment
+    /// when its lease changes.
     pub fn put(&mut self, key: Bytes, value: Bytes, lease: i64) -> Result<Option<KeyValue>> {
         let prev = self.get(&key)?;
+        let old_lease = prev.as_ref().map_or(0, |p| p.lease);
+        if old_lease != lease {
+            if old_lease != 0 {
+                self.batch.delete(Table::Lease, lease_key(old_lease, &key));
+            }
+            if lease != 0 {
+                self.batch
+                    .put(Table::Lease, lease_key(lease, &key), Vec::new());
+            }
+        }
         let rev = self.write_rev();
         let kv = KeyValue {
             key: key.clone(),
@@ -162,6 +174,10 @@ impl<'a> WriteTxn<'a> {
         )?;
         let rev = self.write_rev();
         for prev in &live.kvs {
+            if prev.lease != 0 {
+                self.batch
+                    .delete(Table::Lease, lease_key(prev.lease, &prev.key));
+            }
             let tombstone = KeyValue {
                 key: prev.key.clone(),
                 mod_revision: rev,
@@ -170,6 +186,24 @@ impl<'a> WriteTxn<'a> {
             self.record(tombstone, Some(prev.clone()), EventType::Delete)?;
         }
         Ok(live.kvs)
+    }
+
+    /// Records a granted lease.
+    pub fn lease_grant(&mut self, id: i64, ttl: i64) {
+        self.batch
+            .put(Table::Lease, lease_key(id, &[]), ttl.to_le_bytes().to_vec());
+    }
+
+    /// Revokes a lease: deletes every key attached to it (all at this transaction's revision)
+    /// and the lease itself. Returns the deleted keys' previous values.
+    pub fn lease_revoke(&mut self, id: i64) -> Result<Vec<KeyValue>> {
+        let keys = lease_keys(self.snap.as_ref(), id)?;
+        let mut deleted = Vec::new();
+        for k in keys {
+            deleted.extend(self.delete_range(&KeyRange::Single(k))?);
+        }
+        self.batch.delete(Table::Lease, lease_key(id, &[]));
+        Ok(deleted)
     }
 
     fn record(&mut self, kv: KeyValue, prev: Option<KeyValue>, ty: EventType) -> Result<()> {

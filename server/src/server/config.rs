@@ -140,6 +140,13 @@ pub struct Config {
           default_value_t = false, default_missing_value = "true")]
     pub unsafe_no_fsync: bool,
 
+    /// How often idle watchers that asked for progress notifications get one (etcd's
+    /// `--experimental-watch-progress-notify-interval`).
+    #[arg(long = "experimental-watch-progress-notify-interval",
+          env = "METASTORE_EXPERIMENTAL_WATCH_PROGRESS_NOTIFY_INTERVAL",
+          default_value = "10m", value_parser = humantime::parse_duration)]
+    pub watch_progress_notify_interval: std::time::Duration,
+
     /// Log filter (tracing `EnvFilter` syntax, e.g. `info` or `metastore=debug`).
     #[arg(long, env = "METASTORE_LOG_LEVEL", default_value = "info")]
     pub log_level: String,

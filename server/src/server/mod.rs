@@ -17,26 +17,30 @@ pub mod config;
 pub mod gateway;
 pub mod http;
 pub mod kv_service;
+pub mod lease_service;
 pub mod maintenance_service;
 pub mod member;
 pub mod metrics;
 pub mod node;
 pub mod proposer;
 pub mod status;
+pub mod watch_service;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 
 use metastore_proto::etcdserverpb::cluster_server::ClusterServer;
 use metastore_proto::etcdserverpb::kv_server::KvServer;
+use metastore_proto::etcdserverpb::lease_server::LeaseServer;
 use metastore_proto::etcdserverpb::maintenance_server::MaintenanceServer;
+use metastore_proto::etcdserverpb::watch_server::WatchServer;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tokio_stream::wrappers::TcpListenerStream;
+use tokio_stream::StreamExt;
 use url::Url;
 
-use crate::apply::NoLeases;
 use crate::mvcc::{Store, StoreOptions};
 use crate::storage::data_dir::{DataDir, Stamp, LAYOUT_VERSION};
 use crate::storage::{Engine, MemoryEngine, RocksEngine};
@@ -216,11 +220,19 @@ pub async fn start(config: &Config) -> Result<Server, ServerError> {
     }
     let metrics =
         Arc::new(metrics::Metrics::new().map_err(|e| ServerError::Other(format!("metrics: {e}")))?);
+    let watch = crate::watch::WatchHub::start(store.clone(), config.watch_progress_notify_interval)
+        .map_err(|e| ServerError::Other(format!("cannot start the watch syncer: {e}")))?;
+    // etcd's minimum TTL: 1.5 election timeouts (1 s by default), rounded up to seconds.
+    let lessor = Arc::new(crate::lease::Lessor::new(2));
+    lessor.restore(&store.leases()?);
     let (proposer, apply_thread) =
-        proposer::Proposer::start(store, Arc::new(NoLeases), metrics.clone())
+        proposer::Proposer::start(store, lessor.clone(), metrics.clone(), watch.clone())
             .map_err(|e| ServerError::Other(format!("cannot start the apply thread: {e}")))?;
     let node = Arc::new(Node {
         store: store_ref,
+        watch,
+        lessor,
+        lease_ids: lease_service::LeaseIds::new(member_id),
         proposer,
         member: MemberInfo {
             id: member_id,
@@ -261,6 +273,15 @@ pub async fn start(config: &Config) -> Result<Server, ServerError> {
     .add_service(
         ClusterServer::new(cluster_service::ClusterService::new(weak.clone()))
             .max_decoding_message_size(max_msg),
+    )
+    .add_service(
+        LeaseServer::new(lease_service::LeaseService::new(weak.clone()))
+            .max_decoding_message_size(max_msg),
+    )
+    .add_service(
+        WatchServer::new(watch_service::WatchService::new(weak.clone()))
+            .max_decoding_message_size(max_msg)
+            .max_encoding_message_size(usize::MAX),
     );
 
     let (shutdown, _) = watch::channel(false);
@@ -283,15 +304,28 @@ pub async fn start(config: &Config) -> Result<Server, ServerError> {
             let stop = async move {
                 let _ = rx.wait_for(|s| *s).await;
             };
-            if let Err(e) = server
-                .serve_with_incoming_shutdown(TcpListenerStream::new(listener), stop)
-                .await
-            {
+            // tonic ignores its `tcp_nodelay` setting for an incoming stream: set it per
+            // connection, or Nagle's algorithm and delayed ACKs hold small responses ~40 ms.
+            let incoming = TcpListenerStream::new(listener).map(|conn| {
+                conn.and_then(|s| {
+                    s.set_nodelay(true)?;
+                    Ok(s)
+                })
+            });
+            if let Err(e) = server.serve_with_incoming_shutdown(incoming, stop).await {
                 tracing::error!(%addr, error = %e, "client listener failed");
             }
         });
         tracing::info!(%addr, "ready to serve client requests (gRPC and HTTP)");
     }
+    let mut stop = shutdown.subscribe();
+    let expiry = lease_service::expire_leases(weak.clone());
+    tasks.spawn(async move {
+        tokio::select! {
+            _ = expiry => {}
+            _ = stop.wait_for(|s| *s) => {}
+        }
+    });
     let mut metrics_addrs = Vec::new();
     for url in &config.listen_metrics_urls {
         let listener = bind(url).await?;

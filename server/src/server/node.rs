@@ -64,6 +64,9 @@ impl NodeRef {
 
 pub struct Node {
     pub store: Arc<Store>,
+    pub watch: Arc<crate::watch::WatchHub>,
+    pub lessor: Arc<crate::lease::Lessor>,
+    pub lease_ids: super::lease_service::LeaseIds,
     pub proposer: Proposer,
     pub member: MemberInfo,
     pub cluster_id: u64,

@@ -12,6 +12,7 @@ use tokio::sync::{mpsc, oneshot};
 use crate::apply::command::Applied;
 use crate::apply::{self, ApplyError, Command, LeaseLookup};
 use crate::mvcc::{self, Store};
+use crate::watch::WatchHub;
 
 /// Most commands applied before one fsync.
 pub const MAX_GROUP: usize = 1024;
@@ -38,11 +39,12 @@ impl Proposer {
         store: Arc<Store>,
         leases: Arc<dyn LeaseLookup + Send + Sync>,
         observer: Arc<dyn ApplyObserver>,
+        watch: Arc<WatchHub>,
     ) -> std::io::Result<(Self, std::thread::JoinHandle<()>)> {
         let (tx, rx) = mpsc::channel(QUEUE);
         let handle = std::thread::Builder::new()
             .name("apply".into())
-            .spawn(move || run(store, leases, observer, rx))?;
+            .spawn(move || run(store, leases, observer, watch, rx))?;
         Ok((Self { tx }, handle))
     }
 
@@ -62,8 +64,10 @@ fn run(
     store: Arc<Store>,
     leases: Arc<dyn LeaseLookup + Send + Sync>,
     observer: Arc<dyn ApplyObserver>,
+    watch: Arc<WatchHub>,
     mut rx: mpsc::Receiver<(Command, Reply)>,
 ) {
+    let mut events = Vec::new();
     let mut group: Vec<(Command, Reply)> = Vec::with_capacity(MAX_GROUP);
     let mut results: Vec<(Reply, Result<Applied, ApplyError>)> = Vec::with_capacity(MAX_GROUP);
     while let Some(first) = rx.blocking_recv() {
@@ -90,14 +94,28 @@ fn run(
                     let r = apply::apply(&mut applying, index, &cmd, leases.as_ref());
                     results.push((reply, r));
                 }
-                if let Err(e) = applying.publish() {
-                    tracing::error!(error = %e, "making writes durable failed");
-                    let msg = e.to_string();
-                    for (_, r) in results.iter_mut() {
-                        if r.is_ok() {
-                            *r = Err(ApplyError::Mvcc(mvcc::Error::Storage(
-                                crate::storage::Error::Engine(msg.clone()),
-                            )));
+                match applying.publish() {
+                    Ok(rev) => {
+                        // Watchers see a revision only once it is durable, like readers.
+                        for (_, r) in results.iter_mut() {
+                            if let Ok(applied) = r {
+                                events.append(&mut applied.events);
+                            }
+                        }
+                        if !events.is_empty() {
+                            watch.notify(&events, rev);
+                            events.clear();
+                        }
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, "making writes durable failed");
+                        let msg = e.to_string();
+                        for (_, r) in results.iter_mut() {
+                            if r.is_ok() {
+                                *r = Err(ApplyError::Mvcc(mvcc::Error::Storage(
+                                    crate::storage::Error::Engine(msg.clone()),
+                                )));
+                            }
                         }
                     }
                 }

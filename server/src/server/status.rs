@@ -24,6 +24,8 @@ pub fn to_status(e: &ApplyError) -> Status {
         | E::InvalidSortOption
         | E::RequestTooLarge => Status::invalid_argument(e.to_string()),
         E::LeaseNotFound => Status::not_found(e.to_string()),
+        E::LeaseExists => Status::failed_precondition(e.to_string()),
+        E::LeaseTtlTooLarge => Status::out_of_range(e.to_string()),
         E::Mvcc(m) => mvcc_status(m),
         #[allow(unreachable_patterns)]
         _ => Status::internal(format!("etcdserver: {e}")),
@@ -88,6 +90,16 @@ mod tests {
                 ApplyError::LeaseNotFound,
                 Code::NotFound,
                 "etcdserver: requested lease not found",
+            ),
+            (
+                ApplyError::LeaseExists,
+                Code::FailedPrecondition,
+                "etcdserver: lease already exists",
+            ),
+            (
+                ApplyError::LeaseTtlTooLarge,
+                Code::OutOfRange,
+                "etcdserver: too large lease TTL",
             ),
             (
                 mvcc::Error::Compacted.into(),

@@ -12,16 +12,19 @@ pub enum Table {
     Rev,
     /// Store metadata: current revision, compaction marks, format, applied index.
     Meta,
+    /// Leases: `be64(id)` → granted TTL (i64 LE); `be64(id) ++ key` → empty (an attached key).
+    Lease,
 }
 
 impl Table {
-    pub const ALL: [Table; 3] = [Table::Kv, Table::Rev, Table::Meta];
+    pub const ALL: [Table; 4] = [Table::Kv, Table::Rev, Table::Meta, Table::Lease];
 
     pub fn name(self) -> &'static str {
         match self {
             Table::Kv => "kv",
             Table::Rev => "rev",
             Table::Meta => "meta",
+            Table::Lease => "lease",
         }
     }
 

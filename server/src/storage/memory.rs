@@ -15,7 +15,7 @@ use super::{Error, Result};
 type Map = OrdMap<Vec<u8>, Vec<u8>>;
 
 #[derive(Clone, Default)]
-struct Tables([Map; 3]);
+struct Tables([Map; 4]);
 
 /// The in-memory engine (`--engine memory`).
 #[derive(Default)]

@@ -48,7 +48,7 @@ impl RocksEngine {
             o.set_block_based_table_factory(&block);
             o.set_write_buffer_size(opts.write_buffer_bytes);
             o.set_compression_type(match table {
-                Table::Meta => DBCompressionType::None,
+                Table::Meta | Table::Lease => DBCompressionType::None,
                 _ => DBCompressionType::Lz4,
             });
             ColumnFamilyDescriptor::new(table.name(), o)

@@ -5,5 +5,7 @@ mod common;
 mod gateway;
 mod http;
 mod kv;
+mod lease;
 mod limits;
 mod restart;
+mod watch;

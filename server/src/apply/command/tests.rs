@@ -22,6 +22,8 @@ impl LeaseLookup for Leases {
     fn lease_exists(&self, id: i64) -> bool {
         self.0.contains(&id)
     }
+    fn granted(&self, _id: i64, _ttl: i64) {}
+    fn revoked(&self, _id: i64) {}
 }
 
 fn store() -> Arc<Store> {

@@ -257,3 +257,53 @@ fn reopen_keeps_revisions_and_resumes() {
     assert_eq!(get_at(&s, "k", 0), Some(("v2".into(), 2, 3, 2)));
     assert_eq!(get_at(&s, "k", 2), Some(("v1".into(), 2, 2, 1)));
 }
+
+#[tokio::test]
+async fn history_replays_events_in_order_and_respects_compaction() {
+    for (s, _d) in stores() {
+        put(&s, "a", "1"); // 2
+        {
+            let mut a = s.applier().expect("applier");
+            let mut t = a.begin();
+            t.put(Bytes::from("c"), Bytes::from("x"), 0).expect("put");
+            t.put(Bytes::from("b"), Bytes::from("y"), 0).expect("put");
+            a.commit(t, 2).expect("commit"); // 3: c then b
+            a.publish().expect("publish");
+        }
+        del(&s, KeyRange::Single(b"a".to_vec())); // 4
+        let h = s.history(2, 4, 100).expect("history");
+        let got: Vec<(String, i64, i32)> = h
+            .iter()
+            .map(|e| {
+                let kv = e.kv.as_ref().expect("kv");
+                (
+                    String::from_utf8_lossy(&kv.key).into_owned(),
+                    kv.mod_revision,
+                    e.r#type,
+                )
+            })
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                ("a".into(), 2, 0),
+                ("c".into(), 3, 0),
+                ("b".into(), 3, 0),
+                ("a".into(), 4, 1)
+            ],
+            "revision then sub-revision order; the delete is a DELETE event"
+        );
+        let h = s.history(2, 4, 2).expect("history");
+        assert_eq!(h.len(), 3, "a revision's events are never split");
+        assert!(matches!(s.history(2, 9, 10), Err(Error::FutureRev)));
+        let ticket = {
+            let mut a = s.applier().expect("applier");
+            let t = a.compact(3, 10).expect("compact");
+            a.publish().expect("publish");
+            t
+        };
+        s.compactor().wait(&ticket).await;
+        assert!(matches!(s.history(2, 4, 10), Err(Error::Compacted)));
+        assert_eq!(s.history(3, 4, 10).expect("history").len(), 3);
+    }
+}

@@ -1,0 +1,186 @@
+//! `watch-latency`: how long a put takes to reach the watchers.
+//!
+//! `--streams` watch streams (spread over the connections) each hold `--watchers-per-stream`
+//! watchers on the whole key space. Then `--total` puts are sent by `--clients` requesters at
+//! `--rate` (give one: unlimited puts measure the queue, not the watch path). Each value starts
+//! with the time it was sent (8 bytes, nanoseconds since the run started, same process clock),
+//! so every event's latency is its arrival time minus that stamp, with no table of puts.
+//! The report has `put` (the put's own latency) and `event` (`total × streams × watchers`
+//! events when nothing is lost; events still missing 10 s after the last put count as errors).
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::{BufMut, Bytes, BytesMut};
+use indicatif::ProgressBar;
+use metastore_proto::etcdserverpb::{kv_client::KvClient, PutRequest, WatchCreateRequest};
+use tokio::task::JoinSet;
+use tonic::transport::Channel;
+
+use crate::error::{Error, Result};
+use crate::keys::{KeySpace, Rng};
+use crate::options::Common;
+use crate::report::{Recorder, Report};
+use crate::runner::{self, Workload};
+
+use super::watch::WatchStream;
+
+/// How long to wait for the last events after the last put.
+const DRAIN: Duration = Duration::from_secs(10);
+
+/// Flags of `watch-latency`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct WatchLatencyArgs {
+    /// Number of watch streams.
+    #[arg(long, default_value_t = 10)]
+    pub streams: usize,
+    /// Watchers on each stream.
+    #[arg(long, default_value_t = 10)]
+    pub watchers_per_stream: usize,
+}
+
+/// Puts whose value carries its send time.
+struct StampedPut {
+    keys: KeySpace,
+    base: Instant,
+    val_size: usize,
+}
+
+impl Workload for StampedPut {
+    type Client = (KvClient<Channel>, Rng);
+
+    async fn client(&self, channel: Channel, id: usize) -> Result<Self::Client> {
+        Ok((KvClient::new(channel), Rng::seeded(id as u64)))
+    }
+
+    async fn call(
+        &self,
+        (kv, rng): &mut Self::Client,
+        seq: u64,
+    ) -> Result<&'static str, tonic::Status> {
+        let key = self.keys.key(self.keys.index(seq, rng));
+        let mut value = BytesMut::with_capacity(self.val_size.max(8));
+        value.put_u64(self.base.elapsed().as_nanos() as u64);
+        value.resize(self.val_size.max(8), b'v');
+        kv.put(PutRequest {
+            key,
+            value: value.freeze(),
+            ..Default::default()
+        })
+        .await?;
+        Ok("put")
+    }
+}
+
+/// The latency of an event whose value was stamped by [`StampedPut`].
+fn event_latency(base: Instant, value: &Bytes) -> Option<Duration> {
+    let stamp = u64::from_be_bytes(value.get(..8)?.try_into().ok()?);
+    base.elapsed().checked_sub(Duration::from_nanos(stamp))
+}
+
+pub async fn run(
+    common: &Common,
+    args: &WatchLatencyArgs,
+    channels: &[Channel],
+    bar: &ProgressBar,
+) -> Result<Report> {
+    common.validate()?;
+    if args.streams == 0 || args.watchers_per_stream == 0 {
+        return Err(Error::Options(
+            "--streams and --watchers-per-stream must be at least 1".into(),
+        ));
+    }
+    let keys = KeySpace::new(
+        common.key_size,
+        common.key_space_size,
+        common.sequential_keys,
+    )?;
+    let watch_all = WatchCreateRequest {
+        key: keys.key(0),
+        range_end: keys.end(),
+        ..Default::default()
+    };
+    let base = Instant::now();
+    let per_stream = common.total * args.watchers_per_stream as u64;
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let mut readers = JoinSet::new();
+    for s in 0..args.streams {
+        let ch = channels[s % channels.len()].clone();
+        let mut stream = WatchStream::open(ch, watch_all.clone()).await?;
+        for _ in 1..args.watchers_per_stream {
+            stream.watch(watch_all.clone()).await?;
+        }
+        let mut stop = stop_rx.clone();
+        readers.spawn(async move {
+            let mut rec = Recorder::new();
+            let mut got = 0u64;
+            while got < per_stream {
+                let resp = tokio::select! {
+                    r = stream.next() => r,
+                    _ = stop.changed() => break,
+                };
+                match resp {
+                    Ok(Some(resp)) => {
+                        for ev in resp.events {
+                            got += 1;
+                            let value = ev.kv.map(|kv| kv.value).unwrap_or_default();
+                            match event_latency(base, &value) {
+                                Some(l) => rec.record("event", l),
+                                None => rec.error("event without a time stamp"),
+                            }
+                        }
+                    }
+                    Ok(None) => break,
+                    Err(s) => {
+                        rec.error(format!("watch stream: {:?}: {}", s.code(), s.message()));
+                        break;
+                    }
+                }
+            }
+            rec.error_n("event not received", per_stream.saturating_sub(got));
+            rec
+        });
+    }
+
+    let puts = Arc::new(StampedPut {
+        keys,
+        base,
+        val_size: common.val_size,
+    });
+    let (mut all, put_elapsed) = runner::drive(common, channels, puts, bar).await?;
+    let deadline = tokio::time::Instant::now() + DRAIN;
+    let mut stopped = false;
+    loop {
+        tokio::select! {
+            done = readers.join_next() => match done {
+                Some(Ok(rec)) => all.merge(rec),
+                Some(Err(e)) => all.error(format!("watch reader failed: {e}")),
+                None => break,
+            },
+            _ = tokio::time::sleep_until(deadline), if !stopped => {
+                stopped = true;
+                let _ = stop_tx.send(true);
+            }
+        }
+    }
+    Ok(all.report("watch-latency", put_elapsed))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stamps_round_trip() {
+        let base = Instant::now() - Duration::from_secs(5);
+        let stamp = Duration::from_secs(4).as_nanos() as u64;
+        let mut v = stamp.to_be_bytes().to_vec();
+        v.extend_from_slice(b"vvvv");
+        let l = event_latency(base, &Bytes::from(v)).unwrap_or_default();
+        assert!(
+            l >= Duration::from_secs(1) && l < Duration::from_secs(2),
+            "{l:?}"
+        );
+        assert_eq!(event_latency(base, &Bytes::from_static(b"short")), None);
+    }
+}

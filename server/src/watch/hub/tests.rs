@@ -1,0 +1,321 @@
+//! Hub behaviour with a real store (memory engine) and the apply step, notifying the hub the
+//! way the write pipeline does.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use metastore_proto::etcdserverpb::{CompactionRequest, DeleteRangeRequest, PutRequest};
+use metastore_proto::mvccpb::event::EventType;
+use tokio::sync::mpsc;
+
+use super::*;
+use crate::apply::{apply, Command, NoLeases};
+use crate::mvcc::StoreOptions;
+use crate::storage::MemoryEngine;
+
+fn setup() -> (Arc<Store>, Arc<WatchHub>) {
+    let store = Store::open(Arc::new(MemoryEngine::new()), StoreOptions::default()).expect("open");
+    let hub = WatchHub::start(store.clone(), Duration::from_millis(200)).expect("hub");
+    (store, hub)
+}
+
+/// Applies `cmds` as one group and notifies the hub, like the write pipeline.
+fn write(store: &Store, hub: &WatchHub, cmds: Vec<Command>) {
+    let mut a = store.applier().expect("applier");
+    let mut events = Vec::new();
+    for cmd in cmds {
+        let index = a_index(store);
+        let mut r = apply(&mut a, index, &cmd, &NoLeases).expect("apply");
+        events.append(&mut r.events);
+    }
+    let rev = a.publish().expect("publish");
+    hub.notify(&events, rev);
+}
+
+fn a_index(store: &Store) -> u64 {
+    store.applied_index() + 1
+}
+
+fn put(k: &str, v: &str) -> Command {
+    Command::Put(PutRequest {
+        key: Bytes::from(k.to_string()),
+        value: Bytes::from(v.to_string()),
+        ..Default::default()
+    })
+}
+
+fn spec(key: &str, end: &str) -> WatchSpec {
+    WatchSpec {
+        range: KeyRange::new(key.as_bytes(), end.as_bytes()),
+        start_rev: 0,
+        watch_id: 0,
+        no_put: false,
+        no_delete: false,
+        prev_kv: false,
+        progress_notify: false,
+        fragment: false,
+    }
+}
+
+fn open(hub: &WatchHub, cap: usize) -> (StreamId, mpsc::Receiver<Delivery>) {
+    let (tx, rx) = mpsc::channel(cap);
+    (hub.open_stream(tx), rx)
+}
+
+fn watch(hub: &WatchHub, stream: StreamId, s: WatchSpec) -> WatchId {
+    let (id, _) = hub.watch(stream, s).expect("watch");
+    hub.activate(stream, id);
+    id
+}
+
+/// `(watch_id, key, mod_revision, is_put, prev value)` of every event received within `wait`.
+async fn drain(rx: &mut mpsc::Receiver<Delivery>, wait: Duration) -> Vec<Delivery> {
+    let mut out = Vec::new();
+    while let Ok(Some(d)) = tokio::time::timeout(wait, rx.recv()).await {
+        out.push(d);
+    }
+    out
+}
+
+fn flat(ds: &[Delivery]) -> Vec<(WatchId, String, i64, bool, Option<String>)> {
+    ds.iter()
+        .flat_map(|d| match d {
+            Delivery::Events {
+                watch_id, events, ..
+            } => events
+                .iter()
+                .map(|e| {
+                    let kv = e.kv.as_ref().expect("kv");
+                    (
+                        *watch_id,
+                        String::from_utf8_lossy(&kv.key).into_owned(),
+                        kv.mod_revision,
+                        e.r#type == EventType::Put as i32,
+                        e.prev_kv
+                            .as_ref()
+                            .map(|p| String::from_utf8_lossy(&p.value).into_owned()),
+                    )
+                })
+                .collect::<Vec<_>>(),
+            _ => Vec::new(),
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn live_events_filters_and_prev_kv() {
+    let (store, hub) = setup();
+    let (sid, mut rx) = open(&hub, 64);
+    let all = watch(&hub, sid, spec("k", "l"));
+    let mut no_put = spec("k", "l");
+    no_put.no_put = true;
+    no_put.prev_kv = true;
+    let deletes = watch(&hub, sid, no_put);
+    let single = watch(&hub, sid, spec("k1", ""));
+    write(&store, &hub, vec![put("k1", "a")]); // 2
+    write(&store, &hub, vec![put("k2", "b"), put("x", "c")]); // 3, 4
+    write(
+        &store,
+        &hub,
+        vec![Command::DeleteRange(DeleteRangeRequest {
+            key: "k1".into(),
+            ..Default::default()
+        })],
+    ); // 5
+    let got = flat(&drain(&mut rx, Duration::from_millis(300)).await);
+    let of = |id| {
+        got.iter()
+            .filter(|e| e.0 == id)
+            .cloned()
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(
+        of(all),
+        vec![
+            (all, "k1".into(), 2, true, None),
+            (all, "k2".into(), 3, true, None),
+            (all, "k1".into(), 5, false, None),
+        ]
+    );
+    assert_eq!(
+        of(deletes),
+        vec![(deletes, "k1".into(), 5, false, Some("a".into()))]
+    );
+    assert_eq!(of(single).len(), 2);
+}
+
+#[tokio::test]
+async fn history_replay_then_live_without_gaps_or_duplicates() {
+    let (store, hub) = setup();
+    for i in 0..20 {
+        write(&store, &hub, vec![put("h", &i.to_string())]); // revisions 2..=21
+    }
+    let (sid, mut rx) = open(&hub, 64);
+    let mut s = spec("h", "");
+    s.start_rev = 5;
+    s.prev_kv = true;
+    let id = watch(&hub, sid, s);
+    for i in 20..25 {
+        write(&store, &hub, vec![put("h", &i.to_string())]); // 22..=26
+    }
+    let got = flat(&drain(&mut rx, Duration::from_millis(500)).await);
+    let revs: Vec<i64> = got.iter().map(|e| e.2).collect();
+    assert_eq!(
+        revs,
+        (5..=26).collect::<Vec<_>>(),
+        "every revision once, in order"
+    );
+    assert_eq!(
+        got[0].4.as_deref(),
+        Some("2"),
+        "replayed events carry prev_kv"
+    );
+    assert!(got.iter().all(|e| e.0 == id));
+    assert_eq!(hub.unsynced_count(), 0);
+}
+
+#[tokio::test]
+async fn compacted_start_is_canceled_with_the_compact_revision() {
+    let (store, hub) = setup();
+    for i in 0..5 {
+        write(&store, &hub, vec![put("c", &i.to_string())]);
+    }
+    write(
+        &store,
+        &hub,
+        vec![Command::Compact(CompactionRequest {
+            revision: 4,
+            physical: false,
+        })],
+    );
+    let (sid, mut rx) = open(&hub, 8);
+    let mut s = spec("c", "");
+    s.start_rev = 2;
+    let id = watch(&hub, sid, s);
+    let got = drain(&mut rx, Duration::from_millis(400)).await;
+    assert!(
+        matches!(got.as_slice(), [Delivery::Compacted { watch_id, compact_rev: 4, .. }] if *watch_id == id),
+        "{got:?}"
+    );
+    assert_eq!(hub.watcher_count(), 0, "the compacted watcher is gone");
+}
+
+#[tokio::test]
+async fn ids_ranges_and_cancel() {
+    let (_store, hub) = setup();
+    let (sid, _rx) = open(&hub, 8);
+    let mut s = spec("a", "");
+    s.watch_id = 7;
+    assert_eq!(hub.watch(sid, s.clone()).map(|r| r.0), Ok(7));
+    assert_eq!(hub.watch(sid, s), Err(WatchError::DuplicateId));
+    assert_eq!(hub.watch(sid, spec("b", "a")), Err(WatchError::EmptyRange));
+    assert_eq!(
+        hub.watch(sid, spec("a", "")).map(|r| r.0),
+        Ok(0),
+        "auto ids start at 0"
+    );
+    assert!(hub.cancel(sid, 7).is_some());
+    assert!(hub.cancel(sid, 7).is_none(), "unknown ids are ignored");
+}
+
+#[tokio::test]
+async fn progress_waits_until_every_watcher_caught_up() {
+    let (store, hub) = setup();
+    let (sid, mut rx) = open(&hub, 1);
+    watch(&hub, sid, spec("p", "q"));
+    assert_eq!(
+        hub.request_progress(sid),
+        Some(1),
+        "all synced: answered at once"
+    );
+    // Fill the one-slot buffer so the watcher falls behind.
+    write(&store, &hub, vec![put("p1", "x")]);
+    write(&store, &hub, vec![put("p2", "x")]);
+    assert_eq!(hub.unsynced_count(), 1);
+    assert_eq!(hub.request_progress(sid), None, "deferred while behind");
+    let mut seen = Vec::new();
+    while let Ok(Some(d)) = tokio::time::timeout(Duration::from_millis(500), rx.recv()).await {
+        seen.push(d);
+    }
+    let progress_at = seen
+        .iter()
+        .position(|d| {
+            matches!(
+                d,
+                Delivery::Progress {
+                    watch_id: -1,
+                    rev: 3
+                }
+            )
+        })
+        .expect("a progress response once caught up");
+    assert_eq!(
+        flat(&seen[..progress_at]).len(),
+        2,
+        "after every event up to its revision"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ten_thousand_watchers_get_every_event_once_and_a_stuck_one_blocks_nobody() {
+    const STREAMS: usize = 100;
+    const PER_STREAM: usize = 100;
+    const WRITES: usize = 1000;
+    let (store, hub) = setup();
+    let mut consumers = Vec::new();
+    for _ in 0..STREAMS {
+        let (sid, mut rx) = open(&hub, 256);
+        for _ in 0..PER_STREAM {
+            watch(&hub, sid, spec("w/", "w0"));
+        }
+        consumers.push(tokio::spawn(async move {
+            let mut per: HashMap<WatchId, Vec<i64>> = HashMap::new();
+            let mut total = 0;
+            while total < PER_STREAM * WRITES {
+                match tokio::time::timeout(Duration::from_secs(60), rx.recv()).await {
+                    Ok(Some(Delivery::Events {
+                        watch_id, events, ..
+                    })) => {
+                        total += events.len();
+                        per.entry(watch_id)
+                            .or_default()
+                            .extend(events.iter().map(event_rev));
+                    }
+                    Ok(Some(_)) => {}
+                    _ => break,
+                }
+            }
+            per
+        }));
+    }
+    // One stream nobody reads.
+    let (stuck, _stuck_rx) = open(&hub, 4);
+    watch(&hub, stuck, spec("w/", "w0"));
+
+    let started = std::time::Instant::now();
+    let writer = {
+        let (store, hub) = (store.clone(), hub.clone());
+        tokio::task::spawn_blocking(move || {
+            for i in 0..WRITES {
+                write(&store, &hub, vec![put(&format!("w/{}", i % 50), "v")]);
+            }
+        })
+    };
+    writer.await.expect("writer");
+    let write_time = started.elapsed();
+    let want: Vec<i64> = (2..2 + WRITES as i64).collect();
+    for c in consumers {
+        let per = c.await.expect("consumer");
+        assert_eq!(per.len(), PER_STREAM);
+        for revs in per.values() {
+            assert_eq!(revs, &want, "every event exactly once, in revision order");
+        }
+    }
+    assert_eq!(hub.watcher_count(), STREAMS * PER_STREAM + 1);
+    println!(
+        "{} watchers x {WRITES} writes: writes took {write_time:?}, all delivered after {:?}",
+        STREAMS * PER_STREAM,
+        started.elapsed()
+    );
+}

@@ -1,0 +1,91 @@
+use std::time::Duration;
+
+use etcd_client::{EventType, WatchOptions, WatchResponse, WatchStream};
+
+use crate::common::TestServer;
+
+async fn next(s: &mut WatchStream) -> anyhow::Result<WatchResponse> {
+    tokio::time::timeout(Duration::from_secs(5), s.message())
+        .await??
+        .ok_or_else(|| anyhow::anyhow!("watch stream ended"))
+}
+
+#[tokio::test]
+async fn watch_history_live_prev_kv_cancel() -> anyhow::Result<()> {
+    let s = TestServer::start(&[]).await?;
+    let mut c = s.client().await?;
+    c.put("w/a", "1", None).await?; // 2
+    c.put("w/a", "2", None).await?; // 3
+    let opts = WatchOptions::new()
+        .with_prefix()
+        .with_prev_key()
+        .with_start_revision(2);
+    let mut stream = c.watch("w/", Some(opts)).await?;
+    let created = next(&mut stream).await?;
+    assert!(created.created());
+    let mut events = Vec::new();
+    c.delete("w/a", None).await?; // 4
+    c.put("w/b", "x", None).await?; // 5
+    while events.len() < 4 {
+        let r = next(&mut stream).await?;
+        assert_eq!(r.watch_id(), created.watch_id());
+        events.extend(r.events().iter().map(|e| {
+            let kv = e.kv().expect("kv");
+            (
+                e.event_type(),
+                kv.key_str().unwrap_or_default().to_string(),
+                kv.mod_revision(),
+                e.prev_kv()
+                    .map(|p| p.value_str().unwrap_or_default().to_string()),
+            )
+        }));
+    }
+    assert_eq!(
+        events,
+        vec![
+            (EventType::Put, "w/a".into(), 2, None),
+            (EventType::Put, "w/a".into(), 3, Some("1".into())),
+            (EventType::Delete, "w/a".into(), 4, Some("2".into())),
+            (EventType::Put, "w/b".into(), 5, None),
+        ]
+    );
+    stream.request_progress().await?;
+    let progress = next(&mut stream).await?;
+    assert_eq!(progress.watch_id(), -1, "stream-wide progress (etcd 3.5)");
+    assert_eq!(progress.header().map(|h| h.revision()), Some(5));
+    stream.cancel(created.watch_id()).await?;
+    let canceled = next(&mut stream).await?;
+    assert!(canceled.canceled());
+    Ok(())
+}
+
+#[tokio::test]
+async fn watch_from_a_compacted_revision_is_canceled() -> anyhow::Result<()> {
+    let s = TestServer::start(&[]).await?;
+    let mut c = s.client().await?;
+    for i in 0..5 {
+        c.put("k", format!("{i}"), None).await?;
+    }
+    c.compact(4, None).await?;
+    let mut stream = c
+        .watch("k", Some(WatchOptions::new().with_start_revision(2)))
+        .await?;
+    assert!(next(&mut stream).await?.created());
+    let r = next(&mut stream).await?;
+    assert!(r.canceled());
+    assert_eq!(r.compact_revision(), 4);
+    Ok(())
+}
+
+#[tokio::test]
+async fn an_inverted_range_is_refused() -> anyhow::Result<()> {
+    let s = TestServer::start(&[]).await?;
+    let mut c = s.client().await?;
+    let mut stream = c
+        .watch("b", Some(WatchOptions::new().with_range("a")))
+        .await?;
+    let r = next(&mut stream).await?;
+    assert!(r.created() && r.canceled());
+    assert_eq!(r.cancel_reason(), "mvcc: watcher range is empty");
+    Ok(())
+}
