@@ -20,6 +20,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -311,6 +312,76 @@ class Etcdctl:
                          err.decode("utf-8", "surrogateescape"),
                          time.monotonic() - t0)
 
+    def start(self, *args: str) -> "BackgroundEtcdctl":
+        """Start a long-running etcdctl command (e.g. `watch`) in the background."""
+        return BackgroundEtcdctl(self, args)
+
+
+class BackgroundEtcdctl:
+    """A long-running etcdctl (e.g. `watch`): stdout/stderr collected by reader
+    threads while it runs; `wait_until` polls the collected stdout, `stop`
+    sends a signal (SIGINT by default, like ^C) and returns a CmdResult."""
+
+    def __init__(self, etcdctl: "Etcdctl", args: Sequence[str]):
+        self.args = list(args)
+        argv = [etcdctl.binary, f"--endpoints={etcdctl.endpoint_url}",
+                f"--command-timeout={etcdctl.command_timeout}", *self.args]
+        self.t0 = time.monotonic()
+        self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE, env=etcdctl.env)
+        self._out, self._err = bytearray(), bytearray()
+        self._lock = threading.Lock()
+        self._readers = [threading.Thread(target=self._pump, args=(self.proc.stdout, self._out),
+                                          daemon=True),
+                         threading.Thread(target=self._pump, args=(self.proc.stderr, self._err),
+                                          daemon=True)]
+        for t in self._readers:
+            t.start()
+
+    def _pump(self, stream, buf: bytearray) -> None:
+        while True:
+            chunk = stream.read1(65536) if hasattr(stream, "read1") else stream.read(65536)
+            if not chunk:
+                return
+            with self._lock:
+                buf.extend(chunk)
+
+    def stdout(self) -> str:
+        with self._lock:
+            return bytes(self._out).decode("utf-8", "surrogateescape")
+
+    def wait_until(self, pred, timeout: float = 10.0) -> bool:
+        """Poll until pred(stdout) is true or the process exited; True if pred held."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if pred(self.stdout()):
+                return True
+            if self.proc.poll() is not None:
+                for t in self._readers:
+                    t.join(timeout=1)
+                return bool(pred(self.stdout()))
+            time.sleep(0.02)
+        return bool(pred(self.stdout()))
+
+    def stop(self, sig: int = signal.SIGINT, timeout: float = 5.0) -> CmdResult:
+        """Signal the process if still running, wait, return what it printed.
+        rc is the exit code, or -signal if it died of the signal."""
+        if self.proc.poll() is None:
+            try:
+                self.proc.send_signal(sig)
+                self.proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        for t in self._readers:
+            t.join(timeout=2)
+        with self._lock:
+            out, err = bytes(self._out), bytes(self._err)
+        return CmdResult(self.args, None, self.proc.returncode,
+                         out.decode("utf-8", "surrogateescape"),
+                         err.decode("utf-8", "surrogateescape"),
+                         time.monotonic() - self.t0)
+
 
 def http_post_json(url: str, body: dict, timeout: float = 10.0) -> CmdResult:
     """POST JSON; the result's rc is the HTTP status (-1 if no answer) and its
@@ -369,6 +440,82 @@ def normalise_text(text: str, endpoint_addr: str) -> str:
 def normalise_result(r: CmdResult, endpoint_addr: str) -> CmdResult:
     return dataclasses.replace(r, stdout=normalise_text(r.stdout, endpoint_addr),
                                stderr=normalise_text(r.stderr, endpoint_addr))
+
+
+class LeaseIds:
+    """Per-server lease-id normaliser (one instance per side of a DiffRunner).
+
+    Lease ids are chosen by each server, so they legitimately differ. Every id
+    is named `<LEASEn>` in the order it is first seen in this server's outputs
+    (so the n-th lease granted is LEASEn on both sides), in the contexts where
+    etcdctl prints lease ids and nowhere else:
+      simple: `lease <hex> granted|keepalived|revoked|already expired`,
+              the id lines of `lease list` (`found N leases` then one hex id a line);
+      json:   `"ID":<dec>`, `"id":<dec>`, `"lease":<dec>` (0 = no lease, kept);
+      fields: `"ID" : <dec>`, `"Lease" : <dec>`.
+    `resolve()` turns `<LEASEn>` in a command argument back into this server's
+    hex id, so one scenario drives both servers.
+
+    Remaining TTLs (`remaining(Ns)`, and `ttl` / `TTL` in the json / fields
+    output of `lease timetolive`) are rounded down seconds of a deadline that
+    each server computes at its own instant: they can legitimately differ by
+    one. They are replaced by `<remaining>` and the raw values are kept in
+    `remaining` so a test can check both sides pairwise within one second.
+    Negative values (expired: -1) are kept as is.
+    The `attached keys([...])` / `"keys":[...]` list of `lease timetolive
+    --keys` is sorted: etcd 3.4 itself prints it in Go map order (random run
+    to run)."""
+
+    _HEX_CTX = re.compile(r"\blease ([0-9a-f]{1,16})(?= (?:granted|keepalived|revoked|already expired))")
+    _DEC_JSON = re.compile(r'"(ID|id|lease)":(\d+)')
+    _DEC_FIELDS = re.compile(r'^"(ID|Lease)" : (\d+)$', re.M)
+    _LIST = re.compile(r"\Afound \d+ leases\n((?:[0-9a-f]{1,16}\n)*)")
+    _REMAINING = re.compile(r"remaining\((\d+)s\)")
+    _JSON_TTL = re.compile(r'"ttl":(\d+)')
+    _FIELDS_TTL = re.compile(r'^"TTL" : (\d+)$', re.M)
+    _KEYS_SIMPLE = re.compile(r"attached keys\(\[([^\]]*)\]\)")
+    _KEYS_JSON = re.compile(r'"keys":\[([^\]]*)\]')
+
+    def __init__(self) -> None:
+        self.names: dict[int, str] = {}
+        self.remaining: list[int] = []
+
+    def _name(self, value: int) -> str:
+        if value not in self.names:
+            self.names[value] = f"LEASE{len(self.names) + 1}"
+        return "<" + self.names[value] + ">"
+
+    def resolve(self, arg: str) -> str:
+        for value, name in self.names.items():
+            arg = arg.replace(f"<{name}>", format(value, "x"))
+        return arg
+
+    def normalise(self, text: str) -> str:
+        text = self._HEX_CTX.sub(lambda m: "lease " + self._name(int(m.group(1), 16)), text)
+        text = self._LIST.sub(
+            lambda m: m.group(0)[:m.start(1) - m.start(0)] + "".join(
+                self._name(int(x, 16)) + "\n" for x in m.group(1).splitlines()), text)
+        text = self._DEC_JSON.sub(
+            lambda m: m.group(0) if m.group(2) == "0"
+            else f'"{m.group(1)}":{self._name(int(m.group(2)))}', text)
+        text = self._DEC_FIELDS.sub(
+            lambda m: m.group(0) if m.group(2) == "0"
+            else f'"{m.group(1)}" : {self._name(int(m.group(2)))}', text)
+
+        def rem(m, fmt):
+            self.remaining.append(int(m.group(1)))
+            return fmt
+        text = self._REMAINING.sub(lambda m: rem(m, "remaining(<remaining>)"), text)
+        if '"granted-ttl":' in text:
+            text = self._JSON_TTL.sub(lambda m: rem(m, '"ttl":<remaining>'), text)
+        if '"GrantedTTL" :' in text:
+            text = self._FIELDS_TTL.sub(lambda m: rem(m, '"TTL" : <remaining>'), text)
+        text = self._KEYS_SIMPLE.sub(
+            lambda m: "attached keys([" + " ".join(sorted(m.group(1).split())) + "])", text)
+        text = self._KEYS_JSON.sub(
+            lambda m: '"keys":[' + ",".join(sorted(x for x in m.group(1).split(",") if x)) + "]",
+            text)
+        return text
 
 
 # --------------------------------------------------------------------------
@@ -460,8 +607,27 @@ class DiffRunner:
         self.max_slow = max_slow
         self.slow = 0
         self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=2)
+        # Optional per-side id normalisers (see use_lease_ids).
+        self.ref_ids: Optional[LeaseIds] = None
+        self.tgt_ids: Optional[LeaseIds] = None
         if transcript:
             transcript.write_text("")
+
+    def use_lease_ids(self) -> None:
+        """Normalise lease ids (and remaining TTLs) per side, see LeaseIds;
+        `<LEASEn>` in command arguments becomes each side's own id."""
+        self.ref_ids, self.tgt_ids = LeaseIds(), LeaseIds()
+
+    def _args(self, ids: Optional[LeaseIds], args: Sequence[str]) -> list[str]:
+        return [ids.resolve(a) for a in args] if ids else list(args)
+
+    def _norm(self, res: CmdResult, addr: str, ids: Optional[LeaseIds],
+              args: Sequence[str]) -> CmdResult:
+        res = dataclasses.replace(normalise_result(res, addr), argv=list(args))
+        if ids:
+            res = dataclasses.replace(res, stdout=ids.normalise(res.stdout),
+                                      stderr=ids.normalise(res.stderr))
+        return res
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)
@@ -470,11 +636,15 @@ class DiffRunner:
             expect_rc: Optional[int] = None, expect_out: Optional[str] = None,
             expect_err: Optional[str] = None) -> tuple[CmdResult, CmdResult]:
         self.steps += 1
-        fr = self._pool.submit(self.ref.run, *args, stdin=stdin)
-        ft = self._pool.submit(self.tgt.run, *args, stdin=stdin)
-        r = normalise_result(fr.result(), self.ref_addr)
-        t = normalise_result(ft.result(), self.tgt_addr)
+        fr = self._pool.submit(self.ref.run, *self._args(self.ref_ids, args), stdin=stdin)
+        ft = self._pool.submit(self.tgt.run, *self._args(self.tgt_ids, args), stdin=stdin)
+        r = self._norm(fr.result(), self.ref_addr, self.ref_ids, args)
+        t = self._norm(ft.result(), self.tgt_addr, self.tgt_ids, args)
         self._record(r, t, label or args[0])
+        return self._expect(r, t, expect_rc, expect_out, expect_err)
+
+    def _expect(self, r: CmdResult, t: CmdResult, expect_rc: Optional[int],
+                expect_out: Optional[str], expect_err: Optional[str]) -> tuple[CmdResult, CmdResult]:
         problems = []
         if expect_rc is not None and r.rc != expect_rc:
             problems.append(f"exit code {r.rc}, expected {expect_rc}")
@@ -488,6 +658,44 @@ class DiffRunner:
                 f"at #{self.steps} {r.describe()}: {'; '.join(problems)}\n"
                 f"stdout: {_clip(r.stdout, 2000)}\nstderr: {_clip(r.stderr, 2000)}")
         return r, t
+
+    def start(self, *args: str) -> tuple[BackgroundEtcdctl, BackgroundEtcdctl]:
+        """Start a long-running etcdctl command (e.g. `watch --rev=N ...`) on
+        both servers; finish it with `stop()`."""
+        procs = (self.ref.start(*self._args(self.ref_ids, args)),
+                 self.tgt.start(*self._args(self.tgt_ids, args)))
+        for p in procs:
+            p.scenario_args = list(args)   # as written, before <LEASEn> resolution
+        return procs
+
+    def stop(self, procs: tuple[BackgroundEtcdctl, BackgroundEtcdctl], until=None,
+             timeout: float = 10.0, settle: float = 0.3, sig: int = signal.SIGINT,
+             label: str = "", expect_rc: Optional[int] = None, expect_out: Optional[str] = None,
+             expect_err: Optional[str] = None) -> tuple[CmdResult, CmdResult]:
+        """Wait until `until(stdout)` holds on both sides (or the process
+        exited; the target gets the same `timeout`, then is stopped anyway and
+        the outputs compared), wait `settle` seconds more so that extra output
+        would show, then send `sig` and compare the collected outputs.
+        `until=None`: just wait for the processes to exit on their own."""
+        bref, btgt = procs
+        self.steps += 1
+        pred = until or (lambda _out: False)
+        ok_ref = bref.wait_until(pred, timeout)
+        btgt.wait_until(pred, timeout)
+        if settle and until is not None:
+            time.sleep(settle)
+        fr = self._pool.submit(bref.stop, sig)
+        ft = self._pool.submit(btgt.stop, sig)
+        args = ["(background)", *getattr(bref, "scenario_args", bref.args)]
+        r = self._norm(fr.result(), self.ref_addr, self.ref_ids, args)
+        t = self._norm(ft.result(), self.tgt_addr, self.tgt_ids, args)
+        self._record(r, t, label or "background " + args[1])
+        if until is not None and not ok_ref:
+            raise ExpectationError(
+                f"scenario bug: reference {self.ref_name} never printed what the scenario waits "
+                f"for at #{self.steps} {r.describe()}\nstdout: {_clip(r.stdout, 2000)}\n"
+                f"stderr: {_clip(r.stderr, 2000)}")
+        return self._expect(r, t, expect_rc, expect_out, expect_err)
 
     def run_gateway(self, path: str, body: dict, label: str = "",
                     expect_status: Optional[int] = None) -> tuple[CmdResult, CmdResult]:

@@ -1,9 +1,9 @@
 //! [`Command`]: every state change, and [`apply`], the one function that executes it.
 
 use metastore_proto::etcdserverpb::{
-    CompactionRequest, CompactionResponse, DeleteRangeRequest, DeleteRangeResponse,
-    LeaseGrantRequest, LeaseGrantResponse, LeaseRevokeRequest, LeaseRevokeResponse, PutRequest,
-    PutResponse, TxnRequest, TxnResponse,
+    alarm_request::AlarmAction, AlarmRequest, CompactionRequest, CompactionResponse,
+    DeleteRangeRequest, DeleteRangeResponse, LeaseGrantRequest, LeaseGrantResponse,
+    LeaseRevokeRequest, LeaseRevokeResponse, PutRequest, PutResponse, TxnRequest, TxnResponse,
 };
 use metastore_proto::mvccpb::Event;
 
@@ -23,6 +23,8 @@ pub enum Command {
     /// both are decided before proposing, so applying it is deterministic.
     LeaseGrant(LeaseGrantRequest),
     LeaseRevoke(LeaseRevokeRequest),
+    /// Raise or clear an alarm (GET is answered without proposing).
+    Alarm(AlarmRequest),
 }
 
 impl Command {
@@ -35,6 +37,7 @@ impl Command {
             Command::Compact(_) => "Compact",
             Command::LeaseGrant(_) => "LeaseGrant",
             Command::LeaseRevoke(_) => "LeaseRevoke",
+            Command::Alarm(_) => "Alarm",
         }
     }
 }
@@ -48,6 +51,8 @@ pub enum CommandResult {
     Compact(CompactionResponse, CompactTicket),
     LeaseGrant(LeaseGrantResponse),
     LeaseRevoke(LeaseRevokeResponse),
+    /// The alarms after the change, as `(member id, alarm type)`.
+    Alarm(Vec<(u64, i32)>),
 }
 
 /// An applied command's result and the events it produced (for watchers).
@@ -129,6 +134,17 @@ fn apply_inner(
                 }),
                 events: outcome.events,
                 revision: outcome.rev,
+            });
+        }
+        Command::Alarm(a) => {
+            drop(t);
+            let active = a.action == AlarmAction::Activate as i32;
+            let alarms = applying.set_alarm(a.member_id, a.alarm, active, index)?;
+            let revision = applying.applied_rev();
+            return Ok(Applied {
+                result: CommandResult::Alarm(alarms),
+                events: Vec::new(),
+                revision,
             });
         }
         Command::Compact(c) => {

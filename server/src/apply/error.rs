@@ -25,6 +25,8 @@ pub enum ApplyError {
     LeaseExists,
     #[error("etcdserver: too large lease TTL")]
     LeaseTtlTooLarge,
+    #[error("etcdserver: mvcc: database space exceeded")]
+    NoSpace,
     #[error(transparent)]
     Mvcc(#[from] crate::mvcc::Error),
 }

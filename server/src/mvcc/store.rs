@@ -73,6 +73,8 @@ pub struct Store {
     /// Reads below this revision fail with `Compacted`.
     compact_rev: AtomicI64,
     applied_index: AtomicU64,
+    /// Raised alarms as `(member id, alarm type)`; changed only by the apply step.
+    alarms: Mutex<std::collections::BTreeSet<(u64, i32)>>,
     /// Writer-side state. Lock order: this lock, then the engine's internal locks.
     writer: Mutex<WriterState>,
     compactor: Compactor,
@@ -121,12 +123,14 @@ impl Store {
             engine.write(b, opts.fsync)?;
         }
         let compactor = Compactor::start(engine.clone(), finished)?;
+        let alarms = load_alarms(engine.as_ref())?;
         let store = Arc::new(Self {
             engine,
             opts,
             current_rev: AtomicI64::new(current),
             compact_rev: AtomicI64::new(scheduled),
             applied_index: AtomicU64::new(index as u64),
+            alarms: Mutex::new(alarms),
             writer: Mutex::new(WriterState {
                 applied_rev: current,
                 applied_index: index as u64,
@@ -239,6 +243,74 @@ impl Store {
         Ok(out)
     }
 
+    /// etcd's HashKV: a CRC-32C over every key-value version at or below `rev` that survives
+    /// compaction, in revision order, each as its revision (`be64(main) ++ be64(sub)`) and its
+    /// protobuf `KeyValue` encoding. Returns `(hash, compact revision, hashed revision)`.
+    ///
+    /// Deterministic: versions at or below the compacted revision are hashed only if compaction keeps
+    /// them, so the result does not depend on how far physical compaction has progressed, and
+    /// the protobuf encoding makes it independent of the storage format records are in. The
+    /// same data gives the same hash on every member and after a restart.
+    pub fn hash_kv(&self, rev: i64) -> Result<(u32, i64, i64)> {
+        let current = self.current_revision();
+        let snap = self.engine.snapshot();
+        let compact = self.compact_revision();
+        let rev = if rev <= 0 { current } else { rev };
+        if rev > current {
+            return Err(Error::FutureRev);
+        }
+        if rev < compact {
+            return Err(Error::Compacted);
+        }
+        let mut hash = crc32c::crc32c(b"key");
+        let mut it = snap.iter(Table::Rev);
+        it.seek(&[]);
+        let mut buf = Vec::new();
+        while it.valid() {
+            let (main, _) =
+                split_rev_key(it.key()).ok_or_else(|| Error::Corrupt("rev key".into()))?;
+            if main > rev {
+                break;
+            }
+            let key = it.value();
+            let Some(record) = snap.get(Table::Kv, &kv_key(key, main))? else {
+                it.next();
+                continue; // removed by a compaction in progress
+            };
+            let kv = codec::decode(&record)?;
+            if main <= compact && !survives(snap.as_ref(), key, main, compact)? {
+                it.next();
+                continue;
+            }
+            buf.clear();
+            prost::Message::encode(&kv, &mut buf)
+                .map_err(|e| Error::Corrupt(format!("encode: {e}")))?;
+            hash = crc32c::crc32c_append(hash, it.key());
+            hash = crc32c::crc32c_append(hash, &buf);
+            it.next();
+        }
+        it.status()?;
+        Ok((hash, compact, rev))
+    }
+
+    /// A CRC-32C over every table but `meta` (etcd's Hash of the whole backend).
+    pub fn hash(&self) -> Result<u32> {
+        let snap = self.engine.snapshot();
+        let mut hash = 0;
+        for t in [Table::Kv, Table::Rev, Table::Lease] {
+            hash = crc32c::crc32c_append(hash, t.name().as_bytes());
+            let mut it = snap.iter(t);
+            it.seek(&[]);
+            while it.valid() {
+                hash = crc32c::crc32c_append(hash, it.key());
+                hash = crc32c::crc32c_append(hash, it.value());
+                it.next();
+            }
+            it.status()?;
+        }
+        Ok(hash)
+    }
+
     /// Every granted lease as `(id, granted TTL)`, from durable state.
     pub fn leases(&self) -> Result<Vec<(i64, i64)>> {
         let snap = self.engine.snapshot();
@@ -261,6 +333,22 @@ impl Store {
     /// The keys attached to lease `id`.
     pub fn lease_keys(&self, id: i64) -> Result<Vec<Vec<u8>>> {
         lease_keys(self.engine.snapshot().as_ref(), id)
+    }
+
+    /// Raised alarms, as `(member id, alarm type)`.
+    pub fn alarms(&self) -> Vec<(u64, i32)> {
+        self.alarms
+            .lock()
+            .map(|a| a.iter().copied().collect())
+            .unwrap_or_default()
+    }
+
+    /// Whether an alarm of `alarm` type is raised by any member.
+    pub fn has_alarm(&self, alarm: i32) -> bool {
+        self.alarms
+            .lock()
+            .map(|a| a.iter().any(|(_, t)| *t == alarm))
+            .unwrap_or(false)
     }
 
     /// Takes the writer lock. Only one [`Applying`] exists at a time.
@@ -380,6 +468,48 @@ pub(crate) fn scan(
     it.status().map_err(Error::from)
 }
 
+const ALARM_PREFIX: &[u8] = b"alarm/";
+
+fn alarm_key(member: u64, alarm: i32) -> Vec<u8> {
+    let mut k = ALARM_PREFIX.to_vec();
+    k.extend_from_slice(&member.to_be_bytes());
+    k.extend_from_slice(&alarm.to_be_bytes());
+    k
+}
+
+fn load_alarms(engine: &dyn Engine) -> Result<std::collections::BTreeSet<(u64, i32)>> {
+    let snap = engine.snapshot();
+    let mut it = snap.iter(Table::Meta);
+    it.seek(ALARM_PREFIX);
+    let mut out = std::collections::BTreeSet::new();
+    while it.valid() && it.key().starts_with(ALARM_PREFIX) {
+        let rest = &it.key()[ALARM_PREFIX.len()..];
+        let (m, t) = rest
+            .split_at_checked(8)
+            .ok_or_else(|| Error::Corrupt("alarm key".into()))?;
+        let member = u64::from_be_bytes(m.try_into().map_err(|_| Error::Corrupt("alarm".into()))?);
+        let alarm = i32::from_be_bytes(t.try_into().map_err(|_| Error::Corrupt("alarm".into()))?);
+        out.insert((member, alarm));
+        it.next();
+    }
+    it.status()?;
+    Ok(out)
+}
+
+/// Whether compaction at `compact` keeps `key`'s version at `main` (`main <= compact`): only the
+/// newest version at or below `compact`, and only if it is not a tombstone.
+fn survives(snap: &dyn Snapshot, key: &[u8], main: i64, compact: i64) -> Result<bool> {
+    let prefix = kv_prefix(key);
+    let mut it = snap.iter(Table::Kv);
+    it.seek(&kv_key(key, compact));
+    if !(it.valid() && it.key().len() == prefix.len() + 8 && it.key().starts_with(&prefix)) {
+        it.status()?;
+        return Ok(false);
+    }
+    let (_, newest) = split_kv_key(it.key()).ok_or_else(|| Error::Corrupt("kv key".into()))?;
+    Ok(newest == main && !is_tombstone(it.value())?)
+}
+
 pub(crate) fn is_tombstone(record: &[u8]) -> Result<bool> {
     Ok(codec::peek_mod_version(record)?.1 == 0)
 }
@@ -435,6 +565,34 @@ impl<'a> Applying<'a> {
         let ticket = CompactTicket::new(rev);
         self.state.pending_compactions.push(ticket.clone());
         Ok(ticket)
+    }
+
+    /// Raises (`active`) or clears an alarm as command `index`. Returns the alarms after.
+    pub fn set_alarm(
+        &mut self,
+        member: u64,
+        alarm: i32,
+        active: bool,
+        index: u64,
+    ) -> Result<Vec<(u64, i32)>> {
+        let mut batch = WriteBatch::new();
+        let key = alarm_key(member, alarm);
+        if active {
+            batch.put(Table::Meta, key, Vec::new());
+        } else {
+            batch.delete(Table::Meta, key);
+        }
+        put_meta_i64(&mut batch, META_APPLIED_INDEX, index as i64);
+        self.store.engine.write(batch, false)?;
+        self.state.applied_index = index;
+        self.dirty = true;
+        let mut alarms = self.store.alarms.lock().map_err(|_| Error::Closed)?;
+        if active {
+            alarms.insert((member, alarm));
+        } else {
+            alarms.remove(&(member, alarm));
+        }
+        Ok(alarms.iter().copied().collect())
     }
 
     /// Records that command `index` was applied without changing the key space.

@@ -16,6 +16,8 @@ use url::Url;
 
 /// Default `--max-request-bytes`, as etcd: 1.5 MiB.
 pub const DEFAULT_MAX_REQUEST_BYTES: usize = 1536 * 1024;
+/// The backend quota when `--quota-backend-bytes` is 0, as etcd: 2 GiB.
+pub const DEFAULT_QUOTA_BYTES: u64 = 2 << 30;
 /// gRPC's own receive limit sits this much above `--max-request-bytes`, as in etcd.
 pub const GRPC_OVERHEAD_BYTES: usize = 512 * 1024;
 
@@ -265,6 +267,15 @@ impl Config {
             ));
         }
         Ok(())
+    }
+
+    /// The backend quota in bytes (`--quota-backend-bytes`, 0: the 2 GiB default).
+    pub fn quota_bytes(&self) -> u64 {
+        if self.quota_backend_bytes == 0 {
+            DEFAULT_QUOTA_BYTES
+        } else {
+            self.quota_backend_bytes
+        }
     }
 
     /// The data directory, defaulting to `${name}.metastore` like etcd's `${name}.etcd`.

@@ -30,6 +30,19 @@ impl KvService {
     }
 }
 
+/// Whether a txn may write a value anywhere in it (etcd charges the quota for those only).
+fn has_put(t: &TxnRequest) -> bool {
+    use metastore_proto::etcdserverpb::request_op::Request as R;
+    t.success
+        .iter()
+        .chain(&t.failure)
+        .any(|op| match &op.request {
+            Some(R::RequestPut(_)) => true,
+            Some(R::RequestTxn(inner)) => has_put(inner),
+            _ => false,
+        })
+}
+
 fn unexpected() -> Status {
     Status::internal("etcdserver: unexpected apply result")
 }
@@ -63,6 +76,7 @@ impl Kv for KvService {
         let r = req.into_inner();
         validate::check_put(&r).map_err(err)?;
         node.check_size(r.encoded_len()).map_err(err)?;
+        node.check_quota(r.encoded_len()).await.map_err(err)?;
         match Self::propose(&node, Command::Put(r)).await? {
             CommandResult::Put(mut resp) => {
                 node.fill(&mut resp.header);
@@ -94,6 +108,9 @@ impl Kv for KvService {
         let r = req.into_inner();
         validate::check_txn(&r, node.limits.max_txn_ops).map_err(err)?;
         node.check_size(r.encoded_len()).map_err(err)?;
+        if has_put(&r) {
+            node.check_quota(r.encoded_len()).await.map_err(err)?;
+        }
         match Self::propose(&node, Command::Txn(r)).await? {
             CommandResult::Txn(mut resp) => {
                 node.fill(&mut resp.header);

@@ -67,6 +67,7 @@ impl Lease for LeaseService {
             return Err(err(ApplyError::LeaseTtlTooLarge));
         }
         r.ttl = node.lessor.effective_ttl(r.ttl);
+        node.check_quota(16).await.map_err(err)?;
         if r.id == 0 {
             r.id = loop {
                 let id = node.lease_ids.next();

@@ -14,10 +14,12 @@
 
 pub mod cluster_service;
 pub mod config;
+pub mod election_service;
 pub mod gateway;
 pub mod http;
 pub mod kv_service;
 pub mod lease_service;
+pub mod lock_service;
 pub mod maintenance_service;
 pub mod member;
 pub mod metrics;
@@ -78,9 +80,11 @@ pub struct Server {
     metrics_addrs: Vec<SocketAddr>,
     shutdown: watch::Sender<bool>,
     tasks: JoinSet<()>,
-    apply_thread: Option<std::thread::JoinHandle<()>>,
+    apply_thread: Option<proposer::ApplyThread>,
 }
 
+/// How long stopping waits for the write pipeline to release the store.
+const STOP_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
 /// How long shutdown waits for open connections to finish before cutting them.
 const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
 
@@ -135,17 +139,27 @@ impl Drop for Server {
 
 /// A server that stopped serving; see [`Server::shutdown`].
 pub struct Stopped {
-    apply_thread: Option<std::thread::JoinHandle<()>>,
+    apply_thread: Option<proposer::ApplyThread>,
 }
 
 impl Stopped {
     /// Blocks until the write pipeline has ended and released the store. The last `Node`
     /// reference owns the last `Proposer`; once it is dropped, the apply thread ends and drops
     /// the store, which closes the engine.
-    pub fn wait(mut self) {
+    pub fn wait(self) {
+        drop(self);
+    }
+}
+
+impl Drop for Stopped {
+    /// Dropping waits too (bounded), so that no caller can let the process exit with the
+    /// engine still open.
+    fn drop(&mut self) {
         if let Some(t) = self.apply_thread.take() {
-            if t.join().is_err() {
-                tracing::error!("the apply thread panicked");
+            if !t.join_timeout(STOP_WAIT) {
+                tracing::warn!(
+                    "the store is still in use {STOP_WAIT:?} after shutdown; not waiting longer"
+                );
             }
         }
     }
@@ -252,6 +266,7 @@ pub async fn start(config: &Config) -> Result<Server, ServerError> {
         limits: Limits {
             max_request_bytes: config.max_request_bytes,
             max_txn_ops: config.max_txn_ops,
+            quota_bytes: config.quota_bytes(),
         },
         metrics: metrics.clone(),
     });
@@ -282,6 +297,18 @@ pub async fn start(config: &Config) -> Result<Server, ServerError> {
         WatchServer::new(watch_service::WatchService::new(weak.clone()))
             .max_decoding_message_size(max_msg)
             .max_encoding_message_size(usize::MAX),
+    )
+    .add_service(
+        metastore_proto::v3lockpb::lock_server::LockServer::new(lock_service::LockService::new(
+            weak.clone(),
+        ))
+        .max_decoding_message_size(max_msg),
+    )
+    .add_service(
+        metastore_proto::v3electionpb::election_server::ElectionServer::new(
+            election_service::ElectionService::new(weak.clone()),
+        )
+        .max_decoding_message_size(max_msg),
     );
 
     let (shutdown, _) = watch::channel(false);

@@ -21,6 +21,8 @@ pub const ETCD_CLUSTER_VERSION: &str = "3.5.0";
 pub struct Limits {
     pub max_request_bytes: usize,
     pub max_txn_ops: usize,
+    /// The backend quota: writes beyond it raise the NOSPACE alarm.
+    pub quota_bytes: u64,
 }
 
 /// This member as the Cluster API reports it.
@@ -102,6 +104,44 @@ impl Node {
             return Err(ApplyError::RequestTooLarge);
         }
         Ok(())
+    }
+
+    /// etcd's backend quota: a write of `cost` bytes is refused with "database space exceeded"
+    /// while the NOSPACE alarm is raised, and raises it when it would take the backend past
+    /// the quota. Reads, deletes and compactions are never refused.
+    pub async fn check_quota(&self, cost: usize) -> Result<(), ApplyError> {
+        use metastore_proto::etcdserverpb::{alarm_request::AlarmAction, AlarmRequest, AlarmType};
+        if self.store.has_alarm(AlarmType::Nospace as i32) {
+            return Err(ApplyError::NoSpace);
+        }
+        if self.store.engine().size_bytes() + cost as u64 <= self.limits.quota_bytes {
+            return Ok(());
+        }
+        tracing::warn!(
+            quota = self.limits.quota_bytes,
+            size = self.store.engine().size_bytes(),
+            "backend quota exceeded; raising the NOSPACE alarm"
+        );
+        self.propose(Command::Alarm(AlarmRequest {
+            action: AlarmAction::Activate as i32,
+            member_id: self.member.id,
+            alarm: AlarmType::Nospace as i32,
+        }))
+        .await?;
+        Err(ApplyError::NoSpace)
+    }
+
+    /// The raised alarms as etcd prints them in `Status.errors`.
+    pub fn alarm_strings(&self) -> Vec<String> {
+        use metastore_proto::etcdserverpb::AlarmType;
+        self.store
+            .alarms()
+            .into_iter()
+            .map(|(member, alarm)| {
+                let name = AlarmType::try_from(alarm).map_or("UNKNOWN", |a| a.as_str_name());
+                format!("memberID:{member} alarm:{name} ")
+            })
+            .collect()
     }
 
     pub async fn propose(

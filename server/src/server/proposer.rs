@@ -26,6 +26,27 @@ pub struct Proposer {
     tx: mpsc::Sender<(Command, Reply)>,
 }
 
+/// The apply thread, to wait for when the server stops.
+pub struct ApplyThread {
+    handle: std::thread::JoinHandle<()>,
+    done: std::sync::mpsc::Receiver<()>,
+}
+
+impl ApplyThread {
+    /// Waits up to `timeout` for the thread to end (it ends, releasing the store, once every
+    /// `Proposer` is dropped). Returns whether it ended. Bounded, so that a task somewhere still
+    /// holding the node cannot hang a shutdown.
+    pub fn join_timeout(self, timeout: std::time::Duration) -> bool {
+        match self.done.recv_timeout(timeout) {
+            Ok(()) | Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                let _ = self.handle.join();
+                true
+            }
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => false,
+        }
+    }
+}
+
 /// Metrics hooks the pipeline reports to.
 pub trait ApplyObserver: Send + Sync {
     /// A group of `n` commands was applied and made durable.
@@ -40,12 +61,17 @@ impl Proposer {
         leases: Arc<dyn LeaseLookup + Send + Sync>,
         observer: Arc<dyn ApplyObserver>,
         watch: Arc<WatchHub>,
-    ) -> std::io::Result<(Self, std::thread::JoinHandle<()>)> {
+    ) -> std::io::Result<(Self, ApplyThread)> {
         let (tx, rx) = mpsc::channel(QUEUE);
+        let (done_tx, done) = std::sync::mpsc::channel();
         let handle = std::thread::Builder::new()
             .name("apply".into())
-            .spawn(move || run(store, leases, observer, watch, rx))?;
-        Ok((Self { tx }, handle))
+            .spawn(move || {
+                // `run` owns the store; it is released when `run` returns, then we signal.
+                run(store, leases, observer, watch, rx);
+                let _ = done_tx.send(());
+            })?;
+        Ok((Self { tx }, ApplyThread { handle, done }))
     }
 
     /// Proposes `cmd` and waits until it is applied and durable.

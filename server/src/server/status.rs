@@ -26,6 +26,7 @@ pub fn to_status(e: &ApplyError) -> Status {
         E::LeaseNotFound => Status::not_found(e.to_string()),
         E::LeaseExists => Status::failed_precondition(e.to_string()),
         E::LeaseTtlTooLarge => Status::out_of_range(e.to_string()),
+        E::NoSpace => Status::resource_exhausted(e.to_string()),
         E::Mvcc(m) => mvcc_status(m),
         #[allow(unreachable_patterns)]
         _ => Status::internal(format!("etcdserver: {e}")),
@@ -90,6 +91,11 @@ mod tests {
                 ApplyError::LeaseNotFound,
                 Code::NotFound,
                 "etcdserver: requested lease not found",
+            ),
+            (
+                ApplyError::NoSpace,
+                Code::ResourceExhausted,
+                "etcdserver: mvcc: database space exceeded",
             ),
             (
                 ApplyError::LeaseExists,

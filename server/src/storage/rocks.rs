@@ -1,6 +1,8 @@
 //! [`RocksEngine`]: the durable default engine, one RocksDB column family per [`Table`].
 
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use rocksdb::{
     BlockBasedOptions, Cache, ColumnFamily, ColumnFamilyDescriptor, DBCompressionType,
@@ -32,7 +34,12 @@ impl Default for RocksOptions {
 pub struct RocksEngine {
     db: DB,
     path: PathBuf,
+    /// `(when, bytes)` of the last on-disk size measurement.
+    disk: Mutex<(Option<Instant>, u64)>,
 }
+
+/// How long an on-disk size measurement is reused (the quota check runs on every write).
+const SIZE_CACHE: Duration = Duration::from_millis(250);
 
 impl RocksEngine {
     /// Opens (creating if needed) the database at `path`.
@@ -63,6 +70,7 @@ impl RocksEngine {
         Ok(Self {
             db,
             path: path.to_path_buf(),
+            disk: Mutex::new((None, 0)),
         })
     }
 
@@ -118,20 +126,41 @@ impl Engine for RocksEngine {
         Ok(self.db.flush_wal(true)?)
     }
 
+    /// The database directory's size on disk (tables, write-ahead log, manifest), like etcd's
+    /// bolt file size; measured at most every 250 ms.
     fn size_bytes(&self) -> u64 {
-        self.property_sum("rocksdb.total-sst-files-size")
-            + self.property_sum("rocksdb.cur-size-all-mem-tables")
+        let Ok(mut disk) = self.disk.lock() else {
+            return 0;
+        };
+        if disk.0.is_none_or(|t| t.elapsed() > SIZE_CACHE) {
+            let bytes = std::fs::read_dir(&self.path)
+                .map(|dir| {
+                    dir.filter_map(|e| e.ok()?.metadata().ok())
+                        .filter(|m| m.is_file())
+                        .map(|m| m.len())
+                        .sum()
+                })
+                .unwrap_or(disk.1);
+            *disk = (Some(Instant::now()), bytes);
+        }
+        disk.1
     }
 
     fn size_in_use_bytes(&self) -> u64 {
-        self.property_sum("rocksdb.estimate-live-data-size")
-            + self.property_sum("rocksdb.cur-size-all-mem-tables")
+        (self.property_sum("rocksdb.estimate-live-data-size")
+            + self.property_sum("rocksdb.cur-size-active-mem-table"))
+        .min(self.size_bytes())
     }
 
     fn defragment(&self) -> Result<()> {
         for t in Table::ALL {
             self.db
                 .compact_range_cf(self.cf(t)?, None::<&[u8]>, None::<&[u8]>);
+        }
+        // Flushed memtables let RocksDB drop the old write-ahead log files.
+        self.db.flush_wal(true)?;
+        if let Ok(mut disk) = self.disk.lock() {
+            disk.0 = None;
         }
         Ok(())
     }

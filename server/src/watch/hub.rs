@@ -460,10 +460,11 @@ impl Inner {
                     continue;
                 }
                 if w.next_rev < compact {
+                    // etcd's compaction response carries no revision in its header.
                     match s.tx.try_send(Delivery::Compacted {
                         watch_id: *id,
                         compact_rev: compact,
-                        rev: notified,
+                        rev: 0,
                     }) {
                         Ok(()) => remove.push(*id),
                         Err(mpsc::error::TrySendError::Full(_)) => {}

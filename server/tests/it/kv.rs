@@ -280,3 +280,34 @@ async fn status_and_member_list() -> anyhow::Result<()> {
     assert_eq!(c.get("a", None).await?.count(), 1);
     Ok(())
 }
+
+#[tokio::test]
+async fn hash_kv_is_stable_and_checks_revisions() -> anyhow::Result<()> {
+    let s = TestServer::start(&[]).await?;
+    let mut c = s.client().await?;
+    for i in 0..10 {
+        c.put(format!("h{}", i % 3), format!("{i}"), None).await?;
+    }
+    let a = c.hash_kv(0).await?;
+    let b = c.hash_kv(11).await?;
+    assert_eq!(a.hash(), b.hash(), "revision 0 means the current one (11)");
+    assert_ne!(c.hash_kv(5).await?.hash(), a.hash());
+    c.compact(
+        6,
+        Some(etcd_client::CompactionOptions::new().with_physical()),
+    )
+    .await?;
+    let after = c.hash_kv(0).await?;
+    assert_ne!(
+        after.hash(),
+        a.hash(),
+        "the compacted history is no longer hashed"
+    );
+    assert_eq!(after.compact_version(), 6);
+    assert_eq!(c.hash_kv(0).await?.hash(), after.hash(), "stable");
+    let e = c.hash_kv(5).await.expect_err("must fail");
+    assert_eq!(status(e).0, Code::OutOfRange);
+    let e = c.hash_kv(99).await.expect_err("must fail");
+    assert_eq!(status(e).0, Code::OutOfRange);
+    Ok(())
+}

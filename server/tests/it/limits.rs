@@ -76,3 +76,85 @@ async fn txn_ops_limit_is_configurable() -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+#[tokio::test]
+async fn backend_quota_raises_nospace_and_recovers() -> anyhow::Result<()> {
+    for engine in ["memory", "rocksdb"] {
+        let s = TestServer::start(&["--engine", engine, "--quota-backend-bytes", "400000"]).await?;
+        let mut c = s.client().await?;
+        let value = vec![b'x'; 20_000];
+        let mut refused = None;
+        for i in 0..100 {
+            if let Err(e) = c.put(format!("k{}", i % 5), value.clone(), None).await {
+                refused = Some(status(e));
+                break;
+            }
+            // Let the on-disk size measurement (refreshed every 250 ms) catch up.
+            if engine == "rocksdb" {
+                tokio::time::sleep(std::time::Duration::from_millis(30)).await;
+            }
+        }
+        assert_eq!(
+            refused,
+            Some((
+                Code::ResourceExhausted,
+                "etcdserver: mvcc: database space exceeded".into()
+            )),
+            "{engine}"
+        );
+        let alarms = c
+            .alarm(
+                etcd_client::AlarmAction::Get,
+                etcd_client::AlarmType::None,
+                None,
+            )
+            .await?;
+        assert_eq!(alarms.alarms().len(), 1);
+        assert!(c
+            .status()
+            .await?
+            .errors()
+            .iter()
+            .any(|e| e.contains("alarm:NOSPACE")));
+        // Writes stay refused; reads and deletes are served.
+        let e = c.put("more", "x", None).await.expect_err("must fail");
+        assert_eq!(status(e).0, Code::ResourceExhausted);
+        assert_eq!(
+            c.get("k", Some(etcd_client::GetOptions::new().with_prefix()))
+                .await?
+                .count(),
+            5
+        );
+        let d = c
+            .delete("k", Some(etcd_client::DeleteOptions::new().with_prefix()))
+            .await?;
+        let rev = d.header().map(|h| h.revision()).unwrap_or_default();
+        // Compact, defragment, disarm: writes are accepted again.
+        c.compact(
+            rev,
+            Some(etcd_client::CompactionOptions::new().with_physical()),
+        )
+        .await?;
+        c.defragment().await?;
+        let member = alarms.alarms()[0].member_id();
+        let mut target = etcd_client::AlarmOptions::new();
+        target.with_member(member);
+        c.alarm(
+            etcd_client::AlarmAction::Deactivate,
+            etcd_client::AlarmType::Nospace,
+            Some(target),
+        )
+        .await?;
+        assert!(c
+            .alarm(
+                etcd_client::AlarmAction::Get,
+                etcd_client::AlarmType::None,
+                None
+            )
+            .await?
+            .alarms()
+            .is_empty());
+        c.put("after", "ok", None).await?;
+    }
+    Ok(())
+}

@@ -2,10 +2,12 @@
 //! by the `etcd-client` crate, and over plain HTTP.
 
 mod common;
+mod election;
 mod gateway;
 mod http;
 mod kv;
 mod lease;
 mod limits;
+mod lock;
 mod restart;
 mod watch;

@@ -307,3 +307,44 @@ async fn history_replays_events_in_order_and_respects_compaction() {
         assert_eq!(s.history(3, 4, 10).expect("history").len(), 3);
     }
 }
+
+#[tokio::test]
+async fn hash_kv_is_deterministic_and_ignores_compaction_progress() {
+    let mut hashes = Vec::new();
+    for (s, _d) in stores() {
+        put(&s, "a", "1"); // 2
+        put(&s, "b", "1"); // 3
+        put(&s, "a", "2"); // 4
+        del(&s, KeyRange::Single(b"b".to_vec())); // 5
+        put(&s, "c", "1"); // 6
+        let before = s.hash_kv(0).expect("hash");
+        assert_eq!(before.2, 6);
+        assert_eq!(s.hash_kv(6).expect("hash"), before, "0 means current");
+        assert_ne!(
+            s.hash_kv(4).expect("hash").0,
+            before.0,
+            "history up to 4 differs"
+        );
+        assert!(matches!(s.hash_kv(7), Err(Error::FutureRev)));
+        // Compaction at 5 drops a@2, b@3 and b's tombstone: the hash at 6 of what survives.
+        let (ticket, logical) = {
+            let mut a = s.applier().expect("applier");
+            let t = a.compact(5, 10).expect("compact");
+            // Logically compacted, physically not yet removed.
+            let logical = s.hash_kv(6).expect("hash");
+            a.publish().expect("publish");
+            (t, logical)
+        };
+        s.compactor().wait(&ticket).await;
+        let physical = s.hash_kv(6).expect("hash");
+        assert_eq!(logical, physical, "independent of compaction progress");
+        assert_ne!(physical.0, before.0);
+        assert_eq!(physical.1, 5);
+        assert!(matches!(s.hash_kv(4), Err(Error::Compacted)));
+        hashes.push((before.0, physical.0, s.hash().expect("hash")));
+    }
+    assert_eq!(
+        hashes[0], hashes[1],
+        "both engines hash the same data the same way"
+    );
+}
