@@ -1,5 +1,7 @@
 //! etcd's JSON gRPC-gateway on the client port: `POST /v3/kv/{range,put,deleterange,txn,
-//! compaction}` and `POST /v3/maintenance/status`, as etcd 3.4/3.5 serve them.
+//! compaction}`, `POST /v3/maintenance/{status,alarm,defragment}` and `POST /v3/lease/{grant,
+//! revoke,timetolive,leases}` (with etcd's `/v3/kv/lease/...` aliases), as etcd 3.4/3.5 serve
+//! them. The streaming routes (`/v3/watch`, `/v3/lease/keepalive`) are not served yet.
 //!
 //! Each handler decodes the JSON body into the prost request, calls the same tonic service
 //! method a gRPC client reaches, and writes the response (or the error) the way etcd's
@@ -11,7 +13,7 @@
 //! - Input is read like Go's `json.Decoder` feeding jsonpb: an empty body or `null` is the
 //!   empty request, the first JSON value is used and anything after it ignored, a repeated
 //!   field name keeps its last value, `null` fields are unset.
-//! - An error is `{"error": msg, "code": grpc_code, "message": msg}` with the HTTP status
+//! - An error is `{"error": msg, "message": msg, "code": grpc_code}` with the HTTP status
 //!   grpc-gateway derives from the gRPC code (OutOfRange → 400, NotFound → 404, ...).
 //! - Size: etcd's gateway forwards the request over gRPC, so the gRPC receive limit
 //!   (`--max-request-bytes` + 512 KiB) applies to the *protobuf* size of the decoded request,
@@ -31,6 +33,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{on, MethodFilter, MethodRouter};
 use axum::Router;
 use metastore_proto::etcdserverpb::kv_server::Kv;
+use metastore_proto::etcdserverpb::lease_server::Lease;
 use metastore_proto::etcdserverpb::maintenance_server::Maintenance;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -38,6 +41,7 @@ use tonic::{Code, Status};
 
 use super::config::GRPC_OVERHEAD_BYTES;
 use super::kv_service::KvService;
+use super::lease_service::LeaseService;
 use super::maintenance_service::MaintenanceService;
 use super::node::{Limits, NodeRef};
 
@@ -46,6 +50,7 @@ use super::node::{Limits, NodeRef};
 struct Gateway {
     kv: Arc<KvService>,
     maintenance: Arc<MaintenanceService>,
+    lease: Arc<LeaseService>,
     /// The gRPC receive limit, applied to the protobuf size of a decoded request.
     max_message_bytes: usize,
 }
@@ -54,7 +59,8 @@ struct Gateway {
 pub fn router(node: NodeRef, limits: Limits) -> Router {
     let gateway = Gateway {
         kv: Arc::new(KvService::new(node.clone())),
-        maintenance: Arc::new(MaintenanceService::new(node)),
+        maintenance: Arc::new(MaintenanceService::new(node.clone())),
+        lease: Arc::new(LeaseService::new(node)),
         max_message_bytes: limits.max_request_bytes + GRPC_OVERHEAD_BYTES,
     };
     Router::new()
@@ -64,6 +70,15 @@ pub fn router(node: NodeRef, limits: Limits) -> Router {
         .route("/v3/kv/txn", post_only(txn))
         .route("/v3/kv/compaction", post_only(compaction))
         .route("/v3/maintenance/status", post_only(status))
+        .route("/v3/maintenance/alarm", post_only(alarm))
+        .route("/v3/maintenance/defragment", post_only(defragment))
+        .route("/v3/lease/grant", post_only(lease_grant))
+        .route("/v3/lease/revoke", post_only(lease_revoke))
+        .route("/v3/kv/lease/revoke", post_only(lease_revoke))
+        .route("/v3/lease/timetolive", post_only(lease_time_to_live))
+        .route("/v3/kv/lease/timetolive", post_only(lease_time_to_live))
+        .route("/v3/lease/leases", post_only(lease_leases))
+        .route("/v3/kv/lease/leases", post_only(lease_leases))
         .layer(axum::middleware::map_response(cors))
         .with_state(gateway)
 }
@@ -102,6 +117,25 @@ async fn cors(mut resp: Response) -> Response {
     );
     resp
 }
+
+/// One gateway route: decode the JSON request, call the service method, encode the answer.
+macro_rules! route {
+    ($name:ident, $svc:ident . $method:ident) => {
+        async fn $name(State(g): State<Gateway>, headers: HeaderMap, body: Body) -> Response {
+            match g.decode(&headers, body).await {
+                Ok(req) => reply(g.$svc.$method(req).await),
+                Err(status) => error(&status),
+            }
+        }
+    };
+}
+
+route!(alarm, maintenance.alarm);
+route!(defragment, maintenance.defragment);
+route!(lease_grant, lease.lease_grant);
+route!(lease_revoke, lease.lease_revoke);
+route!(lease_time_to_live, lease.lease_time_to_live);
+route!(lease_leases, lease.lease_leases);
 
 async fn range(State(g): State<Gateway>, headers: HeaderMap, body: Body) -> Response {
     match g.decode(&headers, body).await {
@@ -253,13 +287,13 @@ fn error(status: &Status) -> Response {
     #[derive(Serialize)]
     struct ErrorBody<'a> {
         error: &'a str,
-        code: i32,
         message: &'a str,
+        code: i32,
     }
     let body = ErrorBody {
         error: status.message(),
-        code: status.code() as i32,
         message: status.message(),
+        code: status.code() as i32,
     };
     // Serialising two strings and an integer cannot fail; answer an empty body if it did.
     json(
@@ -278,9 +312,9 @@ fn http_status(code: Code) -> StatusCode {
         Code::Ok => StatusCode::OK,
         Code::Cancelled => StatusCode::REQUEST_TIMEOUT,
         Code::Unknown | Code::Internal | Code::DataLoss => StatusCode::INTERNAL_SERVER_ERROR,
-        Code::InvalidArgument | Code::FailedPrecondition | Code::OutOfRange => {
-            StatusCode::BAD_REQUEST
-        }
+        Code::InvalidArgument | Code::OutOfRange => StatusCode::BAD_REQUEST,
+        // As etcd 3.4.23's gateway answers it (e.g. "lease already exists").
+        Code::FailedPrecondition => StatusCode::PRECONDITION_FAILED,
         Code::DeadlineExceeded => StatusCode::GATEWAY_TIMEOUT,
         Code::NotFound => StatusCode::NOT_FOUND,
         Code::AlreadyExists | Code::Aborted => StatusCode::CONFLICT,
@@ -346,7 +380,7 @@ mod tests {
         assert_eq!(http_status(Code::OutOfRange), StatusCode::BAD_REQUEST);
         assert_eq!(
             http_status(Code::FailedPrecondition),
-            StatusCode::BAD_REQUEST
+            StatusCode::PRECONDITION_FAILED
         );
         assert_eq!(http_status(Code::NotFound), StatusCode::NOT_FOUND);
         assert_eq!(

@@ -65,8 +65,9 @@ impl Maintenance for MaintenanceService {
             }
             Err(_) => return Err(Status::invalid_argument("etcdserver: unknown alarm action")),
         };
+        // etcd answers Alarm and Defragment without a header.
         Ok(Response::new(AlarmResponse {
-            header: Some(node.header(node.store.current_revision())),
+            header: None,
             alarms,
         }))
     }
@@ -114,8 +115,6 @@ impl Maintenance for MaintenanceService {
             .await
             .map_err(|e| Status::internal(format!("etcdserver: defragment task: {e}")))?
             .map_err(|e| Status::unavailable(format!("etcdserver: defragment: {e}")))?;
-        Ok(Response::new(DefragmentResponse {
-            header: Some(node.header(node.store.current_revision())),
-        }))
+        Ok(Response::new(DefragmentResponse { header: None }))
     }
 }

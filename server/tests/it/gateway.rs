@@ -385,3 +385,63 @@ async fn methods_and_cors() -> anyhow::Result<()> {
     assert!(head.contains("access-control-allow-methods: post, get, options, put, delete"));
     Ok(())
 }
+
+#[tokio::test]
+async fn lease_and_maintenance_routes() -> anyhow::Result<()> {
+    let s = TestServer::start(&[]).await?;
+    let addr = s.addr();
+    let (code, v) = post(addr, "/v3/lease/grant", json!({"TTL": 30, "ID": 4660})).await?;
+    assert_eq!(
+        (code, &v["ID"], &v["TTL"]),
+        (200, &json!("4660"), &json!("30"))
+    );
+    let (code, _) = post(
+        addr,
+        "/v3/kv/put",
+        json!({"key": b64(b"a"), "value": b64(b"1"), "lease": 4660}),
+    )
+    .await?;
+    assert_eq!(code, 200);
+    let (code, v) = post(
+        addr,
+        "/v3/lease/timetolive",
+        json!({"ID": 4660, "keys": true}),
+    )
+    .await?;
+    assert_eq!(
+        (code, &v["grantedTTL"], &v["keys"]),
+        (200, &json!("30"), &json!([b64(b"a")]))
+    );
+    let (code, v) = post(addr, "/v3/kv/lease/leases", json!({})).await?;
+    assert_eq!((code, &v["leases"]), (200, &json!([{"ID": "4660"}])));
+    let (code, v) = post(addr, "/v3/lease/grant", json!({"TTL": 30, "ID": 4660})).await?;
+    assert_eq!(
+        (code, v),
+        (412, grpc_error(9, "etcdserver: lease already exists"))
+    );
+    let (code, _) = post(addr, "/v3/lease/revoke", json!({"ID": 4660})).await?;
+    assert_eq!(code, 200);
+    let (code, v) = post(addr, "/v3/kv/lease/revoke", json!({"ID": 4660})).await?;
+    assert_eq!(
+        (code, v),
+        (404, grpc_error(5, "etcdserver: requested lease not found"))
+    );
+    let (code, v) = post(addr, "/v3/lease/timetolive", json!({"ID": 4660})).await?;
+    assert_eq!((code, &v["TTL"]), (200, &json!("-1")));
+    let (code, v) = post(addr, "/v3/kv/range", json!({"key": b64(b"a")})).await?;
+    assert_eq!(
+        (code, v.get("kvs")),
+        (200, None),
+        "revoking deleted the attached key"
+    );
+    // etcd answers these two without a header.
+    assert_eq!(
+        post(addr, "/v3/maintenance/alarm", json!({})).await?,
+        (200, json!({}))
+    );
+    assert_eq!(
+        post(addr, "/v3/maintenance/defragment", json!({})).await?,
+        (200, json!({}))
+    );
+    Ok(())
+}
