@@ -9,6 +9,17 @@ pub mod txn_put;
 pub mod watch;
 pub mod watch_latency;
 
+use metastore_proto::etcdserverpb::kv_client::KvClient;
+use tonic::transport::Channel;
+
+use crate::keys::Rng;
+
+/// The client of the KV workloads that pick keys at random: a KV stub and a per-client
+/// random generator seeded by the client's number (so runs are repeatable).
+pub(crate) fn kv_client_with_rng(channel: Channel, id: usize) -> (KvClient<Channel>, Rng) {
+    (KvClient::new(channel), Rng::seeded(id as u64))
+}
+
 /// `--consistency`: how reads are served.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Consistency {

@@ -44,7 +44,7 @@ impl Workload for TxnMixed {
     type Client = (KvClient<Channel>, Rng);
 
     async fn client(&self, channel: Channel, id: usize) -> Result<Self::Client> {
-        Ok((KvClient::new(channel), Rng::seeded(id as u64)))
+        Ok(super::kv_client_with_rng(channel, id))
     }
 
     async fn call(

@@ -8,7 +8,7 @@ use super::store::{
     lease_keys, put_meta_i64, range_snapshot, scan, Overlay, RangeOptions, RangeResult, Store,
     META_CURRENT_REV,
 };
-use super::{Error, KeyRange, Result};
+use super::{KeyRange, Result};
 use crate::storage::{codec, Snapshot, Table, WriteBatch};
 
 /// A write transaction: reads see the state before it plus its own changes; every change gets
@@ -96,13 +96,7 @@ impl<'a> WriteTxn<'a> {
     /// current revision.
     pub fn range(&self, range: &KeyRange, opts: RangeOptions) -> Result<RangeResult> {
         let cur = self.rev();
-        if opts.rev > cur {
-            return Err(Error::FutureRev);
-        }
-        let rev = if opts.rev <= 0 { cur } else { opts.rev };
-        if rev < self.store.compact_revision() {
-            return Err(Error::Compacted);
-        }
+        let rev = self.store.check_rev(opts.rev, cur)?;
         let touched = self.changes.keys().any(|k| range.contains(k));
         if rev <= self.begin_rev || !touched {
             let mut r = range_snapshot(self.snap.as_ref(), range, rev.min(self.begin_rev), opts)?;

@@ -165,7 +165,8 @@ impl Drop for Stopped {
     }
 }
 
-async fn bind(url: &Url) -> Result<TcpListener, ServerError> {
+/// Binds `url`; returns the listener and the address it got (the real port for port 0).
+async fn bind(url: &Url) -> Result<(TcpListener, SocketAddr), ServerError> {
     let err = |source| ServerError::Bind {
         url: url.to_string(),
         source,
@@ -177,7 +178,9 @@ async fn bind(url: &Url) -> Result<TcpListener, ServerError> {
     let port = url
         .port_or_known_default()
         .ok_or_else(|| err(std::io::Error::other("URL has no port")))?;
-    TcpListener::bind((host, port)).await.map_err(err)
+    let listener = TcpListener::bind((host, port)).await.map_err(err)?;
+    let addr = listener.local_addr().map_err(err)?;
+    Ok((listener, addr))
 }
 
 /// Opens the store and starts serving as `config` says.
@@ -315,11 +318,7 @@ pub async fn start(config: &Config) -> Result<Server, ServerError> {
     let mut tasks = JoinSet::new();
     let mut client_addrs = Vec::new();
     for url in &config.listen_client_urls {
-        let listener = bind(url).await?;
-        let addr = listener.local_addr().map_err(|source| ServerError::Bind {
-            url: url.to_string(),
-            source,
-        })?;
+        let (listener, addr) = bind(url).await?;
         client_addrs.push(addr);
         let mut rx = shutdown.subscribe();
         let server = tonic::transport::Server::builder()
@@ -355,11 +354,7 @@ pub async fn start(config: &Config) -> Result<Server, ServerError> {
     });
     let mut metrics_addrs = Vec::new();
     for url in &config.listen_metrics_urls {
-        let listener = bind(url).await?;
-        let addr = listener.local_addr().map_err(|source| ServerError::Bind {
-            url: url.to_string(),
-            source,
-        })?;
+        let (listener, addr) = bind(url).await?;
         metrics_addrs.push(addr);
         let mut rx = shutdown.subscribe();
         let app = http::router(weak.clone());
