@@ -6,7 +6,7 @@ export CARGO_TARGET_DIR ?= $(HOME)/.cache/metastore/target
 BIN := $(CARGO_TARGET_DIR)/release
 PYTHON ?= python3
 
-.PHONY: help run build test unit e2e verify fix generate bench bench-smoke deps build-deps test-deps
+.PHONY: help run build test unit e2e verify fix generate chart-sync image bench bench-smoke deps build-deps test-deps
 
 help: ## list the commands
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -36,6 +36,14 @@ fix: ## apply rustfmt and clippy's automatic fixes
 
 generate: build-deps ## regenerate the checked-in CRD from the Rust types (a test fails when it is stale)
 	cargo run --release -p metastore-operator --bin crdgen > crds/metastoreclusters.metastore.io.yaml
+	@$(MAKE) --no-print-directory chart-sync
+
+chart-sync: ## copy crds/ into the Helm chart (e2e/test_chart.py fails when they differ)
+	cp crds/metastoreclusters.metastore.io.yaml charts/metastore-operator/files/crds/
+
+image: ## build the metastore:dev image from the release binaries, without a registry (e2e/images.sh)
+	cargo build --release --bin metastore --bin metastore-operator
+	e2e/images.sh
 
 bench: ## criterion benchmarks of the hot paths
 	cargo bench --workspace --bench '*'
@@ -48,10 +56,10 @@ build-deps:
 	@command -v protoc >/dev/null && ls /usr/lib/llvm-*/lib/libclang*.so* >/dev/null 2>&1 || $(MAKE) --no-print-directory deps
 
 test-deps: build-deps
-	@command -v etcd >/dev/null && command -v etcdctl >/dev/null && $(PYTHON) -c 'import pytest' 2>/dev/null || $(MAKE) --no-print-directory deps
+	@command -v etcd >/dev/null && command -v etcdctl >/dev/null && command -v debootstrap >/dev/null && $(PYTHON) -c 'import pytest, helm_python' 2>/dev/null || $(MAKE) --no-print-directory deps
 
 deps: ## install the system and Python packages the build and tests need (Debian, as root)
-	@[ "$$(id -u)" = 0 ] || { echo "run as root, or: sudo apt-get install -y etcd-server etcd-client protobuf-compiler libclang-dev && pip install -r e2e/requirements.txt"; exit 1; }
+	@[ "$$(id -u)" = 0 ] || { echo "run as root, or: sudo apt-get install -y etcd-server etcd-client protobuf-compiler libclang-dev debootstrap iproute2 && pip install -r e2e/requirements.txt"; exit 1; }
 	apt-get update -qq
-	DEBIAN_FRONTEND=noninteractive apt-get install -y -qq etcd-server etcd-client protobuf-compiler libclang-dev
+	DEBIAN_FRONTEND=noninteractive apt-get install -y -qq etcd-server etcd-client protobuf-compiler libclang-dev debootstrap iproute2
 	$(PYTHON) -m pip install -q -r e2e/requirements.txt

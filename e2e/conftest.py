@@ -38,7 +38,8 @@ def pytest_runtest_makereport(item, call):
     setattr(item, "rep_" + rep.when, rep)
     # Attach every server's logs to a failed test's report.
     if rep.failed and rep.when in ("setup", "call"):
-        for s in getattr(item, "_e2e_servers", []):
+        members = [m for c in getattr(item, "_e2e_clusters", []) for m in c.members]
+        for s in [*getattr(item, "_e2e_servers", []), *members]:
             rep.sections.append((f"server log: {s.kind} ({s.workdir})", s.log_tail(6000)))
 
 
@@ -94,6 +95,31 @@ def server_factory(request, tmp_path):
         s.stop()
     for s in servers:
         s.remove_data()
+
+
+@pytest.fixture
+def cluster_factory(request, tmp_path, etcdctl_bin):
+    """Factory: make(kind, binary, size=3, **Cluster kwargs) -> a started
+    cluster.Cluster (members in network namespaces when root, else on
+    loopback). At teardown every member is SIGKILLed and the namespaces and
+    data dirs removed; members' logs stay under tmp_path and are attached to
+    a failure."""
+    from cluster import Cluster
+
+    clusters: list = []
+    request.node._e2e_clusters = clusters
+
+    def make(kind: str, binary: str, size: int = 3, start: bool = True, **kw) -> Cluster:
+        c = Cluster(kind, binary, tmp_path / f"cluster{len(clusters)}-{kind}", size,
+                    etcdctl=etcdctl_bin, **kw)
+        clusters.append(c)
+        if start:
+            c.start()
+        return c
+
+    yield make
+    for c in clusters:
+        c.close()
 
 
 @pytest.fixture

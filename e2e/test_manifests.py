@@ -136,6 +136,17 @@ def test_samples_exist():
     assert "cluster-dev.yaml" in names and "cluster-production.yaml" in names, names
 
 
+def test_every_config_file_is_checked():
+    """Each file in config/ is a MetaStoreCluster sample checked here (cluster-*.yaml) or the
+    server configuration checked by test_config.py; a new file must be one or the other."""
+    for path in sorted((ROOT / "config").iterdir()):
+        if path.name == "metastore.yaml":
+            continue
+        assert path in SAMPLES, f"config/{path.name}: name MetaStoreCluster samples cluster-*.yaml"
+        kinds = [d.get("kind") for d in load_all(path.read_text())]
+        assert kinds == ["MetaStoreCluster"], f"config/{path.name}: {kinds}"
+
+
 def test_crd_is_a_valid_custom_resource_definition():
     (crd,) = load_all(CRD.read_text())
     assert crd["kind"] == "CustomResourceDefinition"

@@ -9,6 +9,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "proto/rpc.proto",
         "proto/v3lock.proto",
         "proto/v3election.proto",
+        "proto/raft.proto",
     ];
     for p in &protos {
         println!("cargo:rerun-if-changed={p}");

@@ -9,6 +9,7 @@
 //! - [`authpb`]: users, roles, permissions.
 //! - [`etcdserverpb`]: the KV, Watch, Lease, Cluster, Maintenance and Auth services.
 //! - [`v3lockpb`], [`v3electionpb`]: the lock and election services.
+//! - [`raftpb`]: MetaStore's own peer protocol (Raft and forwarding), on the peer port.
 //!
 //! Byte fields are `bytes::Bytes` so that values move from storage to the wire without copies
 //! where the libraries allow it.
@@ -42,4 +43,10 @@ pub mod v3lockpb {
 pub mod v3electionpb {
     tonic::include_proto!("v3electionpb");
     include!(concat!(env!("OUT_DIR"), "/v3electionpb.serde.rs"));
+}
+
+/// MetaStore's peer protocol (not etcd's): Raft messages and requests forwarded to the leader.
+/// No JSON form: it never goes through the gateway.
+pub mod raftpb {
+    tonic::include_proto!("raftpb");
 }

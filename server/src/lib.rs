@@ -8,14 +8,21 @@
 //! - [`apply`]: the deterministic `Command -> result` step with etcd's request semantics.
 //! - [`lease`]: the lessor (lease existence and deadlines).
 //! - [`watch`]: watchers, the fan-out of published events, history replay.
+//! - [`raft`]: replication with openraft: the log, the state machine over the apply step,
+//!   the peer protocol, ReadIndex, forwarding to the leader.
+//! - [`migrate`]: the offline storage-format migration (`metastore migrate`).
 //! - [`server`]: configuration, the write pipeline (group commit), the tonic services, the
 //!   error → gRPC status table, HTTP endpoints and metrics.
+//! - [`restore`]: `metastore snapshot restore/status`, offline tools over snapshot files.
 //!
 //! `docs/ARCHITECTURE.md` walks a Put through these layers.
 
 pub mod apply;
 pub mod lease;
+pub mod migrate;
 pub mod mvcc;
+pub mod raft;
+pub mod restore;
 pub mod server;
 pub mod storage;
 pub mod watch;

@@ -7,11 +7,20 @@ use metastore::server::config::{Config, ConfigError};
 use tracing_subscriber::EnvFilter;
 
 fn main() -> anyhow::Result<()> {
+    if std::env::args_os().nth(1).is_some_and(|a| a == "migrate") {
+        return migrate();
+    }
+    if std::env::args_os().nth(1).is_some_and(|a| a == "snapshot") {
+        return Ok(metastore::restore::run_cli(std::env::args_os().skip(1))?);
+    }
     let config = match Config::load(std::env::args_os()) {
         Ok(c) => c,
         Err(ConfigError::Args(e)) => e.exit(),
         Err(e) => return Err(e.into()),
     };
+    if let Some(max) = config.max_storage_format {
+        metastore::storage::codec::limit_formats(max);
+    }
     tracing_subscriber::fmt()
         .with_env_filter(EnvFilter::try_new(&config.log_level).context("--log-level")?)
         .with_writer(std::io::stderr)
@@ -25,7 +34,10 @@ fn main() -> anyhow::Result<()> {
         let server = metastore::server::start(&config)
             .await
             .context("starting metastore")?;
-        shutdown_signal().await;
+        tokio::select! {
+            _ = shutdown_signal() => {}
+            _ = server.removed() => {}
+        }
         tracing::info!("shutting down");
         anyhow::Ok(server.shutdown().await)
     })?;
@@ -34,6 +46,24 @@ fn main() -> anyhow::Result<()> {
     rt.shutdown_timeout(Duration::from_secs(5));
     stopped.wait();
     tracing::info!("stopped");
+    Ok(())
+}
+
+/// `metastore migrate ...`: the offline storage-format migration (`metastore::migrate`).
+fn migrate() -> anyhow::Result<()> {
+    use clap::Parser;
+    let args = metastore::migrate::MigrateArgs::parse_from(std::env::args_os().skip(1));
+    if let Some(max) = args.max_storage_format {
+        metastore::storage::codec::limit_formats(max);
+    }
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            EnvFilter::try_from_env("METASTORE_LOG_LEVEL").unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let report = metastore::migrate::run(&args)?;
+    println!("{report}");
     Ok(())
 }
 

@@ -163,6 +163,33 @@ impl Store {
         self.compact_rev.load(Ordering::SeqCst)
     }
 
+    /// Re-reads everything the store caches from the engine, after the engine's content was
+    /// replaced underneath it (a Raft snapshot was installed). Holds the writer lock, so no
+    /// command is applied meanwhile.
+    pub fn reload(&self) -> Result<()> {
+        let mut w = self.writer.lock().map_err(|_| Error::Closed)?;
+        let engine = self.engine.as_ref();
+        let current = meta_i64(engine, META_CURRENT_REV)?.unwrap_or(1);
+        let index = meta_i64(engine, META_APPLIED_INDEX)?.unwrap_or(0) as u64;
+        let scheduled = meta_i64(engine, META_COMPACT_SCHEDULED)?.unwrap_or(0);
+        let finished = meta_i64(engine, META_COMPACT_FINISHED)?.unwrap_or(0);
+        *self.alarms.lock().map_err(|_| Error::Closed)? = load_alarms(engine)?;
+        w.applied_rev = current;
+        w.applied_index = index;
+        self.current_rev.store(current, Ordering::SeqCst);
+        self.compact_rev.store(scheduled, Ordering::SeqCst);
+        self.applied_index.store(index, Ordering::SeqCst);
+        if scheduled > finished {
+            self.compactor.schedule(CompactTicket::new(scheduled));
+        }
+        Ok(())
+    }
+
+    /// A value of the Meta table (where the apply step may keep its own records).
+    pub fn meta(&self, key: &[u8]) -> Result<Option<Vec<u8>>> {
+        Ok(self.engine.get(Table::Meta, key)?)
+    }
+
     /// Index of the last applied command.
     pub fn applied_index(&self) -> u64 {
         self.applied_index.load(Ordering::SeqCst)
@@ -593,6 +620,20 @@ impl<'a> Applying<'a> {
             alarms.remove(&(member, alarm));
         }
         Ok(alarms.iter().copied().collect())
+    }
+
+    /// Records position `index` as applied, together with `meta` (extra Meta-table entries,
+    /// e.g. Raft's last applied log id) in the same atomic write.
+    pub fn record(&mut self, index: u64, meta: Vec<(Vec<u8>, Vec<u8>)>) -> Result<()> {
+        let mut batch = WriteBatch::new();
+        for (k, v) in meta {
+            batch.put(Table::Meta, k, v);
+        }
+        put_meta_i64(&mut batch, META_APPLIED_INDEX, index as i64);
+        self.store.engine.write(batch, false)?;
+        self.state.applied_index = index;
+        self.dirty = true;
+        Ok(())
     }
 
     /// Records that command `index` was applied without changing the key space.

@@ -111,6 +111,22 @@ pub struct Config {
     )]
     pub initial_cluster_token: String,
 
+    /// Time (in milliseconds) of a heartbeat interval.
+    #[arg(long, env = "METASTORE_HEARTBEAT_INTERVAL", default_value_t = 100,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub heartbeat_interval: u64,
+
+    /// Time (in milliseconds) for an election to timeout.
+    #[arg(long, env = "METASTORE_ELECTION_TIMEOUT", default_value_t = 1000,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub election_timeout: u64,
+
+    /// Number of committed entries between Raft snapshots (the log before a snapshot is
+    /// then compacted).
+    #[arg(long, env = "METASTORE_SNAPSHOT_COUNT", default_value_t = 100_000,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub snapshot_count: u64,
+
     /// Maximum client request size in bytes the server will accept.
     #[arg(long, env = "METASTORE_MAX_REQUEST_BYTES", default_value_t = DEFAULT_MAX_REQUEST_BYTES,
           value_parser = clap::value_parser!(u32).range(1..).map(|v| v as usize))]
@@ -133,9 +149,17 @@ pub struct Config {
     #[arg(long, env = "METASTORE_ENGINE", value_enum, default_value = "rocksdb")]
     pub engine: EngineKind,
 
-    /// On-disk record format to write.
-    #[arg(long, env = "METASTORE_STORAGE_FORMAT", default_value_t = crate::storage::codec::DEFAULT_FORMAT)]
+    /// On-disk record format [default: the data directory's format; 2 for a new directory].
+    /// A directory at another format is refused: convert it first, with the server stopped,
+    /// by `metastore migrate --data-dir DIR --to N`.
+    #[arg(long, env = "METASTORE_STORAGE_FORMAT", hide_default_value = true,
+          default_value_t = crate::storage::codec::DEFAULT_FORMAT)]
     pub storage_format: u8,
+
+    /// Highest storage format this process reads or writes: newer ones are refused as unknown,
+    /// as an older binary would. For upgrade tests, not for production (hidden).
+    #[arg(long, env = "METASTORE_MAX_STORAGE_FORMAT", hide = true)]
+    pub max_storage_format: Option<u8>,
 
     /// Disable fsync: acknowledged writes may be lost on a crash. Unsafe; for tests.
     #[arg(long, env = "METASTORE_UNSAFE_NO_FSYNC", action = ArgAction::Set, num_args = 0..=1,
@@ -150,7 +174,11 @@ pub struct Config {
     pub watch_progress_notify_interval: std::time::Duration,
 
     /// Log filter (tracing `EnvFilter` syntax, e.g. `info` or `metastore=debug`).
-    #[arg(long, env = "METASTORE_LOG_LEVEL", default_value = "info")]
+    #[arg(
+        long,
+        env = "METASTORE_LOG_LEVEL",
+        default_value = "info,openraft=warn"
+    )]
     pub log_level: String,
 
     /// YAML file with any of the options above (keys are the flag names without `--`).
@@ -180,8 +208,13 @@ impl Config {
     {
         let args: Vec<OsString> = args.into_iter().map(Into::into).collect();
         let matches = Self::command().try_get_matches_from(&args)?;
-        let first = Self::from_arg_matches(&matches)?;
+        let mut first = Self::from_arg_matches(&matches)?;
+        let format_given = matches!(
+            matches.value_source("storage_format"),
+            Some(ValueSource::CommandLine | ValueSource::EnvVariable)
+        );
         let Some(path) = first.config_file.clone() else {
+            first.resolve_storage_format(format_given);
             first.validate()?;
             return Ok(first);
         };
@@ -199,10 +232,14 @@ impl Config {
                 .as_str()
                 .ok_or_else(|| file_err(format!("key {k:?} is not a string")))?
                 .to_string();
-            let id = key.replace('-', "_");
-            if id == "config_file" || !cmd.get_arguments().any(|a| a.get_id() == id.as_str()) {
+            // Keys are flag names; find the argument by its long name (its id may differ).
+            let Some(arg) = cmd
+                .get_arguments()
+                .find(|a| a.get_long() == Some(key.as_str()) && a.get_id() != "config_file")
+            else {
                 return Err(file_err(format!("unknown option '{key}'")));
-            }
+            };
+            let id = arg.get_id().to_string();
             if matches!(
                 matches.value_source(&id),
                 Some(ValueSource::CommandLine | ValueSource::EnvVariable)
@@ -221,21 +258,63 @@ impl Config {
                 .ok_or_else(|| file_err(format!("option '{key}' must be a scalar or a list")))?;
             extra.push(format!("--{key}={value}").into());
         }
+        let format_given = format_given
+            || extra
+                .iter()
+                .any(|a| a.to_string_lossy().starts_with("--storage-format="));
         let mut merged = Vec::with_capacity(args.len() + extra.len());
         merged.extend(args.first().cloned());
         merged.extend(extra);
         merged.extend(args.iter().skip(1).cloned());
-        let cfg = Self::try_parse_from(merged)?;
+        let mut cfg = Self::try_parse_from(merged)?;
+        cfg.resolve_storage_format(format_given);
         cfg.validate()?;
         Ok(cfg)
     }
 
+    /// Storage formats this process supports (all known ones up to `--max-storage-format`).
+    pub fn supported_storage_formats(&self) -> Vec<u8> {
+        crate::storage::codec::READABLE_FORMATS
+            .iter()
+            .copied()
+            .filter(|f| self.max_storage_format.is_none_or(|max| *f <= max))
+            .collect()
+    }
+
+    /// Without an explicit `--storage-format`, takes the data directory's format from its
+    /// stamp, so that upgrading the binary alone never changes the format on disk; a new
+    /// directory gets the default (or the newest format under `--max-storage-format`). An
+    /// explicit format other than the directory's is refused when the directory is opened.
+    fn resolve_storage_format(&mut self, given: bool) {
+        if given {
+            return;
+        }
+        let supported = self.supported_storage_formats();
+        if self.engine == EngineKind::Rocksdb {
+            if let Ok(Some(stamp)) = crate::storage::data_dir::read_stamp(&self.data_dir()) {
+                // An unreadable stamp or format is reported by the open, with its reason.
+                if supported.contains(&stamp.storage_format) {
+                    self.storage_format = stamp.storage_format;
+                    return;
+                }
+            }
+        }
+        if !supported.contains(&self.storage_format) {
+            if let Some(newest) = supported.last() {
+                self.storage_format = *newest;
+            }
+        }
+    }
+
     fn validate(&self) -> Result<(), ConfigError> {
-        if !crate::storage::codec::READABLE_FORMATS.contains(&self.storage_format) {
+        if !self
+            .supported_storage_formats()
+            .contains(&self.storage_format)
+        {
             return Err(ConfigError::Invalid(format!(
                 "--storage-format {} is not supported (supported: {:?})",
                 self.storage_format,
-                crate::storage::codec::READABLE_FORMATS
+                self.supported_storage_formats()
             )));
         }
         if self.listen_client_urls.is_empty() {
@@ -259,12 +338,18 @@ impl Config {
                 self.name
             )));
         }
-        if members.len() > 1 {
-            return Err(ConfigError::Invalid(
-                "--initial-cluster names several members: multi-member clusters need Raft \
-                 replication, which this build does not have yet"
-                    .into(),
-            ));
+        // etcd's rule: the election timeout must be at least five heartbeats.
+        if self.election_timeout < 5 * self.heartbeat_interval {
+            return Err(ConfigError::Invalid(format!(
+                "--election-timeout[{}ms] should be at least 5 times as --heartbeat-interval[{}ms]",
+                self.election_timeout, self.heartbeat_interval
+            )));
+        }
+        if self.election_timeout > 50_000 {
+            return Err(ConfigError::Invalid(format!(
+                "--election-timeout[{}ms] is too long, and should be set less than 50 seconds",
+                self.election_timeout
+            )));
         }
         Ok(())
     }
@@ -382,6 +467,14 @@ mod tests {
         );
         assert!(Config::load(["metastore", "--max-txn-ops", "0"]).is_err());
         assert!(Config::load(["metastore", "--storage-format", "9"]).is_err());
+        assert!(Config::load([
+            "metastore",
+            "--max-storage-format",
+            "1",
+            "--storage-format",
+            "2"
+        ])
+        .is_err());
         assert!(Config::load(["metastore", "--engine", "bolt"]).is_err());
         let e = Config::load([
             "metastore",
@@ -391,6 +484,57 @@ mod tests {
         .map(|_| ())
         .expect_err("must fail");
         assert!(e.to_string().contains("no member named"), "{e}");
+        let e = Config::load([
+            "metastore",
+            "--heartbeat-interval",
+            "300",
+            "--election-timeout",
+            "1000",
+        ])
+        .map(|_| ())
+        .expect_err("must fail");
+        assert!(e.to_string().contains("at least 5 times"), "{e}");
+        // Several members are accepted (replication by Raft).
+        let c = Config::load([
+            "metastore",
+            "--name",
+            "a",
+            "--initial-cluster",
+            "a=http://127.0.0.1:2380,b=http://127.0.0.1:2381",
+        ])?;
+        assert_eq!(c.initial_cluster_members()?.len(), 2);
+        Ok(())
+    }
+
+    #[test]
+    fn storage_format_defaults_to_the_data_directory() -> anyhow::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let data = dir.path().join("d");
+        let data_arg = data.to_str().unwrap_or_default();
+        let load = |extra: &[&str]| {
+            let mut args = vec!["metastore", "--data-dir", data_arg];
+            args.extend_from_slice(extra);
+            Config::load(args)
+        };
+        assert_eq!(load(&[])?.storage_format, 2, "a new directory");
+        assert_eq!(load(&["--storage-format", "1"])?.storage_format, 1);
+        assert_eq!(load(&["--max-storage-format", "1"])?.storage_format, 1);
+        std::fs::create_dir_all(&data)?;
+        std::fs::write(
+            data.join("metastore.json"),
+            r#"{"layout_version":1,"storage_format":1,"engine":"rocksdb","member_name":"x",
+                "member_id":"1","cluster_id":"2","created_by":"old"}"#,
+        )?;
+        assert_eq!(load(&[])?.storage_format, 1, "the directory's format");
+        // Explicit wins here; the open refuses the mismatch (storage::data_dir).
+        assert_eq!(load(&["--storage-format", "2"])?.storage_format, 2);
+        let file = dir.path().join("c.yaml");
+        std::fs::write(&file, "storage-format: 2\n")?;
+        let from_file = load(&["--config-file", file.to_str().unwrap_or_default()])?;
+        assert_eq!(
+            from_file.storage_format, 2,
+            "a config file's value is explicit too"
+        );
         Ok(())
     }
 }

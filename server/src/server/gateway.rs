@@ -1,7 +1,7 @@
 //! etcd's JSON gRPC-gateway on the client port: `POST /v3/kv/{range,put,deleterange,txn,
 //! compaction}`, `POST /v3/maintenance/{status,alarm,defragment}` and `POST /v3/lease/{grant,
 //! revoke,timetolive,leases}` (with etcd's `/v3/kv/lease/...` aliases), as etcd 3.4/3.5 serve
-//! them. The streaming routes (`/v3/watch`, `/v3/lease/keepalive`) are not served yet.
+//! them, and the streaming routes `POST /v3/watch` and `POST /v3/lease/keepalive`.
 //!
 //! Each handler decodes the JSON body into the prost request, calls the same tonic service
 //! method a gRPC client reaches, and writes the response (or the error) the way etcd's
@@ -22,19 +22,40 @@
 //!   (twice the gRPC limit: base64 makes JSON about 4/3 of the protobuf size), only to bound
 //!   memory; every request etcd would accept fits under it.
 //! - Every gateway answer carries etcd's CORS headers; `OPTIONS` answers 200, other methods
-//!   405 `Method Not Allowed`.
+//!   405 `Method Not Allowed`; an unknown `/v3/...` path 404 `Not Found`.
+//!
+//! # Streaming routes
+//! grpc-gateway turns the body of `POST /v3/watch` or `/v3/lease/keepalive` into the client
+//! half of the gRPC stream: a sequence of JSON requests, read as they arrive; the answers come
+//! back as newline-delimited `{"result": <response>}` objects, one HTTP chunk each, driven by
+//! the same per-stream logic as the gRPC methods ([`watch_service::open`],
+//! [`lease_service::keep_alive`]). As in etcd 3.4:
+//!
+//! - The first request is decoded before anything is answered: if it is not valid JSON the
+//!   answer is the plain error body with code 2 (Unknown) and HTTP 500 (grpc-gateway does not
+//!   wrap stream decoding errors in InvalidArgument). A later undecodable request just ends
+//!   the client half.
+//! - The status line and headers go out with the first answer. A watch whose body holds no
+//!   request answers nothing until the client goes away; a keepalive stream ends after its
+//!   last answer (etcd's server returns once the client half ends), a watch stream stays open
+//!   until the client disconnects, which releases its watchers.
+//! - A request over the gRPC receive limit fails the stream: a stream error
+//!   `{"error": {"grpc_code": 8, "http_code": 429, "message": ..., "http_status": ...}}`, with
+//!   that HTTP status if nothing was answered before.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use axum::body::{Body, Bytes};
 use axum::extract::State;
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{on, MethodFilter, MethodRouter};
+use axum::routing::{any, on, MethodFilter, MethodRouter};
 use axum::Router;
+use futures::StreamExt;
 use metastore_proto::etcdserverpb::kv_server::Kv;
 use metastore_proto::etcdserverpb::lease_server::Lease;
 use metastore_proto::etcdserverpb::maintenance_server::Maintenance;
+use metastore_proto::etcdserverpb::{LeaseKeepAliveRequest, WatchRequest};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use tonic::{Code, Status};
@@ -44,6 +65,7 @@ use super::kv_service::KvService;
 use super::lease_service::LeaseService;
 use super::maintenance_service::MaintenanceService;
 use super::node::{Limits, NodeRef};
+use super::{lease_service, watch_service};
 
 /// What the handlers share: the same services the gRPC server runs, and the size limit.
 #[derive(Clone)]
@@ -51,6 +73,7 @@ struct Gateway {
     kv: Arc<KvService>,
     maintenance: Arc<MaintenanceService>,
     lease: Arc<LeaseService>,
+    node: NodeRef,
     /// The gRPC receive limit, applied to the protobuf size of a decoded request.
     max_message_bytes: usize,
 }
@@ -60,7 +83,8 @@ pub fn router(node: NodeRef, limits: Limits) -> Router {
     let gateway = Gateway {
         kv: Arc::new(KvService::new(node.clone())),
         maintenance: Arc::new(MaintenanceService::new(node.clone())),
-        lease: Arc::new(LeaseService::new(node)),
+        lease: Arc::new(LeaseService::new(node.clone())),
+        node,
         max_message_bytes: limits.max_request_bytes + GRPC_OVERHEAD_BYTES,
     };
     Router::new()
@@ -79,6 +103,12 @@ pub fn router(node: NodeRef, limits: Limits) -> Router {
         .route("/v3/kv/lease/timetolive", post_only(lease_time_to_live))
         .route("/v3/lease/leases", post_only(lease_leases))
         .route("/v3/kv/lease/leases", post_only(lease_leases))
+        .route("/v3/watch", post_only(watch))
+        .route("/v3/lease/keepalive", post_only(lease_keep_alive))
+        // Not `Router::fallback`: that would also catch unknown gRPC methods, which must keep
+        // answering `Unimplemented`.
+        .route("/v3/", any(not_found))
+        .route("/v3/{*rest}", any(not_found))
         .layer(axum::middleware::map_response(cors))
         .with_state(gateway)
 }
@@ -98,6 +128,19 @@ where
                 "Method Not Allowed\n",
             )
         })
+}
+
+/// Go's `http.NotFound`, as etcd answers a path it does not serve.
+async fn not_found() -> Response {
+    (
+        StatusCode::NOT_FOUND,
+        [
+            (header::CONTENT_TYPE, "text/plain; charset=utf-8"),
+            (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
+        ],
+        "Not Found\n",
+    )
+        .into_response()
 }
 
 /// etcd's CORS headers (its default `--cors` is `*`).
@@ -187,14 +230,7 @@ impl Gateway {
         T: DeserializeOwned + prost::Message + Default,
     {
         let bytes = read_body(body, self.max_message_bytes.saturating_mul(2)).await?;
-        let msg: T = decode_json(&bytes)?;
-        let len = msg.encoded_len();
-        if len > self.max_message_bytes {
-            return Err(Status::resource_exhausted(format!(
-                "grpc: received message larger than max ({len} vs. {})",
-                self.max_message_bytes
-            )));
-        }
+        let msg: T = self.check_size(decode_json(&bytes)?)?;
         let mut req = tonic::Request::new(msg);
         if let Some(v) = headers
             .get(header::AUTHORIZATION)
@@ -209,7 +245,6 @@ impl Gateway {
 
 /// Reads the whole body, refusing more than `limit` bytes.
 async fn read_body(body: Body, limit: usize) -> Result<Vec<u8>, Status> {
-    use tokio_stream::StreamExt;
     let mut stream = body.into_data_stream();
     let mut buf = Vec::new();
     while let Some(chunk) = stream.next().await {
@@ -231,11 +266,19 @@ fn decode_json<T: DeserializeOwned + Default>(body: &[u8]) -> Result<T, Status> 
     let first = serde_json::Deserializer::from_slice(body)
         .into_iter::<serde_json::Value>()
         .next();
-    let mut value = match first {
-        None | Some(Ok(serde_json::Value::Null)) => return Ok(T::default()),
-        Some(Err(e)) => return Err(Status::invalid_argument(e.to_string())),
-        Some(Ok(v)) => v,
-    };
+    match first {
+        None => Ok(T::default()),
+        Some(Err(e)) => Err(Status::invalid_argument(e.to_string())),
+        Some(Ok(v)) => decode_value(v),
+    }
+}
+
+/// Decodes one JSON value as jsonpb does: `null` is the empty request; it must otherwise be
+/// an object; `null` members are unset.
+fn decode_value<T: DeserializeOwned + Default>(mut value: serde_json::Value) -> Result<T, Status> {
+    if value.is_null() {
+        return Ok(T::default());
+    }
     if let Some(kind) = go_kind(&value) {
         return Err(Status::invalid_argument(format!(
             "json: cannot unmarshal {kind} into Go value of type map[string]json.RawMessage"
@@ -243,6 +286,339 @@ fn decode_json<T: DeserializeOwned + Default>(body: &[u8]) -> Result<T, Status> 
     }
     drop_nulls(&mut value);
     serde_json::from_value(value).map_err(|e| Status::invalid_argument(e.to_string()))
+}
+
+/// Reads a request body as a sequence of JSON values, each as soon as it is complete (Go's
+/// `json.Decoder` over the body, as grpc-gateway reads a client stream).
+struct JsonReader {
+    body: axum::body::BodyDataStream,
+    buf: Vec<u8>,
+    /// How far `buf` has been scanned for the end of its first value.
+    scan: Scan,
+    eof: bool,
+    /// Most bytes buffered for one value.
+    limit: usize,
+}
+
+/// Where the first JSON value of a buffer ends, found without parsing it: nesting depth
+/// outside strings, and whether a string is open.
+#[derive(Default)]
+struct Scan {
+    pos: usize,
+    depth: usize,
+    started: bool,
+    in_string: bool,
+    escaped: bool,
+}
+
+impl Scan {
+    /// Scans `buf` from where it left off; returns the end of the first value if complete.
+    fn end(&mut self, buf: &[u8]) -> Option<usize> {
+        while let Some(&b) = buf.get(self.pos) {
+            let i = self.pos;
+            self.pos += 1;
+            if self.in_string {
+                if self.escaped {
+                    self.escaped = false;
+                } else if b == b'\\' {
+                    self.escaped = true;
+                } else if b == b'"' {
+                    self.in_string = false;
+                    if self.depth == 0 {
+                        return Some(i + 1);
+                    }
+                }
+                continue;
+            }
+            match b {
+                b' ' | b'\t' | b'\n' | b'\r' => {
+                    // The end of a scalar at the top level.
+                    if self.started && self.depth == 0 {
+                        return Some(i);
+                    }
+                }
+                b'{' | b'[' => {
+                    self.started = true;
+                    self.depth += 1;
+                }
+                b'}' | b']' => {
+                    self.started = true;
+                    if self.depth <= 1 {
+                        // Complete (or unbalanced: the parser reports it).
+                        return Some(i + 1);
+                    }
+                    self.depth -= 1;
+                }
+                b'"' => {
+                    self.started = true;
+                    self.in_string = true;
+                }
+                _ => self.started = true,
+            }
+        }
+        None
+    }
+}
+
+impl JsonReader {
+    fn new(body: Body, limit: usize) -> Self {
+        Self {
+            body: body.into_data_stream(),
+            buf: Vec::new(),
+            scan: Scan::default(),
+            eof: false,
+            limit,
+        }
+    }
+
+    /// The next JSON value of the body: `None` at its end, an InvalidArgument status if it is
+    /// not valid JSON, ResourceExhausted if it is over the buffer limit, Cancelled if the body
+    /// was cut short.
+    async fn next_value(&mut self) -> Option<Result<serde_json::Value, Status>> {
+        loop {
+            if let Some(end) = self.scan.end(&self.buf) {
+                let value = serde_json::from_slice(&self.buf[..end])
+                    .map_err(|e| Status::invalid_argument(e.to_string()));
+                self.buf.drain(..end);
+                self.scan = Scan::default();
+                return Some(value);
+            }
+            if self.eof {
+                if self.buf.iter().all(u8::is_ascii_whitespace) {
+                    return None;
+                }
+                let rest = std::mem::take(&mut self.buf);
+                return Some(
+                    serde_json::from_slice(&rest)
+                        .map_err(|e| Status::invalid_argument(e.to_string())),
+                );
+            }
+            match self.body.next().await {
+                Some(Ok(chunk)) => {
+                    if self.buf.len() + chunk.len() > self.limit {
+                        self.eof = true;
+                        return Some(Err(Status::resource_exhausted(format!(
+                            "grpc: received message larger than max (request over {} bytes)",
+                            self.limit
+                        ))));
+                    }
+                    self.buf.extend_from_slice(&chunk);
+                }
+                None => self.eof = true,
+                // The client went away in the middle of its body. hyper does not notice that
+                // the connection is gone while a response stream is idle, so the stream must
+                // end from here.
+                Some(Err(e)) => {
+                    self.eof = true;
+                    self.buf.clear();
+                    return Some(Err(Status::cancelled(e.to_string())));
+                }
+            }
+        }
+    }
+}
+
+impl Gateway {
+    /// The next request of a client stream, checked against the gRPC receive limit like one
+    /// sent over gRPC.
+    async fn next_request<T>(&self, reader: &mut JsonReader) -> Option<Result<T, Status>>
+    where
+        T: DeserializeOwned + prost::Message + Default,
+    {
+        let msg = match reader.next_value().await? {
+            Ok(v) => decode_value::<T>(v),
+            Err(e) => Err(e),
+        };
+        Some(msg.and_then(|m| self.check_size(m)))
+    }
+
+    fn check_size<T: prost::Message>(&self, msg: T) -> Result<T, Status> {
+        let len = msg.encoded_len();
+        if len > self.max_message_bytes {
+            return Err(Status::resource_exhausted(format!(
+                "grpc: received message larger than max ({len} vs. {})",
+                self.max_message_bytes
+            )));
+        }
+        Ok(msg)
+    }
+
+    /// The client half of a stream: the first request (already read), then the rest of the
+    /// body. A later request that does not decode ends it (grpc-gateway just closes the
+    /// send side); one over the size limit fails it.
+    fn client_stream<T>(
+        self,
+        first: Option<Result<T, Status>>,
+        reader: JsonReader,
+    ) -> impl futures::Stream<Item = Result<T, Status>> + Send + Unpin + 'static
+    where
+        T: DeserializeOwned + prost::Message + Default + Send + 'static,
+    {
+        let more = matches!(first, Some(Ok(_)));
+        let rest =
+            futures::stream::unfold((self, reader, more), |(g, mut reader, more)| async move {
+                if !more {
+                    return None;
+                }
+                match g.next_request::<T>(&mut reader).await? {
+                    Ok(m) => Some((Ok(m), (g, reader, true))),
+                    Err(s) if ends_stream(&s) => Some((Err(s), (g, reader, false))),
+                    Err(_) => None,
+                }
+            });
+        Box::pin(futures::stream::iter(first).chain(rest))
+    }
+
+    /// Reads the first request of a stream (`None`: the body holds none). `Err` is the answer
+    /// to send instead of a stream: a first request that does not decode is refused with
+    /// code Unknown, HTTP 500 (grpc-gateway does not wrap stream decoding errors in
+    /// InvalidArgument).
+    async fn first_request<T>(
+        &self,
+        reader: &mut JsonReader,
+    ) -> Result<Option<Result<T, Status>>, Response>
+    where
+        T: DeserializeOwned + prost::Message + Default,
+    {
+        match self.next_request::<T>(reader).await {
+            Some(Err(s)) if !ends_stream(&s) => Err(error(&Status::unknown(s.message()))),
+            first => Ok(first),
+        }
+    }
+}
+
+/// Whether a client-stream error fails the stream (too large; the client went away) rather
+/// than just ending the client half (a request that does not decode).
+fn ends_stream(s: &Status) -> bool {
+    matches!(s.code(), Code::ResourceExhausted | Code::Cancelled)
+}
+
+async fn watch(State(g): State<Gateway>, body: Body) -> Response {
+    let mut reader = JsonReader::new(body, g.max_message_bytes.saturating_mul(2));
+    let first = match g.first_request::<WatchRequest>(&mut reader).await {
+        Ok(first) => first,
+        Err(resp) => return resp,
+    };
+    // The watch stream ends quietly when its client half fails (a request over the size
+    // limit); the gateway then writes the reason as the stream's last line.
+    let failure: Arc<Mutex<Option<Status>>> = Arc::default();
+    let slot = failure.clone();
+    let inbound = g.clone().client_stream(first, reader).inspect(move |r| {
+        if let (Err(s), Ok(mut slot)) = (r, slot.lock()) {
+            // Nobody is left to read why a cut-off client's stream ended.
+            if s.code() != Code::Cancelled {
+                *slot = Some(s.clone());
+            }
+        }
+    });
+    let out = match watch_service::open(&g.node, inbound, watch_service::InboundEnd::KeepOpen) {
+        Ok(out) => out,
+        Err(s) => return error(&s),
+    };
+    let tail =
+        futures::stream::once(
+            async move { failure.lock().ok().and_then(|mut s| s.take()).map(Err) },
+        )
+        .filter_map(futures::future::ready);
+    stream_response(out.map(Ok).chain(tail)).await
+}
+
+async fn lease_keep_alive(State(g): State<Gateway>, body: Body) -> Response {
+    let mut reader = JsonReader::new(body, g.max_message_bytes.saturating_mul(2));
+    let first = match g.first_request::<LeaseKeepAliveRequest>(&mut reader).await {
+        Ok(first) => first,
+        Err(resp) => return resp,
+    };
+    let inbound = g.clone().client_stream(first, reader);
+    match lease_service::keep_alive(&g.node, inbound) {
+        Ok(out) => stream_response(out).await,
+        Err(s) => error(&s),
+    }
+}
+
+/// A server stream as grpc-gateway writes it: nothing until the first message, then 200 and
+/// one `{"result": ...}` line per message, each its own chunk; an error ends the stream with
+/// an `{"error": {...}}` line (and its HTTP status, if it comes first).
+async fn stream_response<S, T>(out: S) -> Response
+where
+    S: futures::Stream<Item = Result<T, Status>> + Send + 'static,
+    T: Serialize + Send + 'static,
+{
+    let mut out = Box::pin(out);
+    let first = out.next().await;
+    let (code, first, grpc_header) = match first {
+        None => (StatusCode::OK, None, false),
+        Some(Err(s)) => (http_status(s.code()), Some(Err(s)), false),
+        Some(Ok(m)) => (StatusCode::OK, Some(Ok(m)), true),
+    };
+    let mut failed = false;
+    let lines = futures::stream::iter(first)
+        .chain(out)
+        .take_while(move |item| {
+            // Nothing after the first error.
+            let go = !failed;
+            failed |= item.is_err();
+            futures::future::ready(go)
+        })
+        .map(|item| Ok::<_, std::convert::Infallible>(Bytes::from(stream_line(item))));
+    let mut resp = Response::new(Body::from_stream(lines));
+    *resp.status_mut() = code;
+    let h = resp.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    if grpc_header {
+        h.insert(
+            GRPC_METADATA_CONTENT_TYPE,
+            HeaderValue::from_static("application/grpc"),
+        );
+    }
+    resp
+}
+
+/// The header grpc-gateway copies from the gRPC response headers (`content-type`).
+const GRPC_METADATA_CONTENT_TYPE: &str = "grpc-metadata-content-type";
+
+/// One line of a server stream: `{"result": msg}\n`, or grpc-gateway v1's stream error
+/// (without the newline).
+fn stream_line<T: Serialize>(item: Result<T, Status>) -> Vec<u8> {
+    #[derive(Serialize)]
+    struct Chunk<T> {
+        result: T,
+    }
+    #[derive(Serialize)]
+    struct StreamError<'a> {
+        error: StreamErrorBody<'a>,
+    }
+    #[derive(Serialize)]
+    struct StreamErrorBody<'a> {
+        grpc_code: i32,
+        http_code: u16,
+        message: &'a str,
+        http_status: &'a str,
+    }
+    let encoded = match &item {
+        Ok(result) => serde_json::to_vec(&Chunk { result }),
+        Err(s) => {
+            let code = http_status(s.code());
+            serde_json::to_vec(&StreamError {
+                error: StreamErrorBody {
+                    grpc_code: s.code() as i32,
+                    http_code: code.as_u16(),
+                    message: s.message(),
+                    http_status: code.canonical_reason().unwrap_or(""),
+                },
+            })
+        }
+    };
+    // Serialising a generated message cannot fail; write an empty line if it did.
+    let mut line = encoded.unwrap_or_default();
+    // grpc-gateway writes the delimiter after results only.
+    if item.is_ok() {
+        line.push(b'\n');
+    }
+    line
 }
 
 /// The name Go's `encoding/json` gives a JSON value that is not an object.
@@ -277,7 +653,14 @@ fn reply<T: Serialize>(result: Result<tonic::Response<T>, Status>) -> Response {
         Err(status) => return error(&status),
     };
     match serde_json::to_vec(&msg) {
-        Ok(body) => json(StatusCode::OK, body),
+        Ok(body) => {
+            let mut resp = json(StatusCode::OK, body);
+            resp.headers_mut().insert(
+                GRPC_METADATA_CONTENT_TYPE,
+                HeaderValue::from_static("application/grpc"),
+            );
+            resp
+        }
         Err(e) => error(&Status::internal(e.to_string())),
     }
 }
@@ -358,6 +741,31 @@ mod tests {
         assert!(decode_json::<RangeRequest>(br#"{"sort_order":"FOO"}"#).is_err());
         assert!(decode_json::<RangeRequest>(br#"{"key":5}"#).is_err());
         Ok(())
+    }
+
+    #[test]
+    fn finds_where_each_streamed_value_ends() {
+        let ends = |text: &[u8]| {
+            let (mut scan, mut out, mut from) = (Scan::default(), Vec::new(), 0);
+            while let Some(end) = scan.end(&text[from..]) {
+                out.push(
+                    String::from_utf8_lossy(&text[from..from + end])
+                        .trim()
+                        .to_string(),
+                );
+                from += end;
+                scan = Scan::default();
+            }
+            out
+        };
+        assert_eq!(
+            ends(br#" {"a":"}{\"]"} [1,{"b":[]}]null "x\"y" {"open":"#),
+            [r#"{"a":"}{\"]"}"#, r#"[1,{"b":[]}]"#, "null", r#""x\"y""#]
+        );
+        // A value split across reads is found once it is complete.
+        let mut scan = Scan::default();
+        assert_eq!(scan.end(br#"{"a":{"#), None);
+        assert_eq!(scan.end(br#"{"a":{"b":1}}  "#), Some(13));
     }
 
     #[test]

@@ -18,26 +18,49 @@ pub fn router(node: NodeRef) -> Router {
 }
 
 async fn health(State(node): State<NodeRef>) -> impl IntoResponse {
-    // Healthy when the store answers a read at its current revision.
-    let ok = node.get().is_ok_and(|node| {
-        node.store
-            .range(
-                &crate::mvcc::KeyRange::Single(b"health".to_vec()),
-                crate::mvcc::RangeOptions::default(),
-            )
-            .is_ok()
-    });
-    let body = if ok {
-        r#"{"health":"true","reason":""}"#.to_string()
-    } else {
-        r#"{"health":"false","reason":"store unavailable"}"#.to_string()
+    let reason = match node.get() {
+        Err(_) => Some("server stopped"),
+        Ok(node) => health_problem(&node),
     };
-    let code = if ok {
-        StatusCode::OK
-    } else {
-        StatusCode::SERVICE_UNAVAILABLE
+    let (code, body) = match reason {
+        None => (
+            StatusCode::OK,
+            r#"{"health":"true","reason":""}"#.to_string(),
+        ),
+        Some(r) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!(r#"{{"health":"false","reason":"{r}"}}"#),
+        ),
     };
     (code, [(header::CONTENT_TYPE, "application/json")], body)
+}
+
+/// Why this member is not healthy, as etcd's `/health` reports it: no leader, a raised alarm,
+/// an unreadable store; and, before it has published its name and client URLs into the
+/// membership, not ready yet (etcd serves clients only after publishing).
+fn health_problem(node: &super::node::Node) -> Option<&'static str> {
+    if node.replica.leader_id().is_none() {
+        return Some("RAFT NO LEADER");
+    }
+    if !node.store.alarms().is_empty() {
+        return Some("ALARM NOSPACE");
+    }
+    let published = node
+        .replica
+        .membership()
+        .get_node(&node.member.id)
+        .is_some_and(|m| m.name == node.member.name && m.client_urls == node.member.client_urls);
+    if !published {
+        return Some("member not yet published");
+    }
+    let readable = node
+        .store
+        .range(
+            &crate::mvcc::KeyRange::Single(b"health".to_vec()),
+            crate::mvcc::RangeOptions::default(),
+        )
+        .is_ok();
+    (!readable).then_some("store unavailable")
 }
 
 async fn version() -> impl IntoResponse {

@@ -57,6 +57,9 @@ impl Kv for KvService {
         let node = self.node.get()?;
         let r = req.into_inner();
         validate::check_range(&r).map_err(err)?;
+        if !r.serializable {
+            node.linearizable_read().await.map_err(err)?;
+        }
         let mut resp = if r.range_end.is_empty() {
             // A single key is a point lookup: no need to leave the async worker.
             apply::range::range(node.store.as_ref(), &r)

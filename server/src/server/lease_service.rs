@@ -114,26 +114,12 @@ impl Lease for LeaseService {
         &self,
         req: Request<Streaming<LeaseKeepAliveRequest>>,
     ) -> Result<Response<BoxStream<LeaseKeepAliveResponse>>, Status> {
-        self.node.get()?;
-        let mut inbound = req.into_inner();
-        let (tx, rx) = mpsc::channel(64);
-        let weak = self.node.clone();
-        tokio::spawn(async move {
-            while let Some(Ok(r)) = inbound.next().await {
-                let Ok(node) = weak.get() else { break };
-                // An unknown lease answers TTL 0, as etcd does.
-                let ttl = node.lessor.renew(r.id).unwrap_or(0);
-                let resp = LeaseKeepAliveResponse {
-                    header: Some(node.header(node.store.current_revision())),
-                    id: r.id,
-                    ttl,
-                };
-                if tx.send(Ok(resp)).await.is_err() {
-                    break;
-                }
-            }
-        });
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        // An inbound error ends the stream quietly, as it always has here.
+        let inbound = req
+            .into_inner()
+            .take_while(|r| futures::future::ready(r.is_ok()));
+        let out = keep_alive(&self.node, Box::pin(inbound))?;
+        Ok(Response::new(Box::pin(out)))
     }
 
     async fn lease_time_to_live(
@@ -142,32 +128,10 @@ impl Lease for LeaseService {
     ) -> Result<Response<LeaseTimeToLiveResponse>, Status> {
         let node = self.node.get()?;
         let r = req.into_inner();
-        let header = Some(node.header(node.store.current_revision()));
-        let Some((granted, remaining)) = node.lessor.time_to_live(r.id) else {
-            return Ok(Response::new(LeaseTimeToLiveResponse {
-                header,
-                id: r.id,
-                ttl: -1,
-                ..Default::default()
-            }));
-        };
-        let keys = if r.keys {
-            node.store
-                .lease_keys(r.id)
-                .map_err(|e| super::status::mvcc_status(&e))?
-                .into_iter()
-                .map(Into::into)
-                .collect()
-        } else {
-            Vec::new()
-        };
-        Ok(Response::new(LeaseTimeToLiveResponse {
-            header,
-            id: r.id,
-            ttl: remaining,
-            granted_ttl: granted,
-            keys,
-        }))
+        node.lease_time_to_live(&r)
+            .await
+            .map(Response::new)
+            .map_err(err)
     }
 
     async fn lease_leases(
@@ -187,6 +151,49 @@ impl Lease for LeaseService {
     }
 }
 
+/// The per-stream logic of `LeaseKeepAlive`, shared with the JSON gateway's
+/// `POST /v3/lease/keepalive`: one answer per request, in order. An unknown lease answers
+/// TTL 0, as etcd does. The stream ends after the last answer when `inbound` ends or the node
+/// stops; an inbound error is passed on as the stream's last item.
+pub fn keep_alive<S>(node: &NodeRef, mut inbound: S) -> Result<KeepAliveStream, Status>
+where
+    S: futures::Stream<Item = Result<LeaseKeepAliveRequest, Status>> + Send + Unpin + 'static,
+{
+    node.get()?;
+    let (tx, rx) = mpsc::channel(64);
+    let weak = node.clone();
+    tokio::spawn(async move {
+        while let Some(item) = inbound.next().await {
+            let Ok(node) = weak.get() else { break };
+            let reply = match item {
+                Ok(r) => match node.renew_lease(r.id).await {
+                    Ok(ttl) => Ok(LeaseKeepAliveResponse {
+                        ttl,
+                        header: Some(node.header(node.store.current_revision())),
+                        id: r.id,
+                    }),
+                    // An unknown lease answers TTL 0, as etcd does.
+                    Err(ApplyError::LeaseNotFound) => Ok(LeaseKeepAliveResponse {
+                        ttl: 0,
+                        header: Some(node.header(node.store.current_revision())),
+                        id: r.id,
+                    }),
+                    Err(e) => Err(to_status(&e)),
+                },
+                Err(e) => Err(e),
+            };
+            let last = reply.is_err();
+            if tx.send(reply).await.is_err() || last {
+                break;
+            }
+        }
+    });
+    Ok(ReceiverStream::new(rx))
+}
+
+/// The answers of [`keep_alive`].
+pub type KeepAliveStream = ReceiverStream<Result<LeaseKeepAliveResponse, Status>>;
+
 /// How often the expiry loop looks at the earliest deadline (the bound on lateness).
 const EXPIRY_TICK: Duration = Duration::from_millis(100);
 /// Leases revoked per tick at most (etcd's default revoke rate is 1000/s).
@@ -196,9 +203,23 @@ const REVOKE_BATCH: usize = 100;
 pub async fn expire_leases(node: NodeRef) {
     let mut tick = tokio::time::interval(EXPIRY_TICK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut was_leader = false;
     loop {
         tick.tick().await;
         let Ok(node) = node.get() else { return };
+        // Only the leader expires leases. A new leader first gives every lease its full TTL
+        // again, as etcd does: the old leader's deadlines died with its leadership.
+        let leader = node.replica.is_leader();
+        if leader && !was_leader {
+            match node.store.leases() {
+                Ok(leases) => node.lessor.restore(&leases),
+                Err(e) => tracing::warn!(error = %e, "cannot refresh lease deadlines"),
+            }
+        }
+        was_leader = leader;
+        if !leader {
+            continue;
+        }
         let expired = node.lessor.expired(Instant::now(), REVOKE_BATCH);
         for id in expired {
             revoke_expired(&node, id).await;

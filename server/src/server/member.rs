@@ -21,6 +21,18 @@ pub fn member_id(peer_urls: &[Url], token: &str) -> u64 {
     first_u64(&h.finalize())
 }
 
+/// The id etcd gives a member added at run time (`MemberAdd`): as [`member_id`], with no
+/// cluster token and the time (Unix seconds) appended, so re-adding the same URLs later gets
+/// a new id.
+pub fn new_member_id(peer_urls: &[String], unix_secs: u64) -> u64 {
+    let mut urls = peer_urls.to_vec();
+    urls.sort();
+    let mut h = Sha1::new();
+    h.update(urls.concat().as_bytes());
+    h.update(unix_secs.to_string().as_bytes());
+    first_u64(&h.finalize())
+}
+
 /// etcd's `genID`: sha1 over the sorted member ids, 8 bytes big endian each.
 pub fn cluster_id(member_ids: &[u64]) -> u64 {
     let mut ids = member_ids.to_vec();

@@ -24,6 +24,18 @@ pub struct Metrics {
     pub current_revision: IntGauge,
     pub compact_revision: IntGauge,
     pub applied_index: IntGauge,
+    pub raft_term: IntGauge,
+    pub is_leader: IntGauge,
+    pub has_leader: IntGauge,
+    pub raft_committed_index: IntGauge,
+    pub raft_applied_index: IntGauge,
+    pub proposals_pending: IntGauge,
+    /// Leader changes this member has seen.
+    pub leader_changes: prometheus::IntCounter,
+    /// Client proposals that failed (no leader, timeout, stopped), by reason.
+    pub proposals_failed: IntCounterVec,
+    /// Per member (on the leader): log entries the member is behind the leader.
+    pub apply_lag: prometheus::IntGaugeVec,
 }
 
 impl Metrics {
@@ -71,7 +83,43 @@ impl Metrics {
             )?,
             applied_index: gauge(
                 "metastore_server_applied_index",
-                "Index of the last applied command",
+                "Apply position of the last applied command (Raft index << 20 | command)",
+            )?,
+            raft_term: gauge("metastore_server_raft_term", "Current Raft term")?,
+            is_leader: gauge(
+                "metastore_server_is_leader",
+                "1 if this member is the leader",
+            )?,
+            has_leader: gauge("metastore_server_has_leader", "1 if a leader is known")?,
+            raft_committed_index: gauge(
+                "metastore_server_raft_last_log_index",
+                "Index of the last entry in this member's Raft log",
+            )?,
+            raft_applied_index: gauge(
+                "metastore_server_raft_applied_index",
+                "Index of the last Raft entry applied by this member",
+            )?,
+            proposals_pending: gauge(
+                "metastore_server_proposals_pending",
+                "Client commands proposed and waiting to be applied",
+            )?,
+            leader_changes: prometheus::IntCounter::new(
+                "metastore_server_leader_changes_seen_total",
+                "Leader changes this member has seen",
+            )?,
+            proposals_failed: IntCounterVec::new(
+                Opts::new(
+                    "metastore_server_proposals_failed_total",
+                    "Client commands that failed before being applied, by reason",
+                ),
+                &["reason"],
+            )?,
+            apply_lag: prometheus::IntGaugeVec::new(
+                Opts::new(
+                    "metastore_server_member_replication_lag_entries",
+                    "On the leader: Raft entries each member is behind the leader's log",
+                ),
+                &["member"],
             )?,
             registry,
             requests,
@@ -81,12 +129,21 @@ impl Metrics {
         m.registry.register(Box::new(m.requests.clone()))?;
         m.registry.register(Box::new(m.latency.clone()))?;
         m.registry.register(Box::new(m.apply_group.clone()))?;
+        m.registry.register(Box::new(m.leader_changes.clone()))?;
+        m.registry.register(Box::new(m.proposals_failed.clone()))?;
+        m.registry.register(Box::new(m.apply_lag.clone()))?;
         for g in [
             &m.db_size,
             &m.db_size_in_use,
             &m.current_revision,
             &m.compact_revision,
             &m.applied_index,
+            &m.raft_term,
+            &m.is_leader,
+            &m.has_leader,
+            &m.raft_committed_index,
+            &m.raft_applied_index,
+            &m.proposals_pending,
         ] {
             m.registry.register(Box::new(g.clone()))?;
         }

@@ -2,7 +2,7 @@
 //!
 //! # Layout
 //! - [`config`]: flags, environment, config file.
-//! - [`proposer`]: the group-commit write pipeline in front of the apply step.
+//! - [`proposer`]: the group-commit write pipeline in front of Raft and the apply step.
 //! - [`node`]: what the services share (store, pipeline, identity, limits).
 //! - [`kv_service`], [`maintenance_service`], [`cluster_service`]: thin tonic handlers.
 //! - [`status`]: the one error → gRPC status table.
@@ -16,6 +16,7 @@ pub mod cluster_service;
 pub mod config;
 pub mod election_service;
 pub mod gateway;
+pub mod h2_authority;
 pub mod http;
 pub mod kv_service;
 pub mod lease_service;
@@ -43,7 +44,10 @@ use tokio_stream::wrappers::TcpListenerStream;
 use tokio_stream::StreamExt;
 use url::Url;
 
+use std::collections::BTreeMap;
+
 use crate::mvcc::{Store, StoreOptions};
+use crate::raft::MemberNode;
 use crate::storage::data_dir::{DataDir, Stamp, LAYOUT_VERSION};
 use crate::storage::{Engine, MemoryEngine, RocksEngine};
 use config::{Config, EngineKind, GRPC_OVERHEAD_BYTES};
@@ -76,14 +80,19 @@ pub enum ServerError {
 /// how many client connections are still open.
 pub struct Server {
     node: Option<Arc<Node>>,
+    raft: Option<crate::raft::Raft>,
+    /// The engine, to wait for it to close on shutdown.
+    engine: std::sync::Weak<dyn Engine>,
     client_addrs: Vec<SocketAddr>,
+    peer_addrs: Vec<SocketAddr>,
     metrics_addrs: Vec<SocketAddr>,
     shutdown: watch::Sender<bool>,
     tasks: JoinSet<()>,
-    apply_thread: Option<proposer::ApplyThread>,
+    /// Snapshot files of the memory engine.
+    _temp_dir: Option<tempfile::TempDir>,
 }
 
-/// How long stopping waits for the write pipeline to release the store.
+/// How long stopping waits for Raft and the store to close.
 const STOP_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
 /// How long shutdown waits for open connections to finish before cutting them.
 const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
@@ -92,6 +101,11 @@ impl Server {
     /// The bound client addresses (the real ports when the URLs asked for port 0).
     pub fn client_addrs(&self) -> &[SocketAddr] {
         &self.client_addrs
+    }
+
+    /// The bound peer addresses.
+    pub fn peer_addrs(&self) -> &[SocketAddr] {
+        &self.peer_addrs
     }
 
     pub fn metrics_addrs(&self) -> &[SocketAddr] {
@@ -103,8 +117,37 @@ impl Server {
         self.node.as_ref()
     }
 
-    /// Stops accepting, lets in-flight requests finish (up to a grace period), then releases
-    /// the node. The returned [`Stopped`] waits for the store to close.
+    /// Resolves once this member has been removed from the cluster (`member remove`); the
+    /// daemon then exits, as etcd does.
+    pub fn removed(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let raft = self.raft.clone();
+        let me = self.node.as_ref().map(|n| n.member.id);
+        async move {
+            let (Some(raft), Some(me)) = (raft, me) else {
+                return std::future::pending().await;
+            };
+            let mut rx = raft.metrics();
+            let mut member = false;
+            loop {
+                {
+                    let m = rx.borrow_and_update();
+                    let present = m.membership_config.membership().get_node(&me).is_some();
+                    if present {
+                        member = true;
+                    } else if member {
+                        tracing::warn!("this member has been permanently removed from the cluster");
+                        return;
+                    }
+                }
+                if rx.changed().await.is_err() {
+                    return std::future::pending().await;
+                }
+            }
+        }
+    }
+
+    /// Stops accepting, lets in-flight requests finish (up to a grace period), stops Raft,
+    /// then releases the node. The returned [`Stopped`] waits for the store to close.
     pub async fn shutdown(mut self) -> Stopped {
         let _ = self.shutdown.send(true);
         let drained = tokio::time::timeout(SHUTDOWN_GRACE, async {
@@ -115,37 +158,62 @@ impl Server {
             tracing::warn!("connections still open after {SHUTDOWN_GRACE:?}; closing them");
             self.tasks.abort_all();
         }
+        if let Some(raft) = self.raft.take() {
+            if tokio::time::timeout(STOP_WAIT, raft.shutdown())
+                .await
+                .is_err()
+            {
+                tracing::warn!("raft did not stop within {STOP_WAIT:?}");
+            }
+        }
         self.node.take();
         Stopped {
-            apply_thread: self.apply_thread.take(),
+            engine: std::mem::replace(&mut self.engine, std::sync::Weak::<MemoryEngine>::new()),
         }
     }
 }
 
 impl Drop for Server {
-    /// Without a graceful [`shutdown`](Server::shutdown): stop the listeners and close the
-    /// store before returning (blocking briefly), so a process never exits with the engine
-    /// open.
+    /// Without a graceful [`shutdown`](Server::shutdown): stop the listeners and Raft and
+    /// wait (bounded) for the engine to close, so a process never exits with it open. On a
+    /// current-thread runtime a drop cannot wait for tasks of the runtime it blocks: Raft is
+    /// then only told to stop.
     fn drop(&mut self) {
         let _ = self.shutdown.send(true);
         self.tasks.abort_all();
+        let raft = self.raft.take();
         self.node.take();
-        Stopped {
-            apply_thread: self.apply_thread.take(),
+        let engine = std::mem::replace(&mut self.engine, std::sync::Weak::<MemoryEngine>::new());
+        match tokio::runtime::Handle::try_current() {
+            Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
+                if let Some(raft) = raft {
+                    tokio::task::block_in_place(|| {
+                        h.block_on(async {
+                            let _ = tokio::time::timeout(STOP_WAIT, raft.shutdown()).await;
+                        })
+                    });
+                }
+                tokio::task::block_in_place(|| Stopped { engine }.wait());
+            }
+            Ok(h) => {
+                if let Some(raft) = raft {
+                    h.spawn(async move {
+                        let _ = raft.shutdown().await;
+                    });
+                }
+            }
+            Err(_) => Stopped { engine }.wait(),
         }
-        .wait();
     }
 }
 
 /// A server that stopped serving; see [`Server::shutdown`].
 pub struct Stopped {
-    apply_thread: Option<proposer::ApplyThread>,
+    engine: std::sync::Weak<dyn Engine>,
 }
 
 impl Stopped {
-    /// Blocks until the write pipeline has ended and released the store. The last `Node`
-    /// reference owns the last `Proposer`; once it is dropped, the apply thread ends and drops
-    /// the store, which closes the engine.
+    /// Blocks until the store and the Raft log have released the engine (bounded).
     pub fn wait(self) {
         drop(self);
     }
@@ -155,12 +223,15 @@ impl Drop for Stopped {
     /// Dropping waits too (bounded), so that no caller can let the process exit with the
     /// engine still open.
     fn drop(&mut self) {
-        if let Some(t) = self.apply_thread.take() {
-            if !t.join_timeout(STOP_WAIT) {
+        let deadline = std::time::Instant::now() + STOP_WAIT;
+        while self.engine.strong_count() > 0 {
+            if std::time::Instant::now() > deadline {
                 tracing::warn!(
                     "the store is still in use {STOP_WAIT:?} after shutdown; not waiting longer"
                 );
+                return;
             }
+            std::thread::sleep(std::time::Duration::from_millis(10));
         }
     }
 }
@@ -183,29 +254,133 @@ async fn bind(url: &Url) -> Result<(TcpListener, SocketAddr), ServerError> {
     Ok((listener, addr))
 }
 
+/// This member's identity: from the flags for a new cluster, from the cluster itself when
+/// joining one, from the data directory's stamp on a restart.
+struct Identity {
+    member_id: u64,
+    cluster_id: u64,
+    /// The members of `--initial-cluster` (bootstrapping a new cluster only).
+    initial: BTreeMap<u64, MemberNode>,
+}
+
+fn initial_identity(config: &Config) -> Result<Identity, ServerError> {
+    let token = &config.initial_cluster_token;
+    let mut by_name: BTreeMap<String, Vec<Url>> = BTreeMap::new();
+    for (name, url) in config.initial_cluster_members()? {
+        by_name.entry(name).or_default().push(url);
+    }
+    let mut initial = BTreeMap::new();
+    let mut member_id = member::member_id(&config.initial_advertise_peer_urls, token);
+    for (name, urls) in &by_name {
+        let id = member::member_id(urls, token);
+        let mine = name == &config.name;
+        if mine {
+            member_id = id;
+        }
+        initial.insert(
+            id,
+            MemberNode {
+                name: name.clone(),
+                peer_urls: urls.iter().map(member::url_string).collect(),
+                // Every founding member must initialize Raft with the very same membership:
+                // client URLs are published by each member once it runs.
+                client_urls: Vec::new(),
+            },
+        );
+    }
+    let ids: Vec<u64> = initial.keys().copied().collect();
+    Ok(Identity {
+        member_id,
+        cluster_id: member::cluster_id(&ids),
+        initial,
+    })
+}
+
+/// Joining an existing cluster (`--initial-cluster-state existing`): asks the other members
+/// of `--initial-cluster` for the membership and finds this member (added beforehand with
+/// `member add`) by its peer URLs, as etcd does.
+async fn discover(config: &Config, id: &mut Identity) -> Result<(), ServerError> {
+    let mine: Vec<String> = config
+        .initial_advertise_peer_urls
+        .iter()
+        .map(member::url_string)
+        .collect();
+    let peers = crate::raft::network::Peers::default();
+    let deadline = std::time::Instant::now() + JOIN_TIMEOUT;
+    let mut last_error = "no member of --initial-cluster answered".to_string();
+    loop {
+        for node in id.initial.values() {
+            if node.peer_urls.iter().any(|u| mine.contains(u)) {
+                continue;
+            }
+            for url in &node.peer_urls {
+                let Ok(mut c) = peers.get_url(url) else {
+                    continue;
+                };
+                let Ok(r) = c.cluster(metastore_proto::raftpb::ClusterRequest {}).await else {
+                    continue;
+                };
+                let r = r.into_inner();
+                let membership = r.membership.unwrap_or_default();
+                let found = membership
+                    .nodes
+                    .iter()
+                    .find(|(_, n)| n.peer_urls.iter().any(|u| mine.contains(u)));
+                match found {
+                    Some((member_id, _)) => {
+                        id.member_id = *member_id;
+                        id.cluster_id = r.cluster_id;
+                        return Ok(());
+                    }
+                    // This member may not have applied the `member add` yet: ask again.
+                    None => {
+                        last_error = format!(
+                            "the cluster at {url} has no member with peer URLs {mine:?}: \
+                         add it first (etcdctl member add {} --peer-urls={})",
+                            config.name,
+                            mine.join(",")
+                        )
+                    }
+                }
+            }
+        }
+        if std::time::Instant::now() > deadline {
+            return Err(ServerError::Other(format!(
+                "--initial-cluster-state existing: {last_error}"
+            )));
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    }
+}
+
+/// How long a joining member looks for the cluster.
+const JOIN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
+
 /// Opens the store and starts serving as `config` says.
 pub async fn start(config: &Config) -> Result<Server, ServerError> {
-    let members = config.initial_cluster_members()?;
-    let token = &config.initial_cluster_token;
-    let my_id = member::member_id(&config.initial_advertise_peer_urls, token);
-    let ids: Vec<u64> = members
-        .iter()
-        .map(|(name, url)| {
-            if name == &config.name {
-                my_id
-            } else {
-                member::member_id(std::slice::from_ref(url), token)
-            }
-        })
-        .collect();
-    let mut member_id = my_id;
-    let mut cluster_id = member::cluster_id(&ids);
+    let mut id = initial_identity(config)?;
+    let data_dir = config.data_dir();
+    let fresh = config.engine == EngineKind::Memory || !data_dir.join("metastore.json").exists();
+    if fresh && config.initial_cluster_state == config::ClusterState::Existing {
+        discover(config, &mut id).await?;
+    }
+    let mut member_id = id.member_id;
+    let mut cluster_id = id.cluster_id;
 
-    let engine: Arc<dyn Engine> = match config.engine {
-        EngineKind::Memory => Arc::new(MemoryEngine::new()),
+    let mut temp_dir = None;
+    let (engine, snap_dir): (Arc<dyn Engine>, std::path::PathBuf) = match config.engine {
+        EngineKind::Memory => {
+            let t = tempfile::Builder::new()
+                .prefix("metastore-snap")
+                .tempdir()
+                .map_err(|e| ServerError::Other(format!("snapshot directory: {e}")))?;
+            let p = t.path().to_path_buf();
+            temp_dir = Some(t);
+            (Arc::new(MemoryEngine::new()), p)
+        }
         EngineKind::Rocksdb => {
             let dir = DataDir::open_or_create(
-                &config.data_dir(),
+                &data_dir,
                 Stamp {
                     layout_version: LAYOUT_VERSION,
                     storage_format: config.storage_format,
@@ -221,17 +396,24 @@ pub async fn start(config: &Config) -> Result<Server, ServerError> {
             member_id = parse(&dir.stamp().member_id).unwrap_or(member_id);
             cluster_id = parse(&dir.stamp().cluster_id).unwrap_or(cluster_id);
             tracing::info!(path = %dir.path().display(), format = dir.stamp().storage_format, "opening data directory");
-            Arc::new(RocksEngine::open(&dir.db_path(), &Default::default())?)
+            (
+                Arc::new(RocksEngine::open(&dir.db_path(), &Default::default())?),
+                dir.path().join("snap"),
+            )
         }
     };
-    let store_ref = Store::open(
-        engine,
+    let raft_err = |e: crate::raft::StorageError| ServerError::Other(format!("raft storage: {e}"));
+    crate::raft::state_machine::recover_install(engine.as_ref(), &snap_dir).map_err(raft_err)?;
+    let fsync = !config.unsafe_no_fsync;
+    // The Raft log is fsynced; the store's writes share its write-ahead log (see
+    // raft::state_machine), so the store itself does not sync.
+    let store = Store::open(
+        engine.clone(),
         StoreOptions {
             write_format: config.storage_format,
-            fsync: !config.unsafe_no_fsync,
+            fsync: false,
         },
     )?;
-    let store = store_ref.clone();
     if config.unsafe_no_fsync {
         tracing::warn!("--unsafe-no-fsync: acknowledged writes may be lost on a crash");
     }
@@ -239,18 +421,66 @@ pub async fn start(config: &Config) -> Result<Server, ServerError> {
         Arc::new(metrics::Metrics::new().map_err(|e| ServerError::Other(format!("metrics: {e}")))?);
     let watch = crate::watch::WatchHub::start(store.clone(), config.watch_progress_notify_interval)
         .map_err(|e| ServerError::Other(format!("cannot start the watch syncer: {e}")))?;
-    // etcd's minimum TTL: 1.5 election timeouts (1 s by default), rounded up to seconds.
-    let lessor = Arc::new(crate::lease::Lessor::new(2));
+    // etcd's minimum TTL: 1.5 election timeouts, rounded up to seconds.
+    let min_ttl = (config.election_timeout * 3 / 2).div_ceil(1000).max(1) as i64;
+    let lessor = Arc::new(crate::lease::Lessor::new(min_ttl));
     lessor.restore(&store.leases()?);
-    let (proposer, apply_thread) =
-        proposer::Proposer::start(store, lessor.clone(), metrics.clone(), watch.clone())
-            .map_err(|e| ServerError::Other(format!("cannot start the apply thread: {e}")))?;
+    let waiters = Arc::new(crate::raft::waiters::Waiters::new());
+    let ctx = crate::raft::state_machine::Context::new(
+        store.clone(),
+        lessor.clone(),
+        watch.clone(),
+        waiters.clone(),
+        member_id,
+        snap_dir,
+        metrics.clone(),
+    )
+    .map_err(raft_err)?;
+    let applied = ctx.applied.subscribe();
+    let log_store =
+        crate::raft::log_store::LogStore::open(engine.clone(), fsync).map_err(raft_err)?;
+    let timing = crate::raft::replica::Timing {
+        heartbeat: std::time::Duration::from_millis(config.heartbeat_interval),
+        election: std::time::Duration::from_millis(config.election_timeout),
+    };
+    let raft_config = openraft::Config {
+        cluster_name: config.initial_cluster_token.clone(),
+        heartbeat_interval: config.heartbeat_interval,
+        election_timeout_min: config.election_timeout,
+        election_timeout_max: config.election_timeout * 2,
+        snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(config.snapshot_count),
+        // etcd keeps 5000 entries after a snapshot for slow followers to catch up from.
+        max_in_snapshot_log_to_keep: config.snapshot_count.min(5000),
+        install_snapshot_timeout: (config.election_timeout * 10).max(2000),
+        ..Default::default()
+    }
+    .validate()
+    .map_err(|e| ServerError::Other(format!("raft configuration: {e}")))?;
+    let peers = crate::raft::network::Peers::new(timing.election.clamp(
+        std::time::Duration::from_millis(200),
+        crate::raft::network::CONNECT_TIMEOUT,
+    ));
+    let raft = crate::raft::Raft::new(
+        member_id,
+        Arc::new(raft_config),
+        crate::raft::network::Network {
+            peers: peers.clone(),
+        },
+        log_store,
+        crate::raft::state_machine::StateMachine::new(ctx),
+    )
+    .await
+    .map_err(|e| ServerError::Other(format!("cannot start raft: {e}")))?;
+    let replica =
+        crate::raft::replica::Replica::new(raft.clone(), peers, member_id, timing, applied);
+    let proposer = proposer::Proposer::start(replica.clone(), waiters);
     let node = Arc::new(Node {
-        store: store_ref,
+        store,
         watch,
         lessor,
         lease_ids: lease_service::LeaseIds::new(member_id),
         proposer,
+        replica,
         member: MemberInfo {
             id: member_id,
             name: config.name.clone(),
@@ -332,10 +562,11 @@ pub async fn start(config: &Config) -> Result<Server, ServerError> {
             };
             // tonic ignores its `tcp_nodelay` setting for an incoming stream: set it per
             // connection, or Nagle's algorithm and delayed ACKs hold small responses ~40 ms.
+            // etcdctl 3.4 sends `:authority: http://host:port`, which hyper refuses: fix it.
             let incoming = TcpListenerStream::new(listener).map(|conn| {
                 conn.and_then(|s| {
                     s.set_nodelay(true)?;
-                    Ok(s)
+                    Ok(h2_authority::H2AuthorityStream::new(s))
                 })
             });
             if let Err(e) = server.serve_with_incoming_shutdown(incoming, stop).await {
@@ -344,6 +575,44 @@ pub async fn start(config: &Config) -> Result<Server, ServerError> {
         });
         tracing::info!(%addr, "ready to serve client requests (gRPC and HTTP)");
     }
+    let mut peer_addrs = Vec::new();
+    let peer_routes = tonic::service::Routes::new(
+        metastore_proto::raftpb::raft_server::RaftServer::new(
+            crate::raft::peer_service::PeerService::new(weak.clone()),
+        )
+        .max_decoding_message_size(usize::MAX)
+        .max_encoding_message_size(usize::MAX),
+    );
+    for url in &config.listen_peer_urls {
+        let (listener, addr) = bind(url).await?;
+        peer_addrs.push(addr);
+        let mut rx = shutdown.subscribe();
+        let server = tonic::transport::Server::builder()
+            .tcp_nodelay(true)
+            .add_routes(peer_routes.clone());
+        tasks.spawn(async move {
+            let stop = async move {
+                let _ = rx.wait_for(|s| *s).await;
+            };
+            let incoming = TcpListenerStream::new(listener).map(|conn| {
+                conn.and_then(|s| {
+                    s.set_nodelay(true)?;
+                    Ok(s)
+                })
+            });
+            if let Err(e) = server.serve_with_incoming_shutdown(incoming, stop).await {
+                tracing::error!(%addr, error = %e, "peer listener failed");
+            }
+        });
+        tracing::info!(%addr, "ready to serve peer traffic");
+    }
+    bootstrap(&raft, config, &id, member_id, fresh).await?;
+    tasks.spawn(count_leader_changes(
+        raft.clone(),
+        metrics.clone(),
+        shutdown.subscribe(),
+    ));
+    tasks.spawn(publish(weak.clone(), shutdown.subscribe()));
     let mut stop = shutdown.subscribe();
     let expiry = lease_service::expire_leases(weak.clone());
     tasks.spawn(async move {
@@ -380,11 +649,129 @@ pub async fn start(config: &Config) -> Result<Server, ServerError> {
         "metastore started"
     );
     Ok(Server {
+        engine: Arc::downgrade(&engine),
+        raft: Some(raft),
         node: Some(node),
         client_addrs,
+        peer_addrs,
         metrics_addrs,
         shutdown,
         tasks,
-        apply_thread: Some(apply_thread),
+        _temp_dir: temp_dir,
     })
+}
+
+/// Starts the Raft group: a new cluster is initialized with `--initial-cluster` (every
+/// founding member does it, with the same membership); a member joining an existing cluster
+/// waits for the leader to reach it; a restarted single member elects itself at once.
+async fn bootstrap(
+    raft: &crate::raft::Raft,
+    config: &Config,
+    id: &Identity,
+    member_id: u64,
+    fresh: bool,
+) -> Result<(), ServerError> {
+    let initialized = raft
+        .is_initialized()
+        .await
+        .map_err(|e| ServerError::Other(format!("raft: {e}")))?;
+    if !initialized {
+        if config.initial_cluster_state == config::ClusterState::Existing {
+            tracing::info!("joining the existing cluster; waiting for its leader");
+            return Ok(());
+        }
+        if !fresh {
+            tracing::info!("data directory without Raft state: bootstrapping it as a new cluster");
+        }
+        match raft.initialize(id.initial.clone()).await {
+            Ok(()) => {}
+            Err(openraft::error::RaftError::APIError(
+                openraft::error::InitializeError::NotAllowed(_),
+            )) => {}
+            Err(e) => return Err(ServerError::Other(format!("raft initialize: {e}"))),
+        }
+        return Ok(());
+    }
+    let m = raft
+        .metrics()
+        .borrow()
+        .membership_config
+        .membership()
+        .clone();
+    let voters: Vec<u64> = m.voter_ids().collect();
+    if voters == [member_id] {
+        let _ = raft.trigger().elect().await;
+    }
+    Ok(())
+}
+
+/// Counts the leader changes this member sees (`metastore_server_leader_changes_seen_total`).
+async fn count_leader_changes(
+    raft: crate::raft::Raft,
+    metrics: Arc<metrics::Metrics>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut rx = raft.metrics();
+    let mut leader = rx.borrow().current_leader;
+    loop {
+        tokio::select! {
+            changed = rx.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+                let now = rx.borrow_and_update().current_leader;
+                if now.is_some() && now != leader {
+                    metrics.leader_changes.inc();
+                }
+                leader = now;
+            }
+            _ = stop.wait_for(|s| *s) => return,
+        }
+    }
+}
+
+/// Publishes this member's name and client URLs into the membership once a leader exists
+/// (etcd's publish), so `member list` shows them; members added by `member add` start
+/// without.
+async fn publish(node: node::NodeRef, mut stop: watch::Receiver<bool>) {
+    let attempt = async {
+        let mut delay = std::time::Duration::from_millis(100);
+        loop {
+            let Ok(n) = node.get() else { return };
+            let req = metastore_proto::raftpb::MemberChangeRequest {
+                change: Some(
+                    metastore_proto::raftpb::member_change_request::Change::Publish(
+                        metastore_proto::raftpb::PublishRequest {
+                            id: n.member.id,
+                            name: n.member.name.clone(),
+                            client_urls: n.member.client_urls.clone(),
+                        },
+                    ),
+                ),
+            };
+            let current = n.replica.membership();
+            let published = current
+                .get_node(&n.member.id)
+                .is_some_and(|m| m.name == n.member.name && m.client_urls == n.member.client_urls);
+            if published {
+                return;
+            }
+            let in_membership = current.get_node(&n.member.id).is_some();
+            if in_membership {
+                match n.replica.member_change(req).await {
+                    Ok(_) => return,
+                    Err(e) => {
+                        tracing::debug!(error = %e, "publishing member attributes; will retry")
+                    }
+                }
+            }
+            drop(n);
+            tokio::time::sleep(delay).await;
+            delay = (delay * 2).min(std::time::Duration::from_secs(2));
+        }
+    };
+    tokio::select! {
+        _ = attempt => {}
+        _ = stop.wait_for(|s| *s) => {}
+    }
 }

@@ -70,14 +70,12 @@ pub struct Node {
     pub lessor: Arc<crate::lease::Lessor>,
     pub lease_ids: super::lease_service::LeaseIds,
     pub proposer: Proposer,
+    pub replica: Arc<crate::raft::replica::Replica>,
     pub member: MemberInfo,
     pub cluster_id: u64,
     pub limits: Limits,
     pub metrics: Arc<Metrics>,
 }
-
-/// The Raft term a single member reports (there are no elections without peers).
-pub const SINGLE_NODE_TERM: u64 = 1;
 
 impl Node {
     /// A full response header at `revision`.
@@ -86,7 +84,7 @@ impl Node {
             cluster_id: self.cluster_id,
             member_id: self.member.id,
             revision,
-            raft_term: SINGLE_NODE_TERM,
+            raft_term: self.replica.term(),
         }
     }
 
@@ -148,7 +146,84 @@ impl Node {
         &self,
         cmd: Command,
     ) -> Result<crate::apply::command::Applied, ApplyError> {
-        self.proposer.propose(cmd).await
+        let r = self.proposer.propose(cmd).await;
+        let reason = match &r {
+            Err(ApplyError::NoLeader) => Some("no_leader"),
+            Err(ApplyError::Timeout) => Some("timeout"),
+            Err(ApplyError::Raft(_)) => Some("raft"),
+            Err(ApplyError::Mvcc(crate::mvcc::Error::Closed)) => Some("stopped"),
+            _ => None,
+        };
+        if let Some(reason) = reason {
+            self.metrics
+                .proposals_failed
+                .with_label_values(&[reason])
+                .inc();
+        }
+        r
+    }
+
+    /// Waits until a read served now is linearizable (ReadIndex, batched).
+    pub async fn linearizable_read(&self) -> Result<(), ApplyError> {
+        self.replica.linearizable_read().await
+    }
+
+    /// Renews lease `id` on the leader (which alone tracks deadlines); returns the TTL.
+    pub async fn renew_lease(&self, id: i64) -> Result<i64, ApplyError> {
+        let lessor = self.lessor.clone();
+        self.replica
+            .lease_keep_alive(id, move |id| lessor.renew(id))
+            .await
+    }
+
+    /// TimeToLive as the leader answers it (a follower asks the leader).
+    pub async fn lease_time_to_live(
+        &self,
+        req: &metastore_proto::etcdserverpb::LeaseTimeToLiveRequest,
+    ) -> Result<metastore_proto::etcdserverpb::LeaseTimeToLiveResponse, ApplyError> {
+        if let Some(mut r) = self.replica.lease_time_to_live_remote(*req).await? {
+            r.header = Some(self.header(self.store.current_revision()));
+            return Ok(r);
+        }
+        self.lease_time_to_live_local(req)
+    }
+
+    /// TimeToLive from this member's lessor (meaningful on the leader).
+    pub fn lease_time_to_live_local(
+        &self,
+        req: &metastore_proto::etcdserverpb::LeaseTimeToLiveRequest,
+    ) -> Result<metastore_proto::etcdserverpb::LeaseTimeToLiveResponse, ApplyError> {
+        use metastore_proto::etcdserverpb::LeaseTimeToLiveResponse;
+        let header = Some(self.header(self.store.current_revision()));
+        let Some((granted, remaining)) = self.lessor.time_to_live(req.id) else {
+            return Ok(LeaseTimeToLiveResponse {
+                header,
+                id: req.id,
+                ttl: -1,
+                ..Default::default()
+            });
+        };
+        let keys = if req.keys {
+            self.store
+                .lease_keys(req.id)?
+                .into_iter()
+                .map(Into::into)
+                .collect()
+        } else {
+            Vec::new()
+        };
+        Ok(LeaseTimeToLiveResponse {
+            header,
+            id: req.id,
+            ttl: remaining,
+            granted_ttl: granted,
+            keys,
+        })
+    }
+
+    /// The members, as the Cluster API lists them.
+    pub fn members(&self) -> Vec<Member> {
+        super::cluster_service::members_of(&self.replica.membership())
     }
 
     /// Refreshes the store gauges (called at scrape time).
@@ -160,5 +235,19 @@ impl Node {
         m.current_revision.set(self.store.current_revision());
         m.compact_revision.set(self.store.compact_revision());
         m.applied_index.set(self.store.applied_index() as i64);
+        let r = &self.replica;
+        let (last, applied) = r.indexes();
+        m.raft_term.set(r.term() as i64);
+        m.is_leader.set(i64::from(r.is_leader()));
+        m.has_leader.set(i64::from(r.leader_id().is_some()));
+        m.raft_committed_index.set(last as i64);
+        m.raft_applied_index.set(applied as i64);
+        m.proposals_pending.set(self.proposer.pending() as i64);
+        m.apply_lag.reset();
+        for (member, matched) in r.replication() {
+            m.apply_lag
+                .with_label_values(&[&format!("{member:x}")])
+                .set(last.saturating_sub(matched) as i64);
+        }
     }
 }

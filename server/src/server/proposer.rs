@@ -1,102 +1,87 @@
-//! The write pipeline: commands queue here and one thread applies them in groups.
+//! The write pipeline: commands queue here, are packed into Raft entries and replicated; each
+//! client waits for the result its own member's apply step produces.
 //!
-//! Group commit: the apply thread takes every command waiting (up to [`MAX_GROUP`]), applies
-//! them one after another (each its own revision), then fsyncs once and answers them all. With
-//! one client that is one fsync per write; with many, the fsync is shared, which is where
-//! throughput under concurrency comes from. Raft will sit in front of the same apply step.
+//! Group commit: the batching task takes every command waiting (up to [`MAX_GROUP`]) and
+//! proposes them as one entry, with a few entries in flight at once; under load, commands
+//! that arrive while entries are in flight form the next, larger entry. One entry costs one
+//! log fsync on each member, whatever the number of commands in it.
 
 use std::sync::Arc;
 
-use tokio::sync::{mpsc, oneshot};
+use metastore_proto::raftpb as pb;
+use prost::Message;
+use tokio::sync::{mpsc, Semaphore};
 
 use crate::apply::command::Applied;
-use crate::apply::{self, ApplyError, Command, LeaseLookup};
-use crate::mvcc::{self, Store};
-use crate::watch::WatchHub;
+use crate::apply::{ApplyError, Command};
+use crate::mvcc;
+use crate::raft::replica::Replica;
+use crate::raft::waiters::Waiters;
 
-/// Most commands applied before one fsync.
+/// Most commands in one entry.
 pub const MAX_GROUP: usize = 1024;
+/// Entries proposed and not yet committed, at most.
+const IN_FLIGHT: usize = 8;
 const QUEUE: usize = 8192;
 
-type Reply = oneshot::Sender<Result<Applied, ApplyError>>;
+/// Metrics hooks the apply step reports to.
+pub trait ApplyObserver: Send + Sync {
+    /// A group of `n` commands was applied.
+    fn group_applied(&self, n: usize);
+}
 
 /// A handle to the write pipeline; cheap to clone.
 #[derive(Clone)]
 pub struct Proposer {
-    tx: mpsc::Sender<(Command, Reply)>,
+    tx: mpsc::Sender<(u64, Command)>,
+    waiters: Arc<Waiters>,
+    timeout: std::time::Duration,
 }
 
-/// The apply thread, to wait for when the server stops.
-pub struct ApplyThread {
-    handle: std::thread::JoinHandle<()>,
-    done: std::sync::mpsc::Receiver<()>,
-}
+impl Proposer {
+    /// Starts the batching task. It ends once every `Proposer` clone is dropped.
+    pub fn start(replica: Arc<Replica>, waiters: Arc<Waiters>) -> Self {
+        let (tx, rx) = mpsc::channel(QUEUE);
+        let timeout = replica.timing.request_timeout();
+        tokio::spawn(run(replica, waiters.clone(), rx));
+        Self {
+            tx,
+            waiters,
+            timeout,
+        }
+    }
 
-impl ApplyThread {
-    /// Waits up to `timeout` for the thread to end (it ends, releasing the store, once every
-    /// `Proposer` is dropped). Returns whether it ended. Bounded, so that a task somewhere still
-    /// holding the node cannot hang a shutdown.
-    pub fn join_timeout(self, timeout: std::time::Duration) -> bool {
-        match self.done.recv_timeout(timeout) {
-            Ok(()) | Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
-                let _ = self.handle.join();
-                true
+    /// Commands proposed and not yet answered.
+    pub fn pending(&self) -> usize {
+        self.waiters.len()
+    }
+
+    /// Proposes `cmd` and waits until this member has applied it.
+    pub async fn propose(&self, cmd: Command) -> Result<Applied, ApplyError> {
+        let (seq, rx) = self.waiters.register();
+        if self.tx.send((seq, cmd)).await.is_err() {
+            self.waiters.cancel(seq);
+            return Err(ApplyError::Mvcc(mvcc::Error::Closed));
+        }
+        match tokio::time::timeout(self.timeout, rx).await {
+            Ok(Ok(r)) => r,
+            Ok(Err(_)) => Err(ApplyError::Mvcc(mvcc::Error::Closed)),
+            Err(_) => {
+                self.waiters.cancel(seq);
+                Err(ApplyError::Timeout)
             }
-            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => false,
         }
     }
 }
 
-/// Metrics hooks the pipeline reports to.
-pub trait ApplyObserver: Send + Sync {
-    /// A group of `n` commands was applied and made durable.
-    fn group_applied(&self, n: usize);
-}
-
-impl Proposer {
-    /// Starts the apply thread over `store`. The thread ends once every `Proposer` clone is
-    /// dropped; join the returned handle to know the store is released.
-    pub fn start(
-        store: Arc<Store>,
-        leases: Arc<dyn LeaseLookup + Send + Sync>,
-        observer: Arc<dyn ApplyObserver>,
-        watch: Arc<WatchHub>,
-    ) -> std::io::Result<(Self, ApplyThread)> {
-        let (tx, rx) = mpsc::channel(QUEUE);
-        let (done_tx, done) = std::sync::mpsc::channel();
-        let handle = std::thread::Builder::new()
-            .name("apply".into())
-            .spawn(move || {
-                // `run` owns the store; it is released when `run` returns, then we signal.
-                run(store, leases, observer, watch, rx);
-                let _ = done_tx.send(());
-            })?;
-        Ok((Self { tx }, ApplyThread { handle, done }))
-    }
-
-    /// Proposes `cmd` and waits until it is applied and durable.
-    pub async fn propose(&self, cmd: Command) -> Result<Applied, ApplyError> {
-        let (reply, rx) = oneshot::channel();
-        self.tx
-            .send((cmd, reply))
-            .await
-            .map_err(|_| ApplyError::Mvcc(mvcc::Error::Closed))?;
-        rx.await
-            .map_err(|_| ApplyError::Mvcc(mvcc::Error::Closed))?
-    }
-}
-
-fn run(
-    store: Arc<Store>,
-    leases: Arc<dyn LeaseLookup + Send + Sync>,
-    observer: Arc<dyn ApplyObserver>,
-    watch: Arc<WatchHub>,
-    mut rx: mpsc::Receiver<(Command, Reply)>,
-) {
-    let mut events = Vec::new();
-    let mut group: Vec<(Command, Reply)> = Vec::with_capacity(MAX_GROUP);
-    let mut results: Vec<(Reply, Result<Applied, ApplyError>)> = Vec::with_capacity(MAX_GROUP);
-    while let Some(first) = rx.blocking_recv() {
+async fn run(replica: Arc<Replica>, waiters: Arc<Waiters>, mut rx: mpsc::Receiver<(u64, Command)>) {
+    let in_flight = Arc::new(Semaphore::new(IN_FLIGHT));
+    let mut group = Vec::with_capacity(MAX_GROUP);
+    while let Some(first) = rx.recv().await {
+        let Ok(permit) = in_flight.clone().acquire_owned().await else {
+            return;
+        };
+        // Take what queued up while we waited for a slot.
         group.push(first);
         while group.len() < MAX_GROUP {
             match rx.try_recv() {
@@ -104,52 +89,35 @@ fn run(
                 Err(_) => break,
             }
         }
-        let n = group.len();
-        match store.applier() {
-            Err(e) => {
-                for (_, reply) in group.drain(..) {
-                    let _ = reply.send(Err(ApplyError::Mvcc(mvcc::Error::Closed)));
-                }
-                tracing::error!(error = %e, "store closed; apply thread stops");
-                return;
-            }
-            Ok(mut applying) => {
-                let mut index = store.applied_index();
-                for (cmd, reply) in group.drain(..) {
-                    index += 1;
-                    let r = apply::apply(&mut applying, index, &cmd, leases.as_ref());
-                    results.push((reply, r));
-                }
-                match applying.publish() {
-                    Ok(rev) => {
-                        // Watchers see a revision only once it is durable, like readers.
-                        for (_, r) in results.iter_mut() {
-                            if let Ok(applied) = r {
-                                events.append(&mut applied.events);
-                            }
+        let seqs: Vec<u64> = group.iter().map(|(s, _)| *s).collect();
+        let batch = pb::CommandBatch {
+            proposals: group
+                .drain(..)
+                .map(|(seq, cmd)| pb::Proposal {
+                    origin: replica.member_id,
+                    seq,
+                    command: Some(crate::raft::codec::command_to_pb(cmd)),
+                })
+                .collect(),
+        };
+        let bytes = batch.encode_to_vec().into();
+        let replica = replica.clone();
+        let waiters = waiters.clone();
+        tokio::spawn(async move {
+            if let Err(e) = replica.submit(bytes).await {
+                let msg = e.to_string();
+                for seq in seqs {
+                    let err = match &e {
+                        ApplyError::NoLeader => ApplyError::NoLeader,
+                        ApplyError::Mvcc(mvcc::Error::Closed) => {
+                            ApplyError::Mvcc(mvcc::Error::Closed)
                         }
-                        if !events.is_empty() {
-                            watch.notify(&events, rev);
-                            events.clear();
-                        }
-                    }
-                    Err(e) => {
-                        tracing::error!(error = %e, "making writes durable failed");
-                        let msg = e.to_string();
-                        for (_, r) in results.iter_mut() {
-                            if r.is_ok() {
-                                *r = Err(ApplyError::Mvcc(mvcc::Error::Storage(
-                                    crate::storage::Error::Engine(msg.clone()),
-                                )));
-                            }
-                        }
-                    }
+                        _ => ApplyError::Raft(msg.trim_start_matches("etcdserver: ").to_string()),
+                    };
+                    waiters.complete(seq, Err(err));
                 }
             }
-        }
-        for (reply, r) in results.drain(..) {
-            let _ = reply.send(r);
-        }
-        observer.group_applied(n);
+            drop(permit);
+        });
     }
 }

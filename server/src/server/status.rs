@@ -27,6 +27,14 @@ pub fn to_status(e: &ApplyError) -> Status {
         E::LeaseExists => Status::failed_precondition(e.to_string()),
         E::LeaseTtlTooLarge => Status::out_of_range(e.to_string()),
         E::NoSpace => Status::resource_exhausted(e.to_string()),
+        E::NoLeader | E::Timeout | E::UnhealthyCluster | E::Raft(_) => {
+            Status::unavailable(e.to_string())
+        }
+        E::MemberNotFound => Status::not_found(e.to_string()),
+        E::PeerUrlExists
+        | E::MemberNotLearner
+        | E::LearnerNotReady
+        | E::NotEnoughStartedMembers => Status::failed_precondition(e.to_string()),
         E::Mvcc(m) => mvcc_status(m),
         #[allow(unreachable_patterns)]
         _ => Status::internal(format!("etcdserver: {e}")),
@@ -52,6 +60,36 @@ mod tests {
     #[test]
     fn etcd_codes_and_messages() {
         let cases: Vec<(ApplyError, Code, &str)> = vec![
+            (
+                ApplyError::NoLeader,
+                Code::Unavailable,
+                "etcdserver: no leader",
+            ),
+            (
+                ApplyError::Timeout,
+                Code::Unavailable,
+                "etcdserver: request timed out",
+            ),
+            (
+                ApplyError::MemberNotFound,
+                Code::NotFound,
+                "etcdserver: member not found",
+            ),
+            (
+                ApplyError::PeerUrlExists,
+                Code::FailedPrecondition,
+                "etcdserver: Peer URLs already exists",
+            ),
+            (
+                ApplyError::LearnerNotReady,
+                Code::FailedPrecondition,
+                "etcdserver: can only promote a learner member which is in sync with leader",
+            ),
+            (
+                ApplyError::MemberNotLearner,
+                Code::FailedPrecondition,
+                "etcdserver: can only promote a learner member",
+            ),
             (
                 ApplyError::EmptyKey,
                 Code::InvalidArgument,

@@ -3,8 +3,11 @@
 //! The inbound half runs in its own task and talks to the [`WatchHub`](crate::watch::WatchHub);
 //! every message for the client, from the hub or from this task, goes through one bounded
 //! channel, so a watcher's `Created` precedes its events and a `Canceled` follows them.
+//! [`open`] is that per-stream logic; the JSON gateway's `POST /v3/watch` drives it too.
 
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 
 use futures::{Stream, StreamExt};
 use metastore_proto::etcdserverpb::watch_request::RequestUnion;
@@ -18,6 +21,8 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
 use super::node::{Node, NodeRef};
+use super::status::to_status;
+use crate::apply::ApplyError;
 use crate::mvcc::KeyRange;
 use crate::watch::{Delivery, StreamId, WatchSpec};
 
@@ -36,38 +41,120 @@ impl WatchService {
 
 type WatchStream = Pin<Box<dyn Stream<Item = Result<WatchResponse, Status>> + Send>>;
 
+/// What a watch stream does when its client stops sending requests.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum InboundEnd {
+    /// Close the stream (its watchers are canceled and the outbound half ends).
+    Close,
+    /// Keep the watchers running until the outbound half is dropped (the client went away)
+    /// or the node stops: the JSON gateway sends its requests and then only reads.
+    KeepOpen,
+}
+
+/// Opens a watch stream driven by `inbound`: the per-stream logic behind both the gRPC
+/// `Watch` method and the gateway's `POST /v3/watch`. The stream ends when the inbound half
+/// fails, when it ends (with [`InboundEnd::Close`]), or when the node stops; dropping the
+/// returned stream releases its watchers.
+pub fn open<S>(
+    node: &NodeRef,
+    inbound: S,
+    on_end: InboundEnd,
+) -> Result<impl Stream<Item = WatchResponse> + Send + 'static, Status>
+where
+    S: Stream<Item = Result<WatchRequest, Status>> + Send + Unpin + 'static,
+{
+    let live = node.get()?;
+    let (tx, rx) = mpsc::channel(STREAM_BUFFER);
+    let stream = live.watch.open_stream(tx.clone());
+    tokio::spawn(serve_inbound(node.clone(), stream, inbound, tx, on_end));
+    let weak = node.clone();
+    let max = live.limits.max_request_bytes;
+    Ok(ReceiverStream::new(rx).flat_map(move |d| {
+        let responses = match weak.get() {
+            Ok(node) => to_responses(&node, d, max),
+            Err(_) => Vec::new(),
+        };
+        futures::stream::iter(responses)
+    }))
+}
+
 #[tonic::async_trait]
 impl Watch for WatchService {
     async fn watch(
         &self,
         req: Request<Streaming<WatchRequest>>,
     ) -> Result<Response<WatchStream>, Status> {
+        // etcd's `hasleader` metadata: such a stream is refused without a leader, and ended
+        // with "no leader" once the leader has been gone for three election timeouts.
+        let require_leader = req
+            .metadata()
+            .get(REQUIRE_LEADER_KEY)
+            .and_then(|v| v.to_str().ok())
+            == Some("true");
+        if !require_leader {
+            let out = open(&self.node, req.into_inner(), InboundEnd::Close)?;
+            return Ok(Response::new(Box::pin(out.map(Ok))));
+        }
         let node = self.node.get()?;
-        let (tx, rx) = mpsc::channel(STREAM_BUFFER);
-        let stream = node.watch.open_stream(tx.clone());
-        let inbound = req.into_inner();
-        tokio::spawn(serve_inbound(self.node.clone(), stream, inbound, tx));
-        let weak = self.node.clone();
-        let max = node.limits.max_request_bytes;
-        let out = ReceiverStream::new(rx).flat_map(move |d| {
-            let responses = match weak.get() {
-                Ok(node) => to_responses(&node, d, max),
-                Err(_) => Vec::new(),
-            };
-            futures::stream::iter(responses.into_iter().map(Ok))
-        });
-        Ok(Response::new(Box::pin(out)))
+        if node.replica.leader_id().is_none() {
+            return Err(to_status(&ApplyError::NoLeader));
+        }
+        let election = node.replica.timing.election;
+        drop(node);
+        let out = open(&self.node, req.into_inner(), InboundEnd::Close)?;
+        let lost = Arc::new(AtomicBool::new(false));
+        let monitor = leader_lost(self.node.clone(), election, lost.clone());
+        let ending =
+            futures::stream::once(async move { lost.load(Ordering::SeqCst) }).filter_map(|lost| {
+                futures::future::ready(lost.then(|| Err(to_status(&ApplyError::NoLeader))))
+            });
+        Ok(Response::new(Box::pin(
+            out.map(Ok).take_until(monitor).chain(ending),
+        )))
     }
 }
 
-async fn serve_inbound(
+/// The gRPC metadata key etcd clients set (`WithRequireLeader`) on streams that must end
+/// when the cluster loses its leader.
+pub const REQUIRE_LEADER_KEY: &str = "hasleader";
+
+/// Resolves (setting `lost`) once the node has seen no leader for three election timeouts in
+/// a row, as etcd's `monitorLeader` does; never resolves while the node runs with a leader.
+async fn leader_lost(node: NodeRef, election: std::time::Duration, lost: Arc<AtomicBool>) {
+    let mut missing = 0;
+    loop {
+        tokio::time::sleep(election).await;
+        let Ok(n) = node.get() else { return };
+        if n.replica.leader_id().is_none() {
+            missing += 1;
+        } else {
+            missing = 0;
+        }
+        if missing >= 3 {
+            lost.store(true, Ordering::SeqCst);
+            return;
+        }
+    }
+}
+
+/// How often a kept-open stream whose client sends nothing more checks that the node runs.
+const LIVENESS_TICK: std::time::Duration = std::time::Duration::from_secs(1);
+
+async fn serve_inbound<S>(
     node: NodeRef,
     stream: StreamId,
-    mut inbound: Streaming<WatchRequest>,
+    mut inbound: S,
     tx: mpsc::Sender<Delivery>,
-) {
-    while let Some(Ok(req)) = inbound.next().await {
-        let Ok(node) = node.get() else { break };
+    on_end: InboundEnd,
+) where
+    S: Stream<Item = Result<WatchRequest, Status>> + Send + Unpin + 'static,
+{
+    let mut ended = false;
+    while let Some(item) = inbound.next().await {
+        let (Ok(req), Ok(node)) = (item, node.get()) else {
+            ended = true;
+            break;
+        };
         let reply = match req.request_union {
             Some(RequestUnion::CreateRequest(c)) => create(&node, stream, c, &tx).await,
             Some(RequestUnion::CancelRequest(c)) => match node.watch.cancel(stream, c.watch_id) {
@@ -90,7 +177,23 @@ async fn serve_inbound(
             None => true,
         };
         if !reply {
+            ended = true;
             break;
+        }
+    }
+    if on_end == InboundEnd::KeepOpen && !ended {
+        // The client only reads from now on: wait until it goes away (the receiver is
+        // dropped) or the node stops, whichever comes first.
+        let mut tick = tokio::time::interval(LIVENESS_TICK);
+        loop {
+            tokio::select! {
+                _ = tx.closed() => break,
+                _ = tick.tick() => {
+                    if node.get().is_err() {
+                        break;
+                    }
+                }
+            }
         }
     }
     if let Ok(node) = node.get() {

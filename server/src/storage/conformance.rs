@@ -147,3 +147,118 @@ fn rocksdb_data_survives_reopen() {
         Some(b"yes".to_vec())
     );
 }
+
+fn keys(e: &dyn Engine, table: Table) -> Vec<Vec<u8>> {
+    collect(e, table, b"").into_iter().map(|(k, _)| k).collect()
+}
+
+fn put_all(e: &dyn Engine, table: Table, ks: &[&[u8]]) {
+    let mut b = WriteBatch::new();
+    for k in ks {
+        b.put(table, k.to_vec(), b"v".to_vec());
+    }
+    e.write(b, false).expect("write");
+}
+
+#[test]
+fn delete_range_removes_exactly_the_half_open_range() {
+    for (e, _dir) in engines() {
+        let e = e.as_ref();
+        put_all(e, Table::Kv, &[b"a", b"b", b"b\0", b"c", b"d"]);
+        put_all(e, Table::Rev, &[b"b"]);
+        let mut b = WriteBatch::new();
+        b.delete_range(Table::Kv, b"b".to_vec(), Some(b"d".to_vec()));
+        e.write(b, true).expect("write");
+        assert_eq!(
+            keys(e, Table::Kv),
+            vec![b"a".to_vec(), b"d".to_vec()],
+            "{}",
+            e.name()
+        );
+        assert_eq!(
+            keys(e, Table::Rev),
+            vec![b"b".to_vec()],
+            "other tables untouched"
+        );
+
+        // An empty or inverted range deletes nothing.
+        let mut b = WriteBatch::new();
+        b.delete_range(Table::Kv, b"d".to_vec(), Some(b"d".to_vec()));
+        b.delete_range(Table::Kv, b"z".to_vec(), Some(b"a".to_vec()));
+        e.write(b, true).expect("write");
+        assert_eq!(keys(e, Table::Kv).len(), 2, "{}", e.name());
+    }
+}
+
+#[test]
+fn open_ended_delete_range_reaches_the_last_key() {
+    for (e, _dir) in engines() {
+        let e = e.as_ref();
+        put_all(
+            e,
+            Table::Meta,
+            &[b"a", b"raft/x", b"z", &[0xff, 0xff, 0xff]],
+        );
+        let mut b = WriteBatch::new();
+        b.delete_range(Table::Meta, b"raft/".to_vec(), None);
+        e.write(b, true).expect("write");
+        assert_eq!(keys(e, Table::Meta), vec![b"a".to_vec()], "{}", e.name());
+
+        // Past the last key: nothing to do.
+        let mut b = WriteBatch::new();
+        b.delete_range(Table::Meta, b"b".to_vec(), None);
+        e.write(b, true).expect("write");
+        assert_eq!(keys(e, Table::Meta), vec![b"a".to_vec()], "{}", e.name());
+    }
+}
+
+#[test]
+fn clear_table_is_ordered_with_the_rest_of_its_batch() {
+    for (e, _dir) in engines() {
+        let e = e.as_ref();
+        put_all(e, Table::Kv, &[b"old1", b"old2"]);
+        put_all(e, Table::Lease, &[b"lease"]);
+        let before = e.snapshot();
+        let mut b = WriteBatch::new();
+        // Written earlier in the batch, and beyond every key already stored: still cleared.
+        b.put(Table::Kv, vec![0xff; 8], b"doomed".to_vec());
+        b.clear_table(Table::Kv);
+        b.put(Table::Kv, b"new".to_vec(), b"kept".to_vec());
+        b.clear_table(Table::Rev); // an empty table
+        e.write(b, true).expect("write");
+        assert_eq!(keys(e, Table::Kv), vec![b"new".to_vec()], "{}", e.name());
+        assert!(keys(e, Table::Rev).is_empty());
+        assert_eq!(keys(e, Table::Lease), vec![b"lease".to_vec()]);
+        // An earlier snapshot still sees everything.
+        let mut it = before.iter(Table::Kv);
+        it.seek(b"");
+        let mut seen = Vec::new();
+        while it.valid() {
+            seen.push(it.key().to_vec());
+            it.next();
+        }
+        assert_eq!(
+            seen,
+            vec![b"old1".to_vec(), b"old2".to_vec()],
+            "{}",
+            e.name()
+        );
+    }
+}
+
+#[test]
+fn memory_engine_size_follows_range_deletes() {
+    let e = MemoryEngine::new();
+    put_all(&e, Table::Kv, &[b"a", b"b", b"c"]);
+    put_all(&e, Table::Meta, &[b"m"]);
+    assert_eq!(e.size_bytes(), 8);
+    let mut b = WriteBatch::new();
+    b.delete_range(Table::Kv, b"b".to_vec(), None);
+    e.write(b, false).expect("write");
+    assert_eq!(e.size_bytes(), 4);
+    let mut b = WriteBatch::new();
+    b.clear_table(Table::Kv);
+    b.clear_table(Table::Meta);
+    e.write(b, false).expect("write");
+    assert_eq!(e.size_bytes(), 0);
+}

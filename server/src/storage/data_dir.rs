@@ -4,8 +4,22 @@
 //!
 //! ```text
 //! <data-dir>/metastore.json   the stamp (this module)
+//! <data-dir>/migration.json   present only while an offline migration is unfinished
 //! <data-dir>/db/              the RocksDB database
 //! ```
+//!
+//! # Storage format and migrations
+//!
+//! The stamp's `storage_format` is the format the directory's records are written in, and the
+//! format the server keeps writing: [`DataDir::open_or_create`] refuses to open a directory
+//! for a different format (`metastore migrate` converts it offline).
+//!
+//! While an offline migration (`crate::migrate`) is unfinished, `migration.json` names its
+//! target format and the stamp's `storage_format` is the *highest* format the directory may
+//! then hold (the records are a mix of the old and the new format), so that a binary that
+//! cannot read one of them refuses the directory by the ordinary format check. The server
+//! refuses such a directory too, pointing to `metastore migrate`, which resumes it; finishing
+//! sets the stamp to the target and removes `migration.json`.
 
 use std::fs;
 use std::io::Write;
@@ -13,12 +27,22 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use super::codec::READABLE_FORMATS;
+use super::codec;
 use super::{Error, Result};
 
 /// The directory layout this binary writes and understands.
 pub const LAYOUT_VERSION: u32 = 1;
 const STAMP_FILE: &str = "metastore.json";
+const MIGRATION_FILE: &str = "migration.json";
+
+/// The marker of an unfinished offline migration (`migration.json`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MigrationMarker {
+    /// The format the migration converts every record to.
+    pub to: u8,
+    /// The binary that started it, for humans.
+    pub started_by: String,
+}
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Stamp {
@@ -41,11 +65,34 @@ pub struct Stamp {
 pub struct DataDir {
     path: PathBuf,
     stamp: Stamp,
+    migration: Option<MigrationMarker>,
+}
+
+/// Reads the stamp of `path` without checking it: `None` if the directory has none (yet).
+/// For choosing defaults (the server's `--storage-format`); opening goes through
+/// [`DataDir::open_or_create`] or [`DataDir::open_existing`], which check.
+pub fn read_stamp(path: &Path) -> Result<Option<Stamp>> {
+    let stamp_path = path.join(STAMP_FILE);
+    if !stamp_path.exists() {
+        return Ok(None);
+    }
+    let text = fs::read_to_string(&stamp_path).map_err(|source| Error::Io {
+        path: stamp_path.clone(),
+        source,
+    })?;
+    serde_json::from_str(&text)
+        .map(Some)
+        .map_err(|e| Error::DataDir {
+            path: path.to_path_buf(),
+            reason: format!("unreadable {STAMP_FILE}: {e}"),
+        })
 }
 
 impl DataDir {
-    /// Opens `path`, stamping it with `fresh` if it holds nothing yet. An existing stamp wins
-    /// over `fresh` (ids are kept), but it must be readable by this binary.
+    /// Opens `path` for the server, stamping it with `fresh` if it holds nothing yet. An
+    /// existing stamp wins over `fresh` (ids are kept), but it must be readable by this
+    /// binary, be at `fresh.storage_format` (the format the server will write), and have no
+    /// unfinished offline migration.
     pub fn open_or_create(path: &Path, fresh: Stamp) -> Result<Self> {
         let err = |reason: String| Error::DataDir {
             path: path.to_path_buf(),
@@ -57,11 +104,30 @@ impl DataDir {
         };
         fs::create_dir_all(path).map_err(io)?;
         let stamp_path = path.join(STAMP_FILE);
-        let stamp = if stamp_path.exists() {
-            let text = fs::read_to_string(&stamp_path).map_err(io)?;
-            let stamp: Stamp = serde_json::from_str(&text)
-                .map_err(|e| err(format!("unreadable {STAMP_FILE}: {e}")))?;
+        let stamp = if let Some(stamp) = read_stamp(path)? {
             check(&stamp).map_err(err)?;
+            if let Some(m) = read_marker(path)? {
+                return Err(err(format!(
+                    "an offline storage-format migration to format {} is unfinished; finish it \
+                     with `metastore migrate --data-dir {} --to {}` (or go back with `--to` the \
+                     previous format) before starting the server",
+                    m.to,
+                    path.display(),
+                    m.to
+                )));
+            }
+            if stamp.storage_format != fresh.storage_format {
+                return Err(err(format!(
+                    "holds storage format {} but format {} was asked for (--storage-format); \
+                     convert the directory with `metastore migrate --data-dir {} --to {}` while \
+                     the server is stopped, or start without --storage-format to keep format {}",
+                    stamp.storage_format,
+                    fresh.storage_format,
+                    path.display(),
+                    fresh.storage_format,
+                    stamp.storage_format
+                )));
+            }
             stamp
         } else {
             if path.join("db").exists() || path.join("member").exists() {
@@ -77,7 +143,85 @@ impl DataDir {
         Ok(Self {
             path: path.to_path_buf(),
             stamp,
+            migration: None,
         })
+    }
+
+    /// Opens an existing, stamped directory for an offline tool (`metastore migrate`): the
+    /// stamp must be readable by this binary; an unfinished migration is reported by
+    /// [`migration`](Self::migration), not refused.
+    pub fn open_existing(path: &Path) -> Result<Self> {
+        let err = |reason: String| Error::DataDir {
+            path: path.to_path_buf(),
+            reason,
+        };
+        let stamp = read_stamp(path)?
+            .ok_or_else(|| err(format!("no {STAMP_FILE}: not a MetaStore data directory")))?;
+        check(&stamp).map_err(err)?;
+        let migration = read_marker(path)?;
+        if let Some(m) = &migration {
+            if !codec::is_supported(m.to) {
+                return Err(err(format!(
+                    "an unfinished migration to storage format {} that this binary cannot \
+                     write (it supports formats {:?})",
+                    m.to,
+                    codec::supported_formats()
+                )));
+            }
+        }
+        Ok(Self {
+            path: path.to_path_buf(),
+            stamp,
+            migration,
+        })
+    }
+
+    /// The unfinished offline migration, if any (only [`open_existing`](Self::open_existing)
+    /// opens such a directory).
+    pub fn migration(&self) -> Option<&MigrationMarker> {
+        self.migration.as_ref()
+    }
+
+    /// Records that a migration to `to` has begun: writes the marker, then raises the stamp's
+    /// format to the highest format the directory may hold from now on (module docs). Both
+    /// are durable when this returns.
+    pub fn begin_migration(&mut self, to: u8) -> Result<()> {
+        let io = |source| Error::Io {
+            path: self.path.clone(),
+            source,
+        };
+        let marker = MigrationMarker {
+            to,
+            started_by: format!("metastore {}", env!("CARGO_PKG_VERSION")),
+        };
+        write_atomically(&self.path.join(MIGRATION_FILE), &marker).map_err(io)?;
+        let mut stamp = self.stamp.clone();
+        stamp.storage_format = stamp.storage_format.max(to);
+        write_atomically(&self.path.join(STAMP_FILE), &stamp).map_err(io)?;
+        self.stamp = stamp;
+        self.migration = Some(marker);
+        Ok(())
+    }
+
+    /// Records that every record is in format `to`: stamps it, then removes the marker.
+    pub fn finish_migration(&mut self, to: u8) -> Result<()> {
+        let io = |source| Error::Io {
+            path: self.path.clone(),
+            source,
+        };
+        let mut stamp = self.stamp.clone();
+        stamp.storage_format = to;
+        write_atomically(&self.path.join(STAMP_FILE), &stamp).map_err(io)?;
+        self.stamp = stamp;
+        let marker = self.path.join(MIGRATION_FILE);
+        if marker.exists() {
+            fs::remove_file(&marker).map_err(io)?;
+            fs::File::open(&self.path)
+                .and_then(|d| d.sync_all())
+                .map_err(io)?;
+        }
+        self.migration = None;
+        Ok(())
     }
 
     pub fn stamp(&self) -> &Stamp {
@@ -93,6 +237,23 @@ impl DataDir {
     }
 }
 
+fn read_marker(path: &Path) -> Result<Option<MigrationMarker>> {
+    let marker_path = path.join(MIGRATION_FILE);
+    if !marker_path.exists() {
+        return Ok(None);
+    }
+    let text = fs::read_to_string(&marker_path).map_err(|source| Error::Io {
+        path: marker_path.clone(),
+        source,
+    })?;
+    serde_json::from_str(&text)
+        .map(Some)
+        .map_err(|e| Error::DataDir {
+            path: path.to_path_buf(),
+            reason: format!("unreadable {MIGRATION_FILE}: {e}"),
+        })
+}
+
 fn check(stamp: &Stamp) -> std::result::Result<(), String> {
     if stamp.layout_version > LAYOUT_VERSION {
         return Err(format!(
@@ -100,19 +261,20 @@ fn check(stamp: &Stamp) -> std::result::Result<(), String> {
             stamp.created_by, stamp.layout_version, LAYOUT_VERSION
         ));
     }
-    if !READABLE_FORMATS.contains(&stamp.storage_format) {
+    if !codec::is_supported(stamp.storage_format) {
         return Err(format!(
             "holds storage format {}, which this binary cannot read (it reads formats {:?})",
-            stamp.storage_format, READABLE_FORMATS
+            stamp.storage_format,
+            codec::supported_formats()
         ));
     }
     Ok(())
 }
 
-fn write_atomically(path: &Path, stamp: &Stamp) -> std::io::Result<()> {
+fn write_atomically(path: &Path, value: &impl Serialize) -> std::io::Result<()> {
     let tmp = path.with_extension("json.tmp");
     let mut f = fs::File::create(&tmp)?;
-    let text = serde_json::to_string_pretty(stamp).map_err(std::io::Error::other)?;
+    let text = serde_json::to_string_pretty(value).map_err(std::io::Error::other)?;
     f.write_all(text.as_bytes())?;
     f.sync_all()?;
     fs::rename(&tmp, path)?;
@@ -167,6 +329,65 @@ mod tests {
             .map(|_| ())
             .expect_err("must fail");
         assert!(e.to_string().contains("newer MetaStore"), "{e}");
+        Ok(())
+    }
+
+    #[test]
+    fn refuses_a_different_format_than_the_directory_holds() -> anyhow::Result<()> {
+        let dir = tempfile::tempdir()?;
+        DataDir::open_or_create(dir.path(), stamp(1))?;
+        let e = DataDir::open_or_create(dir.path(), stamp(2))
+            .map(|_| ())
+            .expect_err("must fail");
+        let msg = e.to_string();
+        assert!(msg.contains("holds storage format 1 but format 2"), "{msg}");
+        assert!(msg.contains("metastore migrate"), "{msg}");
+        assert_eq!(read_stamp(dir.path())?.map(|s| s.storage_format), Some(1));
+        Ok(())
+    }
+
+    #[test]
+    fn an_unfinished_migration_blocks_the_server_until_finished() -> anyhow::Result<()> {
+        let dir = tempfile::tempdir()?;
+        DataDir::open_or_create(dir.path(), stamp(2))?;
+        let mut d = DataDir::open_existing(dir.path())?;
+        assert_eq!(d.migration(), None);
+        d.begin_migration(1)?;
+        // The stamp shows the highest format the directory may hold.
+        assert_eq!(read_stamp(dir.path())?.map(|s| s.storage_format), Some(2));
+        for format in [1, 2] {
+            let e = DataDir::open_or_create(dir.path(), stamp(format))
+                .map(|_| ())
+                .expect_err("must fail");
+            assert!(
+                e.to_string().contains("metastore migrate --data-dir"),
+                "{e}"
+            );
+        }
+        let mut d = DataDir::open_existing(dir.path())?;
+        assert_eq!(d.migration().map(|m| m.to), Some(1));
+        d.finish_migration(1)?;
+        assert!(!dir.path().join(MIGRATION_FILE).exists());
+        assert_eq!(
+            DataDir::open_or_create(dir.path(), stamp(1))?
+                .stamp()
+                .storage_format,
+            1
+        );
+        Ok(())
+    }
+
+    #[test]
+    fn open_existing_needs_a_stamp() -> anyhow::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let e = DataDir::open_existing(dir.path())
+            .map(|_| ())
+            .expect_err("must fail");
+        assert!(
+            e.to_string().contains("not a MetaStore data directory"),
+            "{e}"
+        );
+        assert_eq!(read_stamp(dir.path())?, None);
         Ok(())
     }
 

@@ -14,10 +14,21 @@ pub enum Table {
     Meta,
     /// Leases: `be64(id)` → granted TTL (i64 LE); `be64(id) ++ key` → empty (an attached key).
     Lease,
+    /// The Raft log: `be64(index)` → entry (see `raft::codec`). Not part of the state machine.
+    RaftLog,
+    /// Raft's own durable state: the vote, the last purged log id. Not part of the state machine.
+    RaftState,
 }
 
 impl Table {
-    pub const ALL: [Table; 4] = [Table::Kv, Table::Rev, Table::Meta, Table::Lease];
+    pub const ALL: [Table; 6] = [
+        Table::Kv,
+        Table::Rev,
+        Table::Meta,
+        Table::Lease,
+        Table::RaftLog,
+        Table::RaftState,
+    ];
 
     pub fn name(self) -> &'static str {
         match self {
@@ -25,6 +36,8 @@ impl Table {
             Table::Rev => "rev",
             Table::Meta => "meta",
             Table::Lease => "lease",
+            Table::RaftLog => "raft_log",
+            Table::RaftState => "raft_state",
         }
     }
 
@@ -44,6 +57,14 @@ pub enum WriteOp {
     Delete {
         table: Table,
         key: Vec<u8>,
+    },
+    /// Deletes every key `k` of `table` with `start <= k < end`; `end: None` means to the end
+    /// of the table (`start: vec![], end: None` empties it). Ordered with the batch's other
+    /// writes like a delete of each key in the range.
+    DeleteRange {
+        table: Table,
+        start: Vec<u8>,
+        end: Option<Vec<u8>>,
     },
 }
 
@@ -67,6 +88,17 @@ impl WriteBatch {
     pub fn delete(&mut self, table: Table, key: Vec<u8>) {
         self.bytes += key.len();
         self.ops.push(WriteOp::Delete { table, key });
+    }
+
+    /// Deletes `[start, end)` of `table` (`end: None`: to the end); see [`WriteOp::DeleteRange`].
+    pub fn delete_range(&mut self, table: Table, start: Vec<u8>, end: Option<Vec<u8>>) {
+        self.bytes += start.len() + end.as_ref().map_or(0, Vec::len);
+        self.ops.push(WriteOp::DeleteRange { table, start, end });
+    }
+
+    /// Empties `table`.
+    pub fn clear_table(&mut self, table: Table) {
+        self.delete_range(table, Vec::new(), None);
     }
 
     pub fn is_empty(&self) -> bool {

@@ -13,6 +13,9 @@ pub enum Error {
     /// The data directory cannot be used by this binary.
     #[error("data directory {path}: {reason}")]
     DataDir { path: PathBuf, reason: String },
+    /// A snapshot file is damaged, of another format, or could not be read or written.
+    #[error(transparent)]
+    Snapshot(#[from] super::snapshot::SnapshotError),
     #[error("I/O error on {path}: {source}")]
     Io {
         path: PathBuf,

@@ -15,7 +15,7 @@ use super::{Error, Result};
 type Map = OrdMap<Vec<u8>, Vec<u8>>;
 
 #[derive(Clone, Default)]
-struct Tables([Map; 4]);
+struct Tables([Map; Table::ALL.len()]);
 
 /// The in-memory engine (`--engine memory`).
 #[derive(Default)]
@@ -73,6 +73,9 @@ impl Engine for MemoryEngine {
                         delta -= (key.len() + old.len()) as i64;
                     }
                 }
+                WriteOp::DeleteRange { table, start, end } => {
+                    delta -= delete_range(&mut t.0[table.index()], &start, end.as_deref());
+                }
             }
         }
         if delta >= 0 {
@@ -99,6 +102,29 @@ impl Engine for MemoryEngine {
     fn defragment(&self) -> Result<()> {
         Ok(())
     }
+}
+
+/// Removes `[start, end)` from `map`; returns the bytes (keys and values) removed.
+///
+/// O(m log n) for m removed keys; emptying the whole table is O(n) and frees the old map in
+/// one go. (imbl's `split` rebuilds the whole map, so it is not used here.)
+fn delete_range(map: &mut Map, start: &[u8], end: Option<&[u8]>) -> i64 {
+    let size = |k: &[u8], v: &[u8]| (k.len() + v.len()) as i64;
+    if start.is_empty() && end.is_none() {
+        return std::mem::take(map).iter().map(|(k, v)| size(k, v)).sum();
+    }
+    if end.is_some_and(|end| end <= start) {
+        return 0;
+    }
+    let upper = end.map_or(Bound::Unbounded, Bound::Excluded);
+    let doomed: Vec<Vec<u8>> = map
+        .range::<_, [u8]>((Bound::Included(start), upper))
+        .map(|(k, _)| k.clone())
+        .collect();
+    doomed
+        .into_iter()
+        .filter_map(|k| map.remove(&k).map(|v| size(&k, &v)))
+        .sum()
 }
 
 struct MemorySnapshot {

@@ -8,6 +8,7 @@
 //! - [`rocks`]: [`RocksEngine`], one RocksDB column family per [`Table`].
 //! - [`codec`]: the record encodings, one per storage format version.
 //! - [`data_dir`]: the data directory's stamp (format, ids), checked before anything is opened.
+//! - [`snapshot`]: the backup snapshot file (Maintenance.Snapshot, `metastore snapshot restore`).
 //!
 //! Every engine passes the same conformance suite (`conformance` in the tests below).
 
@@ -17,6 +18,7 @@ pub mod engine;
 mod error;
 pub mod memory;
 pub mod rocks;
+pub mod snapshot;
 
 pub use engine::{Engine, EngineIter, Snapshot, Table, WriteBatch};
 pub use error::{Error, Result};

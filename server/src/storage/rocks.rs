@@ -1,7 +1,7 @@
 //! [`RocksEngine`]: the durable default engine, one RocksDB column family per [`Table`].
 
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use rocksdb::{
@@ -36,6 +36,11 @@ pub struct RocksEngine {
     path: PathBuf,
     /// `(when, bytes)` of the last on-disk size measurement.
     disk: Mutex<(Option<Instant>, u64)>,
+    /// Writes share this lock; a batch with an open-ended [`WriteOp::DeleteRange`] takes it
+    /// exclusively. RocksDB's range deletion needs an end key, so the open end is resolved to
+    /// the table's last key at write time, and no other write may add a key beyond it
+    /// in between (that would break the batch's atomicity).
+    writes: RwLock<()>,
 }
 
 /// How long an on-disk size measurement is reused (the quota check runs on every write).
@@ -71,6 +76,7 @@ impl RocksEngine {
             db,
             path: path.to_path_buf(),
             disk: Mutex::new((None, 0)),
+            writes: RwLock::new(()),
         })
     }
 
@@ -110,11 +116,62 @@ impl Engine for RocksEngine {
     }
 
     fn write(&self, batch: WriteBatch, sync: bool) -> Result<()> {
+        let open_ended = batch
+            .ops()
+            .iter()
+            .any(|op| matches!(op, WriteOp::DeleteRange { end: None, .. }));
+        let poisoned = || Error::Engine("rocksdb write lock poisoned".into());
+        // Exactly one of the two guards is taken; it is held until the write returns.
+        let _exclusive;
+        let _shared;
+        if open_ended {
+            _exclusive = self.writes.write().map_err(|_| poisoned())?;
+        } else {
+            _shared = self.writes.read().map_err(|_| poisoned())?;
+        }
         let mut wb = rocksdb::WriteBatch::default();
+        // Per table, the greatest key put so far in this batch: an open-ended range deletion
+        // must cover those too.
+        let mut batch_max: [Option<&[u8]>; Table::ALL.len()] = Default::default();
         for op in batch.ops() {
             match op {
-                WriteOp::Put { table, key, value } => wb.put_cf(self.cf(*table)?, key, value),
+                WriteOp::Put { table, key, value } => {
+                    let max = &mut batch_max[table.index()];
+                    if max.is_none_or(|m| m < key.as_slice()) {
+                        *max = Some(key);
+                    }
+                    wb.put_cf(self.cf(*table)?, key, value)
+                }
                 WriteOp::Delete { table, key } => wb.delete_cf(self.cf(*table)?, key),
+                WriteOp::DeleteRange {
+                    table,
+                    start,
+                    end: Some(end),
+                } => {
+                    // RocksDB refuses an inverted range; an empty one deletes nothing.
+                    if start < end {
+                        wb.delete_range_cf(self.cf(*table)?, start, end)
+                    }
+                }
+                WriteOp::DeleteRange {
+                    table,
+                    start,
+                    end: None,
+                } => {
+                    let cf = self.cf(*table)?;
+                    let mut it = self.db.raw_iterator_cf(cf);
+                    it.seek_to_last();
+                    it.status()?;
+                    let last = match (it.key(), batch_max[table.index()]) {
+                        (Some(db), Some(b)) => Some(db.max(b).to_vec()),
+                        (db, b) => db.or(b).map(<[u8]>::to_vec),
+                    };
+                    if let Some(last) = last.filter(|last| last.as_slice() >= start.as_slice()) {
+                        // [start, last) by range, then `last` itself.
+                        wb.delete_range_cf(cf, start, &last);
+                        wb.delete_cf(cf, &last);
+                    }
+                }
             }
         }
         let mut wo = WriteOptions::default();

@@ -353,6 +353,20 @@ impl WatchHub {
         }
     }
 
+    /// The key space jumped to `rev` without events (a Raft snapshot replaced it): every
+    /// watcher leaves the fast path and catches up from history, as a slow one does.
+    pub fn resync(&self, rev: i64) {
+        let mut st = self.lock();
+        for s in st.streams.values_mut() {
+            for w in s.watchers.values_mut() {
+                w.synced = false;
+            }
+        }
+        st.notified_rev = st.notified_rev.max(rev);
+        drop(st);
+        self.inner.wake.notify_all();
+    }
+
     /// Watchers not yet caught up (for tests and metrics).
     pub fn unsynced_count(&self) -> usize {
         self.lock()

@@ -21,12 +21,16 @@ impl TestServer {
             "metastore".to_string(),
             "--listen-client-urls".into(),
             "http://127.0.0.1:0".into(),
+            // One member: its peer port is never dialled, but tests run in parallel.
+            "--listen-peer-urls".into(),
+            "http://127.0.0.1:0".into(),
             "--data-dir".into(),
             data.display().to_string(),
         ];
         args.extend(extra.iter().map(|s| s.to_string()));
         let config = Config::load(args)?;
         let server = metastore::server::start(&config).await?;
+        wait_ready(&server).await?;
         Ok(Self { server, _dir: dir })
     }
 
@@ -36,6 +40,30 @@ impl TestServer {
 
     pub async fn client(&self) -> anyhow::Result<Client> {
         Ok(Client::connect([format!("http://{}", self.addr())], None).await?)
+    }
+}
+
+/// Waits until the member leads or follows a leader and has published its name and client
+/// URLs: what `/health` reports, and when etcd starts serving clients.
+pub async fn wait_ready(server: &Server) -> anyhow::Result<()> {
+    let start = Instant::now();
+    loop {
+        let node = server
+            .node()
+            .ok_or_else(|| anyhow::anyhow!("server stopped"))?;
+        let published = node
+            .replica
+            .membership()
+            .get_node(&node.member.id)
+            .is_some_and(|m| m.name == node.member.name && !m.client_urls.is_empty());
+        if published && node.replica.leader_id().is_some() {
+            return Ok(());
+        }
+        anyhow::ensure!(
+            start.elapsed() < Duration::from_secs(10),
+            "member not ready after 10 s"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
 
@@ -60,6 +88,7 @@ impl Proc {
                 "METASTORE_LISTEN_CLIENT_URLS",
                 format!("http://127.0.0.1:{port}"),
             )
+            .env("METASTORE_LISTEN_PEER_URLS", "http://127.0.0.1:0")
             .env("METASTORE_LOG_LEVEL", "warn")
             .stdout(Stdio::null())
             .stderr(Stdio::inherit());

@@ -25,7 +25,7 @@ fn resign_opts(l: &LeaderKey) -> Option<ResignOptions> {
     Some(ResignOptions::new().with_leader(l.clone()))
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn campaign_leader_proclaim_observe_resign() -> anyhow::Result<()> {
     let s = TestServer::start(&[]).await?;
     let mut c = s.client().await?;
@@ -90,7 +90,7 @@ async fn campaign_leader_proclaim_observe_resign() -> anyhow::Result<()> {
     Ok(())
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn observe_waits_for_a_first_leader() -> anyhow::Result<()> {
     let s = TestServer::start(&[]).await?;
     let c = s.client().await?;
@@ -116,7 +116,7 @@ async fn observe_waits_for_a_first_leader() -> anyhow::Result<()> {
     Ok(())
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn revoking_the_leaders_lease_elects_the_next() -> anyhow::Result<()> {
     let s = TestServer::start(&[]).await?;
     let mut c: Client = s.client().await?;
@@ -136,7 +136,7 @@ async fn revoking_the_leaders_lease_elects_the_next() -> anyhow::Result<()> {
     Ok(())
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn errors() -> anyhow::Result<()> {
     let s = TestServer::start(&[]).await?;
     let mut c = s.client().await?;

@@ -5,6 +5,9 @@ use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::time::Duration;
 
+use metastore_proto::etcdserverpb::watch_request::RequestUnion;
+use metastore_proto::etcdserverpb::{WatchCreateRequest, WatchRequest};
+use prost::Message;
 use serde_json::{json, Value};
 
 use crate::common::TestServer;
@@ -76,7 +79,7 @@ fn grpc_error(code: i32, msg: &str) -> Value {
     json!({"error": msg, "code": code, "message": msg})
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn put_range_delete() -> anyhow::Result<()> {
     let s = TestServer::start(&[]).await?;
     let a = s.addr();
@@ -151,7 +154,7 @@ async fn put_range_delete() -> anyhow::Result<()> {
     Ok(())
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn txn() -> anyhow::Result<()> {
     let s = TestServer::start(&[]).await?;
     let a = s.addr();
@@ -206,7 +209,7 @@ async fn txn() -> anyhow::Result<()> {
     Ok(())
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn compaction_and_status() -> anyhow::Result<()> {
     let s = TestServer::start(&[]).await?;
     let a = s.addr();
@@ -270,7 +273,7 @@ async fn compaction_and_status() -> anyhow::Result<()> {
     Ok(())
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn errors_as_etcd_writes_them() -> anyhow::Result<()> {
     let s = TestServer::start(&["--max-request-bytes", "1024"]).await?;
     let a = s.addr();
@@ -367,7 +370,7 @@ async fn errors_as_etcd_writes_them() -> anyhow::Result<()> {
     Ok(())
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn methods_and_cors() -> anyhow::Result<()> {
     let s = TestServer::start(&[]).await?;
     let a = s.addr();
@@ -386,7 +389,7 @@ async fn methods_and_cors() -> anyhow::Result<()> {
     Ok(())
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lease_and_maintenance_routes() -> anyhow::Result<()> {
     let s = TestServer::start(&[]).await?;
     let addr = s.addr();
@@ -443,5 +446,485 @@ async fn lease_and_maintenance_routes() -> anyhow::Result<()> {
         post(addr, "/v3/maintenance/defragment", json!({})).await?,
         (200, json!({}))
     );
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Streaming routes: `POST /v3/watch`, `POST /v3/lease/keepalive` (checked against etcd 3.4.23
+// with `curl -N --raw`).
+// ---------------------------------------------------------------------------------------------
+
+/// A streaming gateway call over one connection: the response head, then one HTTP chunk at a
+/// time. The request body is sent whole, or chunk by chunk with [`send`](Self::send).
+struct HttpStream {
+    writer: TcpStream,
+    reader: std::io::BufReader<TcpStream>,
+    status: u16,
+    head: String,
+}
+
+impl HttpStream {
+    /// POSTs `body` whole and reads the response head.
+    fn post(addr: SocketAddr, path: &str, body: &[u8]) -> anyhow::Result<Self> {
+        let mut s = Self::connect(addr)?;
+        write!(
+            s.writer,
+            "POST {path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n\
+             Content-Length: {}\r\n\r\n",
+            body.len()
+        )?;
+        s.writer.write_all(body)?;
+        s.read_head()?;
+        Ok(s)
+    }
+
+    /// Starts a POST with a chunked body; send requests with [`send`](Self::send), then read
+    /// the head with [`read_head`](Self::read_head).
+    fn post_chunked(addr: SocketAddr, path: &str) -> anyhow::Result<Self> {
+        let mut s = Self::connect(addr)?;
+        write!(
+            s.writer,
+            "POST {path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n\
+             Transfer-Encoding: chunked\r\n\r\n"
+        )?;
+        Ok(s)
+    }
+
+    fn connect(addr: SocketAddr) -> anyhow::Result<Self> {
+        let writer = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
+        writer.set_read_timeout(Some(Duration::from_secs(10)))?;
+        let reader = std::io::BufReader::new(writer.try_clone()?);
+        Ok(Self {
+            writer,
+            reader,
+            status: 0,
+            head: String::new(),
+        })
+    }
+
+    /// Sends one chunk of the request body.
+    fn send(&mut self, data: &[u8]) -> anyhow::Result<()> {
+        write!(self.writer, "{:x}\r\n", data.len())?;
+        self.writer.write_all(data)?;
+        self.writer.write_all(b"\r\n")?;
+        Ok(())
+    }
+
+    /// Ends a chunked request body.
+    fn finish(&mut self) -> anyhow::Result<()> {
+        Ok(self.writer.write_all(b"0\r\n\r\n")?)
+    }
+
+    fn read_head(&mut self) -> anyhow::Result<()> {
+        use std::io::BufRead;
+        let mut head = String::new();
+        loop {
+            let mut line = String::new();
+            anyhow::ensure!(self.reader.read_line(&mut line)? > 0, "eof in head: {head}");
+            if line == "\r\n" {
+                break;
+            }
+            head.push_str(&line);
+        }
+        self.status = head
+            .split_whitespace()
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .ok_or_else(|| anyhow::anyhow!("bad response: {head}"))?;
+        self.head = head.to_ascii_lowercase();
+        Ok(())
+    }
+
+    /// The next chunk of a chunked answer; `None` at the end of the body.
+    fn chunk(&mut self) -> anyhow::Result<Option<String>> {
+        use std::io::BufRead;
+        anyhow::ensure!(
+            self.head.contains("transfer-encoding: chunked"),
+            "not chunked: {}",
+            self.head
+        );
+        let mut size = String::new();
+        self.reader.read_line(&mut size)?;
+        let n = usize::from_str_radix(size.trim(), 16)?;
+        let mut data = vec![0; n + 2];
+        self.reader.read_exact(&mut data)?;
+        anyhow::ensure!(data.ends_with(b"\r\n"), "bad chunk");
+        data.truncate(n);
+        Ok((n > 0).then(|| String::from_utf8(data)).transpose()?)
+    }
+
+    /// The next line of a stream (each in its own chunk, as etcd writes them), parsed.
+    fn line(&mut self) -> anyhow::Result<Value> {
+        let chunk = self
+            .chunk()?
+            .ok_or_else(|| anyhow::anyhow!("stream ended"))?;
+        anyhow::ensure!(
+            chunk.ends_with('\n') && chunk.matches('\n').count() == 1,
+            "{chunk:?}"
+        );
+        Ok(serde_json::from_str(&chunk)?)
+    }
+}
+
+/// Polls `f` until it is true (up to 5 s).
+async fn eventually(mut f: impl FnMut() -> bool) -> bool {
+    for _ in 0..100 {
+        if f() {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    f()
+}
+
+fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> anyhow::Result<T> + Send + 'static,
+) -> tokio::task::JoinHandle<anyhow::Result<T>> {
+    tokio::task::spawn_blocking(f)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watch_stream() -> anyhow::Result<()> {
+    let s = TestServer::start(&[]).await?;
+    let (a, node) = (s.addr(), s.server.node().cloned());
+    let node = node.ok_or_else(|| anyhow::anyhow!("no node"))?;
+    let (_, put) = post(
+        a,
+        "/v3/kv/put",
+        json!({"key": b64(b"foo"), "value": b64(b"bar")}),
+    )
+    .await?;
+    let ids = format!(
+        r#""cluster_id":"{}","member_id":"{}""#,
+        put["header"]["cluster_id"].as_str().unwrap_or_default(),
+        put["header"]["member_id"].as_str().unwrap_or_default()
+    );
+    let term = put["header"]["raft_term"].clone();
+    let header = |rev: i64| format!(r#"{{{ids},"revision":"{rev}","raft_term":{term}}}"#);
+
+    let body = json!({"create_request": {"key": b64(b"foo"), "prev_kv": true}}).to_string();
+    let mut w = blocking(move || HttpStream::post(a, "/v3/watch", body.as_bytes())).await??;
+    assert_eq!(w.status, 200);
+    assert!(
+        w.head.contains("content-type: application/json"),
+        "{}",
+        w.head
+    );
+    assert!(w
+        .head
+        .contains("grpc-metadata-content-type: application/grpc"));
+    assert!(w.head.contains("access-control-allow-origin: *"));
+    // Byte for byte as etcd writes it: proto names, int64 as strings, defaults omitted.
+    let (created, w) = blocking(move || Ok((w.chunk()?, w))).await??;
+    assert_eq!(
+        created.as_deref(),
+        Some(format!(r#"{{"result":{{"header":{},"created":true}}}}"#, header(2)) + "\n")
+            .as_deref()
+    );
+    assert_eq!(node.watch.watcher_count(), 1);
+
+    post(
+        a,
+        "/v3/kv/put",
+        json!({"key": b64(b"foo"), "value": b64(b"baz")}),
+    )
+    .await?;
+    post(a, "/v3/kv/deleterange", json!({"key": b64(b"foo")})).await?;
+    let (put_ev, del_ev, w) = blocking(move || {
+        let mut w = w;
+        Ok((w.chunk()?, w.chunk()?, w))
+    })
+    .await??;
+    let kv2 =
+        r#"{"key":"Zm9v","create_revision":"2","mod_revision":"2","version":"1","value":"YmFy"}"#;
+    let kv3 =
+        r#"{"key":"Zm9v","create_revision":"2","mod_revision":"3","version":"2","value":"YmF6"}"#;
+    assert_eq!(
+        put_ev.as_deref(),
+        Some(
+            format!(
+                r#"{{"result":{{"header":{},"events":[{{"kv":{kv3},"prev_kv":{kv2}}}]}}}}"#,
+                header(3)
+            ) + "\n"
+        )
+        .as_deref()
+    );
+    assert_eq!(
+        del_ev.as_deref(),
+        Some(
+            format!(
+                r#"{{"result":{{"header":{},"events":[{{"type":"DELETE","kv":{{"key":"Zm9v","mod_revision":"4"}},"prev_kv":{kv3}}}]}}}}"#,
+                header(4)
+            ) + "\n"
+        )
+        .as_deref()
+    );
+
+    // The client goes away: its watcher is released.
+    drop(w);
+    assert!(eventually(|| node.watch.watcher_count() == 0).await);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watch_stream_requests_in_one_body() -> anyhow::Result<()> {
+    let s = TestServer::start(&[]).await?;
+    let a = s.addr();
+    let node = s
+        .server
+        .node()
+        .cloned()
+        .ok_or_else(|| anyhow::anyhow!("no node"))?;
+    for v in [b"1", b"2"] {
+        post(a, "/v3/kv/put", json!({"key": b64(b"a"), "value": b64(v)})).await?;
+    }
+    // Requests sent one at a time on a chunked body, as grpc-gateway reads them.
+    let mut w = blocking(move || {
+        let mut w = HttpStream::post_chunked(a, "/v3/watch")?;
+        w.send(br#"{"create_request":{"key":"YQ==","start_revision":"2","watch_id":"7"}}"#)?;
+        w.read_head()?;
+        Ok(w)
+    })
+    .await??;
+    assert_eq!(w.status, 200);
+    let (created, history, w) = blocking(move || Ok((w.line()?, w.line()?, w))).await??;
+    assert_eq!(
+        (
+            &created["result"]["watch_id"],
+            &created["result"]["created"]
+        ),
+        (&json!("7"), &json!(true))
+    );
+    let revs: Vec<_> = history["result"]["events"]
+        .as_array()
+        .map(|e| e.iter().map(|e| e["kv"]["mod_revision"].clone()).collect())
+        .unwrap_or_default();
+    assert_eq!(revs, [json!("2"), json!("3")]);
+
+    // Then a progress request, a create with an inverted range and a cancel, in one chunk.
+    let (progress, refused, canceled, w) = blocking(move || {
+        let mut w = w;
+        w.send(
+            br#"{"progress_request":{}}
+{"create_request":{"key":"Yg==","range_end":"YQ=="}} {"cancel_request":{"watch_id":"7"}}"#,
+        )?;
+        Ok((w.line()?, w.line()?, w.line()?, w))
+    })
+    .await??;
+    assert_eq!(progress["result"]["watch_id"], json!("-1"));
+    assert_eq!(progress["result"]["header"]["revision"], json!("3"));
+    assert_eq!(progress["result"].as_object().map(|o| o.len()), Some(2));
+    let r = &refused["result"];
+    assert_eq!(
+        (
+            &r["watch_id"],
+            &r["created"],
+            &r["canceled"],
+            &r["cancel_reason"]
+        ),
+        (
+            &json!("-1"),
+            &json!(true),
+            &json!(true),
+            &json!("mvcc: watcher range is empty")
+        )
+    );
+    assert_eq!(
+        (
+            &canceled["result"]["watch_id"],
+            &canceled["result"]["canceled"]
+        ),
+        (&json!("7"), &json!(true))
+    );
+    assert_eq!(node.watch.watcher_count(), 0);
+
+    // An undecodable later request ends the client half only: the stream stays open and a
+    // new watcher created before it keeps working.
+    let w = blocking(move || {
+        let mut w = w;
+        w.send(br#"{"create_request":{"key":"Yg=="}}{bad"#)?;
+        w.finish()?;
+        let created = w.line()?;
+        anyhow::ensure!(created["result"]["created"] == json!(true), "{created}");
+        Ok(w)
+    })
+    .await??;
+    post(
+        a,
+        "/v3/kv/put",
+        json!({"key": b64(b"b"), "value": b64(b"x")}),
+    )
+    .await?;
+    let (ev, w) = blocking(move || {
+        let mut w = w;
+        Ok((w.line()?, w))
+    })
+    .await??;
+    assert_eq!(ev["result"]["events"][0]["kv"]["key"], json!(b64(b"b")));
+    assert_eq!(node.watch.watcher_count(), 1);
+    drop(w);
+    assert!(eventually(|| node.watch.watcher_count() == 0).await);
+
+    // A client that goes away in the middle of its body releases its watchers too.
+    let w = blocking(move || {
+        let mut w = HttpStream::post_chunked(a, "/v3/watch")?;
+        w.send(br#"{"create_request":{"key":"YQ=="}} {"create_request":"#)?;
+        w.read_head()?;
+        w.line()?;
+        Ok(w)
+    })
+    .await??;
+    assert_eq!(node.watch.watcher_count(), 1);
+    drop(w);
+    assert!(eventually(|| node.watch.watcher_count() == 0).await);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watch_stream_errors() -> anyhow::Result<()> {
+    let s = TestServer::start(&["--max-request-bytes", "1024"]).await?;
+    let a = s.addr();
+    let node = s
+        .server
+        .node()
+        .cloned()
+        .ok_or_else(|| anyhow::anyhow!("no node"))?;
+    // A first request that does not decode: the plain error body, code 2 (Unknown), HTTP 500.
+    let (code, e) = post_raw(a, "/v3/watch", b"[]".to_vec()).await?;
+    assert_eq!(
+        (code, e),
+        (
+            500,
+            grpc_error(
+                2,
+                "json: cannot unmarshal array into Go value of type map[string]json.RawMessage"
+            )
+        )
+    );
+    // (Unknown fields are ignored: `{"ID":"x"}` is an empty watch request, a create request
+    // an empty keepalive request.)
+    for (path, body) in [
+        ("/v3/watch", &b"{bad"[..]),
+        ("/v3/watch", br#"{"create_request":{"key":5}}"#),
+        ("/v3/lease/keepalive", b"{bad"),
+        ("/v3/lease/keepalive", br#"{"ID":"x"}"#),
+    ] {
+        let (code, e) = post_raw(a, path, body.to_vec()).await?;
+        assert_eq!((code, e["code"].clone()), (500, json!(2)), "{path} {e}");
+        assert_eq!(e["error"], e["message"]);
+    }
+    // Over --max-request-bytes is fine for a watch (etcd checks it on writes only)...
+    let key = b64(&[b'k'; 2000]);
+    let body = json!({"create_request": {"key": key}}).to_string();
+    let mut w = blocking(move || HttpStream::post(a, "/v3/watch", body.as_bytes())).await??;
+    let (created, w) = blocking(move || Ok((w.line()?, w))).await??;
+    assert_eq!(created["result"]["created"], json!(true));
+    drop(w);
+    // ...but over the gRPC receive limit the stream fails: grpc-gateway's stream error, 429.
+    let key = vec![b'k'; 600 * 1024];
+    let big = WatchRequest {
+        request_union: Some(RequestUnion::CreateRequest(WatchCreateRequest {
+            key: key.clone().into(),
+            ..Default::default()
+        })),
+    };
+    let body = json!({"create_request": {"key": b64(&key)}}).to_string();
+    let mut w = blocking(move || HttpStream::post(a, "/v3/watch", body.as_bytes())).await??;
+    assert_eq!(w.status, 429);
+    assert!(!w.head.contains("grpc-metadata"), "{}", w.head);
+    let (line, end, _w) = blocking(move || Ok((w.chunk()?, w.chunk()?, w))).await??;
+    // The error line has no newline after it (grpc-gateway writes one after results only).
+    let line: Value = serde_json::from_str(line.as_deref().unwrap_or_default())?;
+    assert_eq!(
+        line,
+        json!({"error": {"grpc_code": 8, "http_code": 429, "http_status": "Too Many Requests",
+            "message": format!("grpc: received message larger than max ({} vs. {})",
+                big.encoded_len(), 1024 + 512 * 1024)}})
+    );
+    assert_eq!(end, None, "the stream ends after the error");
+
+    // A watch with no request answers nothing (no status line) until the client goes away.
+    let pending = blocking(move || {
+        let mut w = HttpStream::connect(a)?;
+        w.writer
+            .set_read_timeout(Some(Duration::from_millis(500)))?;
+        write!(
+            w.writer,
+            "POST /v3/watch HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n"
+        )?;
+        let mut b = [0u8; 1];
+        Ok(matches!(
+            w.reader.read(&mut b),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock
+                || e.kind() == std::io::ErrorKind::TimedOut
+        ))
+    })
+    .await??;
+    assert!(pending, "an empty watch body answers nothing");
+    assert!(eventually(|| node.watch.watcher_count() == 0).await);
+
+    // Wrong method, unknown route, as etcd answers them.
+    let (get, nope, nope_root) = blocking(move || {
+        Ok((
+            http(a, "GET", "/v3/watch", b"")?,
+            http(a, "POST", "/v3/nope", b"{}")?,
+            http(a, "POST", "/v3/kv/lease/keepalive", b"{}")?,
+        ))
+    })
+    .await??;
+    assert_eq!((get.0, get.2.as_str()), (405, "Method Not Allowed\n"));
+    for r in [nope, nope_root] {
+        assert_eq!((r.0, r.2.as_str()), (404, "Not Found\n"));
+        assert!(r
+            .1
+            .to_ascii_lowercase()
+            .contains("access-control-allow-origin: *"));
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keepalive_stream() -> anyhow::Result<()> {
+    let s = TestServer::start(&[]).await?;
+    let a = s.addr();
+    post(a, "/v3/lease/grant", json!({"TTL": 30, "ID": 4660})).await?;
+    // One answer per request, then the stream ends (etcd's server returns when the client
+    // half ends).
+    let (w, lines, end) = blocking(move || {
+        let mut w = HttpStream::post(a, "/v3/lease/keepalive", br#"{"ID":4660} {"ID":"999"}{}"#)?;
+        let lines = [w.chunk()?, w.chunk()?, w.chunk()?];
+        let end = w.chunk()?;
+        Ok((w, lines, end))
+    })
+    .await??;
+    assert_eq!(w.status, 200);
+    assert!(w
+        .head
+        .contains("grpc-metadata-content-type: application/grpc"));
+    assert_eq!(end, None);
+    let lines: Vec<Value> = lines
+        .iter()
+        .map(|l| serde_json::from_str(l.as_deref().unwrap_or("null")))
+        .collect::<Result<_, _>>()?;
+    let result = |i: usize| {
+        let mut r = lines[i]["result"].clone();
+        r.as_object_mut().map(|o| o.remove("header"));
+        r
+    };
+    assert_eq!(result(0), json!({"ID": "4660", "TTL": "30"}));
+    // An unknown lease: TTL 0, omitted (etcd3gw's refresh() then returns -1).
+    assert_eq!(result(1), json!({"ID": "999"}));
+    assert_eq!(result(2), json!({}));
+    assert!(lines[2]["result"]["header"]["revision"].is_string());
+
+    // No request: 200 with an empty body and no gRPC metadata.
+    let (w, end) = blocking(move || {
+        let mut w = HttpStream::post(a, "/v3/lease/keepalive", b"")?;
+        let end = w.chunk()?;
+        Ok((w, end))
+    })
+    .await??;
+    assert_eq!((w.status, end), (200, None));
+    assert!(!w.head.contains("grpc-metadata"), "{}", w.head);
     Ok(())
 }

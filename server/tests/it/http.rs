@@ -1,6 +1,6 @@
 use crate::common::{http_get, TestServer};
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn health_version_metrics() -> anyhow::Result<()> {
     let s = TestServer::start(&["--listen-metrics-urls", "http://127.0.0.1:0"]).await?;
     let mut c = s.client().await?;
@@ -32,6 +32,27 @@ async fn health_version_metrics() -> anyhow::Result<()> {
         "{metrics}"
     );
     assert!(metrics.contains("metastore_mvcc_db_total_size_in_bytes"));
+    // Raft: a single member leads, has a leader, saw one leader change, applied the put.
+    assert!(
+        metrics.contains("metastore_server_is_leader 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("metastore_server_has_leader 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("metastore_server_raft_term 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("metastore_server_proposals_pending 0"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("metastore_server_raft_applied_index"),
+        "{metrics}"
+    );
     let maddr = s.server.metrics_addrs()[0];
     let (code, body) = tokio::task::spawn_blocking(move || http_get(maddr, "/metrics")).await??;
     assert_eq!(code, 200);

@@ -5,7 +5,7 @@ use tonic::Code;
 
 use crate::common::{status, TestServer};
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn grant_attach_ttl_keepalive_revoke() -> anyhow::Result<()> {
     let s = TestServer::start(&[]).await?;
     let mut c = s.client().await?;

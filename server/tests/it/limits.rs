@@ -3,7 +3,7 @@ use tonic::Code;
 
 use crate::common::{status, TestServer};
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn request_size_limit_is_configurable_and_exact() -> anyhow::Result<()> {
     let s = TestServer::start(&["--max-request-bytes", "4096"]).await?;
     let mut c = s.client().await?;
@@ -34,7 +34,7 @@ async fn request_size_limit_is_configurable_and_exact() -> anyhow::Result<()> {
     Ok(())
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn default_request_limit_is_etcds() -> anyhow::Result<()> {
     let s = TestServer::start(&[]).await?;
     let mut c = s.client().await?;
@@ -53,7 +53,7 @@ async fn default_request_limit_is_etcds() -> anyhow::Result<()> {
     Ok(())
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn txn_ops_limit_is_configurable() -> anyhow::Result<()> {
     let s = TestServer::start(&["--max-txn-ops", "3"]).await?;
     let mut c = s.client().await?;
@@ -77,7 +77,7 @@ async fn txn_ops_limit_is_configurable() -> anyhow::Result<()> {
     Ok(())
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn backend_quota_raises_nospace_and_recovers() -> anyhow::Result<()> {
     for engine in ["memory", "rocksdb"] {
         let s = TestServer::start(&["--engine", engine, "--quota-backend-bytes", "400000"]).await?;

@@ -12,7 +12,7 @@ use crate::common::{status, TestServer};
 /// How long a contender that must wait is given to (wrongly) get the lock.
 const STILL_WAITING: Duration = Duration::from_millis(300);
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn second_contender_waits_for_unlock() -> anyhow::Result<()> {
     let s = TestServer::start(&[]).await?;
     let mut c = s.client().await?;
@@ -57,7 +57,7 @@ async fn second_contender_waits_for_unlock() -> anyhow::Result<()> {
     Ok(())
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_contenders_get_the_lock_in_order() -> anyhow::Result<()> {
     let s = TestServer::start(&[]).await?;
     let mut c = s.client().await?;
@@ -109,7 +109,7 @@ async fn wait_for_keys(c: &mut etcd_client::Client, prefix: &str, n: usize) -> a
     anyhow::bail!("{n} keys never appeared under {prefix}")
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn revoking_the_holders_lease_releases_the_lock() -> anyhow::Result<()> {
     let s = TestServer::start(&[]).await?;
     let mut c = s.client().await?;
@@ -128,7 +128,7 @@ async fn revoking_the_holders_lease_releases_the_lock() -> anyhow::Result<()> {
     Ok(())
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_waiter_whose_lease_is_revoked_fails() -> anyhow::Result<()> {
     let s = TestServer::start(&[]).await?;
     let mut c = s.client().await?;
@@ -151,7 +151,7 @@ async fn a_waiter_whose_lease_is_revoked_fails() -> anyhow::Result<()> {
     Ok(())
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_waiter_that_goes_away_leaves_the_queue() -> anyhow::Result<()> {
     let s = TestServer::start(&[]).await?;
     let mut c = s.client().await?;
@@ -177,7 +177,7 @@ async fn a_waiter_that_goes_away_leaves_the_queue() -> anyhow::Result<()> {
     anyhow::bail!("the abandoned waiter's key stayed")
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn errors_and_lease_zero() -> anyhow::Result<()> {
     let s = TestServer::start(&[]).await?;
     let mut c = s.client().await?;

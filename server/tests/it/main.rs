@@ -1,13 +1,17 @@
 //! Integration tests: a real server (in process, or the real binary) driven through the gRPC API
 //! by the `etcd-client` crate, and over plain HTTP.
 
+mod cluster;
 mod common;
 mod election;
+mod etcdctl;
 mod gateway;
 mod http;
 mod kv;
 mod lease;
 mod limits;
 mod lock;
+mod migrate;
 mod restart;
+mod snapshot;
 mod watch;

@@ -10,7 +10,7 @@ async fn next(s: &mut WatchStream) -> anyhow::Result<WatchResponse> {
         .ok_or_else(|| anyhow::anyhow!("watch stream ended"))
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn watch_history_live_prev_kv_cancel() -> anyhow::Result<()> {
     let s = TestServer::start(&[]).await?;
     let mut c = s.client().await?;
@@ -59,7 +59,7 @@ async fn watch_history_live_prev_kv_cancel() -> anyhow::Result<()> {
     Ok(())
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn watch_from_a_compacted_revision_is_canceled() -> anyhow::Result<()> {
     let s = TestServer::start(&[]).await?;
     let mut c = s.client().await?;
@@ -77,7 +77,7 @@ async fn watch_from_a_compacted_revision_is_canceled() -> anyhow::Result<()> {
     Ok(())
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_inverted_range_is_refused() -> anyhow::Result<()> {
     let s = TestServer::start(&[]).await?;
     let mut c = s.client().await?;

@@ -1,0 +1,337 @@
+//! The Raft log and vote, in the engine's `RaftLog` and `RaftState` tables.
+//!
+//! Entries are keyed by `be64(index)` and stored as `raftpb.Entry`. [`append`](LogStore::append)
+//! writes at once (readers see the entries immediately) but does not wait for the disk: a
+//! flusher thread makes everything written so far durable with one fsync and only then tells
+//! openraft the entries are flushed, which is when they count toward a commit. Appends that
+//! arrive while an fsync runs share the next one (group commit). The vote is written with
+//! fsync before it is acknowledged.
+
+use std::fmt::Debug;
+use std::ops::{Bound, RangeBounds};
+use std::sync::{Arc, Mutex};
+
+use metastore_proto::raftpb as pb;
+use openraft::storage::{LogFlushed, RaftLogStorage};
+use openraft::{LogState, RaftLogReader, StorageIOError};
+use prost::Message;
+
+use super::codec;
+use super::{Entry, LogId, StorageError, TypeConfig, Vote};
+use crate::storage::{Engine, Table, WriteBatch};
+
+const KEY_VOTE: &[u8] = b"vote";
+const KEY_PURGED: &[u8] = b"purged";
+const KEY_COMMITTED: &[u8] = b"committed";
+
+fn index_key(index: u64) -> Vec<u8> {
+    index.to_be_bytes().to_vec()
+}
+
+fn read_err(e: impl std::fmt::Display) -> StorageError {
+    StorageIOError::read_logs(openraft::AnyError::error(e.to_string())).into()
+}
+
+fn write_err(e: impl std::fmt::Display) -> StorageError {
+    StorageIOError::write_logs(openraft::AnyError::error(e.to_string())).into()
+}
+
+#[derive(Debug, Default, Clone, Copy)]
+struct Bounds {
+    last_purged: Option<LogId>,
+    last_log: Option<LogId>,
+}
+
+struct Inner {
+    engine: Arc<dyn Engine>,
+    fsync: bool,
+    bounds: Mutex<Bounds>,
+    flusher: Mutex<std::sync::mpsc::Sender<LogFlushed<TypeConfig>>>,
+}
+
+/// The log store; clones share it (openraft uses one as the reader).
+#[derive(Clone)]
+pub struct LogStore {
+    inner: Arc<Inner>,
+}
+
+impl LogStore {
+    /// Opens the log kept in `engine`, starting its flusher thread.
+    pub fn open(engine: Arc<dyn Engine>, fsync: bool) -> Result<Self, StorageError> {
+        let last_purged = read_log_id(engine.as_ref(), KEY_PURGED)?;
+        let mut last_log = None;
+        {
+            let snap = engine.snapshot();
+            let mut it = snap.iter(Table::RaftLog);
+            it.seek(&[]);
+            // The log holds at most a snapshot interval's worth of entries: find its end once.
+            let mut last_value = None;
+            while it.valid() {
+                last_value = Some(it.value().to_vec());
+                it.next();
+            }
+            it.status().map_err(read_err)?;
+            if let Some(v) = last_value {
+                last_log = Some(codec::decode_entry(&v).map_err(read_err)?.log_id);
+            }
+        }
+        if last_log.is_none() {
+            last_log = last_purged;
+        }
+        let (tx, rx) = std::sync::mpsc::channel::<LogFlushed<TypeConfig>>();
+        let flush_engine = engine.clone();
+        std::thread::Builder::new()
+            .name("raft-log-flush".into())
+            .spawn(move || flusher(flush_engine, fsync, rx))
+            .map_err(write_err)?;
+        Ok(Self {
+            inner: Arc::new(Inner {
+                engine,
+                fsync,
+                bounds: Mutex::new(Bounds {
+                    last_purged,
+                    last_log,
+                }),
+                flusher: Mutex::new(tx),
+            }),
+        })
+    }
+
+    fn bounds(&self) -> Result<Bounds, StorageError> {
+        self.inner
+            .bounds
+            .lock()
+            .map(|b| *b)
+            .map_err(|_| read_err("log state lock poisoned"))
+    }
+
+    fn set_bounds(&self, f: impl FnOnce(&mut Bounds)) -> Result<(), StorageError> {
+        let mut b = self
+            .inner
+            .bounds
+            .lock()
+            .map_err(|_| write_err("log state lock poisoned"))?;
+        f(&mut b);
+        Ok(())
+    }
+
+    /// Entries in `[start, end)`, in order.
+    fn read_range(&self, start: u64, end: u64) -> Result<Vec<Entry>, StorageError> {
+        let mut out = Vec::new();
+        if start >= end {
+            return Ok(out);
+        }
+        let snap = self.inner.engine.snapshot();
+        let mut it = snap.iter(Table::RaftLog);
+        it.seek(&index_key(start));
+        while it.valid() {
+            let key: [u8; 8] = it.key().try_into().map_err(|_| read_err("bad log key"))?;
+            if u64::from_be_bytes(key) >= end {
+                break;
+            }
+            out.push(codec::decode_entry(it.value()).map_err(read_err)?);
+            it.next();
+        }
+        it.status().map_err(read_err)?;
+        Ok(out)
+    }
+
+    /// Deletes the entries with index in `[from, to)`.
+    fn delete_range(&self, from: u64, to: u64, batch: &mut WriteBatch) -> Result<(), StorageError> {
+        let snap = self.inner.engine.snapshot();
+        let mut it = snap.iter(Table::RaftLog);
+        it.seek(&index_key(from));
+        while it.valid() {
+            let key: [u8; 8] = it.key().try_into().map_err(|_| read_err("bad log key"))?;
+            if u64::from_be_bytes(key) >= to {
+                break;
+            }
+            batch.delete(Table::RaftLog, key.to_vec());
+            it.next();
+        }
+        it.status().map_err(read_err)
+    }
+}
+
+fn read_log_id(engine: &dyn Engine, key: &[u8]) -> Result<Option<LogId>, StorageError> {
+    match engine.get(Table::RaftState, key).map_err(read_err)? {
+        None => Ok(None),
+        Some(v) => Ok(Some(codec::log_id_from_pb(
+            &pb::LogId::decode(v.as_slice()).map_err(read_err)?,
+        ))),
+    }
+}
+
+fn flusher(
+    engine: Arc<dyn Engine>,
+    fsync: bool,
+    rx: std::sync::mpsc::Receiver<LogFlushed<TypeConfig>>,
+) {
+    while let Ok(first) = rx.recv() {
+        let mut waiting = vec![first];
+        while let Ok(more) = rx.try_recv() {
+            waiting.push(more);
+        }
+        let r = if fsync { engine.sync() } else { Ok(()) };
+        for cb in waiting {
+            cb.log_io_completed(
+                r.as_ref()
+                    .map(|_| ())
+                    .map_err(|e| std::io::Error::other(e.to_string())),
+            );
+        }
+    }
+}
+
+impl RaftLogReader<TypeConfig> for LogStore {
+    async fn try_get_log_entries<RB: RangeBounds<u64> + Clone + Debug + Send>(
+        &mut self,
+        range: RB,
+    ) -> Result<Vec<Entry>, StorageError> {
+        let start = match range.start_bound() {
+            Bound::Included(i) => *i,
+            Bound::Excluded(i) => i + 1,
+            Bound::Unbounded => 0,
+        };
+        let end = match range.end_bound() {
+            Bound::Included(i) => i + 1,
+            Bound::Excluded(i) => *i,
+            Bound::Unbounded => u64::MAX,
+        };
+        self.read_range(start, end)
+    }
+}
+
+impl RaftLogStorage<TypeConfig> for LogStore {
+    type LogReader = LogStore;
+
+    async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>, StorageError> {
+        let b = self.bounds()?;
+        Ok(LogState {
+            last_purged_log_id: b.last_purged,
+            last_log_id: b.last_log,
+        })
+    }
+
+    async fn get_log_reader(&mut self) -> Self::LogReader {
+        self.clone()
+    }
+
+    async fn save_vote(&mut self, vote: &Vote) -> Result<(), StorageError> {
+        let mut b = WriteBatch::new();
+        b.put(
+            Table::RaftState,
+            KEY_VOTE.to_vec(),
+            codec::vote_to_pb(vote).encode_to_vec(),
+        );
+        self.inner
+            .engine
+            .write(b, self.inner.fsync)
+            .map_err(|e| StorageIOError::write_vote(openraft::AnyError::error(e.to_string())))?;
+        Ok(())
+    }
+
+    async fn read_vote(&mut self) -> Result<Option<Vote>, StorageError> {
+        match self
+            .inner
+            .engine
+            .get(Table::RaftState, KEY_VOTE)
+            .map_err(read_err)?
+        {
+            None => Ok(None),
+            Some(v) => Ok(Some(codec::vote_from_pb(
+                &pb::Vote::decode(v.as_slice()).map_err(read_err)?,
+            ))),
+        }
+    }
+
+    async fn save_committed(&mut self, committed: Option<LogId>) -> Result<(), StorageError> {
+        let mut b = WriteBatch::new();
+        match committed {
+            Some(c) => b.put(
+                Table::RaftState,
+                KEY_COMMITTED.to_vec(),
+                codec::log_id_to_pb(&c).encode_to_vec(),
+            ),
+            None => b.delete(Table::RaftState, KEY_COMMITTED.to_vec()),
+        }
+        // Not synced: losing it only means re-applying from the last applied entry.
+        self.inner.engine.write(b, false).map_err(write_err)
+    }
+
+    async fn read_committed(&mut self) -> Result<Option<LogId>, StorageError> {
+        read_log_id(self.inner.engine.as_ref(), KEY_COMMITTED)
+    }
+
+    async fn append<I>(
+        &mut self,
+        entries: I,
+        callback: LogFlushed<TypeConfig>,
+    ) -> Result<(), StorageError>
+    where
+        I: IntoIterator<Item = Entry> + Send,
+        I::IntoIter: Send,
+    {
+        let mut b = WriteBatch::new();
+        let mut last = None;
+        for e in entries {
+            b.put(
+                Table::RaftLog,
+                index_key(e.log_id.index),
+                codec::encode_entry(&e),
+            );
+            last = Some(e.log_id);
+        }
+        if !b.is_empty() {
+            self.inner.engine.write(b, false).map_err(write_err)?;
+        }
+        if let Some(last) = last {
+            self.set_bounds(|bounds| bounds.last_log = Some(last))?;
+        }
+        self.inner
+            .flusher
+            .lock()
+            .map_err(|_| write_err("flusher lock poisoned"))?
+            .send(callback)
+            .map_err(|_| write_err("log flusher stopped"))
+    }
+
+    async fn truncate(&mut self, log_id: LogId) -> Result<(), StorageError> {
+        let mut b = WriteBatch::new();
+        self.delete_range(log_id.index, u64::MAX, &mut b)?;
+        self.inner
+            .engine
+            .write(b, self.inner.fsync)
+            .map_err(write_err)?;
+        let prev = if log_id.index == 0 {
+            None
+        } else {
+            self.read_range(log_id.index - 1, log_id.index)?
+                .pop()
+                .map(|e| e.log_id)
+        };
+        let purged = self.bounds()?.last_purged;
+        self.set_bounds(|bounds| bounds.last_log = prev.or(purged))
+    }
+
+    async fn purge(&mut self, log_id: LogId) -> Result<(), StorageError> {
+        let from = self.bounds()?.last_purged.map_or(0, |p| p.index + 1);
+        let mut b = WriteBatch::new();
+        b.put(
+            Table::RaftState,
+            KEY_PURGED.to_vec(),
+            codec::log_id_to_pb(&log_id).encode_to_vec(),
+        );
+        self.delete_range(from, log_id.index + 1, &mut b)?;
+        self.inner.engine.write(b, false).map_err(write_err)?;
+        self.set_bounds(|bounds| {
+            bounds.last_purged = Some(log_id);
+            if bounds.last_log.is_none_or(|l| l.index < log_id.index) {
+                bounds.last_log = Some(log_id);
+            }
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests;

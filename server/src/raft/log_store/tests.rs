@@ -1,0 +1,94 @@
+use std::sync::Arc;
+
+use openraft::storage::{RaftLogStorage, RaftLogStorageExt};
+use openraft::{CommittedLeaderId, EntryPayload, RaftLogReader};
+
+use super::*;
+use crate::raft::Batch;
+use crate::storage::{MemoryEngine, RocksEngine};
+
+fn entry(term: u64, index: u64) -> Entry {
+    Entry {
+        log_id: LogId::new(CommittedLeaderId::new(term, 1), index),
+        payload: EntryPayload::Normal(Batch(format!("e{index}").into_bytes().into())),
+    }
+}
+
+async fn append(s: &mut LogStore, entries: Vec<Entry>) {
+    // Returns once the flusher reported the entries durable.
+    s.blocking_append(entries).await.expect("append");
+}
+
+async fn exercise(engine: Arc<dyn Engine>) {
+    let mut s = LogStore::open(engine.clone(), true).expect("open");
+    let st = s.get_log_state().await.expect("state");
+    assert_eq!((st.last_purged_log_id, st.last_log_id), (None, None));
+    append(&mut s, (1..=10).map(|i| entry(1, i)).collect()).await;
+    let got = s.try_get_log_entries(3..6).await.expect("read");
+    assert_eq!(
+        got.iter().map(|e| e.log_id.index).collect::<Vec<_>>(),
+        [3, 4, 5]
+    );
+    assert_eq!(
+        s.get_log_state().await.expect("state").last_log_id,
+        Some(entry(1, 10).log_id)
+    );
+
+    // A conflicting suffix is truncated and replaced.
+    s.truncate(entry(1, 8).log_id).await.expect("truncate");
+    assert_eq!(
+        s.get_log_state().await.expect("state").last_log_id,
+        Some(entry(1, 7).log_id)
+    );
+    append(&mut s, vec![entry(2, 8)]).await;
+    // Purging keeps the last purged id and drops the entries.
+    s.purge(entry(1, 4).log_id).await.expect("purge");
+    let st = s.get_log_state().await.expect("state");
+    assert_eq!(st.last_purged_log_id, Some(entry(1, 4).log_id));
+    assert_eq!(st.last_log_id, Some(entry(2, 8).log_id));
+    assert!(s.try_get_log_entries(0..5).await.expect("read").is_empty());
+
+    let vote = Vote::new_committed(2, 3);
+    s.save_vote(&vote).await.expect("vote");
+    drop(s);
+
+    // Everything survives reopening.
+    let mut s = LogStore::open(engine, true).expect("reopen");
+    let st = s.get_log_state().await.expect("state");
+    assert_eq!(st.last_purged_log_id, Some(entry(1, 4).log_id));
+    assert_eq!(st.last_log_id, Some(entry(2, 8).log_id));
+    assert_eq!(s.read_vote().await.expect("vote"), Some(vote));
+    let got = s.try_get_log_entries(5..).await.expect("read");
+    assert_eq!(
+        got.iter().map(|e| e.log_id).collect::<Vec<_>>(),
+        [
+            entry(1, 5).log_id,
+            entry(1, 6).log_id,
+            entry(1, 7).log_id,
+            entry(2, 8).log_id
+        ]
+    );
+}
+
+#[tokio::test]
+async fn log_store_on_memory() {
+    exercise(Arc::new(MemoryEngine::new())).await;
+}
+
+#[tokio::test]
+async fn log_store_on_rocksdb_survives_reopen() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let engine: Arc<dyn Engine> =
+        Arc::new(RocksEngine::open(dir.path(), &Default::default()).expect("open"));
+    exercise(engine).await;
+}
+
+#[tokio::test]
+async fn purging_everything_leaves_the_purged_id_as_last() {
+    let mut s = LogStore::open(Arc::new(MemoryEngine::new()), false).expect("open");
+    append(&mut s, (1..=3).map(|i| entry(1, i)).collect()).await;
+    s.purge(entry(1, 3).log_id).await.expect("purge");
+    let st = s.get_log_state().await.expect("state");
+    assert_eq!(st.last_purged_log_id, Some(entry(1, 3).log_id));
+    assert_eq!(st.last_log_id, Some(entry(1, 3).log_id));
+}

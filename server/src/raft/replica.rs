@@ -1,0 +1,554 @@
+//! [`Replica`]: this member's view of the Raft group, and every request that must reach the
+//! leader: proposals, ReadIndex, lease keep-alives, membership changes. A follower forwards
+//! them over the peer protocol; the leader serves them itself.
+//!
+//! Retrying a proposal is safe only when it certainly was not accepted (the target said it is
+//! not the leader, or could not be connected to). Any other failure leaves the outcome
+//! unknown: the client's wait then ends with etcd's "request timed out", never with a second
+//! copy of the write.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use metastore_proto::etcdserverpb::{
+    LeaseKeepAliveRequest, LeaseTimeToLiveRequest, LeaseTimeToLiveResponse,
+};
+use metastore_proto::raftpb as pb;
+use openraft::error::{ClientWriteError, RaftError};
+use openraft::{ChangeMembers, ServerState};
+use tokio::sync::watch;
+use tonic::Code;
+
+use super::codec;
+use super::network::Peers;
+use super::read_index::{Fetch, ReadBatcher, ReadError};
+use super::{Batch, MemberNode, Membership, NodeId, Raft};
+use crate::apply::ApplyError;
+
+/// The message a member that is not the leader answers forwarded requests with.
+pub const MSG_NOT_LEADER: &str = "etcdserver: not leader";
+
+/// Timing, from `--heartbeat-interval` and `--election-timeout`.
+#[derive(Debug, Clone, Copy)]
+pub struct Timing {
+    pub heartbeat: Duration,
+    pub election: Duration,
+}
+
+impl Timing {
+    /// How long a request waits for a leader to appear before failing with "no leader".
+    pub fn leader_wait(&self) -> Duration {
+        self.election * 4
+    }
+
+    /// etcd's request timeout: 5 s plus two election timeouts.
+    pub fn request_timeout(&self) -> Duration {
+        Duration::from_secs(5) + self.election * 2
+    }
+}
+
+pub struct Replica {
+    pub raft: Raft,
+    pub peers: Peers,
+    pub member_id: NodeId,
+    pub timing: Timing,
+    applied: watch::Receiver<u64>,
+    reads: Arc<ReadBatcher>,
+    changing: tokio::sync::Mutex<()>,
+}
+
+fn retryable(s: &tonic::Status) -> bool {
+    match s.code() {
+        Code::FailedPrecondition => s.message() == MSG_NOT_LEADER,
+        // The connection could not be made (refused, unresolvable): nothing was sent. An
+        // expired deadline is not here: the request may have arrived.
+        Code::Unavailable => {
+            let m = s.message().to_ascii_lowercase();
+            m.contains("connect") || m.contains("dns")
+        }
+        _ => false,
+    }
+}
+
+impl Replica {
+    pub fn new(
+        raft: Raft,
+        peers: Peers,
+        member_id: NodeId,
+        timing: Timing,
+        applied: watch::Receiver<u64>,
+    ) -> Arc<Self> {
+        Arc::new_cyclic(|weak: &std::sync::Weak<Replica>| {
+            let weak = weak.clone();
+            let fetch: Fetch = Arc::new(move || {
+                let weak = weak.clone();
+                Box::pin(async move {
+                    match weak.upgrade() {
+                        Some(r) => r.fetch_read_index().await,
+                        None => Err(ReadError::Stopped),
+                    }
+                })
+            });
+            Replica {
+                raft,
+                peers,
+                member_id,
+                timing,
+                applied,
+                reads: ReadBatcher::new(fetch),
+                changing: tokio::sync::Mutex::new(()),
+            }
+        })
+    }
+
+    fn metrics(&self) -> openraft::RaftMetrics<NodeId, MemberNode> {
+        self.raft.metrics().borrow().clone()
+    }
+
+    /// The leader this member knows of.
+    pub fn leader_id(&self) -> Option<NodeId> {
+        self.raft.metrics().borrow().current_leader
+    }
+
+    pub fn is_leader(&self) -> bool {
+        let m = self.raft.metrics();
+        let m = m.borrow();
+        m.state == ServerState::Leader && m.current_leader == Some(self.member_id)
+    }
+
+    pub fn term(&self) -> u64 {
+        self.raft.metrics().borrow().current_term
+    }
+
+    /// Last log index, last applied index.
+    pub fn indexes(&self) -> (u64, u64) {
+        // The state machine's own applied index is exact (openraft's metrics trail it).
+        let applied = *self.applied.borrow();
+        let last = self.raft.metrics().borrow().last_log_index.unwrap_or(0);
+        (last.max(applied), applied)
+    }
+
+    /// On the leader: each member's matched log index.
+    pub fn replication(&self) -> Vec<(NodeId, u64)> {
+        let m = self.raft.metrics();
+        let m = m.borrow();
+        m.replication
+            .as_ref()
+            .map(|r| {
+                r.iter()
+                    .map(|(id, l)| (*id, l.as_ref().map_or(0, |l| l.index)))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    pub fn membership(&self) -> Membership {
+        self.raft
+            .metrics()
+            .borrow()
+            .membership_config
+            .membership()
+            .clone()
+    }
+
+    pub fn is_learner(&self) -> bool {
+        let m = self.membership();
+        let learner = m.learner_ids().any(|id| id == self.member_id);
+        learner
+    }
+
+    /// Waits (up to [`Timing::leader_wait`]) for a leader; returns it and its node.
+    pub async fn wait_leader(&self) -> Result<(NodeId, MemberNode), ApplyError> {
+        let deadline = Instant::now() + self.timing.leader_wait();
+        let mut rx = self.raft.metrics();
+        loop {
+            {
+                let m = rx.borrow_and_update();
+                if let Some(l) = m.current_leader {
+                    if let Some(n) = m.membership_config.membership().get_node(&l) {
+                        return Ok((l, n.clone()));
+                    }
+                }
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(ApplyError::NoLeader);
+            }
+            if tokio::time::timeout(left, rx.changed())
+                .await
+                .is_ok_and(|r| r.is_err())
+            {
+                return Err(ApplyError::Mvcc(crate::mvcc::Error::Closed));
+            }
+        }
+    }
+
+    /// Gets `batch` (an encoded `CommandBatch`) committed. `Ok` means committed, or that the
+    /// outcome is unknown (the waiting clients then time out); `Err` means it certainly was
+    /// not, and why.
+    pub async fn submit(&self, batch: Bytes) -> Result<(), ApplyError> {
+        let deadline = Instant::now() + self.timing.request_timeout();
+        loop {
+            let (leader, node) = self.wait_leader().await?;
+            if leader == self.member_id {
+                return match self.raft.client_write(Batch(batch)).await {
+                    Ok(_) => Ok(()),
+                    Err(RaftError::Fatal(_)) => Err(ApplyError::Mvcc(crate::mvcc::Error::Closed)),
+                    // Leadership changed while the entry was in flight: it may still commit.
+                    Err(RaftError::APIError(_)) => Ok(()),
+                };
+            }
+            let mut client = self.peers.get(&node).map_err(ApplyError::Raft)?;
+            // Bounded: a leader cut off by a partition must not hold this entry's slot (and
+            // everything queued behind it) until TCP gives up. Past the deadline the outcome
+            // is unknown and the waiting clients time out.
+            let mut req = tonic::Request::new(pb::ProposeRequest {
+                batch: batch.clone(),
+            });
+            req.set_timeout(self.timing.election * 2);
+            match client.propose(req).await {
+                Ok(_) => return Ok(()),
+                Err(s) if retryable(&s) && Instant::now() < deadline => {
+                    tokio::time::sleep(self.timing.heartbeat).await;
+                }
+                Err(s) if retryable(&s) => return Err(ApplyError::NoLeader),
+                Err(s) => {
+                    tracing::debug!(error = %s, "forwarded proposal: outcome unknown");
+                    return Ok(());
+                }
+            }
+        }
+    }
+
+    /// Serves a forwarded proposal (on the leader).
+    pub async fn propose_local(&self, batch: Bytes) -> Result<u64, tonic::Status> {
+        if !self.is_leader() {
+            return Err(tonic::Status::failed_precondition(MSG_NOT_LEADER));
+        }
+        match self.raft.client_write(Batch(batch)).await {
+            Ok(r) => Ok(r.log_id.index),
+            Err(RaftError::Fatal(_)) => Err(tonic::Status::unavailable(
+                crate::server::status::MSG_STOPPED,
+            )),
+            Err(RaftError::APIError(e)) => Err(tonic::Status::unavailable(format!(
+                "etcdserver: leader changed ({e})"
+            ))),
+        }
+    }
+
+    /// Waits until this member has applied everything committed before the call: after it,
+    /// a local read is linearizable.
+    pub async fn linearizable_read(&self) -> Result<(), ApplyError> {
+        let index = self.reads.read_index().await.map_err(|e| match e {
+            ReadError::NoLeader => ApplyError::NoLeader,
+            ReadError::Timeout => ApplyError::Timeout,
+            ReadError::Stopped => ApplyError::Mvcc(crate::mvcc::Error::Closed),
+        })?;
+        let mut rx = self.applied.clone();
+        let waited = tokio::time::timeout(self.timing.request_timeout(), async move {
+            rx.wait_for(|a| *a >= index).await.map(|_| ())
+        })
+        .await;
+        match waited {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(_)) => Err(ApplyError::Mvcc(crate::mvcc::Error::Closed)),
+            Err(_) => Err(ApplyError::Timeout),
+        }
+    }
+
+    async fn fetch_read_index(&self) -> Result<u64, ReadError> {
+        let deadline = Instant::now() + self.timing.request_timeout();
+        loop {
+            let (leader, node) = self.wait_leader().await.map_err(|_| ReadError::NoLeader)?;
+            let r = if leader == self.member_id {
+                self.local_read_index().await
+            } else {
+                match self.peers.get(&node) {
+                    Ok(mut c) => {
+                        let mut req = tonic::Request::new(pb::ReadIndexRequest {});
+                        req.set_timeout(self.timing.election);
+                        c.read_index(req).await.map(|r| r.into_inner().index)
+                    }
+                    Err(e) => Err(tonic::Status::unavailable(e)),
+                }
+            };
+            match r {
+                Ok(i) => return Ok(i),
+                Err(_) if Instant::now() < deadline => {
+                    tokio::time::sleep(self.timing.heartbeat).await;
+                }
+                Err(s) if retryable(&s) => return Err(ReadError::NoLeader),
+                Err(_) => return Err(ReadError::Timeout),
+            }
+        }
+    }
+
+    /// ReadIndex on the leader: confirms leadership with a quorum and returns the index
+    /// every read arriving now must wait for.
+    pub async fn local_read_index(&self) -> Result<u64, tonic::Status> {
+        if !self.is_leader() {
+            return Err(tonic::Status::failed_precondition(MSG_NOT_LEADER));
+        }
+        match self.raft.get_read_log_id().await {
+            Ok((read, _)) => Ok(read.map_or(0, |l| l.index)),
+            Err(RaftError::Fatal(_)) => Err(tonic::Status::unavailable(
+                crate::server::status::MSG_STOPPED,
+            )),
+            Err(RaftError::APIError(e)) => Err(tonic::Status::failed_precondition(format!(
+                "{MSG_NOT_LEADER}: {e}"
+            ))),
+        }
+    }
+
+    /// A keep-alive for `id` on the leader (which alone tracks lease deadlines); `renew`
+    /// renews locally and returns the TTL (0: no such lease).
+    pub async fn lease_keep_alive(
+        &self,
+        id: i64,
+        renew: impl Fn(i64) -> Option<i64>,
+    ) -> Result<i64, ApplyError> {
+        let (leader, node) = self.wait_leader().await?;
+        if leader == self.member_id {
+            return renew(id).ok_or(ApplyError::LeaseNotFound);
+        }
+        let mut c = self.peers.get(&node).map_err(ApplyError::Raft)?;
+        let mut req = tonic::Request::new(LeaseKeepAliveRequest { id });
+        req.set_timeout(self.timing.election * 2);
+        let r = c
+            .lease_keep_alive(req)
+            .await
+            .map_err(|s| forwarded_error(&s))?
+            .into_inner();
+        if r.ttl <= 0 {
+            return Err(ApplyError::LeaseNotFound);
+        }
+        Ok(r.ttl)
+    }
+
+    /// TimeToLive, answered by the leader.
+    pub async fn lease_time_to_live_remote(
+        &self,
+        req: LeaseTimeToLiveRequest,
+    ) -> Result<Option<LeaseTimeToLiveResponse>, ApplyError> {
+        let (leader, node) = self.wait_leader().await?;
+        if leader == self.member_id {
+            return Ok(None);
+        }
+        let mut c = self.peers.get(&node).map_err(ApplyError::Raft)?;
+        let mut req = tonic::Request::new(req);
+        req.set_timeout(self.timing.election * 2);
+        let r = c
+            .lease_time_to_live(req)
+            .await
+            .map_err(|s| forwarded_error(&s))?
+            .into_inner();
+        Ok(Some(r))
+    }
+
+    /// Applies a membership change, on the leader (forwarding it there if needed).
+    pub async fn member_change(
+        &self,
+        req: pb::MemberChangeRequest,
+    ) -> Result<pb::MemberChangeResponse, ApplyError> {
+        let (leader, node) = self.wait_leader().await?;
+        if leader != self.member_id {
+            let mut c = self.peers.get(&node).map_err(ApplyError::Raft)?;
+            let mut req = tonic::Request::new(req);
+            req.set_timeout(self.timing.request_timeout());
+            return c
+                .member_change(req)
+                .await
+                .map(|r| r.into_inner())
+                .map_err(|s| forwarded_error(&s));
+        }
+        self.member_change_local(req).await
+    }
+
+    /// Applies a membership change; this member must be the leader. Changes run one at a
+    /// time (Raft allows one in flight).
+    pub async fn member_change_local(
+        &self,
+        req: pb::MemberChangeRequest,
+    ) -> Result<pb::MemberChangeResponse, ApplyError> {
+        let _one_at_a_time = self.changing.lock().await;
+        self.member_change_serialized(req).await
+    }
+
+    async fn member_change_serialized(
+        &self,
+        req: pb::MemberChangeRequest,
+    ) -> Result<pb::MemberChangeResponse, ApplyError> {
+        use pb::member_change_request::Change;
+        let m = self.membership();
+        let nodes: BTreeMap<NodeId, MemberNode> =
+            m.nodes().map(|(id, n)| (*id, n.clone())).collect();
+        let voters: BTreeSet<NodeId> = m.voter_ids().collect();
+        let mut added = 0;
+        let change: ChangeMembers<NodeId, MemberNode> = match req.change {
+            None => return Err(ApplyError::Raft("empty membership change".into())),
+            Some(Change::Add(a)) => {
+                for url in &a.peer_ur_ls {
+                    if nodes.values().any(|n| n.peer_urls.contains(url)) {
+                        return Err(ApplyError::PeerUrlExists);
+                    }
+                }
+                let now = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_secs());
+                let id = crate::server::member::new_member_id(&a.peer_ur_ls, now);
+                added = id;
+                let node = MemberNode {
+                    name: String::new(),
+                    peer_urls: a.peer_ur_ls.clone(),
+                    client_urls: Vec::new(),
+                };
+                self.write_membership(ChangeMembers::AddNodes([(id, node)].into()))
+                    .await?;
+                if a.is_learner {
+                    return self.membership_response(id);
+                }
+                ChangeMembers::AddVoterIds([id].into())
+            }
+            Some(Change::Remove(r)) => {
+                if !nodes.contains_key(&r.id) {
+                    return Err(ApplyError::MemberNotFound);
+                }
+                if voters.contains(&r.id) {
+                    if voters.len() == 1 {
+                        return Err(ApplyError::NotEnoughStartedMembers);
+                    }
+                    self.write_membership(ChangeMembers::RemoveVoters([r.id].into()))
+                        .await?;
+                }
+                ChangeMembers::RemoveNodes([r.id].into())
+            }
+            Some(Change::Update(u)) => {
+                let Some(n) = nodes.get(&u.id) else {
+                    return Err(ApplyError::MemberNotFound);
+                };
+                for url in &u.peer_ur_ls {
+                    if nodes
+                        .iter()
+                        .any(|(id, n)| *id != u.id && n.peer_urls.contains(url))
+                    {
+                        return Err(ApplyError::PeerUrlExists);
+                    }
+                }
+                let mut n = n.clone();
+                n.peer_urls = u.peer_ur_ls.clone();
+                ChangeMembers::SetNodes([(u.id, n)].into())
+            }
+            Some(Change::Promote(p)) => {
+                if voters.contains(&p.id) {
+                    return Err(ApplyError::MemberNotLearner);
+                }
+                if !nodes.contains_key(&p.id) {
+                    return Err(ApplyError::MemberNotFound);
+                }
+                // etcd: a learner is ready once it has 90% of the leader's log.
+                let metrics = self.metrics();
+                let last = metrics.last_log_index.unwrap_or(0);
+                let matched = metrics
+                    .replication
+                    .as_ref()
+                    .and_then(|r| r.get(&p.id).cloned().flatten())
+                    .map_or(0, |l| l.index);
+                if (matched as f64) < (last as f64) * 0.9 {
+                    return Err(ApplyError::LearnerNotReady);
+                }
+                ChangeMembers::AddVoterIds([p.id].into())
+            }
+            Some(Change::Publish(p)) => {
+                let Some(n) = nodes.get(&p.id) else {
+                    return Err(ApplyError::MemberNotFound);
+                };
+                if n.name == p.name && n.client_urls == p.client_urls {
+                    return self.membership_response(p.id);
+                }
+                let mut n = n.clone();
+                n.name = p.name;
+                n.client_urls = p.client_urls;
+                ChangeMembers::SetNodes([(p.id, n)].into())
+            }
+        };
+        self.write_membership(change).await?;
+        self.membership_response(added)
+    }
+
+    async fn write_membership(
+        &self,
+        change: ChangeMembers<NodeId, MemberNode>,
+    ) -> Result<(), ApplyError> {
+        let deadline = Instant::now() + self.timing.request_timeout();
+        loop {
+            let r = tokio::time::timeout(
+                deadline.saturating_duration_since(Instant::now()),
+                self.raft.change_membership(change.clone(), true),
+            )
+            .await
+            .map_err(|_| ApplyError::Timeout)?;
+            // A change committed but not yet applied everywhere (or one a previous leader
+            // left behind) blocks the next one briefly.
+            if let Err(RaftError::APIError(ClientWriteError::ChangeMembershipError(
+                openraft::error::ChangeMembershipError::InProgress(_),
+            ))) = &r
+            {
+                tokio::time::sleep(self.timing.heartbeat).await;
+                continue;
+            }
+            return self.membership_result(r);
+        }
+    }
+
+    fn membership_result(
+        &self,
+        r: Result<
+            openraft::raft::ClientWriteResponse<super::TypeConfig>,
+            RaftError<NodeId, ClientWriteError<NodeId, MemberNode>>,
+        >,
+    ) -> Result<(), ApplyError> {
+        match r {
+            Ok(_) => Ok(()),
+            Err(RaftError::Fatal(_)) => Err(ApplyError::Mvcc(crate::mvcc::Error::Closed)),
+            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_))) => {
+                Err(ApplyError::NoLeader)
+            }
+            Err(RaftError::APIError(ClientWriteError::ChangeMembershipError(e))) => {
+                Err(ApplyError::Raft(e.to_string()))
+            }
+        }
+    }
+
+    fn membership_response(&self, id: NodeId) -> Result<pb::MemberChangeResponse, ApplyError> {
+        Ok(pb::MemberChangeResponse {
+            id,
+            membership: Some(codec::membership_to_pb(&self.membership())),
+        })
+    }
+}
+
+/// An error a forwarded request came back with, as the client should see it.
+pub fn forwarded_error(s: &tonic::Status) -> ApplyError {
+    let msg = s.message();
+    let known = [
+        ApplyError::NoLeader,
+        ApplyError::Timeout,
+        ApplyError::LeaseNotFound,
+        ApplyError::MemberNotFound,
+        ApplyError::PeerUrlExists,
+        ApplyError::MemberNotLearner,
+        ApplyError::LearnerNotReady,
+        ApplyError::NotEnoughStartedMembers,
+    ];
+    for k in known {
+        if k.to_string() == msg {
+            return k;
+        }
+    }
+    if retryable(s) {
+        return ApplyError::NoLeader;
+    }
+    ApplyError::Raft(msg.trim_start_matches("etcdserver: ").to_string())
+}

@@ -1,0 +1,462 @@
+//! The replicated state machine: the MVCC store, driven by committed entries.
+//!
+//! # Applying
+//! A normal entry carries a batch of commands; each is applied with [`apply::apply`] as
+//! before, under its *apply position* `index << 20 | i + 1` (see [`command_position`]), which
+//! the store records atomically with the command's writes. After the whole entry, the
+//! position `index << 20 | 0xfffff` is recorded together with the entry's log id (and, for a
+//! membership entry, the membership) in the Meta table. So after a crash in the middle of an
+//! entry, openraft re-delivers it and the commands already applied are skipped: none is lost
+//! or applied twice. The store is not fsynced per group: the Raft log is, and it shares the
+//! engine's write-ahead log, so a durable log entry implies every earlier apply write.
+//!
+//! # Snapshots
+//! A snapshot is the backup snapshot format ([`crate::storage::snapshot`]) of the
+//! state-machine tables, in a file under the snapshot directory; the Meta table inside it
+//! says which entry it ends at. Installing one replaces the tables, after marking the
+//! install in the `RaftState` table, so a crash half-way redoes it at start-up
+//! ([`recover_install`]).
+
+use std::io::{Seek, SeekFrom};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use metastore_proto::raftpb as pb;
+use openraft::storage::RaftStateMachine;
+use openraft::{EntryPayload, RaftSnapshotBuilder, Snapshot, StorageIOError};
+use prost::Message;
+use tokio::sync::watch;
+
+use super::codec;
+use super::waiters::Waiters;
+use super::{
+    command_position, entry_done_position, Entry, LogId, SnapshotMeta, StorageError,
+    StoredMembership, TypeConfig,
+};
+use crate::apply::{self, ApplyError};
+use crate::lease::Lessor;
+use crate::mvcc::{self, Store};
+use crate::server::proposer::ApplyObserver;
+use crate::storage::{snapshot as snapfile, Engine, Table, WriteBatch};
+use crate::watch::WatchHub;
+
+/// Meta-table keys (the `raft/` prefix is dropped by `metastore snapshot restore`).
+pub const META_APPLIED: &[u8] = b"raft/applied";
+pub const META_MEMBERSHIP: &[u8] = b"raft/membership";
+/// RaftState keys.
+const STATE_SNAPSHOT: &[u8] = b"snapshot";
+const STATE_INSTALLING: &[u8] = b"installing";
+
+fn sm_err(e: impl std::fmt::Display) -> StorageError {
+    StorageIOError::write_state_machine(openraft::AnyError::error(e.to_string())).into()
+}
+
+fn snap_err(e: impl std::fmt::Display) -> StorageError {
+    StorageIOError::read_snapshot(None, openraft::AnyError::error(e.to_string())).into()
+}
+
+/// What the state machine shares with the rest of the node.
+pub struct Context {
+    pub store: Arc<Store>,
+    pub lessor: Arc<Lessor>,
+    pub watch: Arc<WatchHub>,
+    pub waiters: Arc<Waiters>,
+    pub member_id: u64,
+    /// Where snapshot files live.
+    pub snap_dir: PathBuf,
+    /// The last applied Raft index, for linearizable reads waiting on it.
+    pub applied: watch::Sender<u64>,
+    pub observer: Arc<dyn ApplyObserver>,
+    /// The file a snapshot is being received into.
+    receiving: Mutex<Option<PathBuf>>,
+}
+
+impl Context {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        store: Arc<Store>,
+        lessor: Arc<Lessor>,
+        watch: Arc<WatchHub>,
+        waiters: Arc<Waiters>,
+        member_id: u64,
+        snap_dir: PathBuf,
+        observer: Arc<dyn ApplyObserver>,
+    ) -> Result<Arc<Self>, StorageError> {
+        std::fs::create_dir_all(&snap_dir).map_err(sm_err)?;
+        let applied = read_applied(&store)?.map_or(0, |l| l.index);
+        Ok(Arc::new(Self {
+            store,
+            lessor,
+            watch,
+            waiters,
+            member_id,
+            snap_dir,
+            applied: watch::channel(applied).0,
+            observer,
+            receiving: Mutex::new(None),
+        }))
+    }
+
+    fn apply_entries(&self, entries: Vec<Entry>) -> Result<(), StorageError> {
+        let resume = self.store.applied_index();
+        let mut applying = self.store.applier().map_err(sm_err)?;
+        let mut events = Vec::new();
+        let mut replies = Vec::new();
+        let mut last = None;
+        let mut commands = 0;
+        for e in entries {
+            let index = e.log_id.index;
+            let mut meta = vec![(
+                META_APPLIED.to_vec(),
+                codec::log_id_to_pb(&e.log_id).encode_to_vec(),
+            )];
+            match e.payload {
+                EntryPayload::Blank => {}
+                EntryPayload::Normal(batch) => {
+                    let batch = pb::CommandBatch::decode(batch.0).map_err(sm_err)?;
+                    for (i, p) in batch.proposals.into_iter().enumerate() {
+                        let pos = command_position(index, i);
+                        if pos <= resume {
+                            continue;
+                        }
+                        commands += 1;
+                        let Some(cmd) = p.command else {
+                            applying.skip(pos).map_err(sm_err)?;
+                            continue;
+                        };
+                        let cmd = codec::command_from_pb(cmd);
+                        let mut r = apply::apply(&mut applying, pos, &cmd, self.lessor.as_ref());
+                        match &mut r {
+                            Err(ApplyError::Mvcc(mvcc::Error::Storage(s))) => {
+                                return Err(sm_err(s));
+                            }
+                            Err(ApplyError::Mvcc(mvcc::Error::Closed)) => {
+                                return Err(sm_err("store closed"));
+                            }
+                            Ok(a) => events.append(&mut a.events),
+                            Err(_) => {}
+                        }
+                        if p.origin == self.member_id {
+                            replies.push((p.seq, r));
+                        }
+                    }
+                }
+                EntryPayload::Membership(m) => {
+                    let stored = StoredMembership::new(Some(e.log_id), m);
+                    meta.push((
+                        META_MEMBERSHIP.to_vec(),
+                        codec::stored_membership_to_pb(&stored).encode_to_vec(),
+                    ));
+                }
+            }
+            let done = entry_done_position(index);
+            if done > resume {
+                applying.record(done, meta).map_err(sm_err)?;
+            }
+            last = Some(index);
+        }
+        let rev = applying.publish().map_err(sm_err)?;
+        if !events.is_empty() {
+            self.watch.notify(&events, rev);
+        }
+        // Publish the applied index before answering, so a client that got its answer and
+        // asks a linearizable read or Status next sees at least its own entry.
+        if let Some(i) = last {
+            self.applied.send_replace(i);
+        }
+        for (seq, r) in replies {
+            self.waiters.complete(seq, r);
+        }
+        self.observer.group_applied(commands);
+        Ok(())
+    }
+
+    /// Writes a snapshot of everything applied so far; returns its meta and file.
+    fn build_snapshot(&self) -> Result<(SnapshotMeta, PathBuf), StorageError> {
+        let engine = self.store.engine();
+        // Make the applied state durable: the log up to the snapshot may be purged after this.
+        engine.sync().map_err(sm_err)?;
+        let snap = engine.snapshot();
+        let last_log_id = match snap.get(Table::Meta, META_APPLIED).map_err(sm_err)? {
+            Some(v) => Some(codec::log_id_from_pb(
+                &pb::LogId::decode(v.as_slice()).map_err(sm_err)?,
+            )),
+            None => None,
+        };
+        let last_membership = match snap.get(Table::Meta, META_MEMBERSHIP).map_err(sm_err)? {
+            Some(v) => codec::stored_membership_from_pb(
+                &pb::StoredMembership::decode(v.as_slice()).map_err(sm_err)?,
+            ),
+            None => StoredMembership::default(),
+        };
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos());
+        let snapshot_id = match &last_log_id {
+            Some(l) => format!(
+                "{}-{}-{}-{nanos}",
+                l.leader_id.term, l.leader_id.node_id, l.index
+            ),
+            None => format!("0-0-0-{nanos}"),
+        };
+        let meta = SnapshotMeta {
+            last_log_id,
+            last_membership,
+            snapshot_id,
+        };
+        let tmp = self.snap_dir.join(format!("{}.tmp", meta.snapshot_id));
+        let path = self.snapshot_path(&meta);
+        {
+            let mut f = std::fs::File::create(&tmp).map_err(sm_err)?;
+            snapfile::write_snapshot(snap.as_ref(), &mut f, &mut |_| {}).map_err(sm_err)?;
+            f.sync_all().map_err(sm_err)?;
+        }
+        drop(snap);
+        std::fs::rename(&tmp, &path).map_err(sm_err)?;
+        self.set_current(&meta)?;
+        tracing::info!(snapshot = %meta.snapshot_id, "built a Raft snapshot");
+        Ok((meta, path))
+    }
+
+    fn snapshot_path(&self, meta: &SnapshotMeta) -> PathBuf {
+        snapshot_file(&self.snap_dir, meta)
+    }
+
+    /// Records `meta` as the current snapshot and removes older snapshot files.
+    fn set_current(&self, meta: &SnapshotMeta) -> Result<(), StorageError> {
+        let mut b = WriteBatch::new();
+        b.put(
+            Table::RaftState,
+            STATE_SNAPSHOT.to_vec(),
+            codec::snapshot_meta_to_pb(meta).encode_to_vec(),
+        );
+        b.delete(Table::RaftState, STATE_INSTALLING.to_vec());
+        self.store.engine().write(b, true).map_err(sm_err)?;
+        let keep = self.snapshot_path(meta);
+        if let Ok(dir) = std::fs::read_dir(&self.snap_dir) {
+            for f in dir.flatten() {
+                let p = f.path();
+                let is_snap = p.extension().is_some_and(|e| e == "snap");
+                if is_snap && p != keep {
+                    let _ = std::fs::remove_file(&p);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn current(&self) -> Result<Option<SnapshotMeta>, StorageError> {
+        read_state_meta(self.store.engine().as_ref(), STATE_SNAPSHOT)
+    }
+
+    /// Replaces the state machine with the snapshot in `received`.
+    fn install(&self, meta: &SnapshotMeta, received: &Path) -> Result<(), StorageError> {
+        let info =
+            snapfile::verify(std::fs::File::open(received).map_err(snap_err)?).map_err(snap_err)?;
+        let path = self.snapshot_path(meta);
+        std::fs::rename(received, &path).map_err(sm_err)?;
+        let engine = self.store.engine();
+        let mut b = WriteBatch::new();
+        b.put(
+            Table::RaftState,
+            STATE_INSTALLING.to_vec(),
+            codec::snapshot_meta_to_pb(meta).encode_to_vec(),
+        );
+        engine.write(b, true).map_err(sm_err)?;
+        load_file(engine.as_ref(), &path)?;
+        self.store.reload().map_err(sm_err)?;
+        self.lessor.restore(&self.store.leases().map_err(sm_err)?);
+        self.watch.resync(self.store.current_revision());
+        self.set_current(meta)?;
+        if let Some(l) = &meta.last_log_id {
+            self.applied.send_replace(l.index);
+        }
+        tracing::info!(
+            snapshot = %meta.snapshot_id,
+            revision = self.store.current_revision(),
+            snapshot_revision = info.header.revision,
+            "installed a Raft snapshot from the leader"
+        );
+        Ok(())
+    }
+}
+
+/// The file of snapshot `meta` in `snap_dir` (ids come from peers: only safe characters).
+fn snapshot_file(snap_dir: &Path, meta: &SnapshotMeta) -> PathBuf {
+    let safe: String = meta
+        .snapshot_id
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    snap_dir.join(format!("{safe}.snap"))
+}
+
+fn load_file(engine: &dyn Engine, path: &Path) -> Result<(), StorageError> {
+    let mut f = std::fs::File::open(path).map_err(snap_err)?;
+    f.seek(SeekFrom::Start(0)).map_err(snap_err)?;
+    snapfile::load(std::io::BufReader::new(f), engine, &mut |_| {}).map_err(sm_err)?;
+    Ok(())
+}
+
+fn read_state_meta(engine: &dyn Engine, key: &[u8]) -> Result<Option<SnapshotMeta>, StorageError> {
+    match engine.get(Table::RaftState, key).map_err(sm_err)? {
+        None => Ok(None),
+        Some(v) => Ok(Some(codec::snapshot_meta_from_pb(
+            &pb::SnapshotMeta::decode(v.as_slice()).map_err(sm_err)?,
+        ))),
+    }
+}
+
+fn read_applied(store: &Store) -> Result<Option<LogId>, StorageError> {
+    match store.meta(META_APPLIED).map_err(sm_err)? {
+        None => Ok(None),
+        Some(v) => Ok(Some(codec::log_id_from_pb(
+            &pb::LogId::decode(v.as_slice()).map_err(sm_err)?,
+        ))),
+    }
+}
+
+/// Finishes a snapshot install a crash interrupted. Call before opening the store.
+pub fn recover_install(engine: &dyn Engine, snap_dir: &Path) -> Result<(), StorageError> {
+    let Some(meta) = read_state_meta(engine, STATE_INSTALLING)? else {
+        return Ok(());
+    };
+    tracing::warn!(snapshot = %meta.snapshot_id, "finishing an interrupted snapshot install");
+    load_file(engine, &snapshot_file(snap_dir, &meta))?;
+    let mut b = WriteBatch::new();
+    b.put(
+        Table::RaftState,
+        STATE_SNAPSHOT.to_vec(),
+        codec::snapshot_meta_to_pb(&meta).encode_to_vec(),
+    );
+    b.delete(Table::RaftState, STATE_INSTALLING.to_vec());
+    engine.write(b, true).map_err(sm_err)
+}
+
+/// The state machine openraft drives.
+pub struct StateMachine {
+    ctx: Arc<Context>,
+}
+
+impl StateMachine {
+    pub fn new(ctx: Arc<Context>) -> Self {
+        Self { ctx }
+    }
+}
+
+/// Builds snapshots off the apply path.
+pub struct SnapshotBuilder {
+    ctx: Arc<Context>,
+}
+
+impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
+    async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, StorageError> {
+        let ctx = self.ctx.clone();
+        let (meta, path) = tokio::task::spawn_blocking(move || ctx.build_snapshot())
+            .await
+            .map_err(sm_err)??;
+        let file = tokio::fs::File::open(&path).await.map_err(snap_err)?;
+        Ok(Snapshot {
+            meta,
+            snapshot: Box::new(file),
+        })
+    }
+}
+
+impl RaftStateMachine<TypeConfig> for StateMachine {
+    type SnapshotBuilder = SnapshotBuilder;
+
+    async fn applied_state(&mut self) -> Result<(Option<LogId>, StoredMembership), StorageError> {
+        let applied = read_applied(&self.ctx.store)?;
+        let membership = match self.ctx.store.meta(META_MEMBERSHIP).map_err(sm_err)? {
+            Some(v) => codec::stored_membership_from_pb(
+                &pb::StoredMembership::decode(v.as_slice()).map_err(sm_err)?,
+            ),
+            None => StoredMembership::default(),
+        };
+        Ok((applied, membership))
+    }
+
+    async fn apply<I>(&mut self, entries: I) -> Result<Vec<()>, StorageError>
+    where
+        I: IntoIterator<Item = Entry> + Send,
+        I::IntoIter: Send,
+    {
+        let entries: Vec<Entry> = entries.into_iter().collect();
+        let n = entries.len();
+        let ctx = self.ctx.clone();
+        tokio::task::spawn_blocking(move || ctx.apply_entries(entries))
+            .await
+            .map_err(sm_err)??;
+        Ok(vec![(); n])
+    }
+
+    async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
+        SnapshotBuilder {
+            ctx: self.ctx.clone(),
+        }
+    }
+
+    async fn begin_receiving_snapshot(&mut self) -> Result<Box<tokio::fs::File>, StorageError> {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos());
+        let path = self.ctx.snap_dir.join(format!("recv-{nanos}.tmp"));
+        let file = tokio::fs::OpenOptions::new()
+            .create(true)
+            .truncate(true)
+            .read(true)
+            .write(true)
+            .open(&path)
+            .await
+            .map_err(sm_err)?;
+        if let Ok(mut r) = self.ctx.receiving.lock() {
+            if let Some(old) = r.replace(path) {
+                let _ = std::fs::remove_file(old);
+            }
+        }
+        Ok(Box::new(file))
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        meta: &SnapshotMeta,
+        snapshot: Box<tokio::fs::File>,
+    ) -> Result<(), StorageError> {
+        snapshot.sync_all().await.map_err(sm_err)?;
+        drop(snapshot);
+        let path = self
+            .ctx
+            .receiving
+            .lock()
+            .ok()
+            .and_then(|mut r| r.take())
+            .ok_or_else(|| sm_err("no snapshot is being received"))?;
+        let ctx = self.ctx.clone();
+        let meta = meta.clone();
+        tokio::task::spawn_blocking(move || ctx.install(&meta, &path))
+            .await
+            .map_err(sm_err)?
+    }
+
+    async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot<TypeConfig>>, StorageError> {
+        let Some(meta) = self.ctx.current()? else {
+            return Ok(None);
+        };
+        let path = self.ctx.snapshot_path(&meta);
+        match tokio::fs::File::open(&path).await {
+            Ok(file) => Ok(Some(Snapshot {
+                meta,
+                snapshot: Box::new(file),
+            })),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(snap_err(e)),
+        }
+    }
+}

@@ -1,0 +1,418 @@
+//! Raft clusters of in-process members on loopback: replication, reads on every member,
+//! failover, membership changes, and a follower catching up from a snapshot.
+
+use std::time::{Duration, Instant};
+
+use etcd_client::{Client, GetOptions, MemberAddOptions};
+use metastore::server::{config::Config, Server};
+
+use crate::common::free_port;
+
+struct Member {
+    name: String,
+    peer: u16,
+    client: u16,
+    dir: std::path::PathBuf,
+    server: Option<Server>,
+}
+
+struct Cluster {
+    members: Vec<Member>,
+    _dir: tempfile::TempDir,
+    extra: Vec<String>,
+}
+
+impl Member {
+    fn args(&self, initial_cluster: &str, state: &str, extra: &[String]) -> Vec<String> {
+        let mut a: Vec<String> = [
+            "metastore",
+            "--name",
+            &self.name,
+            "--data-dir",
+            &self.dir.display().to_string(),
+            "--listen-client-urls",
+            &format!("http://127.0.0.1:{}", self.client),
+            "--advertise-client-urls",
+            &format!("http://127.0.0.1:{}", self.client),
+            "--listen-peer-urls",
+            &format!("http://127.0.0.1:{}", self.peer),
+            "--initial-advertise-peer-urls",
+            &format!("http://127.0.0.1:{}", self.peer),
+            "--initial-cluster",
+            initial_cluster,
+            "--initial-cluster-state",
+            state,
+            "--heartbeat-interval",
+            "50",
+            "--election-timeout",
+            "500",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        a.extend(extra.iter().cloned());
+        a
+    }
+
+    fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.client)
+    }
+}
+
+impl Cluster {
+    fn initial_cluster(&self) -> String {
+        self.members
+            .iter()
+            .map(|m| format!("{}=http://127.0.0.1:{}", m.name, m.peer))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    async fn start(n: usize, extra: &[&str]) -> anyhow::Result<Self> {
+        let dir = tempfile::tempdir()?;
+        let mut members = Vec::new();
+        for i in 0..n {
+            members.push(Member {
+                name: format!("m{i}"),
+                peer: free_port()?,
+                client: free_port()?,
+                dir: dir.path().join(format!("m{i}")),
+                server: None,
+            });
+        }
+        let mut c = Self {
+            members,
+            _dir: dir,
+            extra: extra.iter().map(|s| s.to_string()).collect(),
+        };
+        let ic = c.initial_cluster();
+        let mut starts = Vec::new();
+        for m in &c.members {
+            let config = Config::load(m.args(&ic, "new", &c.extra))?;
+            starts.push(tokio::spawn(async move {
+                metastore::server::start(&config).await
+            }));
+        }
+        for (m, s) in c.members.iter_mut().zip(starts) {
+            m.server = Some(s.await??);
+        }
+        c.wait_leader().await?;
+        Ok(c)
+    }
+
+    async fn restart(&mut self, i: usize) -> anyhow::Result<()> {
+        let ic = self.initial_cluster();
+        let config = Config::load(self.members[i].args(&ic, "new", &self.extra))?;
+        self.members[i].server = Some(metastore::server::start(&config).await?);
+        Ok(())
+    }
+
+    async fn stop(&mut self, i: usize) {
+        if let Some(s) = self.members[i].server.take() {
+            let stopped = s.shutdown().await;
+            tokio::task::spawn_blocking(move || stopped.wait())
+                .await
+                .expect("stopped");
+        }
+    }
+
+    fn leader(&self) -> Option<usize> {
+        self.members.iter().position(|m| {
+            m.server
+                .as_ref()
+                .and_then(|s| s.node())
+                .is_some_and(|n| n.replica.is_leader())
+        })
+    }
+
+    async fn wait_leader(&self) -> anyhow::Result<usize> {
+        let start = Instant::now();
+        loop {
+            if let Some(l) = self.leader() {
+                return Ok(l);
+            }
+            anyhow::ensure!(
+                start.elapsed() < Duration::from_secs(10),
+                "no leader after 10 s"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    async fn client(&self, i: usize) -> anyhow::Result<Client> {
+        Ok(Client::connect([self.members[i].url()], None).await?)
+    }
+}
+
+async fn get(c: &mut Client, key: &str, serializable: bool) -> anyhow::Result<Option<String>> {
+    let opts = if serializable {
+        Some(GetOptions::new().with_serializable())
+    } else {
+        None
+    };
+    let r = c.get(key, opts).await?;
+    Ok(r.kvs()
+        .first()
+        .map(|kv| String::from_utf8_lossy(kv.value()).into_owned()))
+}
+
+async fn hash_kv(c: &mut Client, rev: i64) -> anyhow::Result<u32> {
+    Ok(c.maintenance_client().hash_kv(rev).await?.hash())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn three_members_replicate_and_serve_linearizable_reads_everywhere() -> anyhow::Result<()> {
+    let c = Cluster::start(3, &[]).await?;
+    let mut clients = Vec::new();
+    for i in 0..3 {
+        clients.push(c.client(i).await?);
+    }
+    // Writes through every member (followers forward them); linearizable reads through every
+    // member see each one at once.
+    for round in 0..5 {
+        for i in 0..3 {
+            let key = format!("k{i}");
+            let value = format!("v{round}-{i}");
+            let put = clients[i].put(key.clone(), value.clone(), None).await?;
+            let rev = put.header().map_or(0, |h| h.revision());
+            for (j, reader) in clients.iter_mut().enumerate() {
+                assert_eq!(
+                    get(reader, &key, false).await?.as_deref(),
+                    Some(value.as_str()),
+                    "member {j} after a write through member {i} at revision {rev}"
+                );
+            }
+        }
+    }
+    // Every member reports the same leader and term; HashKV agrees.
+    let mut leaders = Vec::new();
+    let mut hashes = Vec::new();
+    let rev = clients[0]
+        .get("k0", None)
+        .await?
+        .header()
+        .map_or(0, |h| h.revision());
+    for cl in clients.iter_mut() {
+        let s = cl.status().await?;
+        leaders.push((s.leader(), s.raft_term()));
+        hashes.push(hash_kv(cl, rev).await?);
+    }
+    assert!(
+        leaders.iter().all(|l| *l == leaders[0] && l.0 != 0),
+        "{leaders:?}"
+    );
+    assert!(hashes.iter().all(|h| *h == hashes[0]), "{hashes:?}");
+    // MemberList shows three voters with their names and client URLs (each member publishes
+    // its client URLs once it runs).
+    let start = Instant::now();
+    let list = loop {
+        let list = clients[1].member_list().await?;
+        if list.members().iter().all(|m| !m.client_urls().is_empty())
+            || start.elapsed() > Duration::from_secs(5)
+        {
+            break list;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let mut names: Vec<_> = list
+        .members()
+        .iter()
+        .map(|m| m.name().to_string())
+        .collect();
+    names.sort();
+    assert_eq!(names, ["m0", "m1", "m2"]);
+    assert!(list
+        .members()
+        .iter()
+        .all(|m| !m.is_learner() && !m.client_urls().is_empty()));
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn losing_the_leader_elects_another_and_keeps_every_write() -> anyhow::Result<()> {
+    let mut c = Cluster::start(3, &[]).await?;
+    let leader = c.wait_leader().await?;
+    let other = (leader + 1) % 3;
+    let mut cl = c.client(other).await?;
+    for i in 0..50 {
+        cl.put(format!("a{i}"), "x", None).await?;
+    }
+    c.stop(leader).await;
+    let start = Instant::now();
+    let new_leader = c.wait_leader().await?;
+    assert_ne!(new_leader, leader);
+    assert!(
+        start.elapsed() < Duration::from_secs(5),
+        "election took {:?}",
+        start.elapsed()
+    );
+    for i in 50..100 {
+        cl.put(format!("a{i}"), "x", None).await?;
+    }
+    let r = cl
+        .get("a", Some(GetOptions::new().with_prefix().with_count_only()))
+        .await?;
+    assert_eq!(r.count(), 100);
+    // The old leader comes back as a follower and catches up.
+    c.restart(leader).await?;
+    let mut back = c.client(leader).await?;
+    let r = back
+        .get("a", Some(GetOptions::new().with_prefix().with_count_only()))
+        .await?;
+    assert_eq!(r.count(), 100);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn without_a_quorum_writes_fail_with_etcds_errors() -> anyhow::Result<()> {
+    let mut c = Cluster::start(3, &[]).await?;
+    let leader = c.wait_leader().await?;
+    let survivor = (leader + 1) % 3;
+    for i in 0..3 {
+        if i != survivor {
+            c.stop(i).await;
+        }
+    }
+    let mut cl = c.client(survivor).await?;
+    let e = cl.put("k", "v", None).await.expect_err("no quorum");
+    let (code, msg) = crate::common::status(e);
+    assert_eq!(code, tonic::Code::Unavailable, "{msg}");
+    assert!(
+        msg == "etcdserver: no leader" || msg == "etcdserver: request timed out",
+        "{msg}"
+    );
+    // Serializable reads are still served locally.
+    assert!(get(&mut cl, "k", true).await?.is_none());
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn members_are_added_promoted_and_removed() -> anyhow::Result<()> {
+    let mut c = Cluster::start(3, &[]).await?;
+    let mut cl = c.client(0).await?;
+    for i in 0..20 {
+        cl.put(format!("m{i}"), "x", None).await?;
+    }
+    // Add a learner, start it with --initial-cluster-state existing.
+    let peer = free_port()?;
+    let client_port = free_port()?;
+    let peer_url = format!("http://127.0.0.1:{peer}");
+    let added = cl
+        .member_add(
+            [peer_url.clone()],
+            Some(MemberAddOptions::new().with_is_learner()),
+        )
+        .await?;
+    let new_id = added.member().map(|m| m.id()).expect("added member");
+    let dir = c._dir.path().join("m3");
+    c.members.push(Member {
+        name: "m3".into(),
+        peer,
+        client: client_port,
+        dir,
+        server: None,
+    });
+    let ic = c.initial_cluster();
+    let config = Config::load(c.members[3].args(&ic, "existing", &[]))?;
+    c.members[3].server = Some(metastore::server::start(&config).await?);
+    let node = c.members[3]
+        .server
+        .as_ref()
+        .and_then(|s| s.node())
+        .expect("node");
+    assert_eq!(
+        node.member.id, new_id,
+        "the joining member takes the id member add gave it"
+    );
+    // Promote once it caught up (etcd refuses while it lags).
+    let start = Instant::now();
+    loop {
+        match cl.member_promote(new_id).await {
+            Ok(_) => break,
+            Err(e) => {
+                let (_, msg) = crate::common::status(e);
+                assert!(msg.contains("in sync with leader"), "{msg}");
+                anyhow::ensure!(start.elapsed() < Duration::from_secs(10), "never caught up");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+    let mut newcomer = c.client(3).await?;
+    assert_eq!(
+        get(&mut newcomer, "m19", false).await?.as_deref(),
+        Some("x")
+    );
+    // Promoting a voter, removing an unknown member: etcd's errors.
+    let (_, msg) = crate::common::status(cl.member_promote(new_id).await.expect_err("voter"));
+    assert_eq!(msg, "etcdserver: can only promote a learner member");
+    let (code, msg) = crate::common::status(cl.member_remove(42).await.expect_err("unknown"));
+    assert_eq!(
+        (code, msg.as_str()),
+        (tonic::Code::NotFound, "etcdserver: member not found")
+    );
+    // Remove an original member; the cluster keeps working with the other three.
+    let victim_id = c.members[2]
+        .server
+        .as_ref()
+        .and_then(|s| s.node())
+        .expect("node")
+        .member
+        .id;
+    cl.member_remove(victim_id).await?;
+    c.stop(2).await;
+    cl.put("after-remove", "y", None).await?;
+    assert_eq!(
+        get(&mut newcomer, "after-remove", false).await?.as_deref(),
+        Some("y")
+    );
+    let list = cl.member_list().await?;
+    assert_eq!(list.members().len(), 3);
+    assert!(list
+        .members()
+        .iter()
+        .all(|m| m.id() != victim_id && !m.is_learner()));
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_follower_behind_the_compacted_log_catches_up_from_a_snapshot() -> anyhow::Result<()> {
+    let mut c = Cluster::start(3, &["--snapshot-count", "50"]).await?;
+    let leader = c.wait_leader().await?;
+    let lagging = (leader + 1) % 3;
+    let writer = (leader + 2) % 3;
+    c.stop(lagging).await;
+    let mut cl = c.client(writer).await?;
+    let lease = cl.lease_grant(600, None).await?.id();
+    for i in 0..400 {
+        let opts = (i % 10 == 0).then(|| etcd_client::PutOptions::new().with_lease(lease));
+        cl.put(format!("s{i:04}"), format!("v{i}"), opts).await?;
+    }
+    cl.delete("s0001", None).await?;
+    let rev = cl
+        .put("last", "1", None)
+        .await?
+        .header()
+        .map_or(0, |h| h.revision());
+    c.restart(lagging).await?;
+    let mut back = c.client(lagging).await?;
+    let start = Instant::now();
+    loop {
+        let r = back
+            .get("last", Some(GetOptions::new().with_serializable()))
+            .await?;
+        if !r.kvs().is_empty() {
+            break;
+        }
+        anyhow::ensure!(start.elapsed() < Duration::from_secs(15), "never caught up");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(hash_kv(&mut back, rev).await?, hash_kv(&mut cl, rev).await?);
+    let r = back
+        .get("s", Some(GetOptions::new().with_prefix().with_count_only()))
+        .await?;
+    assert_eq!(r.count(), 399);
+    // Leases came with the snapshot.
+    let leases = back.leases().await?;
+    assert!(leases.leases().iter().any(|l| l.id() == lease));
+    Ok(())
+}
