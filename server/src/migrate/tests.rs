@@ -186,7 +186,10 @@ fn dump(s: &Store) -> Dump {
             )
             .expect("range");
         at_rev.push((rev, r.kvs));
-        hash_kv.push((rev, s.hash_kv(rev).expect("hash_kv").0));
+        // HashKV refuses the compacted revision itself, as etcd's does.
+        if rev > compact || compact == 0 {
+            hash_kv.push((rev, s.hash_kv(rev).expect("hash_kv").0));
+        }
     }
     let leases = s
         .leases()

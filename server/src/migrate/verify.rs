@@ -6,8 +6,8 @@
 //!   tables and the meta entries a migration does not own. Any read at any retained revision
 //!   is a function of these, so equal digests mean every key at every revision, every lease
 //!   and the current and compacted revisions are unchanged. One pass, O(versions).
-//! - etcd's HashKV ([`Store::hash_kv`]) at [`HASH_REVISIONS`] revisions: the compacted one
-//!   (or 1), the current one, and evenly spaced ones between, as a cluster member would
+//! - etcd's HashKV ([`Store::hash_kv`]) at [`HASH_REVISIONS`] revisions: the one after the
+//!   compacted one (or 1), the current one, and evenly spaced ones between, as a cluster member would
 //!   compare them. Each is a pass over the revision log, so this is the slower part.
 
 use std::sync::Arc;
@@ -64,7 +64,9 @@ pub fn fingerprint(engine: Arc<dyn Engine>, format: u8) -> Result<Fingerprint> {
     let current_rev = store.current_revision();
     let compact_rev = store.compact_revision();
     let mut hash_kv = Vec::new();
-    for rev in sample_revisions(compact_rev.max(1), current_rev, HASH_REVISIONS) {
+    // HashKV refuses the compacted revision itself (as etcd's does): start one above it.
+    let first = if compact_rev > 0 { compact_rev + 1 } else { 1 };
+    for rev in sample_revisions(first.min(current_rev), current_rev, HASH_REVISIONS) {
         let (hash, _, _) = store.hash_kv(rev)?;
         hash_kv.push((rev, hash));
     }

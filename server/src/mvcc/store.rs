@@ -282,13 +282,16 @@ impl Store {
         let current = self.current_revision();
         let snap = self.engine.snapshot();
         let compact = self.compact_revision();
-        let rev = if rev <= 0 { current } else { rev };
+        // etcd's HashByRev: a positive revision at or below the compacted one is compacted
+        // (even the compacted revision itself, unlike a Range); 0 means current; a negative
+        // one hashes nothing. The compacted revision is -1 before any compaction.
+        if rev > 0 && compact > 0 && rev <= compact {
+            return Err(Error::Compacted);
+        }
         if rev > current {
             return Err(Error::FutureRev);
         }
-        if rev < compact {
-            return Err(Error::Compacted);
-        }
+        let rev = if rev == 0 { current } else { rev };
         let mut hash = crc32c::crc32c(b"key");
         let mut it = snap.iter(Table::Rev);
         it.seek(&[]);
@@ -317,7 +320,7 @@ impl Store {
             it.next();
         }
         it.status()?;
-        Ok((hash, compact, rev))
+        Ok((hash, if compact > 0 { compact } else { -1 }, rev))
     }
 
     /// A CRC-32C over every table but `meta` (etcd's Hash of the whole backend).

@@ -91,8 +91,10 @@ impl Watch for WatchService {
             .get(REQUIRE_LEADER_KEY)
             .and_then(|v| v.to_str().ok())
             == Some("true");
+        // As etcd, a client that half-closes its side keeps getting events: the stream ends
+        // when the client goes away (or the node stops).
         if !require_leader {
-            let out = open(&self.node, req.into_inner(), InboundEnd::Close)?;
+            let out = open(&self.node, req.into_inner(), InboundEnd::KeepOpen)?;
             return Ok(Response::new(Box::pin(out.map(Ok))));
         }
         let node = self.node.get()?;
@@ -101,7 +103,7 @@ impl Watch for WatchService {
         }
         let election = node.replica.timing.election;
         drop(node);
-        let out = open(&self.node, req.into_inner(), InboundEnd::Close)?;
+        let out = open(&self.node, req.into_inner(), InboundEnd::KeepOpen)?;
         let lost = Arc::new(AtomicBool::new(false));
         let monitor = leader_lost(self.node.clone(), election, lost.clone());
         let ending =

@@ -99,6 +99,15 @@ impl RocksEngine {
     }
 }
 
+impl Drop for RocksEngine {
+    /// Stops flushes and compactions before the database closes, so none is still running
+    /// when the process exits (RocksDB's background threads outlive a close otherwise, and
+    /// can trip over its static state being torn down).
+    fn drop(&mut self) {
+        self.db.cancel_all_background_work(true);
+    }
+}
+
 impl Engine for RocksEngine {
     fn name(&self) -> &'static str {
         "rocksdb"

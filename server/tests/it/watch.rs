@@ -89,3 +89,35 @@ async fn an_inverted_range_is_refused() -> anyhow::Result<()> {
     assert_eq!(r.cancel_reason(), "mvcc: watcher range is empty");
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_half_closed_stream_keeps_delivering_events() -> anyhow::Result<()> {
+    use metastore_proto::etcdserverpb::watch_client::WatchClient;
+    use metastore_proto::etcdserverpb::{watch_request::RequestUnion, WatchCreateRequest};
+    let s = TestServer::start(&[]).await?;
+    let mut c = s.client().await?;
+    let mut raw = WatchClient::connect(format!("http://{}", s.addr())).await?;
+    let create = metastore_proto::etcdserverpb::WatchRequest {
+        request_union: Some(RequestUnion::CreateRequest(WatchCreateRequest {
+            key: "half".into(),
+            ..Default::default()
+        })),
+    };
+    // The request stream ends after its one request: the client half-closes, as etcd's
+    // clients may, and still expects the events (etcd keeps such a stream open).
+    let mut stream = raw
+        .watch(futures::stream::iter([create]))
+        .await?
+        .into_inner();
+    let created = tokio::time::timeout(Duration::from_secs(5), stream.message())
+        .await??
+        .expect("created");
+    assert!(created.created);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    c.put("half", "v", None).await?;
+    let ev = tokio::time::timeout(Duration::from_secs(5), stream.message())
+        .await??
+        .expect("the stream stays open after the half-close");
+    assert_eq!(ev.events.len(), 1);
+    Ok(())
+}

@@ -319,6 +319,12 @@ async fn hash_kv_is_deterministic_and_ignores_compaction_progress() {
         put(&s, "c", "1"); // 6
         let before = s.hash_kv(0).expect("hash");
         assert_eq!(before.2, 6);
+        assert_eq!(before.1, -1, "never compacted: -1, as etcd reports it");
+        assert_ne!(
+            s.hash_kv(-1).expect("hash").0,
+            before.0,
+            "negative: nothing hashed"
+        );
         assert_eq!(s.hash_kv(6).expect("hash"), before, "0 means current");
         assert_ne!(
             s.hash_kv(4).expect("hash").0,
@@ -341,6 +347,10 @@ async fn hash_kv_is_deterministic_and_ignores_compaction_progress() {
         assert_ne!(physical.0, before.0);
         assert_eq!(physical.1, 5);
         assert!(matches!(s.hash_kv(4), Err(Error::Compacted)));
+        assert!(
+            matches!(s.hash_kv(5), Err(Error::Compacted)),
+            "etcd refuses HashKV at the compacted revision itself"
+        );
         hashes.push((before.0, physical.0, s.hash().expect("hash")));
     }
     assert_eq!(
