@@ -416,3 +416,68 @@ async fn a_follower_behind_the_compacted_log_catches_up_from_a_snapshot() -> any
     assert!(leases.leases().iter().any(|l| l.id() == lease));
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn hasleader_watch_streams_end_when_the_leader_is_gone() -> anyhow::Result<()> {
+    use metastore_proto::etcdserverpb::watch_client::WatchClient;
+    use metastore_proto::etcdserverpb::{
+        watch_request::RequestUnion, WatchCreateRequest, WatchRequest,
+    };
+    let mut c = Cluster::start(3, &[]).await?;
+    let leader = c.wait_leader().await?;
+    let survivor = (leader + 1) % 3;
+    let url = c.members[survivor].url();
+    let create = || WatchRequest {
+        request_union: Some(RequestUnion::CreateRequest(WatchCreateRequest {
+            key: "k".into(),
+            ..Default::default()
+        })),
+    };
+    let open = |url: String| async move {
+        let mut raw = WatchClient::connect(url).await?;
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        tx.send(create()).await?;
+        let mut req = tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(rx));
+        req.metadata_mut().insert("hasleader", "true".parse()?);
+        let r = raw.watch(req).await;
+        anyhow::Ok((r, tx))
+    };
+    let (r, _tx) = open(url.clone()).await?;
+    let mut stream = r?.into_inner();
+    let created = tokio::time::timeout(Duration::from_secs(5), stream.message())
+        .await??
+        .expect("created");
+    assert!(created.created);
+    for i in 0..3 {
+        if i != survivor {
+            c.stop(i).await;
+        }
+    }
+    // etcd's monitorLeader: the stream ends with "no leader" after three election timeouts
+    // without a leader.
+    let start = Instant::now();
+    let err = loop {
+        match tokio::time::timeout(Duration::from_secs(15), stream.message()).await? {
+            Ok(Some(_)) => continue,
+            Ok(None) => anyhow::bail!("the stream ended without an error"),
+            Err(s) => break s,
+        }
+    };
+    assert_eq!(
+        (err.code(), err.message()),
+        (tonic::Code::Unavailable, "etcdserver: no leader")
+    );
+    assert!(
+        start.elapsed() < Duration::from_secs(10),
+        "{:?}",
+        start.elapsed()
+    );
+    // A new stream that requires a leader is refused at once.
+    let (r, _tx) = open(url).await?;
+    let s = r.expect_err("no leader");
+    assert_eq!(
+        (s.code(), s.message()),
+        (tonic::Code::Unavailable, "etcdserver: no leader")
+    );
+    Ok(())
+}
