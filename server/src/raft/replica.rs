@@ -207,7 +207,7 @@ impl Replica {
             let mut req = tonic::Request::new(pb::ProposeRequest {
                 batch: batch.clone(),
             });
-            req.set_timeout(self.timing.election * 2);
+            req.set_timeout(self.timing.election);
             match client.propose(req).await {
                 Ok(_) => return Ok(()),
                 Err(s) if retryable(&s) && Instant::now() < deadline => {

@@ -447,7 +447,9 @@ pub async fn start(config: &Config) -> Result<Server, ServerError> {
         cluster_name: config.initial_cluster_token.clone(),
         heartbeat_interval: config.heartbeat_interval,
         election_timeout_min: config.election_timeout,
-        election_timeout_max: config.election_timeout * 2,
+        // openraft's leader lease (how long followers refuse votes after the last
+        // heartbeat) is the maximum: 1.5x keeps failover after a partition short.
+        election_timeout_max: config.election_timeout * 3 / 2,
         snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(config.snapshot_count),
         // etcd keeps 5000 entries after a snapshot for slow followers to catch up from.
         max_in_snapshot_log_to_keep: config.snapshot_count.min(5000),
