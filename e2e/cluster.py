@@ -605,7 +605,9 @@ class Cluster:
             self.wait_member_ready(m, timeout)
 
     def wait_member_ready(self, m: Member, timeout: float = 30.0) -> None:
-        """Until `m` answers status and knows a leader."""
+        """Until `m` answers status, knows a leader and reports itself healthy on /health
+        (both servers answer 200 only once the member serves: a leader known and, for a
+        joining member, its name published in the member list)."""
         deadline = time.monotonic() + timeout
         last: object = None
         while time.monotonic() < deadline:
@@ -613,7 +615,7 @@ class Cluster:
                 raise ClusterError(f"{m.name} exited (rc {m.proc.returncode})\n{m.log_tail(4000)}")
             try:
                 s = m.status(0.5)
-                if s["leader"]:
+                if s["leader"] and _healthy(m.client_url):
                     return
                 last = s
             except (urllib.error.URLError, OSError, ValueError) as e:
@@ -755,3 +757,12 @@ class Cluster:
 
     def timeline(self, t0: float) -> str:
         return "\n".join(f"  {t - t0:7.3f} s  {w}" for t, w in self.events)
+
+
+def _healthy(client_url: str) -> bool:
+    """`GET /health` answers 200 with "health":"true"."""
+    try:
+        with urllib.request.urlopen(client_url + "/health", timeout=0.5) as r:
+            return r.status == 200 and b'"true"' in r.read()
+    except (urllib.error.URLError, OSError, ValueError):
+        return False
