@@ -19,8 +19,8 @@
 # /var/lib/metastore, read-only root filesystem works (`docker run --read-only`; nothing is
 # written outside the data volume), ports 2379 (client, gRPC + HTTP) and 2380 (peer).
 #
-# TODO(packaging): add `metastore-ctl` to both runtime stages once the binary exists (the
-# operator's migration Job and the quorum-loss runbook call it).
+# Both runtime stages carry `metastore-ctl` too (the operator's migration Job runs
+# `metastore-ctl migrate --to=N --wait`).
 
 ARG DEBIAN=debian:bookworm-slim
 
@@ -49,7 +49,7 @@ ENTRYPOINT ["/usr/local/bin/metastore"]
 
 # ---- runtime from binaries built on the host (CI, e2e/images.sh) -------------------------
 FROM runtime-base AS runtime-prebuilt
-COPY --from=bin metastore metastore-operator /usr/local/bin/
+COPY --from=bin metastore metastore-ctl metastore-operator /usr/local/bin/
 
 # ---- build: compile the workspace (RocksDB's C++ takes minutes) ---------------------------
 FROM rust:1-bookworm AS build
@@ -58,9 +58,9 @@ RUN apt-get update \
  && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 COPY . .
-RUN cargo build --release --locked --bin metastore --bin metastore-operator \
+RUN cargo build --release --locked --bin metastore --bin metastore-ctl --bin metastore-operator \
  && mkdir -p /out \
- && cp target/release/metastore target/release/metastore-operator /out/
+ && cp target/release/metastore target/release/metastore-ctl target/release/metastore-operator /out/
 
 # ---- runtime from the build stage (the default target: the last stage) -------------------
 FROM runtime-base AS runtime

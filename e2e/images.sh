@@ -12,7 +12,7 @@
 # Environment:
 #   IMAGE          tag to build                      (default metastore:dev)
 #   BASE_IMAGE     the Dockerfile's base image       (default debian:bookworm-slim)
-#   BIN_DIR        directory holding metastore and metastore-operator
+#   BIN_DIR        directory holding metastore, metastore-ctl and metastore-operator
 #                  (default $CARGO_TARGET_DIR/release, else ~/.cache/metastore/target/release)
 #   DEBIAN_MIRROR  mirror for debootstrap            (default: the host's first Debian mirror,
 #                                                      else http://deb.debian.org/debian)
@@ -39,8 +39,8 @@ since() { awk -v a="$1" -v b="$(now)" 'BEGIN { printf "%.1f", b - a }'; }
 
 command -v docker >/dev/null || die "docker not found"
 docker info >/dev/null 2>&1 || die "no docker daemon reachable (docker info failed)"
-for b in metastore metastore-operator; do
-  [[ -x "$BIN_DIR/$b" ]] || die "$BIN_DIR/$b missing: cargo build --release --bin metastore --bin metastore-operator"
+for b in metastore metastore-ctl metastore-operator; do
+  [[ -x "$BIN_DIR/$b" ]] || die "$BIN_DIR/$b missing: cargo build --release --bin metastore --bin metastore-ctl --bin metastore-operator"
 done
 
 # Only one build at a time on this daemon: the legacy path uses a fixed image name.
@@ -102,7 +102,7 @@ else
     docker rmi -f bin:latest >/dev/null
   fi
   trap 'docker rmi -f bin:latest >/dev/null 2>&1 || true' EXIT
-  tar --numeric-owner --owner=0 --group=0 -C "$BIN_DIR" -c metastore metastore-operator \
+  tar --numeric-owner --owner=0 --group=0 -C "$BIN_DIR" -c metastore metastore-ctl metastore-operator \
     | docker import --change 'LABEL io.metastore.e2e=images.sh' \
         --message "metastore binaries (e2e/images.sh, temporary)" - bin:latest >/dev/null
   # (The CLI prints a deprecation notice for the legacy builder; it is expected here.)

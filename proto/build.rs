@@ -10,6 +10,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "proto/v3lock.proto",
         "proto/v3election.proto",
         "proto/raft.proto",
+        "proto/migration.proto",
     ];
     for p in &protos {
         println!("cargo:rerun-if-changed={p}");

@@ -10,6 +10,7 @@
 //! - [`etcdserverpb`]: the KV, Watch, Lease, Cluster, Maintenance and Auth services.
 //! - [`v3lockpb`], [`v3electionpb`]: the lock and election services.
 //! - [`raftpb`]: MetaStore's own peer protocol (Raft and forwarding), on the peer port.
+//! - [`metastorepb`]: MetaStore's own client API (online storage-format migration).
 //!
 //! Byte fields are `bytes::Bytes` so that values move from storage to the wire without copies
 //! where the libraries allow it.
@@ -43,6 +44,11 @@ pub mod v3lockpb {
 pub mod v3electionpb {
     tonic::include_proto!("v3electionpb");
     include!(concat!(env!("OUT_DIR"), "/v3electionpb.serde.rs"));
+}
+
+/// MetaStore's own client API (online storage-format migration), served on the client port.
+pub mod metastorepb {
+    tonic::include_proto!("metastorepb");
 }
 
 /// MetaStore's peer protocol (not etcd's): Raft messages and requests forwarded to the leader.

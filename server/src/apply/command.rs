@@ -25,6 +25,9 @@ pub enum Command {
     LeaseRevoke(LeaseRevokeRequest),
     /// Raise or clear an alarm (GET is answered without proposing).
     Alarm(AlarmRequest),
+    /// Switch the storage format new records are written in (online migration; see
+    /// [`crate::migrate::online`]). Proposed only once every member said it supports it.
+    SetStorageFormat(u8),
 }
 
 impl Command {
@@ -38,6 +41,7 @@ impl Command {
             Command::LeaseGrant(_) => "LeaseGrant",
             Command::LeaseRevoke(_) => "LeaseRevoke",
             Command::Alarm(_) => "Alarm",
+            Command::SetStorageFormat(_) => "SetStorageFormat",
         }
     }
 }
@@ -53,6 +57,11 @@ pub enum CommandResult {
     LeaseRevoke(LeaseRevokeResponse),
     /// The alarms after the change, as `(member id, alarm type)`.
     Alarm(Vec<(u64, i32)>),
+    /// The format now written, and whether records remain to re-encode.
+    SetStorageFormat {
+        to: u8,
+        pending: bool,
+    },
 }
 
 /// An applied command's result and the events it produced (for watchers).
@@ -143,6 +152,16 @@ fn apply_inner(
             let revision = applying.applied_rev();
             return Ok(Applied {
                 result: CommandResult::Alarm(alarms),
+                events: Vec::new(),
+                revision,
+            });
+        }
+        Command::SetStorageFormat(to) => {
+            drop(t);
+            let pending = applying.set_storage_format(*to, index)?;
+            let revision = applying.applied_rev();
+            return Ok(Applied {
+                result: CommandResult::SetStorageFormat { to: *to, pending },
                 events: Vec::new(),
                 revision,
             });

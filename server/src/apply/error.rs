@@ -43,6 +43,12 @@ pub enum ApplyError {
     NotEnoughStartedMembers,
     #[error("etcdserver: unhealthy cluster")]
     UnhealthyCluster,
+    #[error("etcdserver: not leader")]
+    NotLeader,
+    #[error("etcdserver: bad leader transferee")]
+    BadLeaderTransferee,
+    #[error("etcdserver: request timed out, leader transfer took too long")]
+    TimeoutLeaderTransfer,
     /// A replication failure with no etcd equivalent; the message says what happened.
     #[error("etcdserver: {0}")]
     Raft(String),

@@ -1,5 +1,5 @@
 //! Offline storage-format migration: `metastore migrate --data-dir DIR --to N [--dry-run]
-//! [--verify]`.
+//! [--verify]`. The online migration of a running cluster reuses its batches: see [`online`].
 //!
 //! Converts every record of a stopped server's data directory (every version of every key,
 //! tombstones included) to storage format `N`, up (1 → 2) or down (2 → 1) alike. Only record
@@ -32,6 +32,7 @@
 //! `--dry-run` does steps 1 and 2 only and reports what would change; it changes no record,
 //! meta entry or stamp (RocksDB may still rotate its own log files on open).
 
+pub mod online;
 mod progress;
 pub mod rewrite;
 pub mod verify;

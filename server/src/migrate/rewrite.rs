@@ -6,13 +6,12 @@ use std::collections::BTreeMap;
 
 use super::{MigrateError, Result};
 use crate::mvcc::key_codec::{decode_key, split_kv_key};
-use crate::mvcc::store::META_STORAGE_FORMAT;
+use crate::mvcc::store::{META_STORAGE_FORMAT, META_WRITE_FORMAT};
 use crate::storage::{codec, Engine, Table, WriteBatch};
 
-/// Meta key: the format an unfinished migration converts to (one byte).
-pub const META_MIGRATE_TO: &[u8] = b"migrate/to";
-/// Meta key: the last `kv` table key an unfinished migration has converted.
-pub const META_MIGRATE_CURSOR: &[u8] = b"migrate/cursor";
+/// Meta keys: the format an unfinished migration converts to (one byte), and the last `kv`
+/// table key it has converted.
+pub use crate::mvcc::store::{META_MIGRATE_CURSOR, META_MIGRATE_TO};
 
 /// Batch bounds: a batch ends at whichever comes first.
 #[derive(Debug, Clone, Copy)]
@@ -118,16 +117,42 @@ pub fn rewrite(
     limits: BatchLimits,
     progress: &mut dyn FnMut(u64, u64),
 ) -> Result<RewriteStats> {
+    let mut stats = RewriteStats::default();
+    loop {
+        let done = rewrite_batch(engine, to, limits, true, &mut stats)?;
+        progress(stats.visited, stats.rewritten);
+        if done {
+            return Ok(stats);
+        }
+    }
+}
+
+/// One batch of [`rewrite`]: re-encodes the records after the resume point (meta
+/// `migrate/cursor` when meta `migrate/to` is `to`, else the first record) up to `limits`,
+/// and writes them with the new cursor in one atomic batch (synced if `sync`). The batch
+/// that reaches the end also sets meta `storage_format` and `write_format` to `to` and
+/// removes the cursor. Adds to `stats`; returns whether every record is now in `to`.
+///
+/// A record's key never changes and records are keyed by revision, so re-encoding one is
+/// idempotent and never hides a newer version. The caller must make sure nothing deletes
+/// records between this batch's snapshot and its write (offline: it owns the engine; online:
+/// it holds the store's background lock, which the compactor takes too).
+pub fn rewrite_batch(
+    engine: &dyn Engine,
+    to: u8,
+    limits: BatchLimits,
+    sync: bool,
+    stats: &mut RewriteStats,
+) -> Result<bool> {
     if !codec::is_supported(to) {
         return Err(MigrateError::UnsupportedFormat {
             format: to,
             supported: codec::supported_formats(),
         });
     }
-    let mut cursor = resume_point(engine, to)?;
-    let mut stats = RewriteStats::default();
+    let cursor = resume_point(engine, to)?;
     let mut buf = Vec::new();
-    loop {
+    {
         // A snapshot per batch: a long-lived one would pin every replaced version on disk.
         let snap = engine.snapshot();
         let mut it = snap.iter(Table::Kv);
@@ -158,17 +183,14 @@ pub fn rewrite(
         }
         if done {
             batch.put(Table::Meta, META_STORAGE_FORMAT.to_vec(), vec![to]);
+            batch.put(Table::Meta, META_WRITE_FORMAT.to_vec(), vec![to]);
             batch.delete(Table::Meta, META_MIGRATE_TO.to_vec());
             batch.delete(Table::Meta, META_MIGRATE_CURSOR.to_vec());
         }
-        engine.write(batch, true)?;
+        engine.write(batch, sync)?;
         stats.visited += visited as u64;
         stats.batches += 1;
-        progress(stats.visited, stats.rewritten);
-        if done {
-            return Ok(stats);
-        }
-        cursor = last;
+        Ok(done)
     }
 }
 

@@ -24,7 +24,7 @@ use crate::storage::{MemoryEngine, Snapshot};
 
 /// Leases the apply step sees as existing: those granted and not revoked.
 #[derive(Default)]
-struct Leases(Mutex<Vec<i64>>);
+pub(super) struct Leases(Mutex<Vec<i64>>);
 
 impl LeaseLookup for Leases {
     fn lease_exists(&self, id: i64) -> bool {
@@ -42,7 +42,7 @@ impl LeaseLookup for Leases {
     }
 }
 
-fn exec(s: &Store, leases: &Leases, cmd: Command) -> CommandResult {
+pub(super) fn exec(s: &Store, leases: &Leases, cmd: Command) -> CommandResult {
     let mut a = s.applier().expect("applier");
     let index = s.applied_index() + 1;
     let r = apply(&mut a, index, &cmd, leases).expect("apply");
@@ -50,7 +50,7 @@ fn exec(s: &Store, leases: &Leases, cmd: Command) -> CommandResult {
     r.result
 }
 
-fn put(key: &str, value: &str, lease: i64) -> Command {
+pub(super) fn put(key: &str, value: &str, lease: i64) -> Command {
     Command::Put(PutRequest {
         key: key.as_bytes().to_vec().into(),
         value: value.as_bytes().to_vec().into(),
@@ -70,7 +70,7 @@ fn put_op(key: &str, value: &str) -> RequestOp {
 
 /// Writes a history with every kind of change into `s`: ~200 revisions, a compaction at
 /// about a third, binary keys and values, a leased key, a revoked lease.
-fn write_history(s: &Store) {
+pub(super) fn write_history(s: &Store) {
     let leases = Leases::default();
     for i in 0..60 {
         exec(
@@ -161,7 +161,7 @@ fn write_history(s: &Store) {
 
 /// Everything a client could read back.
 #[derive(Debug, PartialEq)]
-struct Dump {
+pub(super) struct Dump {
     current: i64,
     compact: i64,
     /// Every key-value at every revision from the compacted one to the current one.
@@ -170,7 +170,7 @@ struct Dump {
     leases: Vec<(i64, i64, Vec<Vec<u8>>)>,
 }
 
-fn dump(s: &Store) -> Dump {
+pub(super) fn dump(s: &Store) -> Dump {
     let current = s.current_revision();
     let compact = s.compact_revision();
     let mut at_rev = Vec::new();
@@ -206,7 +206,7 @@ fn dump(s: &Store) -> Dump {
     }
 }
 
-fn open_store(engine: Arc<dyn Engine>, format: u8) -> Arc<Store> {
+pub(super) fn open_store(engine: Arc<dyn Engine>, format: u8) -> Arc<Store> {
     Store::open(
         engine,
         StoreOptions {
@@ -217,7 +217,7 @@ fn open_store(engine: Arc<dyn Engine>, format: u8) -> Arc<Store> {
     .expect("open store")
 }
 
-fn formats(engine: &dyn Engine) -> FormatCounts {
+pub(super) fn formats(engine: &dyn Engine) -> FormatCounts {
     count(engine, None, true).expect("count")
 }
 

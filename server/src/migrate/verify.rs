@@ -16,7 +16,7 @@ use sha1::{Digest, Sha1};
 
 use super::rewrite::{META_MIGRATE_CURSOR, META_MIGRATE_TO};
 use super::Result;
-use crate::mvcc::store::META_STORAGE_FORMAT;
+use crate::mvcc::store::{META_STORAGE_FORMAT, META_WRITE_FORMAT};
 use crate::mvcc::{Store, StoreOptions};
 use crate::storage::{codec, Engine, Table};
 
@@ -84,7 +84,13 @@ pub fn fingerprint(engine: Arc<dyn Engine>, format: u8) -> Result<Fingerprint> {
         while it.valid() {
             let (key, value) = (it.key(), it.value());
             let skip = table == Table::Meta
-                && [META_MIGRATE_TO, META_MIGRATE_CURSOR, META_STORAGE_FORMAT].contains(&key);
+                && [
+                    META_MIGRATE_TO,
+                    META_MIGRATE_CURSOR,
+                    META_STORAGE_FORMAT,
+                    META_WRITE_FORMAT,
+                ]
+                .contains(&key);
             if !skip {
                 sha.update((key.len() as u64).to_be_bytes());
                 sha.update(key);

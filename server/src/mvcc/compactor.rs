@@ -59,7 +59,12 @@ impl Drop for Compactor {
 }
 
 impl Compactor {
-    pub(crate) fn start(engine: Arc<dyn Engine>, finished: i64) -> Result<Self> {
+    /// `background` is the store's lock for background rewrites, held per chunk.
+    pub(crate) fn start(
+        engine: Arc<dyn Engine>,
+        finished: i64,
+        background: Arc<Mutex<()>>,
+    ) -> Result<Self> {
         let (tx, rx) = mpsc::channel::<i64>();
         let (done_tx, done_rx) = watch::channel(finished);
         let thread = std::thread::Builder::new()
@@ -70,7 +75,7 @@ impl Compactor {
                     if to <= from {
                         continue;
                     }
-                    match compact(engine.as_ref(), from, to) {
+                    match compact_locked(engine.as_ref(), from, to, &background) {
                         Ok(removed) => {
                             tracing::info!(from, to, removed, "compaction finished");
                             from = to;
@@ -109,11 +114,24 @@ impl Compactor {
 }
 
 /// Removes history in `(from, to]` as described in the module docs. Returns entries removed.
+/// The caller must hold the engine exclusively (offline tools).
 pub(crate) fn compact(engine: &dyn Engine, from: i64, to: i64) -> Result<usize> {
+    compact_locked(engine, from, to, &Mutex::new(()))
+}
+
+/// [`compact`], holding `background` for each chunk from its snapshot to its write, so that
+/// the online re-encoder never rewrites a record this removes.
+fn compact_locked(
+    engine: &dyn Engine,
+    from: i64,
+    to: i64,
+    background: &Mutex<()>,
+) -> Result<usize> {
     let mut cursor = rev_key(from + 1, 0);
     let end = rev_key(to + 1, 0);
     let mut removed = 0;
     loop {
+        let _chunk = background.lock().map_err(|_| Error::Closed)?;
         let snap = engine.snapshot();
         let mut keys = BTreeSet::new();
         let mut it = snap.iter(Table::Rev);

@@ -12,6 +12,13 @@ pub enum Error {
     Corrupt(String),
     #[error("mvcc: store is closed")]
     Closed,
+    /// The cluster switched to a storage format this binary cannot write (an older binary
+    /// in a cluster that moved on): it must stop rather than write anything else.
+    #[error(
+        "mvcc: the cluster writes storage format {0}, which this binary does not support \
+         (upgrade it)"
+    )]
+    UnsupportedFormat(u8),
 }
 
 impl From<crate::storage::codec::CodecError> for Error {

@@ -1,7 +1,7 @@
 //! [`Store`]: the MVCC key space over an [`Engine`].
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use metastore_proto::mvccpb::{event::EventType, Event, KeyValue};
@@ -17,12 +17,22 @@ pub(crate) const META_CURRENT_REV: &[u8] = b"current_rev";
 pub(crate) const META_APPLIED_INDEX: &[u8] = b"applied_index";
 pub(crate) const META_COMPACT_SCHEDULED: &[u8] = b"compact_scheduled";
 pub(crate) const META_COMPACT_FINISHED: &[u8] = b"compact_finished";
+/// The highest storage format the `kv` records may be in (all of them, once no migration is
+/// pending). A snapshot's header carries it.
 pub(crate) const META_STORAGE_FORMAT: &[u8] = b"storage_format";
+/// The format new records are written in, once a replicated switch
+/// ([`Applying::set_storage_format`]) has set it; absent before (the configured format then).
+pub const META_WRITE_FORMAT: &[u8] = b"write_format";
+/// The format an unfinished migration (offline or online) converts every record to.
+pub const META_MIGRATE_TO: &[u8] = b"migrate/to";
+/// The last `kv` table key an unfinished migration has converted.
+pub const META_MIGRATE_CURSOR: &[u8] = b"migrate/cursor";
 
 /// Options fixed when a [`Store`] is opened.
 #[derive(Debug, Clone)]
 pub struct StoreOptions {
-    /// The record format new writes use.
+    /// The record format new writes use, until a replicated switch recorded in meta
+    /// (`write_format`) says otherwise.
     pub write_format: u8,
     /// fsync before a write is acknowledged (`--unsafe-no-fsync` turns it off).
     pub fsync: bool,
@@ -68,6 +78,15 @@ pub struct RangeResult {
 pub struct Store {
     engine: Arc<dyn Engine>,
     opts: StoreOptions,
+    /// The format new records are written in: `opts.write_format` unless meta
+    /// `write_format` (a replicated switch) says otherwise. Changed only by the apply step.
+    write_format: AtomicU8,
+    /// Held by every background job that rewrites or deletes existing `kv` records (the
+    /// compactor's chunks, the re-encoder's batches, a snapshot install) for one batch, from
+    /// its engine snapshot to its write: so a re-encoded record can never bring back one a
+    /// compaction removed meanwhile. Requests and the apply step never take it, except a
+    /// storage-format switch. Lock order: the writer lock, then this one.
+    background: Arc<Mutex<()>>,
     /// The newest durable, readable revision.
     current_rev: AtomicI64,
     /// Reads below this revision fail with `Compacted`.
@@ -112,6 +131,7 @@ impl Store {
         let index = meta_i64(engine.as_ref(), META_APPLIED_INDEX)?.unwrap_or(0);
         let scheduled = meta_i64(engine.as_ref(), META_COMPACT_SCHEDULED)?.unwrap_or(0);
         let finished = meta_i64(engine.as_ref(), META_COMPACT_FINISHED)?.unwrap_or(0);
+        let write_format = stored_write_format(engine.as_ref())?.unwrap_or(opts.write_format);
         if engine.get(Table::Meta, META_STORAGE_FORMAT)?.is_none() {
             let mut b = WriteBatch::new();
             b.put(
@@ -122,11 +142,14 @@ impl Store {
             put_meta_i64(&mut b, META_CURRENT_REV, current);
             engine.write(b, opts.fsync)?;
         }
-        let compactor = Compactor::start(engine.clone(), finished)?;
+        let background = Arc::new(Mutex::new(()));
+        let compactor = Compactor::start(engine.clone(), finished, background.clone())?;
         let alarms = load_alarms(engine.as_ref())?;
         let store = Arc::new(Self {
             engine,
             opts,
+            write_format: AtomicU8::new(write_format),
+            background,
             current_rev: AtomicI64::new(current),
             compact_rev: AtomicI64::new(scheduled),
             applied_index: AtomicU64::new(index as u64),
@@ -153,6 +176,16 @@ impl Store {
         &self.opts
     }
 
+    /// The storage format new records are written in.
+    pub fn write_format(&self) -> u8 {
+        self.write_format.load(Ordering::SeqCst)
+    }
+
+    /// The lock background rewrites of existing records hold per batch (see the field).
+    pub fn background_lock(&self) -> &Arc<Mutex<()>> {
+        &self.background
+    }
+
     /// The newest readable revision.
     pub fn current_revision(&self) -> i64 {
         self.current_rev.load(Ordering::SeqCst)
@@ -173,6 +206,9 @@ impl Store {
         let index = meta_i64(engine, META_APPLIED_INDEX)?.unwrap_or(0) as u64;
         let scheduled = meta_i64(engine, META_COMPACT_SCHEDULED)?.unwrap_or(0);
         let finished = meta_i64(engine, META_COMPACT_FINISHED)?.unwrap_or(0);
+        if let Some(f) = stored_write_format(engine)? {
+            self.write_format.store(f, Ordering::SeqCst);
+        }
         *self.alarms.lock().map_err(|_| Error::Closed)? = load_alarms(engine)?;
         w.applied_rev = current;
         w.applied_index = index;
@@ -390,6 +426,20 @@ impl Store {
             dirty: false,
         })
     }
+}
+
+/// The write format a replicated switch recorded, checked against what this binary writes.
+fn stored_write_format(engine: &dyn Engine) -> Result<Option<u8>> {
+    let Some(v) = engine.get(Table::Meta, META_WRITE_FORMAT)? else {
+        return Ok(None);
+    };
+    let format = *v
+        .first()
+        .ok_or_else(|| Error::Corrupt("meta write_format".into()))?;
+    if !codec::is_supported(format) {
+        return Err(Error::UnsupportedFormat(format));
+    }
+    Ok(Some(format))
 }
 
 /// The keys attached to lease `id`, in key order.
@@ -623,6 +673,48 @@ impl<'a> Applying<'a> {
             alarms.remove(&(member, alarm));
         }
         Ok(alarms.iter().copied().collect())
+    }
+
+    /// Switches the format new records are written in to `to` as command `index` (a
+    /// replicated switch: every member runs it at the same position). Records `to` in meta
+    /// (`write_format`) and, unless every record is in `to` already, a migration to it
+    /// (`migrate/to`, a cursor from the start unless that migration was under way) for the
+    /// background re-encoder, and raises meta `storage_format` to the highest format records
+    /// may now be in. Returns whether records remain to re-encode.
+    ///
+    /// Errors: `UnsupportedFormat` if this binary cannot write `to`; nothing is written then.
+    pub fn set_storage_format(&mut self, to: u8, index: u64) -> Result<bool> {
+        if !codec::is_supported(to) {
+            return Err(Error::UnsupportedFormat(to));
+        }
+        // Excludes a re-encoder batch: it must not finish a migration to another target
+        // after this switch (its last batch rewrites `migrate/to` and `storage_format`).
+        let _background = self.store.background.lock().map_err(|_| Error::Closed)?;
+        let engine = self.store.engine.as_ref();
+        let stored = engine
+            .get(Table::Meta, META_STORAGE_FORMAT)?
+            .and_then(|v| v.first().copied())
+            .unwrap_or(self.store.write_format());
+        let migrating = engine
+            .get(Table::Meta, META_MIGRATE_TO)?
+            .and_then(|v| v.first().copied());
+        let mut batch = WriteBatch::new();
+        batch.put(Table::Meta, META_WRITE_FORMAT.to_vec(), vec![to]);
+        let pending = !(stored == to && migrating.is_none());
+        if pending {
+            if migrating != Some(to) {
+                batch.put(Table::Meta, META_MIGRATE_TO.to_vec(), vec![to]);
+                batch.delete(Table::Meta, META_MIGRATE_CURSOR.to_vec());
+            }
+            let highest = stored.max(to).max(migrating.unwrap_or(0));
+            batch.put(Table::Meta, META_STORAGE_FORMAT.to_vec(), vec![highest]);
+        }
+        put_meta_i64(&mut batch, META_APPLIED_INDEX, index as i64);
+        self.store.engine.write(batch, false)?;
+        self.store.write_format.store(to, Ordering::SeqCst);
+        self.state.applied_index = index;
+        self.dirty = true;
+        Ok(pending)
     }
 
     /// Records position `index` as applied, together with `meta` (extra Meta-table entries,

@@ -203,7 +203,7 @@ impl<'a> WriteTxn<'a> {
     fn record(&mut self, kv: KeyValue, prev: Option<KeyValue>, ty: EventType) -> Result<()> {
         let rev = self.write_rev();
         let mut value = Vec::new();
-        codec::encode(self.store.options().write_format, &kv, &mut value)?;
+        codec::encode(self.store.write_format(), &kv, &mut value)?;
         self.batch.put(Table::Kv, kv_key(&kv.key, rev), value);
         self.batch
             .put(Table::Rev, rev_key(rev, self.sub), kv.key.to_vec());

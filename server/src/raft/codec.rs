@@ -190,6 +190,9 @@ pub fn command_to_pb(cmd: Command) -> pb::proposal::Command {
         Command::LeaseGrant(r) => P::LeaseGrant(r),
         Command::LeaseRevoke(r) => P::LeaseRevoke(r),
         Command::Alarm(r) => P::Alarm(r),
+        Command::SetStorageFormat(to) => {
+            P::SetStorageFormat(pb::SetStorageFormat { to: u32::from(to) })
+        }
     }
 }
 
@@ -203,6 +206,8 @@ pub fn command_from_pb(cmd: pb::proposal::Command) -> Command {
         P::LeaseGrant(r) => Command::LeaseGrant(r),
         P::LeaseRevoke(r) => Command::LeaseRevoke(r),
         P::Alarm(r) => Command::Alarm(r),
+        // A format number beyond u8 is no format: 0, which no binary supports.
+        P::SetStorageFormat(r) => Command::SetStorageFormat(u8::try_from(r.to).unwrap_or(0)),
     }
 }
 

@@ -189,6 +189,33 @@ impl pb::raft_server::Raft for PeerService {
         }))
     }
 
+    async fn campaign(
+        &self,
+        req: Request<pb::CampaignRequest>,
+    ) -> Result<Response<pb::CampaignResponse>, Status> {
+        let node = self.node.get()?;
+        let from = req.into_inner().from;
+        tracing::info!(leader = %format!("{from:x}"), "asked to campaign: leadership transfer");
+        node.replica.campaign().await?;
+        Ok(Response::new(pb::CampaignResponse {}))
+    }
+
+    async fn capabilities(
+        &self,
+        _req: Request<pb::CapabilitiesRequest>,
+    ) -> Result<Response<pb::CapabilitiesResponse>, Status> {
+        let node = self.node.get()?;
+        Ok(Response::new(pb::CapabilitiesResponse {
+            member_id: node.member.id,
+            name: node.member.name.clone(),
+            storage_formats: node
+                .supported_storage_formats
+                .iter()
+                .map(|f| u32::from(*f))
+                .collect(),
+        }))
+    }
+
     async fn member_change(
         &self,
         req: Request<pb::MemberChangeRequest>,

@@ -47,6 +47,13 @@ impl Timing {
     pub fn request_timeout(&self) -> Duration {
         Duration::from_secs(5) + self.election * 2
     }
+
+    /// openraft's leader lease (its `election_timeout_max`): after the last heartbeat, a
+    /// follower refuses to vote for anyone else for this long. 1.5 election timeouts keeps
+    /// failover after a partition short.
+    pub fn leader_lease(&self) -> Duration {
+        self.election * 3 / 2
+    }
 }
 
 pub struct Replica {
@@ -57,6 +64,30 @@ pub struct Replica {
     applied: watch::Receiver<u64>,
     reads: Arc<ReadBatcher>,
     changing: tokio::sync::Mutex<()>,
+    /// True while this leader hands leadership over (MoveLeader): new proposals and
+    /// ReadIndex requests wait, so that no append reaches a follower and refreshes its lease.
+    transferring: watch::Sender<bool>,
+    /// Proposals inside `client_write` on this leader; a transfer waits for them to end.
+    writing: std::sync::atomic::AtomicUsize,
+}
+
+/// Ends a leadership transfer however it went: heartbeats back on, held requests released.
+struct TransferGuard<'a>(&'a Replica);
+
+impl Drop for TransferGuard<'_> {
+    fn drop(&mut self) {
+        self.0.raft.runtime_config().heartbeat(true);
+        self.0.transferring.send_replace(false);
+    }
+}
+
+/// Counts one proposal inside `client_write` (see [`Replica::writing`]).
+struct Writing<'a>(&'a std::sync::atomic::AtomicUsize);
+
+impl Drop for Writing<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+    }
 }
 
 fn retryable(s: &tonic::Status) -> bool {
@@ -99,6 +130,8 @@ impl Replica {
                 applied,
                 reads: ReadBatcher::new(fetch),
                 changing: tokio::sync::Mutex::new(()),
+                transferring: watch::channel(false).0,
+                writing: std::sync::atomic::AtomicUsize::new(0),
             }
         })
     }
@@ -193,6 +226,10 @@ impl Replica {
         loop {
             let (leader, node) = self.wait_leader().await?;
             if leader == self.member_id {
+                let Some(_writing) = self.enter_write().await else {
+                    // A leadership transfer ran meanwhile: find the leader again.
+                    continue;
+                };
                 return match self.raft.client_write(Batch(batch)).await {
                     Ok(_) => Ok(()),
                     Err(RaftError::Fatal(_)) => Err(ApplyError::Mvcc(crate::mvcc::Error::Closed)),
@@ -224,6 +261,9 @@ impl Replica {
 
     /// Serves a forwarded proposal (on the leader).
     pub async fn propose_local(&self, batch: Bytes) -> Result<u64, tonic::Status> {
+        let Some(_writing) = self.enter_write().await else {
+            return Err(tonic::Status::failed_precondition(MSG_NOT_LEADER));
+        };
         if !self.is_leader() {
             return Err(tonic::Status::failed_precondition(MSG_NOT_LEADER));
         }
@@ -288,6 +328,9 @@ impl Replica {
     /// ReadIndex on the leader: confirms leadership with a quorum and returns the index
     /// every read arriving now must wait for.
     pub async fn local_read_index(&self) -> Result<u64, tonic::Status> {
+        // ReadIndex sends heartbeats; during a transfer they would renew the lease the
+        // transferee waits out. Held reads continue once it is over.
+        self.wait_transfer().await;
         if !self.is_leader() {
             return Err(tonic::Status::failed_precondition(MSG_NOT_LEADER));
         }
@@ -345,6 +388,138 @@ impl Replica {
             .map_err(|s| forwarded_error(&s))?
             .into_inner();
         Ok(Some(r))
+    }
+
+    /// Waits while a leadership transfer runs; true if it had to.
+    async fn wait_transfer(&self) -> bool {
+        let mut rx = self.transferring.subscribe();
+        if !*rx.borrow_and_update() {
+            return false;
+        }
+        // The transfer bounds itself by the request timeout; this bound is a safety net.
+        let _ = tokio::time::timeout(self.timing.request_timeout(), rx.wait_for(|t| !*t)).await;
+        true
+    }
+
+    /// Admits one proposal into `client_write` on this member, counted so that a transfer
+    /// can wait for it. `None` when a transfer was running: the caller must look for the
+    /// leader again. (Counting before checking the flag, and the transfer setting the flag
+    /// before reading the count, means neither can miss the other.)
+    async fn enter_write(&self) -> Option<Writing<'_>> {
+        use std::sync::atomic::Ordering::SeqCst;
+        self.writing.fetch_add(1, SeqCst);
+        let guard = Writing(&self.writing);
+        if !*self.transferring.borrow() {
+            return Some(guard);
+        }
+        drop(guard);
+        self.wait_transfer().await;
+        None
+    }
+
+    /// Maintenance.MoveLeader, on the leader: hands leadership to voter `target`.
+    ///
+    /// openraft 0.9 has no leadership transfer, and its followers refuse to vote while the
+    /// leader lease from the last heartbeat runs. So, as etcd's raft does for a transfer, the
+    /// leader stops taking proposals, waits until `target` holds every entry, stops
+    /// heartbeats, waits out the lease, and then asks `target` to campaign; `target`'s log is
+    /// as long as anyone's, so it wins. Bounded by the request timeout.
+    pub async fn move_leader(&self, target: NodeId) -> Result<(), ApplyError> {
+        use std::sync::atomic::Ordering::SeqCst;
+        if !self.is_leader() {
+            return Err(ApplyError::NotLeader);
+        }
+        let membership = self.membership();
+        if !membership.voter_ids().any(|id| id == target) {
+            return Err(ApplyError::BadLeaderTransferee);
+        }
+        if target == self.member_id {
+            return Ok(());
+        }
+        let node = membership
+            .get_node(&target)
+            .cloned()
+            .ok_or(ApplyError::BadLeaderTransferee)?;
+        let started = Instant::now();
+        let deadline = started + self.timing.request_timeout();
+        // No membership change meanwhile.
+        let _one_at_a_time = self.changing.lock().await;
+        tracing::info!(target = %format!("{target:x}"), "leadership transfer starting");
+        self.transferring.send_replace(true);
+        let _guard = TransferGuard(self);
+
+        // 1. Every admitted proposal is in the log, and `target` has the whole log.
+        let mut rx = self.raft.metrics();
+        loop {
+            if !self.is_leader() {
+                return Err(ApplyError::NotLeader);
+            }
+            let caught_up = {
+                let m = rx.borrow_and_update();
+                let last = m.last_log_index.unwrap_or(0);
+                let matched = m
+                    .replication
+                    .as_ref()
+                    .and_then(|r| r.get(&target).cloned().flatten())
+                    .map_or(0, |l| l.index);
+                matched >= last
+            };
+            if caught_up && self.writing.load(SeqCst) == 0 {
+                break;
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(ApplyError::TimeoutLeaderTransfer);
+            }
+            // Poll too: `writing` changes without a metrics update.
+            let _ = tokio::time::timeout(left.min(self.timing.heartbeat), rx.changed()).await;
+        }
+
+        // 2. No more appends, then wait out the lease the last one gave every follower.
+        self.raft.runtime_config().heartbeat(false);
+        tokio::time::sleep(self.timing.leader_lease() + self.timing.heartbeat).await;
+
+        // 3. The transferee campaigns; it has every entry, so a majority grants its vote.
+        let mut client = self.peers.get(&node).map_err(ApplyError::Raft)?;
+        let mut req = tonic::Request::new(pb::CampaignRequest {
+            from: self.member_id,
+        });
+        req.set_timeout(self.timing.election);
+        if let Err(s) = client.campaign(req).await {
+            tracing::warn!(error = %s, "leadership transfer: the transferee did not campaign");
+            return Err(ApplyError::TimeoutLeaderTransfer);
+        }
+
+        // 4. Done when this member follows `target`.
+        loop {
+            if rx.borrow_and_update().current_leader == Some(target) {
+                tracing::info!(
+                    target = %format!("{target:x}"),
+                    took = ?started.elapsed(),
+                    "leadership transfer finished"
+                );
+                return Ok(());
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(ApplyError::TimeoutLeaderTransfer);
+            }
+            let _ = tokio::time::timeout(left, rx.changed()).await;
+        }
+    }
+
+    /// The transferee's side of [`Replica::move_leader`]: campaign now.
+    pub async fn campaign(&self) -> Result<(), tonic::Status> {
+        if !self.membership().voter_ids().any(|id| id == self.member_id) {
+            return Err(tonic::Status::failed_precondition(
+                "etcdserver: bad leader transferee",
+            ));
+        }
+        self.raft
+            .trigger()
+            .elect()
+            .await
+            .map_err(|_| tonic::Status::unavailable(crate::server::status::MSG_STOPPED))
     }
 
     /// Applies a membership change, on the leader (forwarding it there if needed).

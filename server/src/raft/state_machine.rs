@@ -35,6 +35,7 @@ use super::{
 };
 use crate::apply::{self, ApplyError};
 use crate::lease::Lessor;
+use crate::migrate::online::Reencoder;
 use crate::mvcc::{self, Store};
 use crate::server::proposer::ApplyObserver;
 use crate::storage::{snapshot as snapfile, Engine, Table, WriteBatch};
@@ -67,6 +68,8 @@ pub struct Context {
     /// The last applied Raft index, for linearizable reads waiting on it.
     pub applied: watch::Sender<u64>,
     pub observer: Arc<dyn ApplyObserver>,
+    /// Re-encodes records in the background after a storage-format switch.
+    pub reencoder: Arc<Reencoder>,
     /// The file a snapshot is being received into.
     receiving: Mutex<Option<PathBuf>>,
 }
@@ -81,6 +84,7 @@ impl Context {
         member_id: u64,
         snap_dir: PathBuf,
         observer: Arc<dyn ApplyObserver>,
+        reencoder: Arc<Reencoder>,
     ) -> Result<Arc<Self>, StorageError> {
         std::fs::create_dir_all(&snap_dir).map_err(sm_err)?;
         let applied = read_applied(&store)?.map_or(0, |l| l.index);
@@ -93,6 +97,7 @@ impl Context {
             snap_dir,
             applied: watch::channel(applied).0,
             observer,
+            reencoder,
             receiving: Mutex::new(None),
         }))
     }
@@ -104,6 +109,7 @@ impl Context {
         let mut replies = Vec::new();
         let mut last = None;
         let mut commands = 0;
+        let mut switched = false;
         for e in entries {
             let index = e.log_id.index;
             let mut meta = vec![(
@@ -125,7 +131,28 @@ impl Context {
                             continue;
                         };
                         let cmd = codec::command_from_pb(cmd);
+                        if let apply::Command::SetStorageFormat(to) = cmd {
+                            // The switch was checked against every member before it was
+                            // proposed; a member that cannot write the format anyway (its
+                            // binary was replaced since) stops here rather than go on in
+                            // another format than the cluster believes it writes.
+                            if !crate::storage::codec::is_supported(to) {
+                                tracing::error!(
+                                    index,
+                                    format = to,
+                                    supported = ?crate::storage::codec::supported_formats(),
+                                    "the cluster switched to a storage format this binary \
+                                     cannot write; stopping: upgrade this member's binary"
+                                );
+                                return Err(sm_err(mvcc::Error::UnsupportedFormat(to)));
+                            }
+                        }
                         let mut r = apply::apply(&mut applying, pos, &cmd, self.lessor.as_ref());
+                        if let (apply::Command::SetStorageFormat(to), Ok(_)) = (&cmd, &r) {
+                            // Before any record in the new format is written.
+                            self.reencoder.switched(*to).map_err(sm_err)?;
+                            switched = true;
+                        }
                         match &mut r {
                             Err(ApplyError::Mvcc(mvcc::Error::Storage(s))) => {
                                 return Err(sm_err(s));
@@ -163,6 +190,9 @@ impl Context {
         // asks a linearizable read or Status next sees at least its own entry.
         if let Some(i) = last {
             self.applied.send_replace(i);
+        }
+        if switched {
+            self.reencoder.kick();
         }
         for (seq, r) in replies {
             self.waiters.complete(seq, r);
@@ -263,11 +293,29 @@ impl Context {
             codec::snapshot_meta_to_pb(meta).encode_to_vec(),
         );
         engine.write(b, true).map_err(sm_err)?;
-        load_file(engine.as_ref(), &path)?;
+        {
+            // No background rewrite may write a record of the old content into the new.
+            let _background = self.store.background_lock().lock().map_err(sm_err)?;
+            load_file(engine.as_ref(), &path)?;
+        }
         self.store.reload().map_err(sm_err)?;
         self.lessor.restore(&self.store.leases().map_err(sm_err)?);
         self.watch.resync(self.store.current_revision());
         self.set_current(meta)?;
+        // The snapshot holds the leader's records as the leader had them, possibly in another
+        // format than the cluster now writes, with the leader's migration cursor and target
+        // (meta): the re-encoder picks the migration up from there, and the stamp must allow
+        // every format the records may now be in.
+        if let Some(f) = self
+            .store
+            .meta(mvcc::store::META_STORAGE_FORMAT)
+            .map_err(sm_err)?
+        {
+            if let Some(f) = f.first() {
+                self.reencoder.switched(*f).map_err(sm_err)?;
+            }
+        }
+        self.reencoder.kick();
         if let Some(l) = &meta.last_log_id {
             self.applied.send_replace(l.index);
         }

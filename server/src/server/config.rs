@@ -161,6 +161,15 @@ pub struct Config {
     #[arg(long, env = "METASTORE_MAX_STORAGE_FORMAT", hide = true)]
     pub max_storage_format: Option<u8>,
 
+    /// Records per second at most that the background re-encoder converts after an online
+    /// storage-format switch (`metastore-ctl migrate`); 0: no limit but a half duty cycle.
+    #[arg(
+        long = "experimental-storage-migration-rate",
+        env = "METASTORE_EXPERIMENTAL_STORAGE_MIGRATION_RATE",
+        default_value_t = 50_000
+    )]
+    pub storage_migration_rate: u64,
+
     /// Disable fsync: acknowledged writes may be lost on a crash. Unsafe; for tests.
     #[arg(long, env = "METASTORE_UNSAFE_NO_FSYNC", action = ArgAction::Set, num_args = 0..=1,
           default_value_t = false, default_missing_value = "true")]

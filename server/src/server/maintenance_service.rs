@@ -1,11 +1,11 @@
-//! `etcdserverpb.Maintenance`: Status, Alarm, Defragment, Hash, HashKV, Snapshot. MoveLeader
-//! comes with the Raft work and answers `Unimplemented` until then.
+//! `etcdserverpb.Maintenance`: Status, Alarm, Defragment, Hash, HashKV, Snapshot, MoveLeader.
 
 use metastore_proto::etcdserverpb::maintenance_server::Maintenance;
 use metastore_proto::etcdserverpb::{
     alarm_request::AlarmAction, AlarmMember, AlarmRequest, AlarmResponse, DefragmentRequest,
-    DefragmentResponse, HashKvRequest, HashKvResponse, HashRequest, HashResponse, SnapshotRequest,
-    SnapshotResponse, StatusRequest, StatusResponse,
+    DefragmentResponse, HashKvRequest, HashKvResponse, HashRequest, HashResponse,
+    MoveLeaderRequest, MoveLeaderResponse, SnapshotRequest, SnapshotResponse, StatusRequest,
+    StatusResponse,
 };
 use tonic::codegen::BoxStream;
 use tonic::{Request, Response, Status};
@@ -32,6 +32,24 @@ impl MaintenanceService {
     }
 }
 
+/// MetaStore's own Status fields: the storage format this member writes and its background
+/// re-encoding (`metastore-ctl migrate --wait` polls them).
+fn storage_migration_status(n: &super::node::Node) -> StatusResponse {
+    let progress = n.reencoder.progress();
+    StatusResponse {
+        storage_format: u32::from(n.store.write_format()),
+        storage_migration_pending: progress.pending,
+        storage_migration_visited: progress.visited,
+        storage_migration_rewritten: progress.rewritten,
+        supported_storage_formats: n
+            .supported_storage_formats
+            .iter()
+            .map(|f| u32::from(*f))
+            .collect(),
+        ..Default::default()
+    }
+}
+
 #[tonic::async_trait]
 impl Maintenance for MaintenanceService {
     async fn status(&self, _: Request<StatusRequest>) -> Result<Response<StatusResponse>, Status> {
@@ -49,6 +67,24 @@ impl Maintenance for MaintenanceService {
             errors: n.alarm_strings(),
             db_size_in_use: engine.size_in_use_bytes() as i64,
             is_learner: n.replica.is_learner(),
+            ..storage_migration_status(&n)
+        }))
+    }
+
+    /// etcd: only the leader serves it (etcdctl sends it there); the transferee must be a
+    /// voting member; it ends once this member follows the transferee.
+    async fn move_leader(
+        &self,
+        req: Request<MoveLeaderRequest>,
+    ) -> Result<Response<MoveLeaderResponse>, Status> {
+        let n = self.node.get()?;
+        let target = req.into_inner().target_id;
+        n.replica
+            .move_leader(target)
+            .await
+            .map_err(|e| to_status(&e))?;
+        Ok(Response::new(MoveLeaderResponse {
+            header: Some(n.header(n.store.current_revision())),
         }))
     }
 

@@ -36,6 +36,11 @@ pub struct Metrics {
     pub proposals_failed: IntCounterVec,
     /// Per member (on the leader): log entries the member is behind the leader.
     pub apply_lag: prometheus::IntGaugeVec,
+    /// The storage format this member writes, and its background re-encoding.
+    pub storage_format: IntGauge,
+    pub storage_migration_pending: IntGauge,
+    pub storage_migration_visited: IntGauge,
+    pub storage_migration_rewritten: IntGauge,
 }
 
 impl Metrics {
@@ -121,6 +126,22 @@ impl Metrics {
                 ),
                 &["member"],
             )?,
+            storage_format: gauge(
+                "metastore_storage_format",
+                "Storage format this member writes new records in",
+            )?,
+            storage_migration_pending: gauge(
+                "metastore_storage_migration_pending",
+                "1 while records in another storage format remain to re-encode",
+            )?,
+            storage_migration_visited: gauge(
+                "metastore_storage_migration_records_visited",
+                "Records the background re-encoder visited for the current migration",
+            )?,
+            storage_migration_rewritten: gauge(
+                "metastore_storage_migration_records_rewritten",
+                "Records the background re-encoder re-encoded for the current migration",
+            )?,
             registry,
             requests,
             latency,
@@ -144,6 +165,10 @@ impl Metrics {
             &m.raft_committed_index,
             &m.raft_applied_index,
             &m.proposals_pending,
+            &m.storage_format,
+            &m.storage_migration_pending,
+            &m.storage_migration_visited,
+            &m.storage_migration_rewritten,
         ] {
             m.registry.register(Box::new(g.clone()))?;
         }

@@ -4,7 +4,8 @@
 //! - [`config`]: flags, environment, config file.
 //! - [`proposer`]: the group-commit write pipeline in front of Raft and the apply step.
 //! - [`node`]: what the services share (store, pipeline, identity, limits).
-//! - [`kv_service`], [`maintenance_service`], [`cluster_service`]: thin tonic handlers.
+//! - [`kv_service`], [`maintenance_service`], [`cluster_service`]: thin tonic handlers;
+//!   [`migration_service`]: MetaStore's own online storage-format switch.
 //! - [`status`]: the one error → gRPC status table.
 //! - [`http`], [`metrics`]: `/health`, `/version`, `/metrics`; per-RPC metrics.
 //! - [`member`]: etcd-compatible member and cluster ids.
@@ -24,6 +25,7 @@ pub mod lock_service;
 pub mod maintenance_service;
 pub mod member;
 pub mod metrics;
+pub mod migration_service;
 pub mod node;
 pub mod proposer;
 pub mod status;
@@ -426,6 +428,16 @@ pub async fn start(config: &Config) -> Result<Server, ServerError> {
     let lessor = Arc::new(crate::lease::Lessor::new(min_ttl));
     lessor.restore(&store.leases()?);
     let waiters = Arc::new(crate::raft::waiters::Waiters::new());
+    let reencoder = crate::migrate::online::Reencoder::start(
+        engine.clone(),
+        store.background_lock().clone(),
+        crate::migrate::online::ReencoderOptions {
+            rate: config.storage_migration_rate,
+            data_dir: (config.engine == EngineKind::Rocksdb).then(|| data_dir.clone()),
+            ..Default::default()
+        },
+    )
+    .map_err(|e| ServerError::Other(format!("storage format re-encoder: {e}")))?;
     let ctx = crate::raft::state_machine::Context::new(
         store.clone(),
         lessor.clone(),
@@ -434,6 +446,7 @@ pub async fn start(config: &Config) -> Result<Server, ServerError> {
         member_id,
         snap_dir,
         metrics.clone(),
+        reencoder.clone(),
     )
     .map_err(raft_err)?;
     let applied = ctx.applied.subscribe();
@@ -449,7 +462,7 @@ pub async fn start(config: &Config) -> Result<Server, ServerError> {
         election_timeout_min: config.election_timeout,
         // openraft's leader lease (how long followers refuse votes after the last
         // heartbeat) is the maximum: 1.5x keeps failover after a partition short.
-        election_timeout_max: config.election_timeout * 3 / 2,
+        election_timeout_max: timing.leader_lease().as_millis() as u64,
         snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(config.snapshot_count),
         // etcd keeps 5000 entries after a snapshot for slow followers to catch up from.
         max_in_snapshot_log_to_keep: config.snapshot_count.min(5000),
@@ -504,6 +517,8 @@ pub async fn start(config: &Config) -> Result<Server, ServerError> {
             quota_bytes: config.quota_bytes(),
         },
         metrics: metrics.clone(),
+        reencoder,
+        supported_storage_formats: config.supported_storage_formats(),
     });
 
     let max_msg = config.max_request_bytes + GRPC_OVERHEAD_BYTES;
@@ -523,6 +538,12 @@ pub async fn start(config: &Config) -> Result<Server, ServerError> {
     .add_service(
         ClusterServer::new(cluster_service::ClusterService::new(weak.clone()))
             .max_decoding_message_size(max_msg),
+    )
+    .add_service(
+        metastore_proto::metastorepb::migration_server::MigrationServer::new(
+            migration_service::MigrationService::new(weak.clone()),
+        )
+        .max_decoding_message_size(max_msg),
     )
     .add_service(
         LeaseServer::new(lease_service::LeaseService::new(weak.clone()))

@@ -75,6 +75,11 @@ pub struct Node {
     pub cluster_id: u64,
     pub limits: Limits,
     pub metrics: Arc<Metrics>,
+    /// Background re-encoding after a storage-format switch, and its progress.
+    pub reencoder: Arc<crate::migrate::online::Reencoder>,
+    /// Storage formats this binary supports (`--max-storage-format` lowers it), as this
+    /// member answers the capability check before a switch.
+    pub supported_storage_formats: Vec<u8>,
 }
 
 impl Node {
@@ -243,6 +248,11 @@ impl Node {
         m.raft_committed_index.set(last as i64);
         m.raft_applied_index.set(applied as i64);
         m.proposals_pending.set(self.proposer.pending() as i64);
+        let progress = self.reencoder.progress();
+        m.storage_format.set(i64::from(self.store.write_format()));
+        m.storage_migration_pending.set(i64::from(progress.pending));
+        m.storage_migration_visited.set(progress.visited as i64);
+        m.storage_migration_rewritten.set(progress.rewritten as i64);
         m.apply_lag.reset();
         for (member, matched) in r.replication() {
             m.apply_lag

@@ -27,14 +27,16 @@ pub fn to_status(e: &ApplyError) -> Status {
         E::LeaseExists => Status::failed_precondition(e.to_string()),
         E::LeaseTtlTooLarge => Status::out_of_range(e.to_string()),
         E::NoSpace => Status::resource_exhausted(e.to_string()),
-        E::NoLeader | E::Timeout | E::UnhealthyCluster | E::Raft(_) => {
+        E::NoLeader | E::Timeout | E::UnhealthyCluster | E::TimeoutLeaderTransfer | E::Raft(_) => {
             Status::unavailable(e.to_string())
         }
         E::MemberNotFound => Status::not_found(e.to_string()),
         E::PeerUrlExists
         | E::MemberNotLearner
         | E::LearnerNotReady
-        | E::NotEnoughStartedMembers => Status::failed_precondition(e.to_string()),
+        | E::NotEnoughStartedMembers
+        | E::NotLeader
+        | E::BadLeaderTransferee => Status::failed_precondition(e.to_string()),
         E::Mvcc(m) => mvcc_status(m),
         #[allow(unreachable_patterns)]
         _ => Status::internal(format!("etcdserver: {e}")),
@@ -89,6 +91,21 @@ mod tests {
                 ApplyError::MemberNotLearner,
                 Code::FailedPrecondition,
                 "etcdserver: can only promote a learner member",
+            ),
+            (
+                ApplyError::NotLeader,
+                Code::FailedPrecondition,
+                "etcdserver: not leader",
+            ),
+            (
+                ApplyError::BadLeaderTransferee,
+                Code::FailedPrecondition,
+                "etcdserver: bad leader transferee",
+            ),
+            (
+                ApplyError::TimeoutLeaderTransfer,
+                Code::Unavailable,
+                "etcdserver: request timed out, leader transfer took too long",
             ),
             (
                 ApplyError::EmptyKey,

@@ -237,6 +237,25 @@ impl DataDir {
     }
 }
 
+/// Sets the stamp's storage format of the directory at `path` (which must have a stamp) to
+/// `format`, durably. For the online migration, which raises it when the cluster switches
+/// (before any record in the new format is written) and sets it to the target once every
+/// record is converted (module docs: the stamp holds the highest format records may be in).
+pub fn set_stamp_format(path: &Path, format: u8) -> Result<()> {
+    let mut stamp = read_stamp(path)?.ok_or_else(|| Error::DataDir {
+        path: path.to_path_buf(),
+        reason: format!("no {STAMP_FILE}"),
+    })?;
+    if stamp.storage_format == format {
+        return Ok(());
+    }
+    stamp.storage_format = format;
+    write_atomically(&path.join(STAMP_FILE), &stamp).map_err(|source| Error::Io {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
 fn read_marker(path: &Path) -> Result<Option<MigrationMarker>> {
     let marker_path = path.join(MIGRATION_FILE);
     if !marker_path.exists() {

@@ -8,12 +8,12 @@ use metastore::server::{config::Config, Server};
 
 use crate::common::free_port;
 
-struct Member {
-    name: String,
-    peer: u16,
-    client: u16,
-    dir: std::path::PathBuf,
-    server: Option<Server>,
+pub(crate) struct Member {
+    pub(crate) name: String,
+    pub(crate) peer: u16,
+    pub(crate) client: u16,
+    pub(crate) dir: std::path::PathBuf,
+    pub(crate) server: Option<Server>,
 }
 
 struct Cluster {
@@ -23,7 +23,8 @@ struct Cluster {
 }
 
 impl Member {
-    fn args(&self, initial_cluster: &str, state: &str, extra: &[String]) -> Vec<String> {
+    /// The member's command line (the program name first).
+    pub(crate) fn args(&self, initial_cluster: &str, state: &str, extra: &[String]) -> Vec<String> {
         let mut a: Vec<String> = [
             "metastore",
             "--name",
@@ -54,7 +55,7 @@ impl Member {
         a
     }
 
-    fn url(&self) -> String {
+    pub(crate) fn url(&self) -> String {
         format!("http://127.0.0.1:{}", self.client)
     }
 }
@@ -479,5 +480,114 @@ async fn hasleader_watch_streams_end_when_the_leader_is_gone() -> anyhow::Result
         (s.code(), s.message()),
         (tonic::Code::Unavailable, "etcdserver: no leader")
     );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn move_leader_hands_leadership_over_under_write_load() -> anyhow::Result<()> {
+    let c = Cluster::start(3, &[]).await?;
+    let leader = c.wait_leader().await?;
+    let target = (leader + 1) % 3;
+    let id = |i: usize| {
+        c.members[i]
+            .server
+            .as_ref()
+            .and_then(|s| s.node())
+            .map(|n| n.member.id)
+            .expect("running member")
+    };
+    let (leader_id, target_id) = (id(leader), id(target));
+    // Writes through the third member keep coming while leadership moves; each one that was
+    // acknowledged must be there afterwards.
+    let writer = (leader + 2) % 3;
+    let mut wc = c.client(writer).await?;
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let stop_w = stop.clone();
+    let load = tokio::spawn(async move {
+        let mut acked = Vec::new();
+        let mut i = 0u32;
+        while !stop_w.load(std::sync::atomic::Ordering::Relaxed) {
+            let key = format!("ml{i:05}");
+            if wc.put(key.clone(), "x", None).await.is_ok() {
+                acked.push(key);
+            }
+            i += 1;
+        }
+        acked
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    // etcd's refusals: a follower is not the leader; the transferee must be a voter.
+    let follower = c.client(target).await?;
+    let (code, msg) = crate::common::status(
+        follower
+            .maintenance_client()
+            .move_leader(leader_id)
+            .await
+            .expect_err("served by a follower"),
+    );
+    assert_eq!(
+        (code, msg.as_str()),
+        (tonic::Code::FailedPrecondition, "etcdserver: not leader")
+    );
+    let mut lc = c.client(leader).await?;
+    let (code, msg) = crate::common::status(
+        lc.maintenance_client()
+            .move_leader(0xdead)
+            .await
+            .expect_err("not a member"),
+    );
+    assert_eq!(
+        (code, msg.as_str()),
+        (
+            tonic::Code::FailedPrecondition,
+            "etcdserver: bad leader transferee"
+        )
+    );
+    // To itself: nothing to do.
+    lc.maintenance_client().move_leader(leader_id).await?;
+    assert_eq!(c.leader(), Some(leader));
+
+    let start = Instant::now();
+    lc.maintenance_client().move_leader(target_id).await?;
+    let took = start.elapsed();
+    println!("move-leader took {took:?}");
+    // Done means the old leader already follows the target.
+    assert_eq!(c.leader(), Some(target));
+    let s = lc.status().await?;
+    assert_eq!(s.leader(), target_id);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let acked = load.await?;
+    assert!(acked.len() > 10, "the load made progress: {}", acked.len());
+
+    // Every acknowledged write is there, on every member, and HashKV agrees.
+    let mut check = c.client(leader).await?;
+    let rev = check
+        .put("fence", "1", None)
+        .await?
+        .header()
+        .map_or(0, |h| h.revision());
+    let r = check
+        .get("ml", Some(GetOptions::new().with_prefix().with_keys_only()))
+        .await?;
+    let present: std::collections::BTreeSet<_> = r
+        .kvs()
+        .iter()
+        .map(|kv| String::from_utf8_lossy(kv.key()).into_owned())
+        .collect();
+    let missing: Vec<_> = acked.iter().filter(|k| !present.contains(*k)).collect();
+    assert!(missing.is_empty(), "lost acknowledged writes: {missing:?}");
+    let mut hashes = Vec::new();
+    for i in 0..3 {
+        let mut cl = c.client(i).await?;
+        get(&mut cl, "fence", false).await?;
+        hashes.push(hash_kv(&mut cl, rev).await?);
+    }
+    assert!(hashes.iter().all(|h| *h == hashes[0]), "{hashes:?}");
+    // And back: the new leader can hand it on again.
+    let tc = c.client(target).await?;
+    tc.maintenance_client().move_leader(leader_id).await?;
+    assert_eq!(c.leader(), Some(leader));
     Ok(())
 }

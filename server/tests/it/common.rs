@@ -102,7 +102,18 @@ impl Proc {
         Ok(p)
     }
 
-    fn wait_healthy(&self, timeout: Duration) -> anyhow::Result<()> {
+    /// The binary with `args` (no program name), serving clients on `addr`; not waited for.
+    pub fn spawn_args(args: &[String], addr: SocketAddr) -> anyhow::Result<Self> {
+        let child = Command::new(env!("CARGO_BIN_EXE_metastore"))
+            .args(args)
+            .env("METASTORE_LOG_LEVEL", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()?;
+        Ok(Self { child, addr })
+    }
+
+    pub fn wait_healthy(&self, timeout: Duration) -> anyhow::Result<()> {
         let start = Instant::now();
         loop {
             if let Ok((200, _)) = http_get(self.addr, "/health") {

@@ -12,6 +12,7 @@ mod lease;
 mod limits;
 mod lock;
 mod migrate;
+mod online_migrate;
 mod restart;
 mod snapshot;
 mod watch;

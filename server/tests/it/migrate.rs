@@ -26,7 +26,7 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 /// A stopped server's data directory at `format`, written by the real server: `keys` keys
 /// in txns of 500, a fifth of them overwritten, 100 deleted, a leased key and a compaction
 /// (about `1.2 * keys` records).
-fn build_dir(path: &Path, format: u8, keys: usize) -> anyhow::Result<()> {
+pub(crate) fn build_dir(path: &Path, format: u8, keys: usize) -> anyhow::Result<()> {
     let format = format.to_string();
     let mut p = Proc::spawn(
         path,
@@ -79,14 +79,14 @@ fn build_dir(path: &Path, format: u8, keys: usize) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn open_engine(path: &Path) -> anyhow::Result<Arc<dyn Engine>> {
+pub(crate) fn open_engine(path: &Path) -> anyhow::Result<Arc<dyn Engine>> {
     Ok(Arc::new(RocksEngine::open(
         &path.join("db"),
         &Default::default(),
     )?))
 }
 
-fn fingerprint_dir(path: &Path) -> anyhow::Result<Fingerprint> {
+pub(crate) fn fingerprint_dir(path: &Path) -> anyhow::Result<Fingerprint> {
     let format = read_stamp(path)?.map(|s| s.storage_format).unwrap_or(2);
     Ok(fingerprint(open_engine(path)?, format)?)
 }
