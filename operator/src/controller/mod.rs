@@ -20,7 +20,10 @@
 //! `spec.storage.deleteClaimsOnDelete` is true (see [`cleanup`]).
 //!
 //! The exact API requests of a reconcile are asserted against a mocked API server in
-//! `tests.rs`; the RBAC rules they need are listed in [`permissions`].
+//! `tests.rs`; the RBAC rules they need are listed in [`permissions`]. The steps that face the
+//! cluster rather than the API server ([`member_endpoints`], [`observe_cluster`],
+//! [`render_params`], [`act_on_members`], [`volume_replaced`], [`status::build`]) are public so
+//! `tests/it/real_cluster.rs` drives real `metastore` processes through this very code.
 
 pub mod cluster_api;
 pub mod permissions;
@@ -54,7 +57,9 @@ use self::cluster_api::ClusterApi;
 use crate::crd::{ConditionStatus, ConditionType, Engine, MetaStoreCluster};
 use crate::metrics::Metrics;
 use crate::naming::{version_of_image, ClusterNames, FIELD_MANAGER};
-use crate::plan::{plan, Action, Decision, JobView, Observed, PodView, StatefulSetView, Version};
+use crate::plan::{
+    plan, Action, ClusterView, Decision, JobView, Observed, PodView, StatefulSetView, Version,
+};
 use crate::render::statefulset::{CONTAINER, DATA_VOLUME};
 use crate::render::{volume_growth, RenderParams, Renderer};
 use crate::{Error, Result};
@@ -227,29 +232,14 @@ pub async fn apply_cluster(cluster: Arc<MetaStoreCluster>, ctx: Arc<Context>) ->
         .as_ref()
         .and_then(|s| s.spec.as_ref())
         .and_then(|s| s.replicas);
-    let recorded = cluster.status.as_ref().map_or(0, |s| s.members.len());
-    let span = sts_replicas
-        .unwrap_or(0)
-        .max(cluster.spec.replicas)
-        .max(i32::try_from(recorded).unwrap_or(0));
-    let endpoints: Vec<String> = (0..span).map(|i| names.client_url(i)).collect();
-    let mut view = ctx.cluster_api.observe(&endpoints).await;
-
+    let endpoints = member_endpoints(&cluster, &names, sts_replicas);
+    let view = observe_cluster(ctx.cluster_api.as_ref(), &names, &endpoints, |pod_name| {
+        pods.iter()
+            .find(|p| p.name_any() == pod_name)
+            .and_then(container_image)
+    })
+    .await;
     let holders = data_holders(&cluster, &names, &pods, &claims);
-    if let Some(view) = view.as_mut() {
-        for m in &mut view.members {
-            // The binary's version is the image's until the server reports its own.
-            if m.version.is_none() {
-                let pod = m
-                    .ordinal(&names)
-                    .and_then(|o| pods.iter().find(|p| p.name_any() == names.pod_name(o)));
-                m.version = pod
-                    .and_then(container_image)
-                    .and_then(|image| version_of_image(&image))
-                    .and_then(|v| Version::parse(&v));
-            }
-        }
-    }
     let observed = Observed {
         now: (ctx.now)(),
         statefulset: sts.as_ref().map(statefulset_view),
@@ -269,16 +259,7 @@ pub async fn apply_cluster(cluster: Arc<MetaStoreCluster>, ctx: Arc<Context>) ->
     info!(cluster = %cluster.name_any(), action = %decision.action, "planned");
 
     // 3. Apply the owned objects.
-    let replicas = match decision.action {
-        Action::Bootstrap { replicas } | Action::ScaleStatefulSet { replicas } => replicas,
-        _ => sts_replicas.unwrap_or(cluster.spec.replicas),
-    };
-    let storage_format = cluster
-        .status
-        .as_ref()
-        .and_then(|s| s.current_format_version)
-        .unwrap_or(cluster.spec.storage.format_version);
-    let mut params = RenderParams::from_decision(&decision, replicas, storage_format);
+    let mut params = render_params(&cluster, &decision, sts_replicas);
     params.existing_claim_templates = sts
         .as_ref()
         .and_then(|s| s.spec.as_ref())
@@ -346,24 +327,18 @@ async fn act(
 ) -> Result<()> {
     let names = renderer.names();
     let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), names.namespace());
+    if act_on_members(
+        ctx.cluster_api.as_ref(),
+        names,
+        observed.cluster.as_ref(),
+        &decision.action,
+        endpoints,
+    )
+    .await?
+    {
+        return Ok(());
+    }
     match &decision.action {
-        Action::AddLearner { peer_url, .. } => {
-            ctx.cluster_api.add_learner(endpoints, peer_url).await
-        }
-        Action::PromoteLearner { id, .. } => ctx.cluster_api.promote(endpoints, *id).await,
-        Action::RemoveMember { id, .. } => ctx.cluster_api.remove(endpoints, *id).await,
-        Action::MoveLeader { to_id, .. } => {
-            let leader = observed
-                .cluster
-                .as_ref()
-                .and_then(|v| v.leader_member())
-                .and_then(|m| m.ordinal(names))
-                .map(|o| names.client_url(o));
-            match leader {
-                Some(url) => ctx.cluster_api.move_leader(&url, *to_id).await,
-                None => Ok(()), // leadership already moved or an election is on: replan
-            }
-        }
         Action::DeletePodForUpgrade { member } | Action::RestartPod { member } => {
             delete_if_exists(&pods, member).await
         }
@@ -371,13 +346,129 @@ async fn act(
             let jobs: Api<Job> = Api::namespaced(ctx.client.clone(), names.namespace());
             apply(&jobs, &renderer.migration_job(*to, &decision.image)).await
         }
-        // The StatefulSet's replicas were applied with the objects.
-        Action::Bootstrap { .. } | Action::ScaleStatefulSet { .. } => Ok(()),
-        Action::WaitFor(_)
+        // The StatefulSet's replicas were applied with the objects; the membership calls were
+        // made above.
+        Action::Bootstrap { .. }
+        | Action::ScaleStatefulSet { .. }
+        | Action::AddLearner { .. }
+        | Action::PromoteLearner { .. }
+        | Action::RemoveMember { .. }
+        | Action::MoveLeader { .. }
+        | Action::WaitFor(_)
         | Action::MarkDegraded(_)
         | Action::RefuseWithCondition(_)
         | Action::Done => Ok(()),
     }
+}
+
+/// The client URLs the cluster is observed and changed through: every ordinal that may hold a
+/// member (the StatefulSet's, the spec's and the recorded membership's, whichever is largest).
+pub fn member_endpoints(
+    cluster: &MetaStoreCluster,
+    names: &ClusterNames,
+    sts_replicas: Option<i32>,
+) -> Vec<String> {
+    let recorded = cluster.status.as_ref().map_or(0, |s| s.members.len());
+    let span = sts_replicas
+        .unwrap_or(0)
+        .max(cluster.spec.replicas)
+        .max(i32::try_from(recorded).unwrap_or(0));
+    (0..span).map(|i| names.client_url(i)).collect()
+}
+
+/// Observes the cluster through its etcd API and fills in each member's version from the
+/// image of its pod (`image_of(pod name)`) until the server reports its own.
+pub async fn observe_cluster(
+    api: &dyn ClusterApi,
+    names: &ClusterNames,
+    endpoints: &[String],
+    image_of: impl Fn(&str) -> Option<String>,
+) -> Option<ClusterView> {
+    let mut view = api.observe(endpoints).await?;
+    for m in &mut view.members {
+        if m.version.is_none() {
+            m.version = m
+                .ordinal(names)
+                .and_then(|o| image_of(&names.pod_name(o)))
+                .and_then(|image| version_of_image(&image))
+                .and_then(|v| Version::parse(&v));
+        }
+    }
+    Some(view)
+}
+
+/// What to render for `decision`: the StatefulSet's replicas come from the decision when it
+/// bootstraps or scales and stay as they are otherwise; a new data directory gets the
+/// cluster's current format. (The existing claim templates are the caller's to add.)
+pub fn render_params(
+    cluster: &MetaStoreCluster,
+    decision: &Decision,
+    sts_replicas: Option<i32>,
+) -> RenderParams {
+    let replicas = match decision.action {
+        Action::Bootstrap { replicas } | Action::ScaleStatefulSet { replicas } => replicas,
+        _ => sts_replicas.unwrap_or(cluster.spec.replicas),
+    };
+    let storage_format = cluster
+        .status
+        .as_ref()
+        .and_then(|s| s.current_format_version)
+        .unwrap_or(cluster.spec.storage.format_version);
+    RenderParams::from_decision(decision, replicas, storage_format)
+}
+
+/// Performs the membership half of an action through the cluster's etcd API (MemberAdd as a
+/// learner, MemberPromote, MemberRemove, MoveLeader sent to the leader's client URL).
+/// `Ok(false)` when the action is not a membership call.
+pub async fn act_on_members(
+    api: &dyn ClusterApi,
+    names: &ClusterNames,
+    view: Option<&ClusterView>,
+    action: &Action,
+    endpoints: &[String],
+) -> Result<bool> {
+    match action {
+        Action::AddLearner { peer_url, .. } => api.add_learner(endpoints, peer_url).await?,
+        Action::PromoteLearner { id, .. } => api.promote(endpoints, *id).await?,
+        Action::RemoveMember { id, .. } => api.remove(endpoints, *id).await?,
+        Action::MoveLeader { to_id, .. } => {
+            let leader = view
+                .and_then(ClusterView::leader_member)
+                .and_then(|m| m.ordinal(names))
+                .map(|o| names.client_url(o));
+            // No leader known: leadership already moved or an election is on; replan.
+            if let Some(url) = leader {
+                api.move_leader(&url, *to_id).await?;
+            }
+        }
+        _ => return Ok(false),
+    }
+    Ok(true)
+}
+
+/// Whether the pod `pod_name` came back with a volume that does not hold the data of the
+/// member registered under its name: the data holder recorded in status while that member was
+/// healthy (same member ID) differs from the one the pod has now (`current`).
+pub fn volume_replaced(
+    status: Option<&crate::crd::MetaStoreClusterStatus>,
+    view: Option<&ClusterView>,
+    names: &ClusterNames,
+    pod_name: &str,
+    current: Option<&str>,
+) -> bool {
+    let Some(ordinal) = names.ordinal_of(pod_name) else {
+        return false;
+    };
+    let member_id = view
+        .and_then(|v| v.members.iter().find(|m| m.ordinal(names) == Some(ordinal)))
+        .map(|m| format!("{:x}", m.id));
+    let recorded = status.and_then(|s| {
+        s.members
+            .iter()
+            .find(|m| m.name == pod_name && Some(&m.id) == member_id.as_ref())
+            .and_then(|m| m.data_holder.as_deref())
+    });
+    matches!((recorded, current), (Some(recorded), Some(current)) if recorded != current)
 }
 
 async fn publish_events(ctx: &Context, cluster: &MetaStoreCluster, decision: &Decision) {
@@ -578,7 +669,7 @@ fn pod_view(
     cluster: &MetaStoreCluster,
     pod: &Pod,
     sts: Option<&StatefulSet>,
-    view: Option<&crate::plan::ClusterView>,
+    view: Option<&ClusterView>,
     holders: &BTreeMap<String, String>,
     names: &ClusterNames,
 ) -> PodView {
@@ -610,26 +701,13 @@ fn pod_view(
                     == Some("CrashLoopBackOff")
             })
         });
-    // Empty volume: the member registered under this name recorded another data holder while
-    // it was healthy.
-    let member_id = view.and_then(|v| {
-        v.members
-            .iter()
-            .find(|m| {
-                names.ordinal_of(&name).is_some() && m.ordinal(names) == names.ordinal_of(&name)
-            })
-            .map(|m| format!("{:x}", m.id))
-    });
-    let recorded = cluster.status.as_ref().and_then(|s| {
-        s.members
-            .iter()
-            .find(|m| m.name == name && Some(&m.id) == member_id.as_ref())
-            .and_then(|m| m.data_holder.clone())
-    });
-    let empty_volume = match (recorded, holders.get(&name)) {
-        (Some(recorded), Some(current)) => &recorded != current,
-        _ => false,
-    };
+    let empty_volume = volume_replaced(
+        cluster.status.as_ref(),
+        view,
+        names,
+        &name,
+        holders.get(&name).map(String::as_str),
+    );
     PodView {
         image: container_image(pod).unwrap_or_default(),
         name,

@@ -345,6 +345,16 @@ const CLUSTERS: &str = "/apis/metastore.io/v1alpha1/namespaces/db/metastoreclust
 
 /// The four reads of the observe step, answered with what exists.
 fn observe_requests(sts: Option<Value>, pods: Vec<Value>, claims: Vec<Value>) -> Vec<Expect> {
+    observe_requests_with_jobs(sts, pods, claims, vec![])
+}
+
+/// [`observe_requests`] with migration Jobs.
+fn observe_requests_with_jobs(
+    sts: Option<Value>,
+    pods: Vec<Value>,
+    claims: Vec<Value>,
+    jobs: Vec<Value>,
+) -> Vec<Expect> {
     let sts_get = Expect::get(format!("{APPS}/statefulsets/demo"));
     vec![
         match sts {
@@ -362,7 +372,7 @@ fn observe_requests(sts: Option<Value>, pods: Vec<Value>, claims: Vec<Value>) ->
             "/apis/batch/v1/namespaces/db/jobs",
             "app.kubernetes.io/instance=demo,app.kubernetes.io/component=migration",
             "JobList",
-            vec![],
+            jobs,
         ),
     ]
 }
@@ -838,4 +848,516 @@ fn request_permissions() {
             "{method} {path}"
         );
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Workflows, one reconcile at a time: what is applied, patched, deleted and called.
+
+/// `n` healthy voters at the same applied index, `leader` leading.
+fn voters(n: i32, leader: i32) -> ClusterView {
+    ClusterView {
+        members: (0..n).map(|i| member(i, true)).collect(),
+        leader: Some(100 + leader as u64),
+        alarms: vec![],
+        hash: HashCheck::Agree,
+    }
+}
+
+/// A bootstrapped cluster (status says what runs) whose spec asks for `replicas` × `version`.
+fn running(replicas: i32, version: &str, status_version: &str) -> MetaStoreCluster {
+    let mut c = cluster(replicas, version);
+    c.status = Some(MetaStoreClusterStatus {
+        current_version: Some(status_version.into()),
+        current_format_version: Some(1),
+        ..Default::default()
+    });
+    c
+}
+
+fn workflow_of(status: &Value) -> (&str, &str, &str) {
+    let wf = &status["workflow"];
+    (
+        wf["kind"].as_str().unwrap_or("-"),
+        wf["step"].as_str().unwrap_or("-"),
+        wf["member"].as_str().unwrap_or("-"),
+    )
+}
+
+/// One reconcile: the observe reads, the five applies (checked by `applied`), `acts` (the
+/// requests the action makes), the status patch (checked by `status`) and the Event, if any.
+/// Returns the membership calls made on the cluster.
+async fn reconcile_step(
+    cluster: MetaStoreCluster,
+    view: ClusterView,
+    observed: Vec<Expect>,
+    applied: impl Fn(&str, &Value) + Clone + Send + 'static,
+    acts: Vec<Expect>,
+    status: impl Fn(&Value) + Send + 'static,
+    event_reason: Option<(&'static str, &'static str)>,
+) -> Vec<String> {
+    let fake = Arc::new(FakeClusterApi {
+        view: Some(view),
+        ..Default::default()
+    });
+    let mut script = observed;
+    script.extend(apply_requests(applied));
+    script.extend(acts);
+    script.push(status_patch(status, &cluster));
+    if let Some((type_, reason)) = event_reason {
+        script.push(event(type_, reason));
+    }
+    let (result, _) = reconcile_with(cluster, fake.clone(), t0, script).await;
+    result.expect("reconcile succeeds");
+    fake.calls()
+}
+
+fn sts_replicas_are(want: i32) -> impl Fn(&str, &Value) + Clone + Send + 'static {
+    move |kind, body| {
+        if kind == "StatefulSet" {
+            assert_eq!(body["spec"]["replicas"], want, "StatefulSet replicas");
+        }
+    }
+}
+
+fn pods_on(versions: &[&str]) -> Vec<Value> {
+    versions
+        .iter()
+        .enumerate()
+        .map(|(i, v)| pod(i as i32, v, true))
+        .collect()
+}
+
+#[tokio::test]
+async fn scale_up_registers_a_learner_then_grows_the_statefulset_for_it() {
+    let names = ClusterNames::new("demo", "db", false, false);
+    // 1. Three voters, the spec asks for five: MemberAdd demo-3 as a learner; the StatefulSet
+    //    keeps three pods until the member is registered.
+    let initial = names.initial_cluster(0..3);
+    let calls = reconcile_step(
+        running(5, "1.2.0", "1.2.0"),
+        voters(3, 0),
+        observe_requests(
+            Some(statefulset(3, "1.2.0")),
+            pods_on(&["1.2.0"; 3]),
+            (0..3).map(claim).collect(),
+        ),
+        move |kind, body| {
+            sts_replicas_are(3)(kind, body);
+            if kind == "ConfigMap" {
+                assert_eq!(body["data"]["initial-cluster-state"], "existing");
+                assert_eq!(body["data"]["initial-cluster"], initial.as_str());
+            }
+            if kind == "PodDisruptionBudget" {
+                // Quorum-aware for the spec's five members: two may go at once.
+                assert_eq!(body["spec"]["maxUnavailable"], 2);
+            }
+        },
+        vec![],
+        |status| {
+            assert_eq!(status["phase"], "Scaling");
+            assert_eq!(workflow_of(status), ("ScaleUp", "AddLearner", "demo-3"));
+            assert_eq!(status["workflow"]["target"], "5");
+            assert_eq!(condition(status, "Progressing")["status"], "True");
+        },
+        Some(("Normal", "AddLearner")),
+    )
+    .await;
+    assert_eq!(
+        calls,
+        [
+            "observe 5",
+            "add_learner http://demo-3.demo-peer.db.svc:2380"
+        ]
+    );
+
+    // 2. The learner is registered (no name yet: it never started): one more pod, listed in
+    //    the ConfigMap so it joins the running cluster.
+    let mut with_learner = voters(3, 0);
+    with_learner.members.push(MemberView {
+        id: 103,
+        name: String::new(),
+        peer_urls: vec![names.peer_url(3)],
+        is_learner: true,
+        healthy: false,
+        applied_index: 0,
+        version: None,
+        format_version: None,
+        max_format_version: None,
+    });
+    let initial = names.initial_cluster(0..4);
+    let calls = reconcile_step(
+        running(5, "1.2.0", "1.2.0"),
+        with_learner,
+        observe_requests(
+            Some(statefulset(3, "1.2.0")),
+            pods_on(&["1.2.0"; 3]),
+            (0..3).map(claim).collect(),
+        ),
+        move |kind, body| {
+            sts_replicas_are(4)(kind, body);
+            if kind == "ConfigMap" {
+                assert_eq!(body["data"]["initial-cluster-state"], "existing");
+                assert_eq!(body["data"]["initial-cluster"], initial.as_str());
+            }
+        },
+        vec![],
+        |status| {
+            assert_eq!(workflow_of(status), ("ScaleUp", "StartPod", "demo-3"));
+            assert_eq!(status["members"][3]["name"], "demo-3");
+            assert_eq!(status["members"][3]["role"], "Learner");
+        },
+        Some(("Normal", "ScaleStatefulSet")),
+    )
+    .await;
+    assert_eq!(calls, ["observe 5"]);
+
+    // 3. The learner caught up: MemberPromote.
+    let mut caught_up = voters(3, 0);
+    let mut learner = member(3, true);
+    learner.is_learner = true;
+    caught_up.members.push(learner);
+    let calls = reconcile_step(
+        running(5, "1.2.0", "1.2.0"),
+        caught_up,
+        observe_requests(
+            Some(statefulset(4, "1.2.0")),
+            pods_on(&["1.2.0"; 4]),
+            (0..4).map(claim).collect(),
+        ),
+        sts_replicas_are(4),
+        vec![],
+        |status| assert_eq!(workflow_of(status), ("ScaleUp", "Promote", "demo-3")),
+        Some(("Normal", "PromoteLearner")),
+    )
+    .await;
+    assert_eq!(calls, ["observe 5", "promote 103"]);
+}
+
+#[tokio::test]
+async fn scale_down_moves_leadership_removes_the_member_then_shrinks_the_statefulset() {
+    let five = || {
+        observe_requests(
+            Some(statefulset(5, "1.2.0")),
+            pods_on(&["1.2.0"; 5]),
+            (0..5).map(claim).collect(),
+        )
+    };
+    // 1. demo-4 goes first, and it leads: MoveLeader to demo-0, sent to demo-4.
+    let calls = reconcile_step(
+        running(3, "1.2.0", "1.2.0"),
+        voters(5, 4),
+        five(),
+        |kind, body| {
+            sts_replicas_are(5)(kind, body);
+            if kind == "PodDisruptionBudget" {
+                assert_eq!(body["spec"]["maxUnavailable"], 1);
+            }
+        },
+        vec![],
+        |status| assert_eq!(workflow_of(status), ("ScaleDown", "MoveLeader", "demo-4")),
+        Some(("Normal", "MoveLeader")),
+    )
+    .await;
+    assert_eq!(
+        calls,
+        [
+            "observe 5",
+            "move_leader http://demo-4.demo-peer.db.svc:2379 100"
+        ]
+    );
+
+    // 2. demo-0 leads now: MemberRemove demo-4; its pod stays until membership is done.
+    let calls = reconcile_step(
+        running(3, "1.2.0", "1.2.0"),
+        voters(5, 0),
+        five(),
+        sts_replicas_are(5),
+        vec![],
+        |status| assert_eq!(workflow_of(status), ("ScaleDown", "RemoveMember", "demo-4")),
+        Some(("Normal", "RemoveMember")),
+    )
+    .await;
+    assert_eq!(calls, ["observe 5", "remove 104"]);
+
+    // 3. Three members left: the StatefulSet shrinks to them.
+    let calls = reconcile_step(
+        running(3, "1.2.0", "1.2.0"),
+        voters(3, 0),
+        five(),
+        sts_replicas_are(3),
+        vec![],
+        |status| {
+            assert_eq!(workflow_of(status), ("ScaleDown", "ShrinkStatefulSet", "-"));
+            assert_eq!(status["readyReplicas"], 3);
+        },
+        Some(("Normal", "ScaleStatefulSet")),
+    )
+    .await;
+    assert_eq!(calls, ["observe 5"]);
+}
+
+#[tokio::test]
+async fn rolling_upgrade_deletes_followers_first_and_the_leader_last_after_move_leader() {
+    let upgrade = |status_workflow: Option<Workflow>| {
+        let mut c = running(3, "1.3.0", "1.2.0");
+        c.metadata.generation = Some(2);
+        if let Some(status) = c.status.as_mut() {
+            status.workflow = status_workflow;
+        }
+        c
+    };
+    let observed = |versions: [&str; 3]| {
+        observe_requests(
+            Some(statefulset(3, "1.3.0")),
+            pods_on(&versions),
+            (0..3).map(claim).collect(),
+        )
+    };
+    let template_moves = |kind: &str, body: &Value| {
+        if kind == "StatefulSet" {
+            assert_eq!(body["spec"]["updateStrategy"]["type"], "OnDelete");
+            assert_eq!(
+                body["spec"]["template"]["spec"]["containers"][0]["image"],
+                image_for_version("1.3.0")
+            );
+        }
+    };
+    let delete = |i: i32| {
+        vec![Expect::new("DELETE", format!("{NS}/pods/demo-{i}")).reply(pod(i, "1.2.0", true))]
+    };
+
+    // 1. Followers first, the highest ordinal first.
+    let calls = reconcile_step(
+        upgrade(None),
+        voters(3, 0),
+        observed(["1.2.0", "1.2.0", "1.2.0"]),
+        template_moves,
+        delete(2),
+        |status| {
+            assert_eq!(workflow_of(status), ("Upgrade", "DeletePod", "demo-2"));
+            assert_eq!(status["workflow"]["from"], "1.2.0");
+            assert_eq!(condition(status, "Upgrading")["status"], "True");
+        },
+        Some(("Normal", "ReplacePod")),
+    )
+    .await;
+    assert_eq!(calls, ["observe 3"]);
+
+    // 2. demo-2 is back on 1.3.0, Ready and caught up: the next follower.
+    reconcile_step(
+        upgrade(Some(upgrading_demo_2())),
+        voters(3, 0),
+        observed(["1.2.0", "1.2.0", "1.3.0"]),
+        template_moves,
+        delete(1),
+        |status| assert_eq!(workflow_of(status), ("Upgrade", "DeletePod", "demo-1")),
+        Some(("Normal", "ReplacePod")),
+    )
+    .await;
+
+    // 3. Only the leader is left: no pod deleted, leadership handed to an upgraded follower.
+    let calls = reconcile_step(
+        upgrade(None),
+        voters(3, 0),
+        observed(["1.2.0", "1.3.0", "1.3.0"]),
+        template_moves,
+        vec![],
+        |status| assert_eq!(workflow_of(status), ("Upgrade", "MoveLeader", "demo-0")),
+        Some(("Normal", "MoveLeader")),
+    )
+    .await;
+    assert_eq!(
+        calls,
+        [
+            "observe 3",
+            "move_leader http://demo-0.demo-peer.db.svc:2379 101"
+        ]
+    );
+
+    // 4. demo-1 leads: the old leader's pod goes last.
+    reconcile_step(
+        upgrade(None),
+        voters(3, 1),
+        observed(["1.2.0", "1.3.0", "1.3.0"]),
+        template_moves,
+        delete(0),
+        |status| assert_eq!(workflow_of(status), ("Upgrade", "DeletePod", "demo-0")),
+        Some(("Normal", "ReplacePod")),
+    )
+    .await;
+}
+
+fn migration_job(to: i32, status: Value) -> Value {
+    json!({"apiVersion": "batch/v1", "kind": "Job",
+        "metadata": {"name": format!("demo-migrate-v{to}"), "namespace": "db",
+            "labels": {"app.kubernetes.io/instance": "demo",
+                "app.kubernetes.io/component": "migration",
+                "metastore.io/target-format": to.to_string()}},
+        "spec": {"template": {"spec": {"containers": []}}},
+        "status": status})
+}
+
+#[tokio::test]
+async fn format_migration_creates_the_job_then_follows_it() {
+    let migrating = || {
+        let mut c = running(3, "1.3.0", "1.3.0");
+        c.spec.storage.format_version = 2;
+        c.metadata.generation = Some(2);
+        c
+    };
+    let observed = |jobs: Vec<Value>| {
+        observe_requests_with_jobs(
+            Some(statefulset(3, "1.3.0")),
+            pods_on(&["1.3.0"; 3]),
+            (0..3).map(claim).collect(),
+            jobs,
+        )
+    };
+    let expected_job = {
+        let c = migrating();
+        let renderer = Renderer::new(&c).expect("renderer");
+        to_json(&renderer.migration_job(2, &image_for_version("1.3.0")))
+    };
+    assert_eq!(
+        expected_job["spec"]["template"]["spec"]["containers"][0]["args"],
+        json!([
+            "migrate",
+            "--to=2",
+            "--wait",
+            "--endpoints=http://demo-client.db.svc:2379"
+        ])
+    );
+    // 1. Every binary supports format 2, the cluster is healthy: the Job is applied.
+    let calls = reconcile_step(
+        migrating(),
+        voters(3, 0),
+        observed(vec![]),
+        |kind, body| {
+            if kind == "ConfigMap" {
+                // New data directories keep the current format until the migration is done.
+                assert_eq!(body["data"]["storage-format"], "1");
+            }
+        },
+        vec![Expect::apply(
+            "/apis/batch/v1/namespaces/db/jobs/demo-migrate-v2",
+            expected_job,
+        )],
+        |status| {
+            assert_eq!(status["phase"], "Migrating");
+            assert_eq!(workflow_of(status), ("Migration", "RunMigrationJob", "-"));
+            assert_eq!(status["workflow"]["target"], "2");
+            assert_eq!(condition(status, "Migrating")["status"], "True");
+        },
+        Some(("Normal", "StartMigration")),
+    )
+    .await;
+    assert_eq!(calls, ["observe 3"]);
+
+    // 2. The Job runs: followed, nothing else applied, no Event.
+    reconcile_step(
+        migrating(),
+        voters(3, 0),
+        observed(vec![migration_job(2, json!({"active": 1}))]),
+        |_, _| {},
+        vec![],
+        |status| {
+            assert_eq!(status["phase"], "Migrating");
+            assert_eq!(condition(status, "Migrating")["status"], "True");
+        },
+        None,
+    )
+    .await;
+
+    // 3. The Job succeeded and the members report format 2: recorded, and older binaries can
+    //    no longer be rolled back to.
+    let mut migrated = voters(3, 0);
+    for m in &mut migrated.members {
+        m.format_version = Some(2);
+    }
+    reconcile_step(
+        migrating(),
+        migrated,
+        observed(vec![migration_job(
+            2,
+            json!({"succeeded": 1, "conditions": [{"type": "Complete", "status": "True"}]}),
+        )]),
+        |kind, body| {
+            if kind == "ConfigMap" {
+                assert_eq!(body["data"]["storage-format"], "1");
+            }
+        },
+        vec![],
+        |status| {
+            assert_eq!(status["phase"], "Running");
+            assert_eq!(status["currentFormatVersion"], 2);
+            assert_eq!(status["formatVersionSince"], "1.3.0");
+            assert_eq!(condition(status, "Migrating")["status"], "False");
+        },
+        None,
+    )
+    .await;
+
+    // 4. A failed Job: Degraded, with a Warning Event.
+    reconcile_step(
+        migrating(),
+        voters(3, 0),
+        observed(vec![migration_job(
+            2,
+            json!({"failed": 3, "conditions": [{"type": "Failed", "status": "True"}]}),
+        )]),
+        |_, _| {},
+        vec![],
+        |status| {
+            assert_eq!(status["phase"], "Degraded");
+            let degraded = condition(status, "Degraded");
+            assert_eq!(degraded["status"], "True");
+            assert_eq!(degraded["reason"], "MigrationFailed");
+        },
+        Some(("Warning", "MigrationFailed")),
+    )
+    .await;
+}
+
+fn claim_of_size(i: i32, size: &str) -> Value {
+    let mut c = claim(i);
+    c["spec"]["resources"]["requests"]["storage"] = json!(size);
+    c
+}
+
+#[tokio::test]
+async fn growing_the_volume_size_patches_the_smaller_claims() {
+    let mut c = running(3, "1.2.0", "1.2.0");
+    c.spec.storage.size = Some(k8s_openapi::apimachinery::pkg::api::resource::Quantity(
+        "20Gi".into(),
+    ));
+    let grow = |i: i32| {
+        Expect::new(
+            "PATCH",
+            format!("{NS}/persistentvolumeclaims/data-demo-{i}"),
+        )
+        .content_type("application/merge-patch+json")
+        .check(|body| {
+            assert_eq!(
+                body,
+                &json!({"spec": {"resources": {"requests": {"storage": "20Gi"}}}})
+            );
+        })
+        .reply(claim_of_size(i, "20Gi"))
+    };
+    let calls = reconcile_step(
+        c,
+        voters(3, 0),
+        observe_requests(
+            Some(statefulset(3, "1.2.0")),
+            pods_on(&["1.2.0"; 3]),
+            vec![claim(0), claim(1), claim_of_size(2, "20Gi")],
+        ),
+        |_, _| {},
+        // demo-2's claim is already big enough.
+        vec![grow(0), grow(1)],
+        |status| assert_eq!(status["phase"], "Running"),
+        None,
+    )
+    .await;
+    assert_eq!(calls, ["observe 3"]);
 }

@@ -183,6 +183,14 @@ impl Fixture {
         self
     }
 
+    /// The last reconcile recorded the Bootstrapping phase: the cluster has not formed yet.
+    pub fn still_bootstrapping(mut self) -> Self {
+        if let Some(status) = self.cluster.status.as_mut() {
+            status.phase = Some(crate::crd::Phase::Bootstrapping);
+        }
+        self
+    }
+
     pub fn workflow(mut self, wf: Workflow) -> Self {
         if let Some(s) = self.cluster.status.as_mut() {
             s.workflow = Some(wf);

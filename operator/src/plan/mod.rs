@@ -7,8 +7,9 @@
 //!
 //! # How a reconcile decides
 //! 1. No StatefulSet and never bootstrapped: [`Action::Bootstrap`].
-//! 2. The cluster's own view (MemberList, Status, HashKV) comes first: no quorum of healthy
-//!    voters is [`DegradedReason::QuorumLost`]; no leader waits; diverged HashKV is Degraded.
+//! 2. The cluster's own view (MemberList, Status, HashKV) comes first: while a new cluster
+//!    forms (phase `Bootstrapping`) it waits for a quorum and a leader; after that, no quorum
+//!    of healthy voters is [`DegradedReason::QuorumLost`]; no leader waits; diverged HashKV is Degraded.
 //! 3. A recorded workflow that failed stays stopped until the spec changes.
 //! 4. Otherwise the first piece of work wins, in this order: a member whose pod came back with
 //!    an empty volume (`membership::rejoin`), a running migration Job, scaling
@@ -624,8 +625,11 @@ impl<'a> Ctx<'a> {
             let replicas = self.spec.replicas;
             return self.decide(Action::Bootstrap { replicas }, None, image);
         }
+        // Members of a new cluster start at different times: until it first forms (a quorum
+        // and a leader), what looks like quorum loss is the cluster forming.
+        let forming = self.status.and_then(|s| s.phase) == Some(Phase::Bootstrapping);
         let Some(view) = &self.observed.cluster else {
-            let action = if self.bootstrapped() {
+            let action = if self.bootstrapped() && !forming {
                 Action::MarkDegraded(DegradedReason::ClusterUnreachable)
             } else {
                 Action::WaitFor(WaitReason::ClusterForming)
@@ -634,6 +638,9 @@ impl<'a> Ctx<'a> {
         };
 
         let (healthy, voters) = (view.healthy_voter_count(), view.voter_count());
+        if forming && (healthy < quorum(voters) || view.leader_member().is_none()) {
+            return self.decide(Action::WaitFor(WaitReason::ClusterForming), keep, image);
+        }
         if healthy < quorum(voters) {
             let action = Action::MarkDegraded(DegradedReason::QuorumLost { healthy, voters });
             return self.decide(action, keep, image);
@@ -831,6 +838,33 @@ mod tests {
                 "pods starting, no cluster answer yet",
                 Fixture::new(3, "1.2.0").never_formed().cluster_down(),
                 Action::WaitFor(WaitReason::ClusterForming),
+            ),
+            (
+                "bootstrapping, the first member answers before the others: still forming",
+                Fixture::new(3, "1.2.0")
+                    .still_bootstrapping()
+                    .unhealthy(1)
+                    .unhealthy(2)
+                    .no_leader(),
+                Action::WaitFor(WaitReason::ClusterForming),
+            ),
+            (
+                "bootstrapping, no member answers yet",
+                Fixture::new(3, "1.2.0")
+                    .still_bootstrapping()
+                    .cluster_down(),
+                Action::WaitFor(WaitReason::ClusterForming),
+            ),
+            (
+                "formed once: the same view is quorum loss",
+                Fixture::new(3, "1.2.0")
+                    .unhealthy(1)
+                    .unhealthy(2)
+                    .no_leader(),
+                Action::MarkDegraded(DegradedReason::QuorumLost {
+                    healthy: 1,
+                    voters: 3,
+                }),
             ),
             (
                 "bootstrapped cluster stops answering",

@@ -1,0 +1,1329 @@
+//! The operator's decisions carried out on a real MetaStore cluster: `metastore` processes on
+//! loopback stand in for the member pods.
+//!
+//! Real here: the `metastore` binary, started with exactly the command line the operator
+//! renders (the StatefulSet container's args, its environment from the ConfigMap); the etcd API
+//! client [`GrpcClusterApi`] (MemberList, Status, Alarm, HashKV, MemberAdd / Promote / Remove,
+//! MoveLeader); and the controller's own reconcile functions in the controller's order:
+//! [`member_endpoints`] → [`observe_cluster`] → [`plan`] → [`render_params`] + [`Renderer`] →
+//! [`act_on_members`] → [`status::build`], the status fed back into the next reconcile as the
+//! API server would.
+//!
+//! Standing in for Kubernetes ([`Kube`]): the StatefulSet controller (one pod per ordinal below
+//! `replicas`, created from the last applied template; a pod beyond it deleted with its volume,
+//! as `whenScaled: Delete` does), the kubelet (Ready = `GET /health` answers 200), deleting a
+//! pod (SIGTERM, then the StatefulSet starts it again from the current template on the same
+//! data directory), and cluster DNS ([`Dns`]: `demo-i.demo-peer.db.svc:2379|2380` → the
+//! member's loopback ports, in the flags and in every URL the operator sends or reads).
+//!
+//! Every member runs the same binary: the version a member runs is its pod's image tag, which is
+//! also what the controller reads until the server reports its own version.
+//!
+//! The binary: `METASTORE_BIN`, else `metastore` in this test's target directory
+//! (`$CARGO_TARGET_DIR/release`; `cargo build --release --bin metastore`). Without it a test
+//! says so and passes, or fails when `CI` is set.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fs::File;
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, ensure, Context as _};
+use futures::future::BoxFuture;
+use k8s_openapi::api::core::v1::PodTemplateSpec;
+use k8s_openapi::jiff::Timestamp;
+use metastore_operator::controller::cluster_api::{ClusterApi, GrpcClusterApi};
+use metastore_operator::controller::{
+    act_on_members, member_endpoints, observe_cluster, render_params, status, volume_replaced,
+};
+use metastore_operator::crd::{
+    ConditionStatus, ConditionType, MemberRole, MetaStoreCluster, MetaStoreClusterSpec, Phase,
+    StorageSpec, WorkflowKind,
+};
+use metastore_operator::naming::{
+    image_for_version, ClusterNames, CLIENT_PORT, DATA_DIR, PEER_PORT,
+};
+use metastore_operator::plan::{
+    plan, Action, ClusterView, Decision, Observed, PodView, Refusal, StatefulSetView, WaitReason,
+};
+use metastore_operator::render::statefulset::CONTAINER;
+use metastore_operator::render::{OwnedObjects, Renderer};
+use metastore_proto::etcdserverpb::{
+    cluster_client::ClusterClient, kv_client::KvClient, maintenance_client::MaintenanceClient,
+    HashKvRequest, MemberListRequest, MoveLeaderRequest, PutRequest, RangeRequest, StatusRequest,
+};
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+const NAME: &str = "demo";
+const NAMESPACE: &str = "db";
+/// Ordinals a test may use.
+const MAX_MEMBERS: usize = 5;
+/// How long one workflow (bootstrap, a scale, an upgrade) may take.
+const CONVERGE: Duration = Duration::from_secs(60);
+
+// ---------------------------------------------------------------------------------------------
+// The binary.
+
+fn metastore_bin() -> Option<PathBuf> {
+    if let Some(path) = std::env::var_os("METASTORE_BIN") {
+        return Some(PathBuf::from(path));
+    }
+    let mut candidates = Vec::new();
+    // This test binary is <target>/release/deps/it-<hash>.
+    if let Ok(exe) = std::env::current_exe() {
+        if let Some(release) = exe.parent().and_then(Path::parent) {
+            candidates.push(release.join("metastore"));
+        }
+    }
+    if let Some(dir) = std::env::var_os("CARGO_TARGET_DIR") {
+        candidates.push(PathBuf::from(dir).join("release/metastore"));
+    }
+    if let Some(home) = std::env::var_os("HOME") {
+        candidates.push(PathBuf::from(home).join(".cache/metastore/target/release/metastore"));
+    }
+    candidates.into_iter().find(|p| p.is_file())
+}
+
+/// The binary, or `None` after saying why the test does nothing (a failure when `CI` is set).
+fn binary_or_skip() -> Option<PathBuf> {
+    let bin = metastore_bin();
+    if bin.is_none() {
+        let why = "no metastore binary: set METASTORE_BIN or run \
+                   `cargo build --release --bin metastore`";
+        assert!(std::env::var_os("CI").is_none(), "{why}");
+        eprintln!("SKIPPED: {why}");
+    }
+    bin
+}
+
+// ---------------------------------------------------------------------------------------------
+// Cluster DNS.
+
+/// The pods' stable DNS names resolved to loopback ports: member `i` listens on
+/// `127.0.0.1:ports[i].0` (client) and `127.0.0.1:ports[i].1` (peer).
+struct Dns {
+    names: ClusterNames,
+    ports: Vec<(u16, u16)>,
+}
+
+impl Dns {
+    fn new(names: ClusterNames) -> anyhow::Result<Self> {
+        // All listeners held at once, so no port is handed out twice.
+        let listeners = (0..2 * MAX_MEMBERS)
+            .map(|_| std::net::TcpListener::bind("127.0.0.1:0"))
+            .collect::<std::io::Result<Vec<_>>>()?;
+        let ports = listeners
+            .iter()
+            .map(|l| l.local_addr().map(|a| a.port()))
+            .collect::<std::io::Result<Vec<_>>>()?;
+        Ok(Dns {
+            names,
+            ports: ports.chunks(2).map(|p| (p[0], p[1])).collect(),
+        })
+    }
+
+    /// `text` with every `<pod host>:2379|2380` replaced by the member's loopback address.
+    fn resolve(&self, text: &str) -> String {
+        let mut out = text.to_string();
+        for (i, (client, peer)) in self.ports.iter().enumerate() {
+            let host = self.names.pod_host(i as i32);
+            out = out
+                .replace(
+                    &format!("{host}:{CLIENT_PORT}"),
+                    &format!("127.0.0.1:{client}"),
+                )
+                .replace(&format!("{host}:{PEER_PORT}"), &format!("127.0.0.1:{peer}"));
+        }
+        out
+    }
+
+    /// The DNS form of a loopback URL a member reports.
+    fn name_of(&self, url: &str) -> String {
+        let url_trimmed = url.trim_end_matches('/');
+        for (i, (client, peer)) in self.ports.iter().enumerate() {
+            if url_trimmed == format!("http://127.0.0.1:{peer}") {
+                return self.names.peer_url(i as i32);
+            }
+            if url_trimmed == format!("http://127.0.0.1:{client}") {
+                return self.names.client_url(i as i32);
+            }
+        }
+        url.to_string()
+    }
+
+    fn client_url(&self, ordinal: i32) -> String {
+        format!("http://127.0.0.1:{}", self.ports[ordinal as usize].0)
+    }
+}
+
+/// The real [`GrpcClusterApi`] behind cluster DNS: URLs the operator sends are resolved, peer
+/// URLs the members report are named back.
+struct ResolvingApi {
+    inner: GrpcClusterApi,
+    dns: Arc<Dns>,
+}
+
+impl ResolvingApi {
+    fn resolve_all(&self, endpoints: &[String]) -> Vec<String> {
+        endpoints.iter().map(|e| self.dns.resolve(e)).collect()
+    }
+}
+
+impl ClusterApi for ResolvingApi {
+    fn observe<'a>(&'a self, endpoints: &'a [String]) -> BoxFuture<'a, Option<ClusterView>> {
+        Box::pin(async move {
+            let endpoints = self.resolve_all(endpoints);
+            let mut view = self.inner.observe(&endpoints).await?;
+            for m in &mut view.members {
+                m.peer_urls = m.peer_urls.iter().map(|u| self.dns.name_of(u)).collect();
+            }
+            Some(view)
+        })
+    }
+
+    fn add_learner<'a>(
+        &'a self,
+        endpoints: &'a [String],
+        peer_url: &'a str,
+    ) -> BoxFuture<'a, metastore_operator::Result<()>> {
+        Box::pin(async move {
+            let endpoints = self.resolve_all(endpoints);
+            let peer_url = self.dns.resolve(peer_url);
+            self.inner.add_learner(&endpoints, &peer_url).await
+        })
+    }
+
+    fn promote<'a>(
+        &'a self,
+        endpoints: &'a [String],
+        id: u64,
+    ) -> BoxFuture<'a, metastore_operator::Result<()>> {
+        Box::pin(async move {
+            let endpoints = self.resolve_all(endpoints);
+            self.inner.promote(&endpoints, id).await
+        })
+    }
+
+    fn remove<'a>(
+        &'a self,
+        endpoints: &'a [String],
+        id: u64,
+    ) -> BoxFuture<'a, metastore_operator::Result<()>> {
+        Box::pin(async move {
+            let endpoints = self.resolve_all(endpoints);
+            self.inner.remove(&endpoints, id).await
+        })
+    }
+
+    fn move_leader<'a>(
+        &'a self,
+        leader: &'a str,
+        to: u64,
+    ) -> BoxFuture<'a, metastore_operator::Result<()>> {
+        Box::pin(async move {
+            let leader = self.dns.resolve(leader);
+            self.inner.move_leader(&leader, to).await
+        })
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Kubernetes, as far as the members are concerned.
+
+/// A member pod: a `metastore` process, killed when dropped.
+struct Pod {
+    image: String,
+    /// The pod template it was created from (JSON), to tell whether it is up to date.
+    template: String,
+    volume: u32,
+    child: Child,
+}
+
+impl Pod {
+    fn exited(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(Some(_)))
+    }
+
+    /// What deleting the pod does: SIGTERM, SIGKILL after the grace period.
+    fn stop(&mut self) {
+        if !self.exited() {
+            let _ = Command::new("kill")
+                .args(["-TERM", &self.child.id().to_string()])
+                .status();
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while !self.exited() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Pod {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The StatefulSet controller and the kubelet for one cluster.
+struct Kube {
+    /// Declared first: every process is killed before the directory goes.
+    pods: BTreeMap<i32, Pod>,
+    bin: PathBuf,
+    dns: Arc<Dns>,
+    names: ClusterNames,
+    template: Option<PodTemplateSpec>,
+    replicas: Option<i32>,
+    config: BTreeMap<String, String>,
+    /// The volume (claim) of each ordinal; a new number is a new, empty claim.
+    volumes: BTreeMap<i32, u32>,
+    next_volume: u32,
+    /// Ordinals whose pod cannot be scheduled (a node down): not recreated.
+    unschedulable: BTreeSet<i32>,
+    dir: tempfile::TempDir,
+}
+
+impl Kube {
+    fn new(bin: PathBuf, dns: Arc<Dns>) -> anyhow::Result<Self> {
+        Ok(Kube {
+            pods: BTreeMap::new(),
+            bin,
+            names: dns.names.clone(),
+            dns,
+            template: None,
+            replicas: None,
+            config: BTreeMap::new(),
+            volumes: BTreeMap::new(),
+            next_volume: 0,
+            unschedulable: BTreeSet::new(),
+            dir: tempfile::tempdir()?,
+        })
+    }
+
+    /// Server-side apply of the ConfigMap and the StatefulSet; the StatefulSet controller then
+    /// creates and deletes pods.
+    fn apply(&mut self, objects: &OwnedObjects) -> anyhow::Result<()> {
+        self.config = objects.config_map.data.clone().unwrap_or_default();
+        let spec = objects
+            .statefulset
+            .spec
+            .as_ref()
+            .context("StatefulSet without spec")?;
+        self.template = Some(spec.template.clone());
+        self.replicas = spec.replicas;
+        self.sync()
+    }
+
+    fn template_json(&self) -> String {
+        serde_json::to_string(&self.template).unwrap_or_default()
+    }
+
+    fn template_image(&self) -> String {
+        self.template
+            .as_ref()
+            .and_then(|t| t.spec.as_ref())
+            .and_then(|s| s.containers.iter().find(|c| c.name == CONTAINER))
+            .and_then(|c| c.image.clone())
+            .unwrap_or_default()
+    }
+
+    /// The StatefulSet controller: a pod for every ordinal below `replicas`, none above (their
+    /// claims deleted, `whenScaled: Delete`).
+    fn sync(&mut self) -> anyhow::Result<()> {
+        let replicas = self.replicas.unwrap_or(0);
+        let beyond: Vec<i32> = self
+            .pods
+            .keys()
+            .copied()
+            .filter(|o| *o >= replicas)
+            .collect();
+        for ordinal in beyond {
+            if let Some(mut pod) = self.pods.remove(&ordinal) {
+                pod.stop();
+            }
+        }
+        let unclaimed: Vec<i32> = self
+            .volumes
+            .keys()
+            .copied()
+            .filter(|o| *o >= replicas)
+            .collect();
+        for ordinal in unclaimed {
+            if let Some(volume) = self.volumes.remove(&ordinal) {
+                std::fs::remove_dir_all(self.volume_dir(volume)).ok();
+            }
+        }
+        for ordinal in 0..replicas {
+            if !self.pods.contains_key(&ordinal) && !self.unschedulable.contains(&ordinal) {
+                self.start(ordinal)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn volume_dir(&self, volume: u32) -> PathBuf {
+        self.dir.path().join(format!("volume-{volume}"))
+    }
+
+    /// Starts the pod of `ordinal` from the current template: its args with the environment
+    /// expanded as the kubelet does, the pod DNS names resolved, the data directory on its
+    /// volume.
+    fn start(&mut self, ordinal: i32) -> anyhow::Result<()> {
+        let template = self.template.as_ref().context("no StatefulSet applied")?;
+        let container = template
+            .spec
+            .as_ref()
+            .and_then(|s| s.containers.iter().find(|c| c.name == CONTAINER))
+            .context("no metastore container")?;
+        let pod_name = self.names.pod_name(ordinal);
+        let mut env = BTreeMap::new();
+        for var in container.env.iter().flatten() {
+            let value = match (&var.value, &var.value_from) {
+                (Some(value), _) => value.clone(),
+                (None, Some(source)) => {
+                    if let Some(field) = &source.field_ref {
+                        match field.field_path.as_str() {
+                            "metadata.name" => pod_name.clone(),
+                            "metadata.namespace" => NAMESPACE.to_string(),
+                            other => bail!("field {other} not served by this stand-in"),
+                        }
+                    } else if let Some(key) = &source.config_map_key_ref {
+                        self.config
+                            .get(&key.key)
+                            .cloned()
+                            .with_context(|| format!("ConfigMap lacks {}", key.key))?
+                    } else {
+                        continue;
+                    }
+                }
+                (None, None) => continue,
+            };
+            env.insert(var.name.clone(), value);
+        }
+        let volume = match self.volumes.get(&ordinal) {
+            Some(v) => *v,
+            None => {
+                self.next_volume += 1;
+                self.volumes.insert(ordinal, self.next_volume);
+                self.next_volume
+            }
+        };
+        let data_dir = self.volume_dir(volume);
+        let (client, peer) = self.dns.ports[ordinal as usize];
+        let args: Vec<String> = container
+            .args
+            .iter()
+            .flatten()
+            .map(|arg| {
+                let mut arg = arg.clone();
+                for (k, v) in &env {
+                    arg = arg.replace(&format!("$({k})"), v);
+                }
+                let arg = arg
+                    .replace(
+                        &format!("--data-dir={DATA_DIR}"),
+                        &format!("--data-dir={}", data_dir.display()),
+                    )
+                    .replace(
+                        &format!("0.0.0.0:{CLIENT_PORT}"),
+                        &format!("127.0.0.1:{client}"),
+                    )
+                    .replace(
+                        &format!("0.0.0.0:{PEER_PORT}"),
+                        &format!("127.0.0.1:{peer}"),
+                    );
+                self.dns.resolve(&arg)
+            })
+            .collect();
+        let log_path = self.dir.path().join(format!("{pod_name}.log"));
+        let mut log = File::options().create(true).append(true).open(&log_path)?;
+        writeln!(log, "===== start: {}", args.join(" "))?;
+        let child = Command::new(&self.bin)
+            .args(&args)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .with_context(|| format!("starting {}", self.bin.display()))?;
+        let pod = Pod {
+            image: container.image.clone().unwrap_or_default(),
+            template: self.template_json(),
+            volume,
+            child,
+        };
+        self.pods.insert(ordinal, pod);
+        Ok(())
+    }
+
+    /// Deletes a pod; the StatefulSet recreates it from the current template on the same claim.
+    fn delete_pod(&mut self, name: &str) -> anyhow::Result<()> {
+        let ordinal = self.names.ordinal_of(name).context("not a member pod")?;
+        if let Some(mut pod) = self.pods.remove(&ordinal) {
+            pod.stop();
+        }
+        self.sync()
+    }
+
+    /// The pod's node goes away: the pod is gone and cannot be scheduled again for now.
+    fn lose_node(&mut self, ordinal: i32) {
+        self.unschedulable.insert(ordinal);
+        if let Some(mut pod) = self.pods.remove(&ordinal) {
+            pod.stop();
+        }
+    }
+
+    /// The node is back: the StatefulSet recreates the pod on its claim.
+    fn node_back(&mut self, ordinal: i32) -> anyhow::Result<()> {
+        self.unschedulable.remove(&ordinal);
+        self.sync()
+    }
+
+    fn statefulset_view(&self) -> Option<StatefulSetView> {
+        Some(StatefulSetView {
+            replicas: self.replicas?,
+            image: self.template_image(),
+        })
+    }
+
+    fn image_of(&self, pod_name: &str) -> Option<String> {
+        let ordinal = self.names.ordinal_of(pod_name)?;
+        self.pods.get(&ordinal).map(|p| p.image.clone())
+    }
+
+    /// What holds each pod's data: its claim.
+    fn holders(&self) -> BTreeMap<String, String> {
+        self.pods
+            .iter()
+            .map(|(o, p)| (self.names.pod_name(*o), format!("volume-{}", p.volume)))
+            .collect()
+    }
+
+    /// The pods as the controller sees them (Ready from the kubelet's `/health` probe).
+    async fn pod_views(
+        &mut self,
+        cluster: &MetaStoreCluster,
+        view: Option<&ClusterView>,
+        holders: &BTreeMap<String, String>,
+    ) -> Vec<PodView> {
+        let current = self.template_json();
+        let mut pods = Vec::new();
+        for (ordinal, pod) in &mut self.pods {
+            let name = self.names.pod_name(*ordinal);
+            let exited = pod.exited();
+            let ready = !exited && health(&self.dns.client_url(*ordinal)).await;
+            pods.push(PodView {
+                ready,
+                image: pod.image.clone(),
+                up_to_date: pod.template == current,
+                terminating: false,
+                crash_looping: exited,
+                empty_volume: volume_replaced(
+                    cluster.status.as_ref(),
+                    view,
+                    &self.names,
+                    &name,
+                    holders.get(&name).map(String::as_str),
+                ),
+                name,
+            });
+        }
+        pods
+    }
+
+    /// The last lines of every member's log, for failure messages.
+    fn logs(&self) -> String {
+        let mut out = String::new();
+        for i in 0..MAX_MEMBERS as i32 {
+            let name = self.names.pod_name(i);
+            let Ok(text) = std::fs::read_to_string(self.dir.path().join(format!("{name}.log")))
+            else {
+                continue;
+            };
+            let lines: Vec<&str> = text.lines().collect();
+            let tail = lines[lines.len().saturating_sub(15)..].join("\n");
+            out.push_str(&format!("\n--- {name} ---\n{tail}"));
+        }
+        out
+    }
+}
+
+/// The kubelet's readiness probe: `GET /health` on the client port answers 200.
+async fn health(url: &str) -> bool {
+    let Some(addr) = url.strip_prefix("http://") else {
+        return false;
+    };
+    let probe = async {
+        let mut stream = tokio::net::TcpStream::connect(addr).await.ok()?;
+        let request = format!("GET /health HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+        stream.write_all(request.as_bytes()).await.ok()?;
+        let mut head = [0u8; 16];
+        stream.read_exact(&mut head).await.ok()?;
+        Some(head.starts_with(b"HTTP/1.1 200") || head.starts_with(b"HTTP/1.0 200"))
+    };
+    tokio::time::timeout(Duration::from_secs(1), probe)
+        .await
+        .ok()
+        .flatten()
+        .unwrap_or(false)
+}
+
+// ---------------------------------------------------------------------------------------------
+// The operator.
+
+/// One action the operator took, with the leader it saw when it decided.
+#[derive(Clone, Debug)]
+struct Taken {
+    action: Action,
+    leader: Option<String>,
+}
+
+/// The controller's reconcile, minus the Kubernetes API calls that [`Kube`] stands in for.
+struct Operator {
+    cluster: MetaStoreCluster,
+    api: ResolvingApi,
+    names: ClusterNames,
+}
+
+impl Operator {
+    fn new(cluster: MetaStoreCluster, dns: Arc<Dns>) -> Self {
+        Operator {
+            names: dns.names.clone(),
+            cluster,
+            api: ResolvingApi {
+                inner: GrpcClusterApi::default(),
+                dns,
+            },
+        }
+    }
+
+    /// A new operator process: it knows only what the API server holds (the object with its
+    /// status, through JSON).
+    fn restarted(self) -> anyhow::Result<Self> {
+        let json = serde_json::to_value(&self.cluster)?;
+        Ok(Operator {
+            cluster: serde_json::from_value(json)?,
+            ..self
+        })
+    }
+
+    /// Edits the spec as `kubectl apply` would (a new generation).
+    fn edit(&mut self, change: impl FnOnce(&mut MetaStoreClusterSpec)) {
+        change(&mut self.cluster.spec);
+        self.cluster.metadata.generation = Some(self.cluster.metadata.generation.unwrap_or(1) + 1);
+    }
+
+    /// Observe, plan, apply, act, write status; the membership call's error, if any, is
+    /// returned beside the decision (the controller would requeue).
+    async fn reconcile(&mut self, kube: &mut Kube) -> anyhow::Result<(Decision, Option<String>)> {
+        let sts_replicas = kube.replicas;
+        let endpoints = member_endpoints(&self.cluster, &self.names, sts_replicas);
+        let view =
+            observe_cluster(&self.api, &self.names, &endpoints, |pod| kube.image_of(pod)).await;
+        let holders = kube.holders();
+        let pods = kube.pod_views(&self.cluster, view.as_ref(), &holders).await;
+        let observed = Observed {
+            now: Timestamp::now(),
+            cluster: view,
+            statefulset: kube.statefulset_view(),
+            pods,
+            migration_job: None,
+        };
+        let decision = plan(&self.cluster, &observed);
+
+        let objects = Renderer::new(&self.cluster)?.render(&render_params(
+            &self.cluster,
+            &decision,
+            sts_replicas,
+        ));
+        kube.apply(&objects)?;
+
+        let mut error = None;
+        match act_on_members(
+            &self.api,
+            &self.names,
+            observed.cluster.as_ref(),
+            &decision.action,
+            &endpoints,
+        )
+        .await
+        {
+            Ok(true) => {}
+            Ok(false) => {
+                if let Action::DeletePodForUpgrade { member } | Action::RestartPod { member } =
+                    &decision.action
+                {
+                    kube.delete_pod(member)?;
+                }
+            }
+            Err(e) => error = Some(e.to_string()),
+        }
+        let new_status = status::build(&self.cluster, &self.names, &observed, &decision, &holders);
+        self.cluster.status = Some(new_status);
+        Ok((decision, error))
+    }
+
+    /// Reconciles until the plan says Done; returns the actions taken (waits left out).
+    /// Fails on Degraded, on a refusal, and after [`CONVERGE`].
+    async fn converge(&mut self, kube: &mut Kube, what: &str) -> anyhow::Result<Vec<Taken>> {
+        self.until(kube, what, |d| d.action == Action::Done).await
+    }
+
+    /// Reconciles until `stop` holds for a decision (that decision's action included).
+    async fn until(
+        &mut self,
+        kube: &mut Kube,
+        what: &str,
+        stop: impl Fn(&Decision) -> bool,
+    ) -> anyhow::Result<Vec<Taken>> {
+        let start = Instant::now();
+        let mut taken = Vec::new();
+        let mut last_error = None;
+        loop {
+            let (decision, error) = self.reconcile(kube).await?;
+            match &decision.action {
+                Action::MarkDegraded(reason) => {
+                    bail!("{what}: Degraded: {reason}{}", kube.logs())
+                }
+                Action::RefuseWithCondition(refusal) => {
+                    bail!("{what}: refused: {refusal}{}", kube.logs())
+                }
+                Action::WaitFor(_) | Action::Done => {}
+                action if error.is_none() => taken.push(Taken {
+                    action: action.clone(),
+                    // The leader the decision was made on (what status now shows).
+                    leader: self.cluster.status.as_ref().and_then(|s| s.leader.clone()),
+                }),
+                _ => {}
+            }
+            if stop(&decision) && error.is_none() {
+                // Shown with a failure (and with --no-capture).
+                eprintln!("{what}: {:.1?}", start.elapsed());
+                for t in &taken {
+                    eprintln!("  {} (leader {:?})", t.action, t.leader);
+                }
+                return Ok(taken);
+            }
+            if error.is_some() {
+                last_error = error;
+            }
+            ensure!(
+                start.elapsed() < CONVERGE,
+                "{what}: not done after {CONVERGE:?}; last action: {}; last error: {last_error:?}{}",
+                decision.action,
+                kube.logs()
+            );
+            let pause = if matches!(decision.action, Action::WaitFor(_)) {
+                200
+            } else {
+                50
+            };
+            tokio::time::sleep(Duration::from_millis(pause)).await;
+        }
+    }
+}
+
+fn spec(replicas: i32, version: &str) -> MetaStoreClusterSpec {
+    MetaStoreClusterSpec {
+        replicas,
+        version: Some(version.into()),
+        image: None,
+        storage: StorageSpec::default(),
+        resources: None,
+        tls: None,
+        pod: None,
+        // Faster elections on loopback; no fsync in a test.
+        config: BTreeMap::from([
+            ("heartbeat-interval".to_string(), "50".to_string()),
+            ("election-timeout".to_string(), "500".to_string()),
+            ("unsafe-no-fsync".to_string(), "true".to_string()),
+        ]),
+        pod_disruption_budget: None,
+        step_timeout_seconds: None,
+    }
+}
+
+/// A cluster of `replicas` members on `version`, bootstrapped by the operator.
+async fn bootstrap(bin: PathBuf, replicas: i32) -> anyhow::Result<(Kube, Operator)> {
+    let mut cluster = MetaStoreCluster::new(NAME, spec(replicas, "1.2.0"));
+    cluster.metadata.namespace = Some(NAMESPACE.into());
+    cluster.metadata.uid = Some("6a2c1f1e-0000-4000-8000-000000000001".into());
+    cluster.metadata.generation = Some(1);
+    let names = ClusterNames::new(NAME, NAMESPACE, false, false);
+    let dns = Arc::new(Dns::new(names)?);
+    let mut kube = Kube::new(bin, dns.clone())?;
+    let mut op = Operator::new(cluster, dns);
+    let taken = op.converge(&mut kube, "bootstrap").await?;
+    assert_eq!(actions(&taken), [Action::Bootstrap { replicas }]);
+    let status = op.cluster.status.as_ref().context("status")?;
+    assert_eq!(status.phase, Some(Phase::Running));
+    assert_eq!(status.ready_replicas, replicas);
+    assert_eq!(status.current_version.as_deref(), Some("1.2.0"));
+    Ok((kube, op))
+}
+
+fn actions(taken: &[Taken]) -> Vec<Action> {
+    taken.iter().map(|t| t.action.clone()).collect()
+}
+
+// ---------------------------------------------------------------------------------------------
+// Talking to the members directly, to check outcomes.
+
+async fn put(url: &str, key: &str, value: &str) -> anyhow::Result<i64> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let attempt = async {
+            let mut kv = KvClient::connect(url.to_string()).await?;
+            let request = PutRequest {
+                key: key.as_bytes().to_vec().into(),
+                value: value.as_bytes().to_vec().into(),
+                ..Default::default()
+            };
+            let response = kv.put(request).await?.into_inner();
+            anyhow::Ok(response.header.map_or(0, |h| h.revision))
+        };
+        match attempt.await {
+            Ok(revision) => return Ok(revision),
+            Err(e) if Instant::now() > deadline => return Err(e.context(format!("put {key}"))),
+            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    }
+}
+
+/// A serializable read: the member's own copy.
+async fn local_get(url: &str, key: &str) -> anyhow::Result<Option<String>> {
+    let mut kv = KvClient::connect(url.to_string()).await?;
+    let request = RangeRequest {
+        key: key.as_bytes().to_vec().into(),
+        serializable: true,
+        ..Default::default()
+    };
+    let response = kv.range(request).await?.into_inner();
+    Ok(response
+        .kvs
+        .first()
+        .map(|kv| String::from_utf8_lossy(&kv.value).into_owned()))
+}
+
+/// Members as (name, id, learner), sorted by name.
+async fn members(url: &str) -> anyhow::Result<Vec<(String, u64, bool)>> {
+    let mut cluster = ClusterClient::connect(url.to_string()).await?;
+    let list = cluster
+        .member_list(MemberListRequest { linearizable: true })
+        .await?
+        .into_inner();
+    let mut out: Vec<_> = list
+        .members
+        .into_iter()
+        .map(|m| (m.name, m.id, m.is_learner))
+        .collect();
+    out.sort();
+    Ok(out)
+}
+
+async fn leader_id(url: &str) -> anyhow::Result<u64> {
+    let mut maintenance = MaintenanceClient::connect(url.to_string()).await?;
+    Ok(maintenance
+        .status(StatusRequest {})
+        .await?
+        .into_inner()
+        .leader)
+}
+
+/// Waits until every member in `ordinals` holds `key` = `value` and they agree on HashKV at
+/// `revision`.
+async fn converged(
+    dns: &Dns,
+    ordinals: &[i32],
+    key: &str,
+    value: &str,
+    revision: i64,
+) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let mut ok = true;
+        let mut hashes = Vec::new();
+        for &o in ordinals {
+            let url = dns.client_url(o);
+            ok &= local_get(&url, key).await.ok().flatten().as_deref() == Some(value);
+            let mut maintenance = MaintenanceClient::connect(url).await?;
+            let hash = maintenance
+                .hash_kv(HashKvRequest { revision })
+                .await
+                .map(|r| r.into_inner().hash)
+                .ok();
+            hashes.push(hash);
+        }
+        let agree = hashes[0].is_some() && hashes.iter().all(|h| *h == hashes[0]);
+        if ok && agree {
+            return Ok(());
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "members {ordinals:?}: {key} present everywhere: {ok}, HashKV at {revision}: {hashes:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn pod_names(ordinals: impl IntoIterator<Item = i32>) -> Vec<String> {
+    ordinals
+        .into_iter()
+        .map(|i| format!("{NAME}-{i}"))
+        .collect()
+}
+
+/// Whether the action is a MoveLeader immediately followed, in `taken`, by the removal or the
+/// replacement of the member that led when it was decided.
+fn leadership_moved_off(taken: &[Taken], i: usize) -> bool {
+    let Some(from) = taken[i].leader.as_deref() else {
+        return false;
+    };
+    matches!(
+        taken.get(i + 1).map(|t| &t.action),
+        Some(Action::RemoveMember { member, .. } | Action::DeletePodForUpgrade { member })
+            if member == from
+    )
+}
+
+// ---------------------------------------------------------------------------------------------
+// The tests.
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scale_up_adds_learners_then_scale_down_removes_members() -> anyhow::Result<()> {
+    let Some(bin) = binary_or_skip() else {
+        return Ok(());
+    };
+    let (mut kube, mut op) = bootstrap(bin, 3).await?;
+    let dns = op.api.dns.clone();
+    for i in 0..20 {
+        put(&dns.client_url(0), &format!("before-{i}"), "x").await?;
+    }
+    let revision = put(&dns.client_url(0), "marker", "3").await?;
+    let original = members(&dns.client_url(0)).await?;
+
+    // 3 -> 5: each new member joins as a learner, its pod starts, it is promoted once caught up.
+    op.edit(|s| s.replicas = 5);
+    let taken = op.converge(&mut kube, "scale 3 -> 5").await?;
+    let add = |i: i32| Action::AddLearner {
+        member: format!("{NAME}-{i}"),
+        peer_url: op.names.peer_url(i),
+    };
+    let promoted: Vec<&str> = taken
+        .iter()
+        .filter_map(|t| match &t.action {
+            Action::PromoteLearner { member, .. } => Some(member.as_str()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        actions(&taken)
+            .into_iter()
+            .filter(|a| !matches!(a, Action::PromoteLearner { .. }))
+            .collect::<Vec<_>>(),
+        [
+            add(3),
+            Action::ScaleStatefulSet { replicas: 4 },
+            add(4),
+            Action::ScaleStatefulSet { replicas: 5 },
+        ],
+        "{taken:#?}"
+    );
+    // Promotion comes after the learner's pod started and before the next member is added.
+    assert!(
+        matches!(&taken[2].action, Action::PromoteLearner { member, .. } if member == "demo-3"),
+        "{taken:#?}"
+    );
+    assert_eq!(promoted, ["demo-3", "demo-4"]);
+    let list = members(&dns.client_url(0)).await?;
+    assert_eq!(
+        list.iter().map(|m| m.0.clone()).collect::<Vec<_>>(),
+        pod_names(0..5)
+    );
+    assert!(list.iter().all(|m| !m.2), "no learner left: {list:?}");
+    // The three original members kept their IDs.
+    assert!(
+        original.iter().all(|o| list.contains(o)),
+        "{original:?} {list:?}"
+    );
+    converged(&dns, &[0, 1, 2, 3, 4], "marker", "3", revision).await?;
+    assert_eq!(
+        local_get(&dns.client_url(4), "before-7").await?.as_deref(),
+        Some("x")
+    );
+    let status = op.cluster.status.as_ref().context("status")?;
+    assert_eq!(status.ready_replicas, 5);
+    assert_eq!(status.members.len(), 5);
+    assert_eq!(
+        status
+            .members
+            .iter()
+            .filter(|m| m.role == MemberRole::Leader)
+            .count(),
+        1
+    );
+    assert_eq!(status.workflow, None);
+
+    // 5 -> 3: highest ordinals removed through the API, then the StatefulSet shrinks.
+    let revision = put(&dns.client_url(1), "marker", "5").await?;
+    op.edit(|s| s.replicas = 3);
+    let taken = op.converge(&mut kube, "scale 5 -> 3").await?;
+    for (i, t) in taken.iter().enumerate() {
+        if matches!(t.action, Action::MoveLeader { .. }) {
+            assert!(leadership_moved_off(&taken, i), "{taken:#?}");
+        }
+    }
+    let without_moves: Vec<Action> = actions(&taken)
+        .into_iter()
+        .filter(|a| !matches!(a, Action::MoveLeader { .. }))
+        .collect();
+    let removed: Vec<&str> = without_moves
+        .iter()
+        .filter_map(|a| match a {
+            Action::RemoveMember { member, .. } => Some(member.as_str()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(removed, ["demo-4", "demo-3"], "{taken:#?}");
+    assert_eq!(
+        without_moves.last(),
+        Some(&Action::ScaleStatefulSet { replicas: 3 })
+    );
+    // No removed member led when it was removed.
+    for t in &taken {
+        if let Action::RemoveMember { member, .. } = &t.action {
+            assert_ne!(t.leader.as_deref(), Some(member.as_str()), "{taken:#?}");
+        }
+    }
+    assert_eq!(members(&dns.client_url(0)).await?, original);
+    assert_eq!(kube.pods.keys().copied().collect::<Vec<_>>(), [0, 1, 2]);
+    assert_eq!(kube.volumes.keys().copied().collect::<Vec<_>>(), [0, 1, 2]);
+    let after = put(&dns.client_url(2), "after-scale-down", "y").await?;
+    assert!(after > revision);
+    converged(&dns, &[0, 1, 2], "after-scale-down", "y", after).await?;
+    assert_eq!(
+        local_get(&dns.client_url(2), "marker").await?.as_deref(),
+        Some("5")
+    );
+    assert_eq!(
+        op.cluster.status.as_ref().map(|s| s.ready_replicas),
+        Some(3)
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_gone_is_waited_for_and_a_removal_without_quorum_is_refused() -> anyhow::Result<()>
+{
+    let Some(bin) = binary_or_skip() else {
+        return Ok(());
+    };
+    let (mut kube, mut op) = bootstrap(bin, 3).await?;
+    let dns = op.api.dns.clone();
+    let original = members(&dns.client_url(0)).await?;
+
+    // demo-1's node goes away: the pod is gone, but that is not a scale-in.
+    kube.lose_node(1);
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let (decision, _) = op.reconcile(&mut kube).await?;
+        if decision.action
+            == Action::WaitFor(WaitReason::MemberUnhealthy {
+                member: "demo-1".into(),
+            })
+        {
+            break;
+        }
+        ensure!(Instant::now() < deadline, "last: {}", decision.action);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let status = op.cluster.status.clone().context("status")?;
+    assert_eq!(status.ready_replicas, 2);
+    let demo_1 = status
+        .members
+        .iter()
+        .find(|m| m.name == "demo-1")
+        .context("demo-1 still listed")?;
+    assert!(!demo_1.healthy);
+    assert_eq!(members(&dns.client_url(0)).await?, original);
+
+    // Shrinking to one member now would leave 1 healthy voter of 2: refused, nothing removed.
+    op.edit(|s| s.replicas = 1);
+    let (decision, _) = op.reconcile(&mut kube).await?;
+    assert_eq!(
+        decision.action,
+        Action::RefuseWithCondition(Refusal::WouldLoseQuorum {
+            member: "demo-2".into()
+        })
+    );
+    let status = op.cluster.status.clone().context("status")?;
+    assert_eq!(status.phase, Some(Phase::Degraded));
+    let degraded = status
+        .conditions
+        .iter()
+        .find(|c| c.type_ == ConditionType::Degraded)
+        .context("Degraded condition")?;
+    assert_eq!(degraded.status, ConditionStatus::True);
+    assert_eq!(degraded.reason, "WouldLoseQuorum");
+    assert_eq!(members(&dns.client_url(0)).await?, original);
+    assert_eq!(kube.replicas, Some(3), "the StatefulSet keeps its size");
+
+    // Spec reverted, node back: the member returns with its data and the cluster is whole.
+    op.edit(|s| s.replicas = 3);
+    kube.node_back(1)?;
+    let taken = op.converge(&mut kube, "member back").await?;
+    assert!(taken.is_empty(), "nothing to do but wait: {taken:#?}");
+    assert_eq!(members(&dns.client_url(1)).await?, original);
+    let revision = put(&dns.client_url(1), "back", "1").await?;
+    converged(&dns, &[0, 1, 2], "back", "1", revision).await?;
+    Ok(())
+}
+
+/// MoveLeader straight through the API (to set a test up), waiting until it took.
+async fn make_leader(dns: &Dns, ordinal: i32) -> anyhow::Result<()> {
+    let target = members(&dns.client_url(ordinal))
+        .await?
+        .into_iter()
+        .find(|m| m.0 == format!("{NAME}-{ordinal}"))
+        .context("member")?
+        .1;
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let leader = leader_id(&dns.client_url(ordinal)).await?;
+        if leader == target {
+            return Ok(());
+        }
+        for o in 0..MAX_MEMBERS as i32 {
+            let Ok(id) = members(&dns.client_url(o)).await else {
+                continue;
+            };
+            if id
+                .iter()
+                .any(|m| m.1 == leader && m.0 == format!("{NAME}-{o}"))
+            {
+                let mut maintenance = MaintenanceClient::connect(dns.client_url(o)).await?;
+                maintenance
+                    .move_leader(MoveLeaderRequest { target_id: target })
+                    .await?;
+                break;
+            }
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "{NAME}-{ordinal} never became leader"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scale_down_moves_leadership_off_a_member_before_removing_it() -> anyhow::Result<()> {
+    let Some(bin) = binary_or_skip() else {
+        return Ok(());
+    };
+    let (mut kube, mut op) = bootstrap(bin, 3).await?;
+    let dns = op.api.dns.clone();
+    let revision = put(&dns.client_url(0), "kept", "yes").await?;
+    make_leader(&dns, 2).await?;
+
+    op.edit(|s| s.replicas = 1);
+    let taken = op.converge(&mut kube, "scale 3 -> 1").await?;
+    assert!(
+        matches!(&taken[0].action, Action::MoveLeader { .. }) && leadership_moved_off(&taken, 0),
+        "the leader demo-2 hands leadership over first: {taken:#?}"
+    );
+    for (i, t) in taken.iter().enumerate() {
+        match &t.action {
+            Action::MoveLeader { .. } => assert!(leadership_moved_off(&taken, i), "{taken:#?}"),
+            Action::RemoveMember { member, .. } => {
+                assert_ne!(t.leader.as_deref(), Some(member.as_str()), "{taken:#?}");
+            }
+            _ => {}
+        }
+    }
+    let removed: Vec<&str> = taken
+        .iter()
+        .filter_map(|t| match &t.action {
+            Action::RemoveMember { member, .. } => Some(member.as_str()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(removed, ["demo-2", "demo-1"]);
+    assert_eq!(
+        taken.last().map(|t| &t.action),
+        Some(&Action::ScaleStatefulSet { replicas: 1 })
+    );
+    let list = members(&dns.client_url(0)).await?;
+    assert_eq!(list.len(), 1);
+    assert_eq!(list[0].0, "demo-0");
+    converged(&dns, &[0], "kept", "yes", revision).await?;
+    put(&dns.client_url(0), "alone", "ok").await?;
+    assert_eq!(
+        op.cluster.status.as_ref().and_then(|s| s.leader.as_deref()),
+        Some("demo-0")
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rolling_upgrade_replaces_followers_first_and_the_leader_last_then_rolls_back(
+) -> anyhow::Result<()> {
+    let Some(bin) = binary_or_skip() else {
+        return Ok(());
+    };
+    let (mut kube, mut op) = bootstrap(bin, 3).await?;
+    let dns = op.api.dns.clone();
+    for i in 0..50 {
+        put(
+            &dns.client_url(i % 3),
+            &format!("k{i:02}"),
+            &format!("v{i}"),
+        )
+        .await?;
+    }
+    let original = members(&dns.client_url(0)).await?;
+
+    op.edit(|s| s.version = Some("1.3.0".into()));
+    // The first pod is replaced; then the operator restarts and must pick up where it was.
+    let mut taken = op
+        .until(&mut kube, "upgrade, first step", |d| {
+            matches!(d.action, Action::DeletePodForUpgrade { .. })
+        })
+        .await?;
+    let Some(Action::DeletePodForUpgrade { member: first_pod }) =
+        taken.last().map(|t| t.action.clone())
+    else {
+        bail!("the upgrade starts by replacing a pod: {taken:#?}");
+    };
+    // The operator restarts: it has only what the API server keeps (times to the second).
+    let mut op = op.restarted()?;
+    let recorded = op
+        .cluster
+        .status
+        .as_ref()
+        .and_then(|s| s.workflow.clone())
+        .context("the upgrade is recorded in status")?;
+    assert_eq!(recorded.kind, WorkflowKind::Upgrade);
+    assert_eq!(recorded.target, "1.3.0");
+    assert_eq!(recorded.from.as_deref(), Some("1.2.0"));
+    assert_eq!(recorded.member.as_deref(), Some(first_pod.as_str()));
+
+    let (next, _) = op.reconcile(&mut kube).await?;
+    let resumed = op
+        .cluster
+        .status
+        .as_ref()
+        .and_then(|s| s.workflow.clone())
+        .context("still upgrading after the restart")?;
+    assert_eq!(
+        (resumed.kind, &resumed.target, &resumed.started_at),
+        (
+            WorkflowKind::Upgrade,
+            &recorded.target,
+            &recorded.started_at
+        ),
+        "the same workflow goes on"
+    );
+    if !matches!(next.action, Action::WaitFor(_)) {
+        taken.push(Taken {
+            action: next.action.clone(),
+            leader: op.cluster.status.as_ref().and_then(|s| s.leader.clone()),
+        });
+    }
+    taken.extend(op.converge(&mut kube, "upgrade to 1.3.0").await?);
+    assert_eq!(
+        op.cluster.status.as_ref().and_then(|s| s.workflow.clone()),
+        None
+    );
+
+    check_rolling_order(&taken, &first_pod, &original)?;
+    let image = image_for_version("1.3.0");
+    assert!(kube.pods.values().all(|p| p.image == image));
+    let status = op.cluster.status.as_ref().context("status")?;
+    assert_eq!(status.current_version.as_deref(), Some("1.3.0"));
+    assert_eq!(status.phase, Some(Phase::Running));
+    assert_eq!(
+        members(&dns.client_url(0)).await?,
+        original,
+        "same members, same IDs"
+    );
+    let revision = put(&dns.client_url(2), "after-upgrade", "1").await?;
+    converged(&dns, &[0, 1, 2], "after-upgrade", "1", revision).await?;
+    for o in 0..3 {
+        assert_eq!(
+            local_get(&dns.client_url(o), "k42").await?.as_deref(),
+            Some("v42")
+        );
+    }
+
+    // Reverting the spec (the format has not moved) rolls back the same way.
+    op.edit(|s| s.version = Some("1.2.0".into()));
+    let taken = op.converge(&mut kube, "rollback to 1.2.0").await?;
+    check_rolling_order(&taken, "", &original)?;
+    let image = image_for_version("1.2.0");
+    assert!(kube.pods.values().all(|p| p.image == image));
+    assert_eq!(
+        op.cluster
+            .status
+            .as_ref()
+            .and_then(|s| s.current_version.as_deref()),
+        Some("1.2.0")
+    );
+    let revision = put(&dns.client_url(0), "after-rollback", "1").await?;
+    converged(&dns, &[0, 1, 2], "after-rollback", "1", revision).await?;
+    assert_eq!(members(&dns.client_url(0)).await?, original);
+    Ok(())
+}
+
+/// One pod replaced at a time, each once; never the leader of the moment; exactly one
+/// MoveLeader, right before the last replacement, away from the member replaced last.
+fn check_rolling_order(
+    taken: &[Taken],
+    first: &str,
+    original: &[(String, u64, bool)],
+) -> anyhow::Result<()> {
+    let replaced: Vec<&str> = taken
+        .iter()
+        .filter_map(|t| match &t.action {
+            Action::DeletePodForUpgrade { member } => Some(member.as_str()),
+            _ => None,
+        })
+        .collect();
+    let mut sorted = replaced.clone();
+    sorted.sort_unstable();
+    let all: Vec<&str> = original.iter().map(|m| m.0.as_str()).collect();
+    ensure!(sorted == all, "each member replaced once: {taken:#?}");
+    if !first.is_empty() {
+        ensure!(replaced[0] == first, "{taken:#?}");
+    }
+    for t in taken {
+        if let Action::DeletePodForUpgrade { member } = &t.action {
+            ensure!(
+                t.leader.as_deref() != Some(member.as_str()),
+                "{member} replaced while it led: {taken:#?}"
+            );
+        }
+    }
+    let moves: Vec<usize> = taken
+        .iter()
+        .enumerate()
+        .filter(|(_, t)| matches!(t.action, Action::MoveLeader { .. }))
+        .map(|(i, _)| i)
+        .collect();
+    ensure!(moves.len() == 1, "one MoveLeader: {taken:#?}");
+    ensure!(
+        moves[0] + 2 == taken.len() && leadership_moved_off(taken, moves[0]),
+        "leader last, after MoveLeader: {taken:#?}"
+    );
+    // Followers went highest ordinal first.
+    let followers = &replaced[..replaced.len() - 1];
+    ensure!(
+        followers.windows(2).all(|w| w[0] > w[1]),
+        "followers highest ordinal first: {followers:?}"
+    );
+    Ok(())
+}
