@@ -329,6 +329,17 @@ async fn discover(config: &Config, id: &mut Identity) -> Result<(), ServerError>
                     .iter()
                     .find(|(_, n)| n.peer_urls.iter().any(|u| mine.contains(u)));
                 match found {
+                    // It ran before (it published its client URLs), and this data directory
+                    // is empty: joining again under its id with no log and no vote could
+                    // break Raft's one-vote-per-term rule. etcd refuses the same way; the
+                    // member must be removed and added again.
+                    Some((member_id, n)) if !n.client_urls.is_empty() => {
+                        return Err(ServerError::Other(format!(
+                            "member {member_id:x} has already been bootstrapped \
+                             (its data directory is empty: remove the member and add it \
+                             again, etcdctl member remove {member_id:x} && etcdctl member add)"
+                        )));
+                    }
                     Some((member_id, _)) => {
                         id.member_id = *member_id;
                         id.cluster_id = r.cluster_id;

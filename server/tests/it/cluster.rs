@@ -591,3 +591,53 @@ async fn move_leader_hands_leadership_over_under_write_load() -> anyhow::Result<
     assert_eq!(c.leader(), Some(leader));
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_member_that_lost_its_data_is_refused_until_removed_and_added_again() -> anyhow::Result<()>
+{
+    let mut c = Cluster::start(3, &[]).await?;
+    let mut cl = c.client(0).await?;
+    cl.put("before", "1", None).await?;
+    // Member 2 has published its client URLs: it has run.
+    let start = Instant::now();
+    while cl
+        .member_list()
+        .await?
+        .members()
+        .iter()
+        .any(|m| m.client_urls().is_empty())
+    {
+        anyhow::ensure!(start.elapsed() < Duration::from_secs(10), "never published");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let old_id = c.members[2]
+        .server
+        .as_ref()
+        .and_then(|s| s.node())
+        .expect("node")
+        .member
+        .id;
+    c.stop(2).await;
+    std::fs::remove_dir_all(&c.members[2].dir)?;
+    // An empty data directory under the old identity: refused, as etcd does.
+    let ic = c.initial_cluster();
+    let config = Config::load(c.members[2].args(&ic, "existing", &[]))?;
+    let err = match metastore::server::start(&config).await {
+        Ok(_) => anyhow::bail!("a member with an empty data directory rejoined under its old id"),
+        Err(e) => e.to_string(),
+    };
+    assert!(
+        err.contains(&format!("member {old_id:x} has already been bootstrapped")),
+        "{err}"
+    );
+    // Removed and added again, it joins as a new member and gets the data.
+    cl.member_remove(old_id).await?;
+    let peer_url = format!("http://127.0.0.1:{}", c.members[2].peer);
+    let added = cl.member_add([peer_url], None).await?;
+    let new_id = added.member().map(|m| m.id()).expect("added member");
+    assert_ne!(new_id, old_id);
+    c.members[2].server = Some(metastore::server::start(&config).await?);
+    let mut back = c.client(2).await?;
+    assert_eq!(get(&mut back, "before", false).await?.as_deref(), Some("1"));
+    Ok(())
+}
