@@ -6,7 +6,7 @@ export CARGO_TARGET_DIR ?= $(HOME)/.cache/metastore/target
 BIN := $(CARGO_TARGET_DIR)/release
 PYTHON ?= python3
 
-.PHONY: help run build test unit e2e verify fix generate chart-sync image bench bench-smoke deps build-deps test-deps
+.PHONY: help run build test unit e2e verify fix generate chart-sync image bench bench-smoke compare deps build-deps test-deps
 
 help: ## list the commands
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -42,7 +42,7 @@ chart-sync: ## copy crds/ into the Helm chart (e2e/test_chart.py fails when they
 	cp crds/metastoreclusters.metastore.io.yaml charts/metastore-operator/files/crds/
 
 image: ## build the metastore:dev image from the release binaries, without a registry (e2e/images.sh)
-	cargo build --release --bin metastore --bin metastore-operator
+	cargo build --release --bin metastore --bin metastore-ctl --bin metastore-operator
 	e2e/images.sh
 
 bench: ## criterion benchmarks of the hot paths
@@ -50,6 +50,10 @@ bench: ## criterion benchmarks of the hot paths
 
 bench-smoke: ## compile the benchmarks and run each once (seconds)
 	cargo bench --workspace --bench '*' -- --test
+
+compare: test-deps ## MetaStore against etcd, same workloads (bench/compare; COMPARE_ARGS="--quick", "--members 3", ...)
+	cargo build --release -p metastore-server -p metastore-bench --bins
+	$(PYTHON) bench/compare $(COMPARE_ARGS)
 
 # Install what is missing (on Debian, as root), or say exactly what to install.
 build-deps:

@@ -114,7 +114,8 @@ pub struct Report {
 #[derive(Debug, Clone, Serialize)]
 pub struct OpStats {
     pub count: u64,
-    /// Operations per second of wall time.
+    /// Operations per second of wall time (for `watch-latency`'s `event`: over the time from
+    /// the first put to the last event received).
     pub per_sec: f64,
     pub latency_ms: Latency,
     /// `BUCKETS` equal-width buckets from the fastest to the slowest operation.

@@ -7,6 +7,9 @@
 //! so every event's latency is its arrival time minus that stamp, with no table of puts.
 //! The report has `put` (the put's own latency) and `event` (`total × streams × watchers`
 //! events when nothing is lost; events still missing 10 s after the last put count as errors).
+//! The report's `elapsed_secs` is the put phase; the `event` rate is counted over the time
+//! from the first put to the last event received, so a server that falls behind in delivering
+//! events shows a lower event rate (over the put phase alone it would look as fast as the puts).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -114,6 +117,7 @@ pub async fn run(
         readers.spawn(async move {
             let mut rec = Recorder::new();
             let mut got = 0u64;
+            let mut last_event = None;
             while got < per_stream {
                 let resp = tokio::select! {
                     r = stream.next() => r,
@@ -121,6 +125,9 @@ pub async fn run(
                 };
                 match resp {
                     Ok(Some(resp)) => {
+                        if !resp.events.is_empty() {
+                            last_event = Some(Instant::now());
+                        }
                         for ev in resp.events {
                             got += 1;
                             let value = ev.kv.map(|kv| kv.value).unwrap_or_default();
@@ -138,7 +145,7 @@ pub async fn run(
                 }
             }
             rec.error_n("event not received", per_stream.saturating_sub(got));
-            rec
+            (rec, last_event)
         });
     }
 
@@ -147,13 +154,18 @@ pub async fn run(
         base,
         val_size: common.val_size,
     });
+    let puts_start = Instant::now();
     let (mut all, put_elapsed) = runner::drive(common, channels, puts, bar).await?;
     let deadline = tokio::time::Instant::now() + DRAIN;
     let mut stopped = false;
+    let mut last_event: Option<Instant> = None;
     loop {
         tokio::select! {
             done = readers.join_next() => match done {
-                Some(Ok(rec)) => all.merge(rec),
+                Some(Ok((rec, last))) => {
+                    all.merge(rec);
+                    last_event = last_event.max(last);
+                }
                 Some(Err(e)) => all.error(format!("watch reader failed: {e}")),
                 None => break,
             },
@@ -163,7 +175,14 @@ pub async fn run(
             }
         }
     }
-    Ok(all.report("watch-latency", put_elapsed))
+    let mut report = all.report("watch-latency", put_elapsed);
+    if let (Some(last), Some(events)) = (last_event, report.ops.get_mut("event")) {
+        let secs = last.saturating_duration_since(puts_start).as_secs_f64();
+        if secs > 0.0 {
+            events.per_sec = events.count as f64 / secs;
+        }
+    }
+    Ok(report)
 }
 
 #[cfg(test)]
