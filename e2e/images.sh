@@ -16,6 +16,9 @@
 #                  (default $CARGO_TARGET_DIR/release, else ~/.cache/metastore/target/release)
 #   DEBIAN_MIRROR  mirror for debootstrap            (default: the host's first Debian mirror,
 #                                                      else http://deb.debian.org/debian)
+#   LABELS         extra image labels, space-separated key=value pairs (default: none), e.g.
+#                  IMAGE=metastore:dev-next LABELS=io.metastore.build=next e2e/images.sh
+#                  (e2e/test_image_cluster.py's "newer build" for its rolling upgrade)
 #
 # BuildKit or not: with `docker buildx` the build is exactly
 #   docker build --target runtime-prebuilt --build-context bin=$BIN_DIR -t $IMAGE .
@@ -90,10 +93,15 @@ fi
 # ---- 2. the runtime image ------------------------------------------------------------------
 start="$(now)"
 cd "$ROOT"
+label_args=()
+for l in ${LABELS:-}; do
+  [[ "$l" == *=* ]] || die "LABELS: '$l' is not key=value"
+  label_args+=(--label "$l")
+done
 if docker buildx version >/dev/null 2>&1; then
   log "docker build (BuildKit) --target runtime-prebuilt --build-context bin=$BIN_DIR -t $IMAGE"
   docker build --target runtime-prebuilt --build-context "bin=$BIN_DIR" \
-    --build-arg "DEBIAN=$BASE_IMAGE" -t "$IMAGE" .
+    --build-arg "DEBIAN=$BASE_IMAGE" ${label_args[@]+"${label_args[@]}"} -t "$IMAGE" .
 else
   log "docker build (legacy builder: no buildx) --target runtime-prebuilt -t $IMAGE, bin = a local image"
   # A bin:latest left by an interrupted run of this script is replaced; any other is not ours.
@@ -107,7 +115,7 @@ else
         --message "metastore binaries (e2e/images.sh, temporary)" - bin:latest >/dev/null
   # (The CLI prints a deprecation notice for the legacy builder; it is expected here.)
   DOCKER_BUILDKIT=0 docker build --target runtime-prebuilt \
-    --build-arg "DEBIAN=$BASE_IMAGE" -t "$IMAGE" .
+    --build-arg "DEBIAN=$BASE_IMAGE" ${label_args[@]+"${label_args[@]}"} -t "$IMAGE" .
   docker rmi -f bin:latest >/dev/null 2>&1 || true
   trap - EXIT
 fi
