@@ -63,13 +63,15 @@ pub fn fingerprint(engine: Arc<dyn Engine>, format: u8) -> Result<Fingerprint> {
     )?;
     let current_rev = store.current_revision();
     let compact_rev = store.compact_revision();
-    let mut hash_kv = Vec::new();
     // HashKV refuses the compacted revision itself (as etcd's does): start one above it.
     let first = if compact_rev > 0 { compact_rev + 1 } else { 1 };
-    for rev in sample_revisions(first.min(current_rev), current_rev, HASH_REVISIONS) {
-        let (hash, _, _) = store.hash_kv(rev)?;
-        hash_kv.push((rev, hash));
-    }
+    let revs: Vec<i64> = sample_revisions(first.min(current_rev), current_rev, HASH_REVISIONS)
+        .into_iter()
+        .filter(|r| *r > 0)
+        .collect();
+    // All of them in one pass over the revision log.
+    let hashes = store.hash_kv_many(&revs)?;
+    let hash_kv: Vec<(i64, u32)> = revs.into_iter().zip(hashes).collect();
     let leases = store.leases()?.len();
     drop(store);
 

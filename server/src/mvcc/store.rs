@@ -328,14 +328,34 @@ impl Store {
             return Err(Error::FutureRev);
         }
         let rev = if rev == 0 { current } else { rev };
+        let hash = self.hash_kv_many(&[rev])?[0];
+        Ok((hash, if compact > 0 { compact } else { -1 }, rev))
+    }
+
+    /// etcd's HashKV at each of `revs` (positive, at most the current revision, above the
+    /// compacted one; the caller checks), in one pass over the revision log: the hash at
+    /// revision R is the running CRC over every surviving version up to R, so the hashes at
+    /// several revisions are that CRC sampled as the pass crosses each. Returns them in the
+    /// order of `revs`.
+    pub fn hash_kv_many(&self, revs: &[i64]) -> Result<Vec<u32>> {
+        let snap = self.engine.snapshot();
+        let compact = self.compact_revision();
+        let mut order: Vec<usize> = (0..revs.len()).collect();
+        order.sort_by_key(|&i| revs[i]);
+        let mut out = vec![0u32; revs.len()];
+        let mut next = 0; // index into `order` of the next revision to sample
         let mut hash = crc32c::crc32c(b"key");
         let mut it = snap.iter(Table::Rev);
         it.seek(&[]);
         let mut buf = Vec::new();
-        while it.valid() {
+        while it.valid() && next < order.len() {
             let (main, _) =
                 split_rev_key(it.key()).ok_or_else(|| Error::Corrupt("rev key".into()))?;
-            if main > rev {
+            while next < order.len() && main > revs[order[next]] {
+                out[order[next]] = hash;
+                next += 1;
+            }
+            if next == order.len() {
                 break;
             }
             let key = it.value();
@@ -356,7 +376,10 @@ impl Store {
             it.next();
         }
         it.status()?;
-        Ok((hash, if compact > 0 { compact } else { -1 }, rev))
+        for &i in &order[next..] {
+            out[i] = hash;
+        }
+        Ok(out)
     }
 
     /// A CRC-32C over every table but `meta` (etcd's Hash of the whole backend).

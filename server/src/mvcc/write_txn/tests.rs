@@ -332,6 +332,19 @@ async fn hash_kv_is_deterministic_and_ignores_compaction_progress() {
             "history up to 4 differs"
         );
         assert!(matches!(s.hash_kv(7), Err(Error::FutureRev)));
+        // Several revisions in one pass, in any order, equal one pass each.
+        let revs = [6, 2, 4, 3, 4, 5];
+        let many = s.hash_kv_many(&revs).expect("hash many");
+        let single: Vec<u32> = revs
+            .iter()
+            .map(|r| s.hash_kv(*r).expect("hash").0)
+            .collect();
+        assert_eq!(many, single);
+        assert_eq!(
+            many.iter().collect::<std::collections::BTreeSet<_>>().len(),
+            5,
+            "each distinct revision hashes differently"
+        );
         // Compaction at 5 drops a@2, b@3 and b's tombstone: the hash at 6 of what survives.
         let (ticket, logical) = {
             let mut a = s.applier().expect("applier");
