@@ -17,8 +17,10 @@ Environment (see e2e/README.md, "Against a real cluster"):
 
 - KUBECONFIG: the cluster; unset = every test here is skipped, saying so.
 - E2E_IMAGE_REPOSITORY (default `metastore`): the images `<repo>:v<from>` and `<repo>:v<to>`
-  must be pullable by the nodes (for kind: `kind load docker-image`); both may be the same
-  image tagged twice (`make image` builds `metastore:dev`, which holds both binaries).
+  must be pullable by the nodes (for kind: `kind load docker-image`). The operator takes a
+  member's version from the member itself (Status `server_version`), so build each image with
+  the version it is tagged with: `METASTORE_VERSION=1.2.0 make image && docker tag metastore:dev
+  metastore:v1.2.0`, then the same for 1.3.0.
 - E2E_FROM_VERSION (default 1.2.0), E2E_TO_VERSION (default 1.3.0): one minor apart.
 - E2E_STORAGE_CLASS: the volumes' StorageClass (default: the cluster's default).
 - E2E_TIMEOUT (default 300): seconds each wait may take.

@@ -11,11 +11,11 @@ use metastore_proto::etcdserverpb::{
     alarm_request::AlarmAction, cluster_client::ClusterClient,
     maintenance_client::MaintenanceClient, AlarmRequest, AlarmType, HashKvRequest,
     MemberAddRequest, MemberListRequest, MemberPromoteRequest, MemberRemoveRequest,
-    MoveLeaderRequest, StatusRequest,
+    MoveLeaderRequest, StatusRequest, StatusResponse,
 };
 use tonic::transport::{Channel, Endpoint};
 
-use crate::plan::{ClusterView, HashCheck, MemberView};
+use crate::plan::{ClusterView, HashCheck, MemberView, Version};
 use crate::{Error, Result};
 
 /// Membership and maintenance calls on a cluster, addressed by member client URLs.
@@ -108,10 +108,10 @@ impl GrpcClusterApi {
                 is_learner: m.is_learner,
                 healthy: false,
                 applied_index: 0,
-                // Filled from the pod image by the controller until the server reports them.
                 version: None,
                 format_version: None,
-                max_format_version: None,
+                format_migration_pending: false,
+                supported_formats: Vec::new(),
             };
             let Some(url) = m.client_ur_ls.first() else {
                 hashes.push(None); // never started: no hash to compare
@@ -131,6 +131,7 @@ impl GrpcClusterApi {
                 if status.leader != 0 && leader.is_none() {
                     leader = Some(status.leader);
                 }
+                read_metastore_status(&mut view, &status);
             }
             if alarms.is_empty() {
                 let request = AlarmRequest {
@@ -172,6 +173,24 @@ impl GrpcClusterApi {
             hash,
         })
     }
+}
+
+/// MetaStore's own Status fields (numbers 1000 and up, which etcd leaves out): the binary's
+/// release (`server_version`; etcd's `version` is the etcd API version), the storage format
+/// the member writes, whether older records remain, and the formats its binary supports. A
+/// server that predates them leaves them empty (`""`, format 0, no formats): the version then
+/// comes from the pod image and no migration is started.
+pub fn read_metastore_status(view: &mut MemberView, status: &StatusResponse) {
+    view.version = Version::parse(&status.server_version);
+    view.format_version = (status.storage_format != 0)
+        .then(|| i32::try_from(status.storage_format).ok())
+        .flatten();
+    view.format_migration_pending = status.storage_migration_pending;
+    view.supported_formats = status
+        .supported_storage_formats
+        .iter()
+        .filter_map(|f| i32::try_from(*f).ok())
+        .collect();
 }
 
 /// Agreement of the voters' HashKV answers at one revision.
@@ -256,6 +275,50 @@ impl ClusterApi for GrpcClusterApi {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn blank() -> MemberView {
+        MemberView {
+            id: 1,
+            name: "demo-0".into(),
+            peer_urls: vec![],
+            is_learner: false,
+            healthy: true,
+            applied_index: 1,
+            version: None,
+            format_version: None,
+            format_migration_pending: false,
+            supported_formats: vec![],
+        }
+    }
+
+    #[test]
+    fn metastore_status_fields() {
+        let mut m = blank();
+        let status = StatusResponse {
+            version: "3.5.16".into(),
+            server_version: "1.3.0".into(),
+            storage_format: 2,
+            storage_migration_pending: true,
+            supported_storage_formats: vec![1, 2],
+            ..Default::default()
+        };
+        read_metastore_status(&mut m, &status);
+        assert_eq!(m.version, Version::parse("1.3.0"), "not etcd's version");
+        assert_eq!(m.format_version, Some(2));
+        assert!(m.format_migration_pending);
+        assert_eq!(m.supported_formats, [1, 2]);
+
+        // A server that predates the fields: nothing is made up.
+        let mut m = blank();
+        read_metastore_status(
+            &mut m,
+            &StatusResponse {
+                version: "3.5.16".into(),
+                ..Default::default()
+            },
+        );
+        assert_eq!(m, blank());
+    }
 
     #[test]
     fn hash_agreement() {

@@ -22,8 +22,9 @@
 //! The exact API requests of a reconcile are asserted against a mocked API server in
 //! `tests.rs`; the RBAC rules they need are listed in [`permissions`]. The steps that face the
 //! cluster rather than the API server ([`member_endpoints`], [`observe_cluster`],
-//! [`render_params`], [`act_on_members`], [`volume_replaced`], [`status::build`]) are public so
-//! `tests/it/real_cluster.rs` drives real `metastore` processes through this very code.
+//! [`render_params`], [`act_on_members`], [`volume_replaced`], [`job_view`],
+//! [`status::build`], [`events`]) are public so `tests/it/real_cluster.rs` drives real
+//! `metastore` and `metastore-ctl` processes through this very code.
 
 pub mod cluster_api;
 pub mod permissions;
@@ -54,7 +55,9 @@ use serde::Serialize;
 use tracing::{info, warn};
 
 use self::cluster_api::ClusterApi;
-use crate::crd::{ConditionStatus, ConditionType, Engine, MetaStoreCluster};
+use crate::crd::{
+    ConditionStatus, ConditionType, Engine, MetaStoreCluster, MetaStoreClusterStatus, WorkflowKind,
+};
 use crate::metrics::Metrics;
 use crate::naming::{version_of_image, ClusterNames, FIELD_MANAGER};
 use crate::plan::{
@@ -305,7 +308,7 @@ pub async fn apply_cluster(cluster: Arc<MetaStoreCluster>, ctx: Arc<Context>) ->
             &Patch::Apply(&patch),
         )
         .await?;
-    publish_events(&ctx, &cluster, &decision).await;
+    publish_events(&ctx, &cluster, &decision, &new_status).await;
 
     Ok(match decision.action {
         Action::Done => Requeue::requeue(Duration::from_secs(300)),
@@ -376,8 +379,11 @@ pub fn member_endpoints(
     (0..span).map(|i| names.client_url(i)).collect()
 }
 
-/// Observes the cluster through its etcd API and fills in each member's version from the
-/// image of its pod (`image_of(pod name)`) until the server reports its own.
+/// Observes the cluster through its etcd API. A member's version is what its binary reports
+/// (Status `server_version`): the image tag may name no version (`latest`, a digest) or
+/// another build. Only for a member that reports none (an older server, or not answering yet)
+/// is it read from its pod's image tag (`image_of(pod name)`). The upgrade itself follows the
+/// pods' images either way; the versions feed the version-change rules and status.
 pub async fn observe_cluster(
     api: &dyn ClusterApi,
     names: &ClusterNames,
@@ -398,8 +404,15 @@ pub async fn observe_cluster(
 }
 
 /// What to render for `decision`: the StatefulSet's replicas come from the decision when it
-/// bootstraps or scales and stay as they are otherwise; a new data directory gets the
-/// cluster's current format. (The existing claim templates are the caller's to add.)
+/// bootstraps or scales and stay as they are otherwise. (The existing claim templates are the
+/// caller's to add.)
+///
+/// `--storage-format` is the format the members write, as last recorded in
+/// `status.members[*].formatVersion` (the lowest), else `status.currentFormatVersion`, else
+/// the spec's (a new cluster). The server refuses a data directory stamped with another format
+/// than the flag, and the online switch stamps every directory with the new format at once:
+/// a member restarted while it re-encodes must be given the new format, not the one the
+/// cluster settled at.
 pub fn render_params(
     cluster: &MetaStoreCluster,
     decision: &Decision,
@@ -409,10 +422,10 @@ pub fn render_params(
         Action::Bootstrap { replicas } | Action::ScaleStatefulSet { replicas } => replicas,
         _ => sts_replicas.unwrap_or(cluster.spec.replicas),
     };
-    let storage_format = cluster
-        .status
-        .as_ref()
-        .and_then(|s| s.current_format_version)
+    let status = cluster.status.as_ref();
+    let storage_format = status
+        .and_then(|s| s.members.iter().filter_map(|m| m.format_version).min())
+        .or_else(|| status.and_then(|s| s.current_format_version))
         .unwrap_or(cluster.spec.storage.format_version);
     RenderParams::from_decision(decision, replicas, storage_format)
 }
@@ -471,38 +484,77 @@ pub fn volume_replaced(
     matches!((recorded, current), (Some(recorded), Some(current)) if recorded != current)
 }
 
-async fn publish_events(ctx: &Context, cluster: &MetaStoreCluster, decision: &Decision) {
+async fn publish_events(
+    ctx: &Context,
+    cluster: &MetaStoreCluster,
+    decision: &Decision,
+    new_status: &MetaStoreClusterStatus,
+) {
     let (type_, reason) = action_reason(&decision.action);
-    if matches!(decision.action, Action::WaitFor(_) | Action::Done) {
-        return;
-    }
-    if type_ == EventType::Normal {
+    if type_ == EventType::Normal && !matches!(decision.action, Action::WaitFor(_) | Action::Done) {
         let workflow = decision.workflow.as_ref().map(|w| format!("{:?}", w.kind));
         ctx.metrics.action(reason, workflow.as_deref());
     }
+    for event in events(cluster, decision, new_status) {
+        if let Err(error) = ctx.recorder.publish(&event, &cluster.object_ref(&())).await {
+            warn!(%error, "publishing an event failed");
+        }
+    }
+}
+
+/// The Events of one reconcile, given the status before (`cluster.status`) and after: one for
+/// the action (none for a wait or Done), a Warning per Degraded reason not shown yet, and
+/// `MigrationComplete` when a format migration recorded in status has reached its format on
+/// every member.
+pub fn events(
+    cluster: &MetaStoreCluster,
+    decision: &Decision,
+    new_status: &MetaStoreClusterStatus,
+) -> Vec<Event> {
+    let mut out = Vec::new();
+    let (type_, reason) = action_reason(&decision.action);
     // A Degraded reason already shown is not announced again on every reconcile.
-    if type_ == EventType::Warning {
-        let already = cluster.status.as_ref().is_some_and(|s| {
+    let already = type_ == EventType::Warning
+        && cluster.status.as_ref().is_some_and(|s| {
             s.conditions.iter().any(|c| {
                 c.type_ == ConditionType::Degraded
                     && c.status == ConditionStatus::True
                     && c.reason == reason
             })
         });
-        if already {
-            return;
+    if !matches!(decision.action, Action::WaitFor(_) | Action::Done) && !already {
+        out.push(Event {
+            type_,
+            reason: reason.into(),
+            note: Some(decision.action.to_string()),
+            action: "Reconcile".into(),
+            secondary: None,
+        });
+    }
+    let migrated_to = cluster
+        .status
+        .as_ref()
+        .and_then(|s| s.workflow.as_ref())
+        .filter(|w| w.kind == WorkflowKind::Migration && w.failure.is_none())
+        .and_then(|w| w.target.parse::<i32>().ok());
+    let finished = decision
+        .workflow
+        .as_ref()
+        .is_none_or(|w| w.kind != WorkflowKind::Migration);
+    if let Some(to) = migrated_to.filter(|_| finished) {
+        if new_status.current_format_version.is_some_and(|f| f >= to) {
+            out.push(Event {
+                type_: EventType::Normal,
+                reason: "MigrationComplete".into(),
+                note: Some(format!(
+                    "every member writes storage format {to} and holds no record in an older one"
+                )),
+                action: "Reconcile".into(),
+                secondary: None,
+            });
         }
     }
-    let event = Event {
-        type_,
-        reason: reason.into(),
-        note: Some(decision.action.to_string()),
-        action: "Reconcile".into(),
-        secondary: None,
-    };
-    if let Err(error) = ctx.recorder.publish(&event, &cluster.object_ref(&())).await {
-        warn!(%error, "publishing an event failed");
-    }
+    out
 }
 
 /// The Event type and reason of an action (also its `action` metric label).
@@ -614,7 +666,9 @@ fn statefulset_view(sts: &StatefulSet) -> StatefulSetView {
     }
 }
 
-fn job_view(job: &Job) -> Option<JobView> {
+/// The migration Job as the plan sees it: its target format (label
+/// `metastore.io/target-format`) and whether it completed or failed for good.
+pub fn job_view(job: &Job) -> Option<JobView> {
     let target_format = job
         .labels()
         .get("metastore.io/target-format")?

@@ -76,7 +76,9 @@ pub fn build(
         if let Some((lowest, _)) = view.version_range() {
             status.current_version = Some(lowest.to_string());
         }
-        if let Some(format) = view.format_version() {
+        // The cluster is at a format once every member writes it with no older record left
+        // (while members re-encode, the previous value stays).
+        if let Some(format) = view.settled_format_version() {
             if previous.current_format_version.is_some_and(|f| format > f) {
                 // The format moved: older binaries cannot go back past this version.
                 status.format_version_since = status.current_version.clone();
@@ -329,6 +331,29 @@ mod tests {
         );
         assert_eq!(s.current_format_version, Some(2));
         assert_eq!(s.format_version_since.as_deref(), Some("1.2.0"));
+    }
+
+    #[test]
+    fn current_format_moves_only_once_no_member_reencodes() {
+        let (cluster, mut observed) = fixture();
+        let names = ClusterNames::new("demo", "db", false, false);
+        if let Some(view) = observed.cluster.as_mut() {
+            for m in &mut view.members {
+                m.format_version = Some(2);
+            }
+            view.members[1].format_migration_pending = true;
+        }
+        let s = build(
+            &cluster,
+            &names,
+            &observed,
+            &plan(&cluster, &observed),
+            &BTreeMap::new(),
+        );
+        assert_eq!(s.current_format_version, Some(1), "demo-1 still re-encodes");
+        assert_eq!(s.format_version_since, None);
+        assert!(s.members.iter().all(|m| m.format_version == Some(2)));
+        assert_eq!(s.members[1].version.as_deref(), Some("1.2.0"));
     }
 
     #[test]

@@ -446,9 +446,10 @@ fn member(i: i32, healthy: bool) -> MemberView {
         is_learner: false,
         healthy,
         applied_index: 5000,
-        version: None, // read from the pod image, as with the real API
+        version: None, // not reported: read from the pod image
         format_version: Some(1),
-        max_format_version: Some(2),
+        format_migration_pending: false,
+        supported_formats: vec![1, 2],
     }
 }
 
@@ -982,7 +983,8 @@ async fn scale_up_registers_a_learner_then_grows_the_statefulset_for_it() {
         applied_index: 0,
         version: None,
         format_version: None,
-        max_format_version: None,
+        format_migration_pending: false,
+        supported_formats: vec![],
     });
     let initial = names.initial_cluster(0..4);
     let calls = reconcile_step(
@@ -1268,19 +1270,67 @@ async fn format_migration_creates_the_job_then_follows_it() {
     )
     .await;
 
-    // 3. The Job succeeded and the members report format 2: recorded, and older binaries can
-    //    no longer be rolled back to.
+    // What the first step recorded.
+    let recorded = || {
+        let mut c = migrating();
+        if let Some(s) = c.status.as_mut() {
+            s.workflow = Some(Workflow {
+                kind: WorkflowKind::Migration,
+                step: WorkflowStep::RunMigrationJob,
+                target: "2".into(),
+                from: Some("1".into()),
+                member: None,
+                started_at: Time(t0()),
+                step_started_at: Time(t0()),
+                deadline: Time(t0_plus_120()),
+                generation: 2,
+                failure: None,
+            });
+        }
+        c
+    };
+    let succeeded = || {
+        migration_job(
+            2,
+            json!({"succeeded": 1, "conditions": [{"type": "Complete", "status": "True"}]}),
+        )
+    };
+
+    // 3. The switch applied (every member writes format 2) but demo-1 still re-encodes: the
+    //    members show format 2, the cluster is not there yet.
+    let mut switched = voters(3, 0);
+    for m in &mut switched.members {
+        m.format_version = Some(2);
+    }
+    switched.members[1].format_migration_pending = true;
+    reconcile_step(
+        recorded(),
+        switched,
+        observed(vec![succeeded()]),
+        |_, _| {},
+        vec![],
+        |status| {
+            assert_eq!(status["phase"], "Migrating");
+            assert_eq!(status["currentFormatVersion"], 1);
+            assert!(status["members"]
+                .as_array()
+                .is_some_and(|ms| ms.iter().all(|m| m["formatVersion"] == 2)));
+            assert_eq!(condition(status, "Migrating")["status"], "True");
+        },
+        None,
+    )
+    .await;
+
+    // 4. The Job succeeded and every member reports format 2 with nothing left: recorded,
+    //    announced, and older binaries can no longer be rolled back to.
     let mut migrated = voters(3, 0);
     for m in &mut migrated.members {
         m.format_version = Some(2);
     }
     reconcile_step(
-        migrating(),
+        recorded(),
         migrated,
-        observed(vec![migration_job(
-            2,
-            json!({"succeeded": 1, "conditions": [{"type": "Complete", "status": "True"}]}),
-        )]),
+        observed(vec![succeeded()]),
         |kind, body| {
             if kind == "ConfigMap" {
                 assert_eq!(body["data"]["storage-format"], "1");
@@ -1292,12 +1342,49 @@ async fn format_migration_creates_the_job_then_follows_it() {
             assert_eq!(status["currentFormatVersion"], 2);
             assert_eq!(status["formatVersionSince"], "1.3.0");
             assert_eq!(condition(status, "Migrating")["status"], "False");
+            assert!(status.get("workflow").is_none_or(Value::is_null));
         },
+        Some(("Normal", "MigrationComplete")),
+    )
+    .await;
+
+    // 5. The next reconcile renders the format the members now write for restarted pods.
+    let mut after = migrating();
+    if let Some(s) = after.status.as_mut() {
+        s.current_format_version = Some(2);
+        s.members = (0..3)
+            .map(|i| crate::crd::MemberStatus {
+                name: format!("demo-{i}"),
+                id: format!("{:x}", 100 + i),
+                role: crate::crd::MemberRole::Follower,
+                version: Some("1.3.0".into()),
+                format_version: Some(2),
+                healthy: true,
+                applied_index: None,
+                data_holder: None,
+            })
+            .collect();
+    }
+    let mut migrated = voters(3, 0);
+    for m in &mut migrated.members {
+        m.format_version = Some(2);
+    }
+    reconcile_step(
+        after,
+        migrated,
+        observed(vec![succeeded()]),
+        |kind, body| {
+            if kind == "ConfigMap" {
+                assert_eq!(body["data"]["storage-format"], "2");
+            }
+        },
+        vec![],
+        |status| assert_eq!(status["phase"], "Running"),
         None,
     )
     .await;
 
-    // 4. A failed Job: Degraded, with a Warning Event.
+    // 6. A failed Job: Degraded, with a Warning Event.
     reconcile_step(
         migrating(),
         voters(3, 0),
@@ -1316,6 +1403,30 @@ async fn format_migration_creates_the_job_then_follows_it() {
         Some(("Warning", "MigrationFailed")),
     )
     .await;
+}
+
+#[tokio::test]
+async fn a_member_version_is_what_its_server_reports_else_its_image_tag() {
+    let mut view = voters(3, 0);
+    // demo-0's image says 1.2.0 but its binary reports 1.3.0-rc.1; demo-1 reports nothing.
+    view.members[0].version = Version::parse("1.3.0-rc.1");
+    let fake = FakeClusterApi {
+        view: Some(view),
+        ..Default::default()
+    };
+    let names = ClusterNames::new("demo", "db", false, false);
+    let endpoints = vec![names.client_url(0)];
+    let observed = observe_cluster(&fake, &names, &endpoints, |_| {
+        Some(image_for_version("1.2.0"))
+    })
+    .await
+    .expect("a view");
+    let versions: Vec<String> = observed
+        .members
+        .iter()
+        .map(|m| m.version.as_ref().map_or("-".into(), ToString::to_string))
+        .collect();
+    assert_eq!(versions, ["1.3.0-rc.1", "1.2.0", "1.2.0"]);
 }
 
 fn claim_of_size(i: i32, size: &str) -> Value {

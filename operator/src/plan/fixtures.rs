@@ -39,7 +39,8 @@ fn member(i: i32, version: &str) -> MemberView {
         applied_index: 5000,
         version: Version::parse(version),
         format_version: Some(1),
-        max_format_version: Some(2),
+        format_migration_pending: false,
+        supported_formats: vec![1, 2],
     }
 }
 
@@ -252,8 +253,15 @@ impl Fixture {
         self
     }
 
-    pub fn max_format(mut self, i: i32, f: i32) -> Self {
-        self.member_mut(i).max_format_version = Some(f);
+    /// The storage formats member `i`'s binary supports.
+    pub fn supported(mut self, i: i32, formats: &[i32]) -> Self {
+        self.member_mut(i).supported_formats = formats.to_vec();
+        self
+    }
+
+    /// Member `i` still re-encodes records of an older format.
+    pub fn reencoding(mut self, i: i32) -> Self {
+        self.member_mut(i).format_migration_pending = true;
         self
     }
 

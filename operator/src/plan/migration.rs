@@ -4,8 +4,13 @@
 //! every member runs a binary that supports the next format (so an upgrade requested together
 //! with it goes first). The move itself is a Job running `metastore-ctl migrate --to N --wait`
 //! against the client Service; the format is read back from the members, not assumed from the
-//! Job's success. A failed Job stops the workflow as Degraded: read its logs, fix the cause and
-//! delete the Job to retry.
+//! Job's success: the migration is done once every member writes the new format and reports no
+//! record left in an older one ([`ClusterView::settled_format_version`]). A failed Job stops
+//! the workflow as Degraded: read its logs, fix the cause and delete the Job to retry.
+//!
+//! What each member supports and writes comes from its Status (`supported_storage_formats`,
+//! `storage_format`, `storage_migration_pending`); a member that reports no supported formats
+//! (an older server) supports no migration.
 
 use super::{
     health_gate, Action, ClusterView, Ctx, DegradedReason, Next, Refusal, Step, WaitReason,
@@ -31,7 +36,7 @@ pub(super) fn running_job(ctx: &Ctx<'_>, view: &ClusterView) -> Option<Next> {
         let action = Action::MarkDegraded(DegradedReason::MigrationFailed { to });
         return Some(Next::Step(job_step(to, action)));
     }
-    let reached = view.format_version().is_some_and(|f| f >= to);
+    let reached = view.settled_format_version().is_some_and(|f| f >= to);
     if job.succeeded && reached {
         return None;
     }
@@ -53,7 +58,7 @@ pub(super) fn migrate(ctx: &Ctx<'_>, view: &ClusterView) -> Option<Next> {
     if let Some(m) = view
         .members
         .iter()
-        .find(|m| m.max_format_version.is_none_or(|max| max < to))
+        .find(|m| !m.supported_formats.contains(&to))
     {
         return Some(Next::Refuse(Refusal::FormatUnsupported {
             member: ctx.member_name(m),
@@ -61,6 +66,12 @@ pub(super) fn migrate(ctx: &Ctx<'_>, view: &ClusterView) -> Option<Next> {
         }));
     }
     if let Err(reason) = health_gate(ctx, view) {
+        return Some(Next::Step(job_step(to, Action::WaitFor(reason))));
+    }
+    if let Some(m) = view.reencoding_member() {
+        let reason = WaitReason::Reencoding {
+            member: ctx.member_name(m),
+        };
         return Some(Next::Step(job_step(to, Action::WaitFor(reason))));
     }
     let step = job_step(to, Action::StartMigrationJob { to }).from(Some(current.to_string()));
@@ -83,7 +94,7 @@ mod tests {
             ),
             (
                 "a member's binary lacks format 2: refuse",
-                Fixture::new(3, "1.3.0").spec_format(2).max_format(1, 1),
+                Fixture::new(3, "1.3.0").spec_format(2).supported(1, &[1]),
                 Action::RefuseWithCondition(Refusal::FormatUnsupported {
                     member: "demo-1".into(),
                     to: 2,
@@ -124,12 +135,29 @@ mod tests {
                 Action::WaitFor(WaitReason::MigrationJob { to: 2 }),
             ),
             (
+                "Job done, members write format 2 but one still re-encodes",
+                Fixture::new(3, "1.3.0")
+                    .spec_format(2)
+                    .job(2, true, false)
+                    .format(2)
+                    .reencoding(2),
+                Action::WaitFor(WaitReason::MigrationJob { to: 2 }),
+            ),
+            (
                 "Job done and format 2 reported: done",
                 Fixture::new(3, "1.3.0")
                     .spec_format(2)
                     .job(2, true, false)
                     .format(2),
                 Action::Done,
+            ),
+            (
+                "a member does not report its formats (an older server): refuse",
+                Fixture::new(3, "1.3.0").spec_format(2).supported(2, &[]),
+                Action::RefuseWithCondition(Refusal::FormatUnsupported {
+                    member: "demo-2".into(),
+                    to: 2,
+                }),
             ),
             (
                 "Job failed: Degraded",
@@ -171,5 +199,28 @@ mod tests {
         );
         f.observed.migration_job = None;
         assert_eq!(f.plan().action, Action::StartMigrationJob { to: 2 });
+    }
+
+    #[test]
+    fn next_format_waits_for_reencoding_without_a_job() {
+        // Format 2 written everywhere, demo-1 still converting, the spec asks for 3 (a future
+        // format every binary here supports): the switch to 3 waits for demo-1.
+        let mut f = Fixture::new(3, "1.3.0").format(2).reencoding(1);
+        for i in 0..3 {
+            f = f.supported(i, &[1, 2, 3]);
+        }
+        f.cluster.spec.storage.format_version = 3;
+        assert_eq!(
+            f.plan().action,
+            Action::WaitFor(WaitReason::Reencoding {
+                member: "demo-1".into()
+            })
+        );
+        // At the target already: nothing to do while the member finishes on its own.
+        let f = Fixture::new(3, "1.3.0")
+            .spec_format(2)
+            .format(2)
+            .reencoding(1);
+        assert_eq!(f.plan().action, Action::Done);
     }
 }

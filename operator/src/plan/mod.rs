@@ -163,6 +163,12 @@ pub enum WaitReason {
         /// Target format.
         to: i32,
     },
+    /// A member still re-encodes records of an older format (after a switch whose Job is
+    /// gone): the next format waits for it.
+    Reencoding {
+        /// Member name.
+        member: String,
+    },
 }
 
 /// Why the cluster is Degraded.
@@ -354,6 +360,12 @@ impl fmt::Display for WaitReason {
                 write!(f, "learner {member} is still catching up")
             }
             WaitReason::MigrationJob { to } => write!(f, "migration Job to format {to} is running"),
+            WaitReason::Reencoding { member } => {
+                write!(
+                    f,
+                    "member {member} is still re-encoding records of an older format"
+                )
+            }
         }
     }
 }
@@ -416,7 +428,8 @@ impl fmt::Display for Refusal {
             Refusal::FormatUnsupported { member, to } => {
                 write!(
                     f,
-                    "member {member} runs a binary that does not support format {to}"
+                    "member {member} runs a binary that does not support storage format {to}; \
+                     upgrade it first (the migration starts once every member supports it)"
                 )
             }
         }

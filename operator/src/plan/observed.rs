@@ -64,12 +64,17 @@ pub struct MemberView {
     pub healthy: bool,
     /// Its applied Raft index.
     pub applied_index: u64,
-    /// The MetaStore version its binary reports.
+    /// The MetaStore version its binary reports (Status `server_version`); the controller
+    /// falls back to its pod's image tag when the server does not report one.
     pub version: Option<Version>,
-    /// The on-disk format of its data.
+    /// The storage format it writes (Status `storage_format`); `None` when not reported.
     pub format_version: Option<i32>,
-    /// The highest on-disk format its binary supports.
-    pub max_format_version: Option<i32>,
+    /// Whether records in an older format remain on it (Status `storage_migration_pending`:
+    /// the background re-encoding after a switch is not done).
+    pub format_migration_pending: bool,
+    /// The storage formats its binary supports (Status `supported_storage_formats`); empty
+    /// when not reported, which supports no migration.
+    pub supported_formats: Vec<i32>,
 }
 
 /// The StatefulSet.
@@ -159,9 +164,28 @@ impl ClusterView {
         }))
     }
 
-    /// The cluster's on-disk format: the lowest any member reports.
+    /// The storage format the cluster writes: the lowest any member reports.
     pub fn format_version(&self) -> Option<i32> {
         self.members.iter().filter_map(|m| m.format_version).min()
+    }
+
+    /// The format every record of the cluster is in: [`Self::format_version`] once no member
+    /// has records in an older format left (`None` while one re-encodes, or when no member
+    /// reports a format).
+    ///
+    /// Worked example: at format 1 every member reports (1, not pending): settled at 1. The
+    /// switch to 2 applies: (2, pending) on each, settled `None`; each member finishes its
+    /// re-encoding on its own; once the last reports (2, not pending), settled at 2.
+    pub fn settled_format_version(&self) -> Option<i32> {
+        if self.members.iter().any(|m| m.format_migration_pending) {
+            return None;
+        }
+        self.format_version()
+    }
+
+    /// A member still re-encoding records of an older format.
+    pub fn reencoding_member(&self) -> Option<&MemberView> {
+        self.members.iter().find(|m| m.format_migration_pending)
     }
 }
 
@@ -211,8 +235,44 @@ mod tests {
             applied_index: 0,
             version: None,
             format_version: None,
-            max_format_version: None,
+            format_migration_pending: false,
+            supported_formats: vec![],
         };
         assert_eq!(m.ordinal(&names), Some(3));
+    }
+
+    #[test]
+    fn settled_format_waits_for_every_member_to_finish() {
+        let member = |id, format, pending| MemberView {
+            id,
+            name: format!("demo-{id}"),
+            peer_urls: vec![],
+            is_learner: false,
+            healthy: true,
+            applied_index: 1,
+            version: None,
+            format_version: format,
+            format_migration_pending: pending,
+            supported_formats: vec![1, 2],
+        };
+        let view = |members| ClusterView {
+            members,
+            leader: Some(0),
+            alarms: vec![],
+            hash: HashCheck::Agree,
+        };
+        let at_1 = view(vec![member(0, Some(1), false), member(1, Some(1), false)]);
+        assert_eq!(
+            (at_1.format_version(), at_1.settled_format_version()),
+            (Some(1), Some(1))
+        );
+        let switched = view(vec![member(0, Some(2), false), member(1, Some(2), true)]);
+        assert_eq!(switched.format_version(), Some(2));
+        assert_eq!(switched.settled_format_version(), None);
+        assert_eq!(switched.reencoding_member().map(|m| m.id), Some(1));
+        let done = view(vec![member(0, Some(2), false), member(1, Some(2), false)]);
+        assert_eq!(done.settled_format_version(), Some(2));
+        let unreported = view(vec![member(0, None, false)]);
+        assert_eq!(unreported.settled_format_version(), None);
     }
 }

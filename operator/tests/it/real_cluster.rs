@@ -16,12 +16,22 @@
 //! data directory), and cluster DNS ([`Dns`]: `demo-i.demo-peer.db.svc:2379|2380` → the
 //! member's loopback ports, in the flags and in every URL the operator sends or reads).
 //!
-//! Every member runs the same binary: the version a member runs is its pod's image tag, which is
-//! also what the controller reads until the server reports its own version.
+//! The Job controller ([`Kube::apply_job`]): the migration Job the operator applies runs as a
+//! real `metastore-ctl` process with the Job's container args (cluster DNS resolved, the client
+//! Service to member 0's client port); its exit is reported back in the Job's status as the
+//! API server would (`Complete`, or `Failed` after `backoffLimit` retries), and the
+//! controller's own [`job_view`] reads it.
 //!
-//! The binary: `METASTORE_BIN`, else `metastore` in this test's target directory
-//! (`$CARGO_TARGET_DIR/release`; `cargo build --release --bin metastore`). Without it a test
-//! says so and passes, or fails when `CI` is set.
+//! Every member runs the same binary. Where a pod's image tag names a version, the harness
+//! reports that version as the member's, standing in for the release the tag names (the
+//! binary's own report would be the same for every pod); where the tag names none (`:dev`),
+//! the server's own report (Status `server_version`) is what the controller sees. An older
+//! binary's storage formats are played by `--max-storage-format` ([`Kube::extra_args`]).
+//!
+//! The binaries: `METASTORE_BIN`, else `metastore` in this test's target directory
+//! (`$CARGO_TARGET_DIR/release`; `cargo build --release --bin metastore --bin metastore-ctl`),
+//! and `metastore-ctl` next to it. Without them a test says so and passes, or fails when `CI`
+//! is set.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs::File;
@@ -33,27 +43,32 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context as _};
 use futures::future::BoxFuture;
+use k8s_openapi::api::batch::v1::{Job, JobCondition, JobStatus};
 use k8s_openapi::api::core::v1::PodTemplateSpec;
 use k8s_openapi::jiff::Timestamp;
+use kube::runtime::events::EventType;
 use metastore_operator::controller::cluster_api::{ClusterApi, GrpcClusterApi};
 use metastore_operator::controller::{
-    act_on_members, member_endpoints, observe_cluster, render_params, status, volume_replaced,
+    act_on_members, events, job_view, member_endpoints, observe_cluster, render_params, status,
+    volume_replaced,
 };
 use metastore_operator::crd::{
-    ConditionStatus, ConditionType, MemberRole, MetaStoreCluster, MetaStoreClusterSpec, Phase,
-    StorageSpec, WorkflowKind,
+    ConditionStatus, ConditionType, MemberRole, MetaStoreCluster, MetaStoreClusterSpec,
+    MetaStoreClusterStatus, Phase, StorageSpec, WorkflowKind,
 };
 use metastore_operator::naming::{
-    image_for_version, ClusterNames, CLIENT_PORT, DATA_DIR, PEER_PORT,
+    image_for_version, version_of_image, ClusterNames, CLIENT_PORT, DATA_DIR, PEER_PORT,
 };
 use metastore_operator::plan::{
-    plan, Action, ClusterView, Decision, Observed, PodView, Refusal, StatefulSetView, WaitReason,
+    plan, Action, ClusterView, Decision, Observed, PodView, Refusal, StatefulSetView, Version,
+    WaitReason,
 };
 use metastore_operator::render::statefulset::CONTAINER;
 use metastore_operator::render::{OwnedObjects, Renderer};
 use metastore_proto::etcdserverpb::{
     cluster_client::ClusterClient, kv_client::KvClient, maintenance_client::MaintenanceClient,
     HashKvRequest, MemberListRequest, MoveLeaderRequest, PutRequest, RangeRequest, StatusRequest,
+    StatusResponse,
 };
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
@@ -99,6 +114,22 @@ fn binary_or_skip() -> Option<PathBuf> {
     bin
 }
 
+/// The binary, if `metastore-ctl` (the migration Job's tool) is next to it; else `None` after
+/// saying why the test does nothing (a failure when `CI` is set).
+fn binaries_with_ctl_or_skip() -> Option<PathBuf> {
+    let bin = binary_or_skip()?;
+    if bin.with_file_name("metastore-ctl").is_file() {
+        return Some(bin);
+    }
+    let why = format!(
+        "no metastore-ctl next to {}: run `cargo build --release --bin metastore-ctl`",
+        bin.display()
+    );
+    assert!(std::env::var_os("CI").is_none(), "{why}");
+    eprintln!("SKIPPED: {why}");
+    None
+}
+
 // ---------------------------------------------------------------------------------------------
 // Cluster DNS.
 
@@ -125,9 +156,12 @@ impl Dns {
         })
     }
 
-    /// `text` with every `<pod host>:2379|2380` replaced by the member's loopback address.
+    /// `text` with every `<pod host>:2379|2380` replaced by the member's loopback address, and
+    /// the client Service by member 0's client address.
     fn resolve(&self, text: &str) -> String {
-        let mut out = text.to_string();
+        let service = self.names.service_url();
+        let service = service.trim_start_matches("http://");
+        let mut out = text.replace(service, &format!("127.0.0.1:{}", self.ports[0].0));
         for (i, (client, peer)) in self.ports.iter().enumerate() {
             let host = self.names.pod_host(i as i32);
             out = out
@@ -270,10 +304,33 @@ impl Drop for Pod {
     }
 }
 
+/// A Job's pod: a `metastore-ctl` process, killed when dropped.
+struct JobRun {
+    /// The Job as applied, its status filled in as the Job controller would.
+    job: Job,
+    /// The command line it ran (the Job's args, cluster DNS resolved).
+    args: Vec<String>,
+    child: Option<Child>,
+    failures: i32,
+}
+
+impl Drop for JobRun {
+    fn drop(&mut self) {
+        if let Some(child) = self.child.as_mut() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
 /// The StatefulSet controller and the kubelet for one cluster.
 struct Kube {
     /// Declared first: every process is killed before the directory goes.
     pods: BTreeMap<i32, Pod>,
+    /// Jobs by name (the Job controller).
+    jobs: BTreeMap<String, JobRun>,
+    /// Extra flags of an ordinal's `metastore` (a node running an older binary).
+    extra_args: BTreeMap<i32, Vec<String>>,
     bin: PathBuf,
     dns: Arc<Dns>,
     names: ClusterNames,
@@ -292,6 +349,8 @@ impl Kube {
     fn new(bin: PathBuf, dns: Arc<Dns>) -> anyhow::Result<Self> {
         Ok(Kube {
             pods: BTreeMap::new(),
+            jobs: BTreeMap::new(),
+            extra_args: BTreeMap::new(),
             bin,
             names: dns.names.clone(),
             dns,
@@ -419,6 +478,7 @@ impl Kube {
             .args
             .iter()
             .flatten()
+            .chain(self.extra_args.get(&ordinal).into_iter().flatten())
             .map(|arg| {
                 let mut arg = arg.clone();
                 for (k, v) in &env {
@@ -458,6 +518,117 @@ impl Kube {
         };
         self.pods.insert(ordinal, pod);
         Ok(())
+    }
+
+    /// Server-side apply of a Job: created (its pod started) if it does not exist, left alone
+    /// if it does.
+    fn apply_job(&mut self, job: Job) -> anyhow::Result<()> {
+        let name = job.metadata.name.clone().context("Job without a name")?;
+        if self.jobs.contains_key(&name) {
+            return Ok(());
+        }
+        let container = job
+            .spec
+            .as_ref()
+            .and_then(|s| s.template.spec.as_ref())
+            .and_then(|p| p.containers.first())
+            .context("Job without a container")?;
+        ensure!(
+            container.command.as_deref() == Some(&["metastore-ctl".to_string()][..]),
+            "the Job runs {:?}",
+            container.command
+        );
+        let args = container
+            .args
+            .iter()
+            .flatten()
+            .map(|a| self.dns.resolve(a))
+            .collect();
+        let mut run = JobRun {
+            job,
+            args,
+            child: None,
+            failures: 0,
+        };
+        self.start_job(&name, &mut run)?;
+        self.jobs.insert(name, run);
+        Ok(())
+    }
+
+    fn start_job(&self, name: &str, run: &mut JobRun) -> anyhow::Result<()> {
+        let ctl = self.bin.with_file_name("metastore-ctl");
+        let mut log = File::options()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join(format!("{name}.log")))?;
+        writeln!(log, "===== start: {}", run.args.join(" "))?;
+        run.child = Some(
+            Command::new(&ctl)
+                .args(&run.args)
+                .stdin(Stdio::null())
+                .stdout(log.try_clone()?)
+                .stderr(log)
+                .spawn()
+                .with_context(|| format!("starting {}", ctl.display()))?,
+        );
+        Ok(())
+    }
+
+    /// The Job controller: a pod that exited 0 completes its Job; one that failed is started
+    /// again until `backoffLimit` failures, then the Job fails. Returns the Jobs as the API
+    /// server would list them.
+    fn jobs(&mut self) -> anyhow::Result<Vec<Job>> {
+        let names: Vec<String> = self.jobs.keys().cloned().collect();
+        for name in names {
+            let Some(mut run) = self.jobs.remove(&name) else {
+                continue;
+            };
+            let exited = match run.child.as_mut() {
+                Some(child) => child.try_wait()?,
+                None => None,
+            };
+            if let Some(exit) = exited {
+                run.child = None;
+                let condition = |type_: &str| JobCondition {
+                    type_: type_.into(),
+                    status: "True".into(),
+                    ..Default::default()
+                };
+                let backoff = run
+                    .job
+                    .spec
+                    .as_ref()
+                    .and_then(|s| s.backoff_limit)
+                    .unwrap_or(6);
+                if exit.success() {
+                    run.job.status = Some(JobStatus {
+                        succeeded: Some(1),
+                        failed: Some(run.failures),
+                        conditions: Some(vec![condition("Complete")]),
+                        ..Default::default()
+                    });
+                } else {
+                    run.failures += 1;
+                    if run.failures > backoff {
+                        run.job.status = Some(JobStatus {
+                            failed: Some(run.failures),
+                            conditions: Some(vec![condition("Failed")]),
+                            ..Default::default()
+                        });
+                    } else {
+                        self.start_job(&name, &mut run)?;
+                    }
+                }
+            } else if run.child.is_some() {
+                run.job.status = Some(JobStatus {
+                    active: Some(1),
+                    failed: Some(run.failures),
+                    ..Default::default()
+                });
+            }
+            self.jobs.insert(name, run);
+        }
+        Ok(self.jobs.values().map(|r| r.job.clone()).collect())
     }
 
     /// Deletes a pod; the StatefulSet recreates it from the current template on the same claim.
@@ -535,11 +706,11 @@ impl Kube {
         pods
     }
 
-    /// The last lines of every member's log, for failure messages.
+    /// The last lines of every member's and Job's log, for failure messages.
     fn logs(&self) -> String {
         let mut out = String::new();
-        for i in 0..MAX_MEMBERS as i32 {
-            let name = self.names.pod_name(i);
+        let pods = (0..MAX_MEMBERS as i32).map(|i| self.names.pod_name(i));
+        for name in pods.chain(self.jobs.keys().cloned()) {
             let Ok(text) = std::fs::read_to_string(self.dir.path().join(format!("{name}.log")))
             else {
                 continue;
@@ -582,11 +753,23 @@ struct Taken {
     leader: Option<String>,
 }
 
+/// An Event the controller would have published.
+#[derive(Clone, Debug, PartialEq)]
+struct Published {
+    warning: bool,
+    reason: String,
+    note: String,
+}
+
 /// The controller's reconcile, minus the Kubernetes API calls that [`Kube`] stands in for.
 struct Operator {
     cluster: MetaStoreCluster,
     api: ResolvingApi,
     names: ClusterNames,
+    /// Every Event published, in order.
+    events: Vec<Published>,
+    /// Every status written, in order.
+    statuses: Vec<MetaStoreClusterStatus>,
 }
 
 impl Operator {
@@ -598,6 +781,8 @@ impl Operator {
                 inner: GrpcClusterApi::default(),
                 dns,
             },
+            events: Vec::new(),
+            statuses: Vec::new(),
         }
     }
 
@@ -622,24 +807,37 @@ impl Operator {
     async fn reconcile(&mut self, kube: &mut Kube) -> anyhow::Result<(Decision, Option<String>)> {
         let sts_replicas = kube.replicas;
         let endpoints = member_endpoints(&self.cluster, &self.names, sts_replicas);
-        let view =
+        let mut view =
             observe_cluster(&self.api, &self.names, &endpoints, |pod| kube.image_of(pod)).await;
+        // One binary for every image: a tag that names a release stands for that release.
+        for m in view.iter_mut().flat_map(|v| v.members.iter_mut()) {
+            let tagged = m
+                .ordinal(&self.names)
+                .and_then(|o| kube.image_of(&self.names.pod_name(o)))
+                .and_then(|image| version_of_image(&image))
+                .and_then(|v| Version::parse(&v));
+            if tagged.is_some() {
+                m.version = tagged;
+            }
+        }
         let holders = kube.holders();
         let pods = kube.pod_views(&self.cluster, view.as_ref(), &holders).await;
+        let migration_job = kube
+            .jobs()?
+            .iter()
+            .filter_map(job_view)
+            .max_by_key(|j| j.target_format);
         let observed = Observed {
             now: Timestamp::now(),
             cluster: view,
             statefulset: kube.statefulset_view(),
             pods,
-            migration_job: None,
+            migration_job,
         };
         let decision = plan(&self.cluster, &observed);
 
-        let objects = Renderer::new(&self.cluster)?.render(&render_params(
-            &self.cluster,
-            &decision,
-            sts_replicas,
-        ));
+        let renderer = Renderer::new(&self.cluster)?;
+        let objects = renderer.render(&render_params(&self.cluster, &decision, sts_replicas));
         kube.apply(&objects)?;
 
         let mut error = None;
@@ -653,16 +851,28 @@ impl Operator {
         .await
         {
             Ok(true) => {}
-            Ok(false) => {
-                if let Action::DeletePodForUpgrade { member } | Action::RestartPod { member } =
-                    &decision.action
-                {
+            Ok(false) => match &decision.action {
+                Action::DeletePodForUpgrade { member } | Action::RestartPod { member } => {
                     kube.delete_pod(member)?;
                 }
-            }
+                Action::StartMigrationJob { to } => {
+                    kube.apply_job(renderer.migration_job(*to, &decision.image))?;
+                }
+                _ => {}
+            },
             Err(e) => error = Some(e.to_string()),
         }
         let new_status = status::build(&self.cluster, &self.names, &observed, &decision, &holders);
+        self.events.extend(
+            events(&self.cluster, &decision, &new_status)
+                .into_iter()
+                .map(|e| Published {
+                    warning: e.type_ == EventType::Warning,
+                    reason: e.reason,
+                    note: e.note.unwrap_or_default(),
+                }),
+        );
+        self.statuses.push(new_status.clone());
         self.cluster.status = Some(new_status);
         Ok((decision, error))
     }
@@ -749,20 +959,33 @@ fn spec(replicas: i32, version: &str) -> MetaStoreClusterSpec {
 
 /// A cluster of `replicas` members on `version`, bootstrapped by the operator.
 async fn bootstrap(bin: PathBuf, replicas: i32) -> anyhow::Result<(Kube, Operator)> {
-    let mut cluster = MetaStoreCluster::new(NAME, spec(replicas, "1.2.0"));
+    let (kube, op) = bootstrap_with(bin, spec(replicas, "1.2.0"), |_| {}).await?;
+    let status = op.cluster.status.as_ref().context("status")?;
+    assert_eq!(status.current_version.as_deref(), Some("1.2.0"));
+    Ok((kube, op))
+}
+
+/// A cluster of `spec`, bootstrapped by the operator; `prepare` sets the stand-in up first.
+async fn bootstrap_with(
+    bin: PathBuf,
+    spec: MetaStoreClusterSpec,
+    prepare: impl FnOnce(&mut Kube),
+) -> anyhow::Result<(Kube, Operator)> {
+    let replicas = spec.replicas;
+    let mut cluster = MetaStoreCluster::new(NAME, spec);
     cluster.metadata.namespace = Some(NAMESPACE.into());
     cluster.metadata.uid = Some("6a2c1f1e-0000-4000-8000-000000000001".into());
     cluster.metadata.generation = Some(1);
     let names = ClusterNames::new(NAME, NAMESPACE, false, false);
     let dns = Arc::new(Dns::new(names)?);
     let mut kube = Kube::new(bin, dns.clone())?;
+    prepare(&mut kube);
     let mut op = Operator::new(cluster, dns);
     let taken = op.converge(&mut kube, "bootstrap").await?;
     assert_eq!(actions(&taken), [Action::Bootstrap { replicas }]);
     let status = op.cluster.status.as_ref().context("status")?;
     assert_eq!(status.phase, Some(Phase::Running));
     assert_eq!(status.ready_replicas, replicas);
-    assert_eq!(status.current_version.as_deref(), Some("1.2.0"));
     Ok((kube, op))
 }
 
@@ -1325,5 +1548,408 @@ fn check_rolling_order(
         followers.windows(2).all(|w| w[0] > w[1]),
         "followers highest ordinal first: {followers:?}"
     );
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Storage format migration.
+
+/// A spec on an image whose tag names no version (`:dev`): the members' versions can only come
+/// from what their servers report. At storage format 1, which a new data directory would not
+/// get by default (2).
+fn dev_spec(replicas: i32) -> MetaStoreClusterSpec {
+    let mut spec = MetaStoreClusterSpec {
+        version: None,
+        image: Some("ghcr.io/metastore/metastore:dev".into()),
+        ..spec(replicas, "0.0.0")
+    };
+    spec.storage.format_version = 1;
+    spec
+}
+
+async fn server_status(url: &str) -> anyhow::Result<StatusResponse> {
+    let mut maintenance = MaintenanceClient::connect(url.to_string()).await?;
+    Ok(maintenance.status(StatusRequest {}).await?.into_inner())
+}
+
+/// HashKV of members 0..3 at `revision`.
+async fn hashes(dns: &Dns, revision: i64) -> anyhow::Result<Vec<u32>> {
+    let mut out = Vec::new();
+    for o in 0..3 {
+        let mut maintenance = MaintenanceClient::connect(dns.client_url(o)).await?;
+        out.push(
+            maintenance
+                .hash_kv(HashKvRequest { revision })
+                .await?
+                .into_inner()
+                .hash,
+        );
+    }
+    Ok(out)
+}
+
+/// Writes 300 keys (the first 50 twice) and a marker; returns the marker's revision once every
+/// member holds it.
+async fn write_data(dns: &Dns) -> anyhow::Result<i64> {
+    for i in 0..300 {
+        put(
+            &dns.client_url(i % 3),
+            &format!("k{i:03}"),
+            &format!("v{i}"),
+        )
+        .await?;
+    }
+    for i in 0..50 {
+        put(
+            &dns.client_url(i % 3),
+            &format!("k{i:03}"),
+            &format!("w{i}"),
+        )
+        .await?;
+    }
+    let revision = put(&dns.client_url(0), "marker", "before").await?;
+    converged(dns, &[0, 1, 2], "marker", "before", revision).await?;
+    Ok(revision)
+}
+
+/// `n` more keys through one connection.
+async fn bulk_load(url: &str, n: usize) -> anyhow::Result<()> {
+    let mut kv = KvClient::connect(url.to_string()).await?;
+    for i in 0..n {
+        let request = PutRequest {
+            key: format!("bulk/{i:05}").into_bytes().into(),
+            value: vec![b'x'; 100].into(),
+            ..Default::default()
+        };
+        kv.put(request).await?;
+    }
+    Ok(())
+}
+
+/// Every member still holds what [`write_data`] wrote.
+async fn data_intact(dns: &Dns) -> anyhow::Result<()> {
+    for o in 0..3 {
+        let url = dns.client_url(o);
+        for (key, value) in [
+            ("k000", "w0"),
+            ("k049", "w49"),
+            ("k050", "v50"),
+            ("k173", "v173"),
+            ("k299", "v299"),
+            ("marker", "before"),
+        ] {
+            assert_eq!(
+                local_get(&url, key).await?.as_deref(),
+                Some(value),
+                "{key} on member {o}"
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Each member's (storage format written, re-encoding pending), asked directly.
+async fn formats(dns: &Dns) -> anyhow::Result<Vec<(u32, bool)>> {
+    let mut out = Vec::new();
+    for o in 0..3 {
+        let s = server_status(&dns.client_url(o)).await?;
+        out.push((s.storage_format, s.storage_migration_pending));
+    }
+    Ok(out)
+}
+
+fn condition_of(
+    status: &MetaStoreClusterStatus,
+    type_: ConditionType,
+) -> anyhow::Result<(ConditionStatus, String, String)> {
+    let c = status
+        .conditions
+        .iter()
+        .find(|c| c.type_ == type_)
+        .with_context(|| format!("no {type_:?} condition"))?;
+    Ok((c.status, c.reason.clone(), c.message.clone()))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn format_migration_runs_metastore_ctl_and_records_format_2_on_every_member(
+) -> anyhow::Result<()> {
+    let Some(bin) = binaries_with_ctl_or_skip() else {
+        return Ok(());
+    };
+    let mut spec = dev_spec(3);
+    // Re-encoding throttled to 500 records a second (in batches of 1000), and enough records
+    // for three batches below: it takes seconds, and the operator sees the members switched
+    // but not done.
+    spec.config
+        .insert("experimental-storage-migration-rate".into(), "500".into());
+    let (mut kube, mut op) = bootstrap_with(bin, spec, |_| {}).await?;
+    let dns = op.api.dns.clone();
+
+    // Created at format 1, the cluster runs at format 1: the ConfigMap feeds the StatefulSet's
+    // `--storage-format=$(STORAGE_FORMAT)`.
+    assert_eq!(
+        kube.config.get("storage-format").map(String::as_str),
+        Some("1")
+    );
+    assert_eq!(formats(&dns).await?, [(1, false); 3]);
+    let reported = server_status(&dns.client_url(0)).await?;
+    ensure!(
+        Version::parse(&reported.server_version).is_some(),
+        "the server reports its release: {:?}",
+        reported.server_version
+    );
+    assert_eq!(reported.supported_storage_formats, [1, 2]);
+    let status = op.cluster.status.clone().context("status")?;
+    assert_eq!(status.current_format_version, Some(1));
+    assert_eq!(
+        status.current_version.as_deref(),
+        Some(reported.server_version.as_str()),
+        "the image tag names no version: the servers' report"
+    );
+    for m in &status.members {
+        assert_eq!(m.format_version, Some(1), "{}", m.name);
+        assert_eq!(
+            m.version.as_deref(),
+            Some(reported.server_version.as_str()),
+            "{}",
+            m.name
+        );
+    }
+
+    bulk_load(&dns.client_url(2), 2500).await?;
+    let revision = write_data(&dns).await?;
+    let before = hashes(&dns, revision).await?;
+    ensure!(before.iter().all(|h| *h == before[0]), "{before:?}");
+
+    // formatVersion 1 -> 2: the Job runs `metastore-ctl migrate --to=2 --wait`, the operator
+    // follows it and the members, and records the result.
+    let (seen_statuses, seen_events) = (op.statuses.len(), op.events.len());
+    op.edit(|s| s.storage.format_version = 2);
+    let taken = op.converge(&mut kube, "migration to format 2").await?;
+    assert_eq!(actions(&taken), [Action::StartMigrationJob { to: 2 }]);
+
+    // The Job ran as rendered, once, and succeeded.
+    let image = "ghcr.io/metastore/metastore:dev";
+    let rendered = Renderer::new(&op.cluster)?.migration_job(2, image);
+    let rendered_args: Vec<String> = rendered
+        .spec
+        .as_ref()
+        .and_then(|s| s.template.spec.as_ref())
+        .and_then(|p| p.containers.first())
+        .and_then(|c| c.args.clone())
+        .context("Job args")?;
+    assert_eq!(
+        rendered_args,
+        [
+            "migrate",
+            "--to=2",
+            "--wait",
+            "--endpoints=http://demo-client.db.svc:2379"
+        ]
+    );
+    assert_eq!(
+        kube.jobs.keys().collect::<Vec<_>>(),
+        ["demo-migrate-v2"],
+        "one Job"
+    );
+    let run = &kube.jobs["demo-migrate-v2"];
+    assert_eq!(
+        run.args,
+        rendered_args
+            .iter()
+            .map(|a| dns.resolve(a))
+            .collect::<Vec<_>>()
+    );
+    assert_eq!(run.failures, 0, "{}", kube.logs());
+    assert_eq!(
+        run.job.status.as_ref().and_then(|s| s.succeeded),
+        Some(1),
+        "{}",
+        kube.logs()
+    );
+
+    // Status while it ran: Migrating, the workflow recorded; then done.
+    let during = &op.statuses[seen_statuses..];
+    let migrating = during
+        .iter()
+        .position(|s| s.phase == Some(Phase::Migrating))
+        .context("a Migrating phase")?;
+    let first = &during[migrating];
+    assert_eq!(
+        condition_of(first, ConditionType::Migrating)?.0,
+        ConditionStatus::True
+    );
+    assert_eq!(
+        condition_of(first, ConditionType::Migrating)?.1,
+        "Migrating"
+    );
+    let wf = first.workflow.as_ref().context("workflow recorded")?;
+    assert_eq!(
+        (wf.kind, wf.target.as_str(), wf.from.as_deref()),
+        (WorkflowKind::Migration, "2", Some("1"))
+    );
+    let running_job: Vec<&MetaStoreClusterStatus> = during[migrating..]
+        .iter()
+        .take_while(|s| s.phase == Some(Phase::Migrating))
+        .collect();
+    ensure!(
+        running_job
+            .iter()
+            .all(|s| s.current_format_version == Some(1)),
+        "format 2 is recorded only once reached"
+    );
+    // The members' own progress was followed: switched (writing format 2) while still
+    // re-encoding, before the cluster counted as migrated.
+    ensure!(
+        running_job
+            .iter()
+            .any(|s| s.members.len() == 3 && s.members.iter().all(|m| m.format_version == Some(2))),
+        "no reconcile saw the members switched before the end: {running_job:#?}"
+    );
+    let status = op.cluster.status.clone().context("status")?;
+    assert_eq!(status.phase, Some(Phase::Running));
+    assert_eq!(status.workflow, None);
+    assert_eq!(status.current_format_version, Some(2));
+    assert_eq!(
+        status.format_version_since.as_deref(),
+        Some(reported.server_version.as_str()),
+        "no downgrade below the release that moved the format"
+    );
+    let (migrating_now, reason, _) = condition_of(&status, ConditionType::Migrating)?;
+    assert_eq!(
+        (migrating_now, reason.as_str()),
+        (ConditionStatus::False, "Idle")
+    );
+    assert_eq!(
+        condition_of(&status, ConditionType::Degraded)?.0,
+        ConditionStatus::False
+    );
+    assert_eq!(status.members.len(), 3);
+    for m in &status.members {
+        assert_eq!(m.format_version, Some(2), "{}", m.name);
+        assert!(m.healthy, "{}", m.name);
+    }
+    let published: Vec<(bool, &str)> = op.events[seen_events..]
+        .iter()
+        .map(|e| (e.warning, e.reason.as_str()))
+        .collect();
+    assert_eq!(
+        published,
+        [(false, "StartMigration"), (false, "MigrationComplete")]
+    );
+
+    // The members agree: format 2 everywhere, nothing left to re-encode, the data intact.
+    assert_eq!(formats(&dns).await?, [(2, false); 3]);
+    data_intact(&dns).await?;
+    let after = hashes(&dns, revision).await?;
+    assert_eq!(after, before, "HashKV at the same revision is unchanged");
+    let revision = put(&dns.client_url(1), "after-migration", "1").await?;
+    converged(&dns, &[0, 1, 2], "after-migration", "1", revision).await?;
+
+    // Pods restarted from now on are started at format 2.
+    op.reconcile(&mut kube).await?;
+    assert_eq!(
+        kube.config.get("storage-format").map(String::as_str),
+        Some("2")
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn format_migration_waits_for_a_member_whose_binary_lacks_the_format() -> anyhow::Result<()> {
+    let Some(bin) = binaries_with_ctl_or_skip() else {
+        return Ok(());
+    };
+    // demo-1's node runs a binary that knows format 1 only.
+    let older = vec!["--max-storage-format=1".to_string()];
+    let (mut kube, mut op) = bootstrap_with(bin, dev_spec(3), |k| {
+        k.extra_args.insert(1, older);
+    })
+    .await?;
+    let dns = op.api.dns.clone();
+    assert_eq!(
+        server_status(&dns.client_url(1))
+            .await?
+            .supported_storage_formats,
+        [1]
+    );
+    write_data(&dns).await?;
+
+    op.edit(|s| s.storage.format_version = 2);
+    let refused = Action::RefuseWithCondition(Refusal::FormatUnsupported {
+        member: "demo-1".into(),
+        to: 2,
+    });
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let (decision, _) = op.reconcile(&mut kube).await?;
+        if decision.action == refused {
+            break;
+        }
+        ensure!(Instant::now() < deadline, "last: {}", decision.action);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let status = op.cluster.status.clone().context("status")?;
+    assert_eq!(status.phase, Some(Phase::Degraded));
+    let (degraded, reason, message) = condition_of(&status, ConditionType::Degraded)?;
+    assert_eq!(
+        (degraded, reason.as_str()),
+        (ConditionStatus::True, "FormatUnsupported")
+    );
+    ensure!(
+        message.contains("demo-1") && message.contains("storage format 2"),
+        "the condition says why: {message}"
+    );
+    assert_eq!(
+        condition_of(&status, ConditionType::Migrating)?.0,
+        ConditionStatus::False
+    );
+    assert_eq!(status.current_format_version, Some(1));
+    ensure!(kube.jobs.is_empty(), "no migration Job");
+    // Said once, not on every reconcile.
+    let (decision, _) = op.reconcile(&mut kube).await?;
+    assert_eq!(decision.action, refused);
+    let warnings: Vec<&str> = op
+        .events
+        .iter()
+        .filter(|e| e.warning)
+        .map(|e| e.reason.as_str())
+        .collect();
+    assert_eq!(warnings, ["FormatUnsupported"]);
+    ensure!(kube.jobs.is_empty(), "no migration Job");
+    assert_eq!(formats(&dns).await?, [(1, false); 3]);
+    data_intact(&dns).await?;
+
+    // The node gets the current binary: once demo-1 reports format 2, the migration runs.
+    kube.extra_args.remove(&1);
+    kube.delete_pod("demo-1")?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let formats = server_status(&dns.client_url(1))
+            .await
+            .map(|s| s.supported_storage_formats)
+            .unwrap_or_default();
+        if formats == [1, 2] {
+            break;
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "demo-1 did not come back{}",
+            kube.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let taken = op
+        .converge(&mut kube, "migration after the upgrade")
+        .await?;
+    assert_eq!(actions(&taken), [Action::StartMigrationJob { to: 2 }]);
+    let status = op.cluster.status.clone().context("status")?;
+    assert_eq!(status.current_format_version, Some(2));
+    assert_eq!(
+        condition_of(&status, ConditionType::Degraded)?.0,
+        ConditionStatus::False
+    );
+    assert_eq!(formats(&dns).await?, [(2, false); 3]);
+    data_intact(&dns).await?;
     Ok(())
 }

@@ -316,7 +316,6 @@ impl Store {
     /// same data gives the same hash on every member and after a restart.
     pub fn hash_kv(&self, rev: i64) -> Result<(u32, i64, i64)> {
         let current = self.current_revision();
-        let snap = self.engine.snapshot();
         let compact = self.compact_revision();
         // etcd's HashByRev: a positive revision at or below the compacted one is compacted
         // (even the compacted revision itself, unlike a Range); 0 means current; a negative

@@ -16,6 +16,14 @@ use crate::apply::Command;
 use crate::storage::snapshot::{write_chunks, Chunk, SnapshotError};
 use crate::storage::Error as StorageError;
 
+/// The MetaStore release this binary reports in Status (`server_version`): the crate version,
+/// or `METASTORE_VERSION` when set at build time (release images are built with their tag's
+/// version, which the operator compares against `spec.version`).
+pub const RELEASE: &str = match option_env!("METASTORE_VERSION") {
+    Some(v) => v,
+    None => env!("CARGO_PKG_VERSION"),
+};
+
 /// Snapshot chunk size, as etcd's `snapshotSendBufferSize`.
 const SNAPSHOT_CHUNK_BYTES: usize = 32 * 1024;
 /// Chunks queued between the producing thread and the stream: memory stays bounded whatever
@@ -46,6 +54,7 @@ fn storage_migration_status(n: &super::node::Node) -> StatusResponse {
             .iter()
             .map(|f| u32::from(*f))
             .collect(),
+        server_version: RELEASE.to_string(),
         ..Default::default()
     }
 }
