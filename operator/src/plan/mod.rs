@@ -174,9 +174,9 @@ pub enum WaitReason {
 /// Why the cluster is Degraded.
 ///
 /// Quorum loss recovery (see `operator/README.md`): bring the missing members' pods back if
-/// their volumes survive; otherwise restore from a snapshot into a new cluster
-/// (`metastore-ctl snapshot restore`) and point clients at it. The operator never forces a new
-/// cluster out of a minority on its own.
+/// their volumes survive; otherwise restore from a snapshot into a new cluster (`etcdctl
+/// snapshot save`, then `metastore snapshot restore`) and point clients at it. The operator
+/// never forces a new cluster out of a minority on its own.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum DegradedReason {
     /// Fewer than a majority of voters are healthy: the cluster cannot commit writes.
