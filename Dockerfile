@@ -60,7 +60,7 @@ WORKDIR /src
 COPY . .
 RUN cargo build --release --locked --bin metastore --bin metastore-ctl --bin metastore-operator \
  && mkdir -p /out \
- && cp target/release/metastore target/release/metastore-ctl target/release/metastore-operator /out/
+ && for b in metastore metastore-ctl metastore-operator; do strip --strip-debug -o /out/$b target/release/$b; done
 
 # ---- runtime from the build stage (the default target: the last stage) -------------------
 FROM runtime-base AS runtime

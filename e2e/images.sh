@@ -50,6 +50,15 @@ done
 exec 9>"${TMPDIR:-/tmp}/metastore-images.lock"
 flock 9
 
+# The release profile keeps line tables for backtraces and profiles; the image does not need
+# them (they triple its size). Stage stripped copies and build from those.
+STAGE="$(mktemp -d "${TMPDIR:-/tmp}/metastore-bin.XXXXXX")"
+trap 'rm -rf "$STAGE"' EXIT
+for b in metastore metastore-ctl metastore-operator; do
+  strip --strip-debug -o "$STAGE/$b" "$BIN_DIR/$b"
+done
+BIN_DIR="$STAGE"
+
 debian_mirror() {
   if [[ -n "${DEBIAN_MIRROR:-}" ]]; then echo "$DEBIAN_MIRROR"; return; fi
   local m
@@ -109,7 +118,7 @@ else
     [[ "$owner" = images.sh ]] || die "an image bin:latest exists that images.sh did not make; remove it and retry"
     docker rmi -f bin:latest >/dev/null
   fi
-  trap 'docker rmi -f bin:latest >/dev/null 2>&1 || true' EXIT
+  trap 'docker rmi -f bin:latest >/dev/null 2>&1 || true; rm -rf "$STAGE"' EXIT
   tar --numeric-owner --owner=0 --group=0 -C "$BIN_DIR" -c metastore metastore-ctl metastore-operator \
     | docker import --change 'LABEL io.metastore.e2e=images.sh' \
         --message "metastore binaries (e2e/images.sh, temporary)" - bin:latest >/dev/null
@@ -117,7 +126,7 @@ else
   DOCKER_BUILDKIT=0 docker build --target runtime-prebuilt \
     --build-arg "DEBIAN=$BASE_IMAGE" ${label_args[@]+"${label_args[@]}"} -t "$IMAGE" .
   docker rmi -f bin:latest >/dev/null 2>&1 || true
-  trap - EXIT
+  trap 'rm -rf "$STAGE"' EXIT
 fi
 docker image inspect "$IMAGE" >/dev/null || die "docker build did not produce $IMAGE"
 log "image $IMAGE built in $(since "$start") s"

@@ -14,6 +14,8 @@
 //! - [`server`]: configuration, the write pipeline (group commit), the tonic services, the
 //!   error → gRPC status table, HTTP endpoints and metrics.
 //! - [`restore`]: `metastore snapshot restore/status`, offline tools over snapshot files.
+//! - [`tls`]: TLS on the client and peer ports (rustls), certificates reread on change, TLS
+//!   clients for `https://` peers; used by [`server`] and the peer network in [`raft`].
 //!
 //! `docs/ARCHITECTURE.md` walks a Put through these layers.
 
@@ -25,4 +27,5 @@ pub mod raft;
 pub mod restore;
 pub mod server;
 pub mod storage;
+pub mod tls;
 pub mod watch;

@@ -11,8 +11,13 @@
 //! member (their client URLs from `MemberList`), printing progress, and exits 0 only once every
 //! member writes `N` and holds no record in another format. The operator's migration Job runs
 //! `metastore-ctl migrate --to=N --wait --endpoints=<client Service>`.
+//!
+//! `https://` endpoints are dialled with TLS: `--cacert` verifies the server, `--cert` and
+//! `--key` are presented as the client certificate (etcdctl's flags).
 
 use std::time::{Duration, Instant};
+
+use std::sync::Arc;
 
 use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
@@ -21,12 +26,13 @@ use metastore_proto::etcdserverpb::maintenance_client::MaintenanceClient;
 use metastore_proto::etcdserverpb::{MemberListRequest, StatusRequest, StatusResponse};
 use metastore_proto::metastorepb::migration_client::MigrationClient;
 use metastore_proto::metastorepb::SetStorageFormatRequest;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 use tonic::Code;
 
 #[derive(Debug, Parser)]
 #[command(
     name = "metastore-ctl",
+    version,
     about = "Operations on a running MetaStore cluster"
 )]
 struct Cli {
@@ -62,14 +68,51 @@ struct MigrateArgs {
     #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
     poll_interval: Duration,
 
-    /// Client TLS files (accepted for the operator's Job; TLS is not supported yet, as by the
-    /// server: an https endpoint is refused).
+    /// CA bundle (PEM) that verifies https:// endpoints.
     #[arg(long)]
-    cacert: Option<String>,
-    #[arg(long)]
-    cert: Option<String>,
-    #[arg(long)]
-    key: Option<String>,
+    cacert: Option<std::path::PathBuf>,
+    /// Client certificate (PEM) presented to https:// endpoints (with --key).
+    #[arg(long, requires = "key")]
+    cert: Option<std::path::PathBuf>,
+    /// The client certificate's private key (PEM).
+    #[arg(long, requires = "cert")]
+    key: Option<std::path::PathBuf>,
+}
+
+/// How to reach the endpoints: TLS settings for `https://` ones.
+#[derive(Clone, Default)]
+struct Dialer {
+    tls: Option<Arc<rustls::ClientConfig>>,
+}
+
+impl Dialer {
+    fn new(args: &MigrateArgs) -> anyhow::Result<Self> {
+        let Some(ca) = &args.cacert else {
+            if args.cert.is_some() {
+                bail!("--cert needs --cacert to verify the server");
+            }
+            return Ok(Self::default());
+        };
+        let policy = metastore::tls::TlsPolicy::default();
+        let identity = match (&args.cert, &args.key) {
+            (Some(cert), Some(key)) => Some(Arc::new(metastore::tls::ReloadingCert::load(
+                cert,
+                key,
+                policy.provider(),
+            )?)),
+            _ => None,
+        };
+        Ok(Self {
+            tls: Some(policy.client_config(ca, identity)?),
+        })
+    }
+
+    fn channel(&self, url: &str) -> anyhow::Result<Channel> {
+        Ok(metastore::tls::lazy_channel(url, self.tls.as_ref(), |e| {
+            e.connect_timeout(Duration::from_secs(3))
+                .timeout(Duration::from_secs(30))
+        })?)
+    }
 }
 
 fn main() -> std::process::ExitCode {
@@ -103,43 +146,38 @@ fn endpoint_url(e: &str) -> anyhow::Result<String> {
     } else {
         format!("http://{e}")
     };
-    if url.starts_with("https://") {
-        bail!("{url}: TLS endpoints are not supported yet");
-    }
     Ok(url)
-}
-
-fn channel(url: &str) -> anyhow::Result<Channel> {
-    Ok(Endpoint::from_shared(url.to_string())
-        .with_context(|| format!("bad endpoint {url}"))?
-        .connect_timeout(Duration::from_secs(3))
-        .timeout(Duration::from_secs(30))
-        .connect_lazy())
 }
 
 async fn migrate(args: MigrateArgs) -> anyhow::Result<()> {
     let deadline = Instant::now() + args.timeout;
+    let dialer = Dialer::new(&args).context("client TLS")?;
     let endpoints = args
         .endpoints
         .iter()
         .map(|e| endpoint_url(e))
         .collect::<anyhow::Result<Vec<_>>>()?;
-    switch(&endpoints, args.to, deadline).await?;
+    switch(&dialer, &endpoints, args.to, deadline).await?;
     println!("the cluster writes storage format {} from now on", args.to);
     if !args.wait {
         println!("members re-encode their older records in the background (--wait follows them)");
         return Ok(());
     }
-    wait_done(&endpoints, args.to, deadline, args.poll_interval).await
+    wait_done(&dialer, &endpoints, args.to, deadline, args.poll_interval).await
 }
 
 /// Asks the endpoints in turn to switch, retrying while none can (no leader yet, a member
 /// restarting) until the deadline. A refusal (a member without the format) ends it at once.
-async fn switch(endpoints: &[String], to: u32, deadline: Instant) -> anyhow::Result<()> {
+async fn switch(
+    dialer: &Dialer,
+    endpoints: &[String],
+    to: u32,
+    deadline: Instant,
+) -> anyhow::Result<()> {
     let mut last = String::new();
     loop {
         for url in endpoints {
-            let mut client = MigrationClient::new(channel(url)?);
+            let mut client = MigrationClient::new(dialer.channel(url)?);
             match client
                 .set_storage_format(SetStorageFormatRequest { to })
                 .await
@@ -188,6 +226,7 @@ fn describe(s: &StatusResponse, to: u32) -> MemberState {
 }
 
 async fn wait_done(
+    dialer: &Dialer,
     endpoints: &[String],
     to: u32,
     deadline: Instant,
@@ -196,14 +235,14 @@ async fn wait_done(
     loop {
         let mut lines = Vec::new();
         let mut all_done = false;
-        match members(endpoints).await {
+        match members(dialer, endpoints).await {
             Err(e) => lines.push(format!("cannot list the members: {e:#}")),
             Ok(members) => {
                 all_done = !members.is_empty();
                 for (name, url) in members {
                     let state = match url {
                         None => MemberState::Busy("no client URL published yet".into()),
-                        Some(url) => match status(&url).await {
+                        Some(url) => match status(dialer, &url).await {
                             Ok(s) => describe(&s, to),
                             Err(e) => MemberState::Busy(format!("unreachable ({e:#})")),
                         },
@@ -237,10 +276,13 @@ async fn wait_done(
 }
 
 /// The members as `(name, first client URL)`, from the first endpoint that answers.
-async fn members(endpoints: &[String]) -> anyhow::Result<Vec<(String, Option<String>)>> {
+async fn members(
+    dialer: &Dialer,
+    endpoints: &[String],
+) -> anyhow::Result<Vec<(String, Option<String>)>> {
     let mut last = None;
     for url in endpoints {
-        let mut c = ClusterClient::new(channel(url)?);
+        let mut c = ClusterClient::new(dialer.channel(url)?);
         match c
             .member_list(MemberListRequest {
                 linearizable: false,
@@ -273,8 +315,8 @@ async fn members(endpoints: &[String]) -> anyhow::Result<Vec<(String, Option<Str
     Err(last.unwrap_or_else(|| anyhow::anyhow!("no endpoint")))
 }
 
-async fn status(url: &str) -> anyhow::Result<StatusResponse> {
-    let mut c = MaintenanceClient::new(channel(url)?);
+async fn status(dialer: &Dialer, url: &str) -> anyhow::Result<StatusResponse> {
+    let mut c = MaintenanceClient::new(dialer.channel(url)?);
     let mut req = tonic::Request::new(StatusRequest {});
     req.set_timeout(Duration::from_secs(5));
     Ok(c.status(req)

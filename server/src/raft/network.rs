@@ -2,7 +2,9 @@
 //!
 //! Channels connect lazily and resolve the peer's host name on every connection attempt, so a
 //! member can name peers whose DNS records do not exist yet (StatefulSet pods start before
-//! their records appear); openraft retries unreachable peers with backoff.
+//! their records appear); openraft retries unreachable peers with backoff. An `https://` peer
+//! URL is dialled with TLS ([`crate::tls::lazy_channel`]): the peer's certificate is verified
+//! against `--peer-trusted-ca-file` and this member presents its `--peer-cert-file`.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -20,6 +22,7 @@ use openraft::raft::{
     VoteRequest, VoteResponse,
 };
 use openraft::SnapshotSegmentId;
+use rustls::ClientConfig;
 use tonic::transport::{Channel, Endpoint};
 use tonic::Code;
 
@@ -31,15 +34,22 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 
 pub type Client = RaftClient<Channel>;
 
-/// A lazily connecting client for `url`.
-pub fn client(url: &str, connect_timeout: Duration) -> Result<Client, String> {
-    let endpoint = Endpoint::from_shared(url.to_string())
-        .map_err(|e| format!("bad peer URL {url}: {e}"))?
-        .connect_timeout(connect_timeout)
-        .tcp_nodelay(true)
-        .http2_keep_alive_interval(Duration::from_secs(10))
-        .keep_alive_timeout(Duration::from_secs(5));
-    Ok(RaftClient::new(endpoint.connect_lazy())
+/// A lazily connecting client for `url`; `tls` is used for an `https://` URL.
+pub fn client(
+    url: &str,
+    connect_timeout: Duration,
+    tls: Option<&Arc<ClientConfig>>,
+) -> Result<Client, String> {
+    let configure = |endpoint: Endpoint| {
+        endpoint
+            .connect_timeout(connect_timeout)
+            .tcp_nodelay(true)
+            .http2_keep_alive_interval(Duration::from_secs(10))
+            .keep_alive_timeout(Duration::from_secs(5))
+    };
+    let channel = crate::tls::lazy_channel(url, tls, configure)
+        .map_err(|e| format!("bad peer URL {url}: {e}"))?;
+    Ok(RaftClient::new(channel)
         .max_decoding_message_size(usize::MAX)
         .max_encoding_message_size(usize::MAX))
 }
@@ -49,21 +59,25 @@ pub fn client(url: &str, connect_timeout: Duration) -> Result<Client, String> {
 pub struct Peers {
     clients: Arc<Mutex<HashMap<String, Client>>>,
     connect_timeout: Duration,
+    /// For `https://` peer URLs.
+    tls: Option<Arc<ClientConfig>>,
 }
 
 impl Default for Peers {
     fn default() -> Self {
-        Self::new(CONNECT_TIMEOUT)
+        Self::new(CONNECT_TIMEOUT, None)
     }
 }
 
 impl Peers {
     /// Clients whose connection attempts give up after `connect_timeout` (a peer that does
-    /// not answer within an election timeout is as good as gone).
-    pub fn new(connect_timeout: Duration) -> Self {
+    /// not answer within an election timeout is as good as gone), dialling `https://` peers
+    /// with `tls`.
+    pub fn new(connect_timeout: Duration, tls: Option<Arc<ClientConfig>>) -> Self {
         Self {
             clients: Arc::default(),
             connect_timeout,
+            tls,
         }
     }
 
@@ -84,7 +98,7 @@ impl Peers {
         if let Some(c) = clients.get(url) {
             return Ok(c.clone());
         }
-        let c = client(url, self.connect_timeout)?;
+        let c = client(url, self.connect_timeout, self.tls.as_ref())?;
         clients.insert(url.to_string(), c.clone());
         Ok(c)
     }

@@ -145,6 +145,56 @@ pub struct Config {
     #[arg(long, env = "METASTORE_LISTEN_METRICS_URLS", value_delimiter = ',')]
     pub listen_metrics_urls: Vec<Url>,
 
+    /// Client TLS certificate file (PEM, the chain leaf first); served on https:// client
+    /// URLs and reread when it changes.
+    #[arg(long, env = "METASTORE_CERT_FILE")]
+    pub cert_file: Option<PathBuf>,
+
+    /// Client TLS private key file (PEM); reread when it changes.
+    #[arg(long, env = "METASTORE_KEY_FILE")]
+    pub key_file: Option<PathBuf>,
+
+    /// CA certificates (PEM) that client certificates must chain to, with --client-cert-auth.
+    #[arg(long, env = "METASTORE_TRUSTED_CA_FILE")]
+    pub trusted_ca_file: Option<PathBuf>,
+
+    /// Require a client certificate signed by --trusted-ca-file on https:// client URLs.
+    #[arg(long, env = "METASTORE_CLIENT_CERT_AUTH", action = ArgAction::Set, num_args = 0..=1,
+          default_value_t = false, default_missing_value = "true")]
+    pub client_cert_auth: bool,
+
+    /// Peer TLS certificate file (PEM): served on https:// peer URLs and presented to other
+    /// members; reread when it changes.
+    #[arg(long, env = "METASTORE_PEER_CERT_FILE")]
+    pub peer_cert_file: Option<PathBuf>,
+
+    /// Peer TLS private key file (PEM); reread when it changes.
+    #[arg(long, env = "METASTORE_PEER_KEY_FILE")]
+    pub peer_key_file: Option<PathBuf>,
+
+    /// CA certificates (PEM) that other members' peer certificates must chain to.
+    #[arg(long, env = "METASTORE_PEER_TRUSTED_CA_FILE")]
+    pub peer_trusted_ca_file: Option<PathBuf>,
+
+    /// Require a peer certificate signed by --peer-trusted-ca-file on https:// peer URLs.
+    #[arg(long, env = "METASTORE_PEER_CLIENT_CERT_AUTH", action = ArgAction::Set,
+          num_args = 0..=1, default_value_t = false, default_missing_value = "true")]
+    pub peer_client_cert_auth: bool,
+
+    /// TLS 1.2 cipher suites allowed on client and peer TLS, by Go's names as etcd takes them
+    /// (e.g. TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256) [default: every suite rustls implements].
+    /// TLS 1.3 suites are always enabled.
+    #[arg(long, env = "METASTORE_CIPHER_SUITES", value_delimiter = ',')]
+    pub cipher_suites: Vec<String>,
+
+    /// Minimum TLS version for client and peer TLS: TLS1.2 or TLS1.3.
+    #[arg(long, env = "METASTORE_TLS_MIN_VERSION", default_value = "TLS1.2")]
+    pub tls_min_version: String,
+
+    /// Maximum TLS version for client and peer TLS: TLS1.2 or TLS1.3 [default: TLS1.3].
+    #[arg(long, env = "METASTORE_TLS_MAX_VERSION")]
+    pub tls_max_version: Option<String>,
+
     /// Storage engine.
     #[arg(long, env = "METASTORE_ENGINE", value_enum, default_value = "rocksdb")]
     pub engine: EngineKind,
@@ -205,6 +255,8 @@ pub enum ConfigError {
     File { path: PathBuf, reason: String },
     #[error("invalid configuration: {0}")]
     Invalid(String),
+    #[error("invalid TLS configuration: {0}")]
+    Tls(#[from] crate::tls::TlsError),
 }
 
 impl Config {
@@ -329,18 +381,15 @@ impl Config {
         if self.listen_client_urls.is_empty() {
             return Err(ConfigError::Invalid("--listen-client-urls is empty".into()));
         }
-        for u in self
-            .listen_client_urls
-            .iter()
-            .chain(&self.listen_metrics_urls)
-        {
+        for u in &self.listen_metrics_urls {
             if u.scheme() != "http" {
                 return Err(ConfigError::Invalid(format!(
-                    "{u}: only http:// URLs are supported until TLS lands"
+                    "--listen-metrics-urls {u}: only http:// is supported"
                 )));
             }
         }
         let members = self.initial_cluster_members()?;
+        self.validate_tls(&members)?;
         if !members.iter().any(|(n, _)| n == &self.name) {
             return Err(ConfigError::Invalid(format!(
                 "--initial-cluster has no member named {:?} (this member's --name)",
@@ -361,6 +410,75 @@ impl Config {
             )));
         }
         Ok(())
+    }
+
+    /// The scheme of each URL decides whether it uses TLS (as in etcd); an https:// URL needs
+    /// the files to serve or verify it.
+    fn validate_tls(&self, members: &[(String, Url)]) -> Result<(), ConfigError> {
+        let scheme_ok = |flag: &str, u: &Url| match u.scheme() {
+            "http" | "https" => Ok(()),
+            other => Err(ConfigError::Invalid(format!(
+                "{flag} {u}: unsupported scheme {other:?} (expected http or https)"
+            ))),
+        };
+        let missing = |what: &str| ConfigError::Invalid(what.to_string());
+        for u in &self.listen_client_urls {
+            scheme_ok("--listen-client-urls", u)?;
+            if u.scheme() == "https" {
+                if self.cert_file.is_none() || self.key_file.is_none() {
+                    return Err(missing(&format!(
+                        "TLS key/cert (--cert-file, --key-file) must be provided for client url {u}"
+                    )));
+                }
+                if self.client_cert_auth && self.trusted_ca_file.is_none() {
+                    return Err(missing(
+                        "--client-cert-auth needs --trusted-ca-file to verify client certificates",
+                    ));
+                }
+            }
+        }
+        for u in &self.listen_peer_urls {
+            scheme_ok("--listen-peer-urls", u)?;
+            if u.scheme() == "https" {
+                if self.peer_cert_file.is_none() || self.peer_key_file.is_none() {
+                    return Err(missing(&format!(
+                        "TLS key/cert (--peer-cert-file, --peer-key-file) must be provided for \
+                         peer url {u}"
+                    )));
+                }
+                if self.peer_client_cert_auth && self.peer_trusted_ca_file.is_none() {
+                    return Err(missing(
+                        "--peer-client-cert-auth needs --peer-trusted-ca-file to verify peer \
+                         certificates",
+                    ));
+                }
+            }
+        }
+        let peer_urls = self
+            .initial_advertise_peer_urls
+            .iter()
+            .map(|u| ("--initial-advertise-peer-urls", u))
+            .chain(members.iter().map(|(_, u)| ("--initial-cluster", u)));
+        for (flag, u) in peer_urls {
+            scheme_ok(flag, u)?;
+            if u.scheme() == "https" && self.peer_trusted_ca_file.is_none() {
+                return Err(missing(&format!(
+                    "{flag} {u}: https peer URLs need --peer-trusted-ca-file to verify the other \
+                     members"
+                )));
+            }
+        }
+        self.tls_policy()?;
+        Ok(())
+    }
+
+    /// `--cipher-suites`, `--tls-min-version`, `--tls-max-version`.
+    pub fn tls_policy(&self) -> Result<crate::tls::TlsPolicy, crate::tls::TlsError> {
+        crate::tls::TlsPolicy::parse(
+            &self.cipher_suites,
+            &self.tls_min_version,
+            self.tls_max_version.as_deref().unwrap_or_default(),
+        )
     }
 
     /// The backend quota in bytes (`--quota-backend-bytes`, 0: the 2 GiB default).
@@ -512,6 +630,62 @@ mod tests {
             "a=http://127.0.0.1:2380,b=http://127.0.0.1:2381",
         ])?;
         assert_eq!(c.initial_cluster_members()?.len(), 2);
+        Ok(())
+    }
+
+    #[test]
+    fn tls_flags_as_etcd_takes_them() -> anyhow::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let file = dir.path().join("c.yaml");
+        std::fs::write(
+            &file,
+            "listen-client-urls: https://127.0.0.1:2379\n\
+             cert-file: /tls/server.crt\nkey-file: /tls/server.key\n\
+             trusted-ca-file: /tls/ca.crt\nclient-cert-auth: true\n\
+             cipher-suites: [TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256, \
+             TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256]\ntls-min-version: TLS1.2\n",
+        )?;
+        let c = Config::load([
+            "metastore",
+            "--config-file",
+            file.to_str().unwrap_or_default(),
+        ])?;
+        assert_eq!(c.cert_file, Some(PathBuf::from("/tls/server.crt")));
+        assert!(c.client_cert_auth);
+        assert_eq!(c.cipher_suites.len(), 2);
+        assert!(!c.peer_client_cert_auth);
+        // Bare boolean flags, as the operator passes them.
+        let c = Config::load([
+            "metastore",
+            "--listen-peer-urls",
+            "https://127.0.0.1:2380",
+            "--initial-advertise-peer-urls",
+            "https://127.0.0.1:2380",
+            "--peer-cert-file",
+            "/p.crt",
+            "--peer-key-file",
+            "/p.key",
+            "--peer-trusted-ca-file",
+            "/ca.crt",
+            "--peer-client-cert-auth",
+        ])?;
+        assert!(c.peer_client_cert_auth);
+        let e = Config::load([
+            "metastore",
+            "--initial-advertise-peer-urls",
+            "https://127.0.0.1:2380",
+        ])
+        .map(|_| ())
+        .expect_err("must fail");
+        assert!(e.to_string().contains("--peer-trusted-ca-file"), "{e}");
+        let e = Config::load([
+            "metastore",
+            "--listen-metrics-urls",
+            "https://127.0.0.1:2381",
+        ])
+        .map(|_| ())
+        .expect_err("must fail");
+        assert!(e.to_string().contains("only http://"), "{e}");
         Ok(())
     }
 

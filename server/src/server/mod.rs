@@ -9,6 +9,8 @@
 //! - [`status`]: the one error → gRPC status table.
 //! - [`http`], [`metrics`]: `/health`, `/version`, `/metrics`; per-RPC metrics.
 //! - [`member`]: etcd-compatible member and cluster ids.
+//! - [`tls_setup`]: the TLS configurations of the listeners and peer clients (see
+//!   [`crate::tls`]).
 //!
 //! [`start`] binds every listener and returns a [`Server`] handle, so tests run a real server
 //! in process on `127.0.0.1:0` (the mini-redis pattern).
@@ -29,6 +31,7 @@ pub mod migration_service;
 pub mod node;
 pub mod proposer;
 pub mod status;
+pub mod tls_setup;
 pub mod watch_service;
 
 use std::net::SocketAddr;
@@ -65,6 +68,8 @@ pub enum ServerError {
     Storage(#[from] crate::storage::Error),
     #[error(transparent)]
     Mvcc(#[from] crate::mvcc::Error),
+    #[error(transparent)]
+    Tls(#[from] crate::tls::TlsError),
     #[error("cannot listen on {url}: {source}")]
     Bind {
         url: String,
@@ -301,13 +306,17 @@ fn initial_identity(config: &Config) -> Result<Identity, ServerError> {
 /// Joining an existing cluster (`--initial-cluster-state existing`): asks the other members
 /// of `--initial-cluster` for the membership and finds this member (added beforehand with
 /// `member add`) by its peer URLs, as etcd does.
-async fn discover(config: &Config, id: &mut Identity) -> Result<(), ServerError> {
+async fn discover(
+    config: &Config,
+    id: &mut Identity,
+    peer_tls: Option<Arc<rustls::ClientConfig>>,
+) -> Result<(), ServerError> {
     let mine: Vec<String> = config
         .initial_advertise_peer_urls
         .iter()
         .map(member::url_string)
         .collect();
-    let peers = crate::raft::network::Peers::default();
+    let peers = crate::raft::network::Peers::new(crate::raft::network::CONNECT_TIMEOUT, peer_tls);
     let deadline = std::time::Instant::now() + JOIN_TIMEOUT;
     let mut last_error = "no member of --initial-cluster answered".to_string();
     loop {
@@ -372,10 +381,11 @@ const JOIN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
 /// Opens the store and starts serving as `config` says.
 pub async fn start(config: &Config) -> Result<Server, ServerError> {
     let mut id = initial_identity(config)?;
+    let tls = tls_setup::TlsSetup::new(config)?;
     let data_dir = config.data_dir();
     let fresh = config.engine == EngineKind::Memory || !data_dir.join("metastore.json").exists();
     if fresh && config.initial_cluster_state == config::ClusterState::Existing {
-        discover(config, &mut id).await?;
+        discover(config, &mut id, tls.peer_client.clone()).await?;
     }
     let mut member_id = id.member_id;
     let mut cluster_id = id.cluster_id;
@@ -482,10 +492,13 @@ pub async fn start(config: &Config) -> Result<Server, ServerError> {
     }
     .validate()
     .map_err(|e| ServerError::Other(format!("raft configuration: {e}")))?;
-    let peers = crate::raft::network::Peers::new(timing.election.clamp(
-        std::time::Duration::from_millis(200),
-        crate::raft::network::CONNECT_TIMEOUT,
-    ));
+    let peers = crate::raft::network::Peers::new(
+        timing.election.clamp(
+            std::time::Duration::from_millis(200),
+            crate::raft::network::CONNECT_TIMEOUT,
+        ),
+        tls.peer_client.clone(),
+    );
     let raft = crate::raft::Raft::new(
         member_id,
         Arc::new(raft_config),
@@ -590,24 +603,44 @@ pub async fn start(config: &Config) -> Result<Server, ServerError> {
             .tcp_nodelay(true)
             .layer(metrics::MetricsLayer(metrics.clone()))
             .add_routes(routes.clone());
-        tasks.spawn(async move {
-            let stop = async move {
-                let _ = rx.wait_for(|s| *s).await;
-            };
-            // tonic ignores its `tcp_nodelay` setting for an incoming stream: set it per
-            // connection, or Nagle's algorithm and delayed ACKs hold small responses ~40 ms.
-            // etcdctl 3.4 sends `:authority: http://host:port`, which hyper refuses: fix it.
-            let incoming = TcpListenerStream::new(listener).map(|conn| {
-                conn.and_then(|s| {
-                    s.set_nodelay(true)?;
-                    Ok(h2_authority::H2AuthorityStream::new(s))
-                })
-            });
-            if let Err(e) = server.serve_with_incoming_shutdown(incoming, stop).await {
-                tracing::error!(%addr, error = %e, "client listener failed");
+        let stop = async move {
+            let _ = rx.wait_for(|s| *s).await;
+        };
+        // etcdctl 3.4 sends `:authority: http://host:port`, which hyper refuses: fix it (inside
+        // TLS on an https URL).
+        match (url.scheme(), &tls.client) {
+            ("https", Some(tls)) => {
+                let incoming = crate::tls::incoming(listener, tls.clone())
+                    .map(|conn| conn.map(h2_authority::H2AuthorityStream::new));
+                tasks.spawn(async move {
+                    if let Err(e) = server.serve_with_incoming_shutdown(incoming, stop).await {
+                        tracing::error!(%addr, error = %e, "client listener failed");
+                    }
+                });
+                tracing::info!(%addr, "ready to serve client requests over TLS (gRPC and HTTP)");
             }
-        });
-        tracing::info!(%addr, "ready to serve client requests (gRPC and HTTP)");
+            ("https", None) => {
+                return Err(ServerError::Other(format!(
+                    "{url}: no client TLS configuration (--cert-file, --key-file)"
+                )))
+            }
+            _ => {
+                // tonic ignores its `tcp_nodelay` setting for an incoming stream: set it per
+                // connection, or Nagle's algorithm and delayed ACKs hold small responses ~40 ms.
+                let incoming = TcpListenerStream::new(listener).map(|conn| {
+                    conn.and_then(|s| {
+                        s.set_nodelay(true)?;
+                        Ok(h2_authority::H2AuthorityStream::new(s))
+                    })
+                });
+                tasks.spawn(async move {
+                    if let Err(e) = server.serve_with_incoming_shutdown(incoming, stop).await {
+                        tracing::error!(%addr, error = %e, "client listener failed");
+                    }
+                });
+                tracing::info!(%addr, "ready to serve client requests (gRPC and HTTP)");
+            }
+        }
     }
     let mut peer_addrs = Vec::new();
     let peer_routes = tonic::service::Routes::new(
@@ -624,21 +657,39 @@ pub async fn start(config: &Config) -> Result<Server, ServerError> {
         let server = tonic::transport::Server::builder()
             .tcp_nodelay(true)
             .add_routes(peer_routes.clone());
-        tasks.spawn(async move {
-            let stop = async move {
-                let _ = rx.wait_for(|s| *s).await;
-            };
-            let incoming = TcpListenerStream::new(listener).map(|conn| {
-                conn.and_then(|s| {
-                    s.set_nodelay(true)?;
-                    Ok(s)
-                })
-            });
-            if let Err(e) = server.serve_with_incoming_shutdown(incoming, stop).await {
-                tracing::error!(%addr, error = %e, "peer listener failed");
+        let stop = async move {
+            let _ = rx.wait_for(|s| *s).await;
+        };
+        match (url.scheme(), &tls.peer) {
+            ("https", Some(tls)) => {
+                let incoming = crate::tls::incoming(listener, tls.clone());
+                tasks.spawn(async move {
+                    if let Err(e) = server.serve_with_incoming_shutdown(incoming, stop).await {
+                        tracing::error!(%addr, error = %e, "peer listener failed");
+                    }
+                });
+                tracing::info!(%addr, "ready to serve peer traffic over TLS");
             }
-        });
-        tracing::info!(%addr, "ready to serve peer traffic");
+            ("https", None) => {
+                return Err(ServerError::Other(format!(
+                    "{url}: no peer TLS configuration (--peer-cert-file, --peer-key-file)"
+                )))
+            }
+            _ => {
+                let incoming = TcpListenerStream::new(listener).map(|conn| {
+                    conn.and_then(|s| {
+                        s.set_nodelay(true)?;
+                        Ok(s)
+                    })
+                });
+                tasks.spawn(async move {
+                    if let Err(e) = server.serve_with_incoming_shutdown(incoming, stop).await {
+                        tracing::error!(%addr, error = %e, "peer listener failed");
+                    }
+                });
+                tracing::info!(%addr, "ready to serve peer traffic");
+            }
+        }
     }
     bootstrap(&raft, config, &id, member_id, fresh).await?;
     tasks.spawn(count_leader_changes(

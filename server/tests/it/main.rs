@@ -15,4 +15,5 @@ mod migrate;
 mod online_migrate;
 mod restart;
 mod snapshot;
+mod tls;
 mod watch;
