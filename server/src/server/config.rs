@@ -195,6 +195,26 @@ pub struct Config {
     #[arg(long, env = "METASTORE_TLS_MAX_VERSION")]
     pub tls_max_version: Option<String>,
 
+    /// Auto compaction: `periodic` keeps the history of a period of time, `revision` a number
+    /// of revisions (see --auto-compaction-retention).
+    #[arg(
+        long,
+        env = "METASTORE_AUTO_COMPACTION_MODE",
+        value_enum,
+        default_value = "periodic"
+    )]
+    pub auto_compaction_mode: super::auto_compaction::AutoCompactionMode,
+
+    /// What auto compaction keeps: periodic mode, a duration (`1h`, `30m`) or a bare number of
+    /// hours; revision mode, a number of revisions. 0 turns auto compaction off.
+    #[arg(long, env = "METASTORE_AUTO_COMPACTION_RETENTION", default_value = "0")]
+    pub auto_compaction_retention: String,
+
+    /// How often revision-mode auto compaction checks the revision (etcd: every 5 minutes).
+    #[arg(long, env = "METASTORE_AUTO_COMPACTION_CHECK_INTERVAL", default_value = "5m",
+          value_parser = humantime::parse_duration)]
+    pub auto_compaction_check_interval: std::time::Duration,
+
     /// Storage engine.
     #[arg(long, env = "METASTORE_ENGINE", value_enum, default_value = "rocksdb")]
     pub engine: EngineKind,
@@ -367,6 +387,18 @@ impl Config {
         }
     }
 
+    /// What auto compaction keeps, from `--auto-compaction-mode` and `-retention`; `None`
+    /// when it is off (retention 0, the default).
+    pub fn auto_compaction(
+        &self,
+    ) -> Result<Option<super::auto_compaction::Retention>, ConfigError> {
+        super::auto_compaction::Retention::parse(
+            self.auto_compaction_mode,
+            &self.auto_compaction_retention,
+        )
+        .map_err(ConfigError::Invalid)
+    }
+
     fn validate(&self) -> Result<(), ConfigError> {
         if !self
             .supported_storage_formats()
@@ -388,6 +420,7 @@ impl Config {
                 )));
             }
         }
+        self.auto_compaction()?;
         let members = self.initial_cluster_members()?;
         self.validate_tls(&members)?;
         if !members.iter().any(|(n, _)| n == &self.name) {

@@ -32,6 +32,8 @@ pub struct Metrics {
     pub proposals_pending: IntGauge,
     /// Leader changes this member has seen.
     pub leader_changes: prometheus::IntCounter,
+    /// Compactions this member proposed as auto compactor (while leader).
+    pub auto_compactions: prometheus::IntCounter,
     /// Client proposals that failed (no leader, timeout, stopped), by reason.
     pub proposals_failed: IntCounterVec,
     /// Per member (on the leader): log entries the member is behind the leader.
@@ -112,6 +114,10 @@ impl Metrics {
                 "metastore_server_leader_changes_seen_total",
                 "Leader changes this member has seen",
             )?,
+            auto_compactions: prometheus::IntCounter::new(
+                "metastore_server_auto_compactions_total",
+                "Compactions this member proposed as the auto compactor (--auto-compaction-*)",
+            )?,
             proposals_failed: IntCounterVec::new(
                 Opts::new(
                     "metastore_server_proposals_failed_total",
@@ -151,6 +157,7 @@ impl Metrics {
         m.registry.register(Box::new(m.latency.clone()))?;
         m.registry.register(Box::new(m.apply_group.clone()))?;
         m.registry.register(Box::new(m.leader_changes.clone()))?;
+        m.registry.register(Box::new(m.auto_compactions.clone()))?;
         m.registry.register(Box::new(m.proposals_failed.clone()))?;
         m.registry.register(Box::new(m.apply_lag.clone()))?;
         for g in [

@@ -15,6 +15,7 @@
 //! [`start`] binds every listener and returns a [`Server`] handle, so tests run a real server
 //! in process on `127.0.0.1:0` (the mini-redis pattern).
 
+pub mod auto_compaction;
 pub mod cluster_service;
 pub mod config;
 pub mod election_service;
@@ -706,6 +707,20 @@ pub async fn start(config: &Config) -> Result<Server, ServerError> {
             _ = stop.wait_for(|s| *s) => {}
         }
     });
+    if let Some(retention) = config.auto_compaction()? {
+        let compactor = auto_compaction::run(
+            weak.clone(),
+            retention,
+            config.auto_compaction_check_interval,
+        );
+        let mut stop = shutdown.subscribe();
+        tasks.spawn(async move {
+            tokio::select! {
+                _ = compactor => {}
+                _ = stop.wait_for(|s| *s) => {}
+            }
+        });
+    }
     let mut metrics_addrs = Vec::new();
     for url in &config.listen_metrics_urls {
         let (listener, addr) = bind(url).await?;

@@ -16,8 +16,8 @@ pub(crate) struct Member {
     pub(crate) server: Option<Server>,
 }
 
-struct Cluster {
-    members: Vec<Member>,
+pub(crate) struct Cluster {
+    pub(crate) members: Vec<Member>,
     _dir: tempfile::TempDir,
     extra: Vec<String>,
 }
@@ -61,7 +61,7 @@ impl Member {
 }
 
 impl Cluster {
-    fn initial_cluster(&self) -> String {
+    pub(crate) fn initial_cluster(&self) -> String {
         self.members
             .iter()
             .map(|m| format!("{}=http://127.0.0.1:{}", m.name, m.peer))
@@ -69,7 +69,7 @@ impl Cluster {
             .join(",")
     }
 
-    async fn start(n: usize, extra: &[&str]) -> anyhow::Result<Self> {
+    pub(crate) async fn start(n: usize, extra: &[&str]) -> anyhow::Result<Self> {
         let dir = tempfile::tempdir()?;
         let mut members = Vec::new();
         for i in 0..n {
@@ -126,7 +126,7 @@ impl Cluster {
         })
     }
 
-    async fn wait_leader(&self) -> anyhow::Result<usize> {
+    pub(crate) async fn wait_leader(&self) -> anyhow::Result<usize> {
         let start = Instant::now();
         loop {
             if let Some(l) = self.leader() {
@@ -140,7 +140,7 @@ impl Cluster {
         }
     }
 
-    async fn client(&self, i: usize) -> anyhow::Result<Client> {
+    pub(crate) async fn client(&self, i: usize) -> anyhow::Result<Client> {
         Ok(Client::connect([self.members[i].url()], None).await?)
     }
 }

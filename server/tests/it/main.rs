@@ -1,6 +1,8 @@
 //! Integration tests: a real server (in process, or the real binary) driven through the gRPC API
 //! by the `etcd-client` crate, and over plain HTTP.
 
+mod auto_compaction;
+mod backup;
 mod cluster;
 mod common;
 mod election;
