@@ -50,6 +50,8 @@ pub const OPERATOR_OWNED_FLAGS: &[&str] = &[
     "peer-cert-file",
     "peer-key-file",
     "peer-trusted-ca-file",
+    "auto-compaction-mode",
+    "auto-compaction-retention",
 ];
 
 /// Default per-step deadline of a workflow, in seconds.
@@ -119,13 +121,19 @@ pub struct MetaStoreClusterSpec {
         "self.all(k, !(k in ['name', 'data-dir', 'initial-cluster', 'initial-cluster-state', \
          'initial-cluster-token', 'listen-client-urls', 'advertise-client-urls', 'listen-peer-urls', \
          'initial-advertise-peer-urls', 'engine', 'storage-format', 'cert-file', 'key-file', \
-         'trusted-ca-file', 'peer-cert-file', 'peer-key-file', 'peer-trusted-ca-file']))"
+         'trusted-ca-file', 'peer-cert-file', 'peer-key-file', 'peer-trusted-ca-file', \
+         'auto-compaction-mode', 'auto-compaction-retention']))"
     ).message("config may not set flags the operator manages"))]
     pub config: BTreeMap<String, String>,
 
     /// The quorum-aware PodDisruptionBudget.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pod_disruption_budget: Option<PodDisruptionBudgetSpec>,
+
+    /// Scheduled maintenance: the servers' own compaction, and defragmentation run by the
+    /// operator member by member.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub maintenance: Option<MaintenanceSpec>,
 
     /// Deadline of one workflow step (one member upgraded, one learner caught up, the migration
     /// Job). A step that overruns it stops the workflow with a Degraded condition.
@@ -143,6 +151,86 @@ impl MetaStoreClusterSpec {
     pub fn step_timeout_seconds(&self) -> i64 {
         self.step_timeout_seconds
             .unwrap_or(DEFAULT_STEP_TIMEOUT_SECONDS)
+    }
+}
+
+/// Scheduled maintenance.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct MaintenanceSpec {
+    /// History compaction, done by the members themselves (the leader proposes it through
+    /// Raft): etcd's `--auto-compaction-mode` and `--auto-compaction-retention`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub compaction: Option<CompactionSpec>,
+    /// Defragmentation by the operator, one member at a time, followers first, the leader last,
+    /// only while the cluster is healthy.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub defragmentation: Option<DefragmentationSpec>,
+}
+
+/// What history the members keep.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new(
+    "self.mode == 'Periodic' ? self.retention.matches('^([0-9]+|([0-9]+(h|m|s))+)$') \
+     : self.retention.matches('^[0-9]+$')"
+).message("retention: a duration (1h, 30m) or a number of hours for Periodic, a number of revisions for Revision"))]
+pub struct CompactionSpec {
+    /// `Periodic` keeps the history of the last `retention` (a duration); `Revision` keeps the
+    /// last `retention` revisions.
+    pub mode: CompactionMode,
+    /// `1h`, `30m`, or a number of hours (`Periodic`); a number of revisions (`Revision`).
+    pub retention: String,
+}
+
+/// `--auto-compaction-mode`.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+pub enum CompactionMode {
+    /// Keep a period of history.
+    Periodic,
+    /// Keep a number of revisions.
+    Revision,
+}
+
+impl CompactionMode {
+    /// The value of the server's `--auto-compaction-mode` flag.
+    pub fn as_flag(self) -> &'static str {
+        match self {
+            CompactionMode::Periodic => "periodic",
+            CompactionMode::Revision => "revision",
+        }
+    }
+}
+
+/// When a member is defragmented.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct DefragmentationSpec {
+    /// Defragment a member once this percentage of its database is reclaimable
+    /// (`(dbSize - dbSizeInUse) / dbSize`, from its Status).
+    #[serde(default = "default_free_percent")]
+    #[schemars(range(min = 1, max = 99))]
+    pub free_percent_threshold: i32,
+    /// Never defragment a member whose database is smaller than this (bytes).
+    #[serde(default = "default_min_db_size")]
+    #[schemars(range(min = 0))]
+    pub min_db_size_bytes: i64,
+}
+
+fn default_free_percent() -> i32 {
+    50
+}
+
+fn default_min_db_size() -> i64 {
+    64 << 20
+}
+
+impl Default for DefragmentationSpec {
+    fn default() -> Self {
+        DefragmentationSpec {
+            free_percent_threshold: default_free_percent(),
+            min_db_size_bytes: default_min_db_size(),
+        }
     }
 }
 
@@ -341,6 +429,8 @@ pub enum Phase {
     Migrating,
     /// Replacing a member whose volume came back empty.
     Repairing,
+    /// Defragmenting the members one at a time.
+    Maintenance,
     /// A workflow stopped or the cluster is unhealthy; see the Degraded condition.
     Degraded,
     /// Fewer than a majority of the voting members are healthy.
@@ -449,6 +539,8 @@ pub enum WorkflowKind {
     Migration,
     /// Replacing a member whose volume came back empty.
     Rejoin,
+    /// Defragmenting the members one at a time (`spec.maintenance.defragmentation`).
+    Maintenance,
 }
 
 /// The step a workflow is at. Each step is idempotent: it is re-derived from the observed state
@@ -475,6 +567,8 @@ pub enum WorkflowStep {
     WaitMemberReady,
     /// Run the migration Job (`metastore-ctl migrate --to N --wait`).
     RunMigrationJob,
+    /// Defragment one member (Maintenance.Defragment on that member).
+    Defragment,
 }
 
 /// Progress of one multi-step workflow, kept in status so a restarted operator resumes it.

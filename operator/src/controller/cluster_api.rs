@@ -2,18 +2,22 @@
 //! Status, Alarm and HashKV, never from guessing at pods.
 //!
 //! [`ClusterApi`] is a trait so the controller can be driven by a fake in tests;
-//! [`GrpcClusterApi`] speaks the etcd v3 gRPC API through `metastore-proto`.
+//! [`GrpcClusterApi`] speaks the etcd v3 gRPC API through `metastore-proto`, over TLS with a
+//! client certificate ([`ClientTls`]) where the client URLs are `https`.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures::future::BoxFuture;
+use k8s_openapi::api::core::v1::Secret;
 use metastore_proto::etcdserverpb::{
     alarm_request::AlarmAction, cluster_client::ClusterClient,
-    maintenance_client::MaintenanceClient, AlarmRequest, AlarmType, HashKvRequest,
-    MemberAddRequest, MemberListRequest, MemberPromoteRequest, MemberRemoveRequest,
+    maintenance_client::MaintenanceClient, AlarmRequest, AlarmType, DefragmentRequest,
+    HashKvRequest, MemberAddRequest, MemberListRequest, MemberPromoteRequest, MemberRemoveRequest,
     MoveLeaderRequest, StatusRequest, StatusResponse,
 };
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
+use tracing::debug;
 
 use crate::plan::{ClusterView, HashCheck, MemberView, Version};
 use crate::{Error, Result};
@@ -35,18 +39,75 @@ pub trait ClusterApi: Send + Sync {
     fn remove<'a>(&'a self, endpoints: &'a [String], id: u64) -> BoxFuture<'a, Result<()>>;
     /// MoveLeader, sent to the leader's client URL.
     fn move_leader<'a>(&'a self, leader: &'a str, to: u64) -> BoxFuture<'a, Result<()>>;
+    /// Defragment, sent to one member's client URL; returns once it is done.
+    fn defragment<'a>(&'a self, member: &'a str) -> BoxFuture<'a, Result<()>>;
+    /// The same API for a cluster whose client URLs are `https`: members verified with
+    /// `tls.ca_pem`, `tls.cert_pem` / `tls.key_pem` presented as the client.
+    fn with_client_tls(self: Arc<Self>, tls: &ClientTls) -> Arc<dyn ClusterApi>;
 }
 
-/// [`ClusterApi`] over gRPC (plain HTTP/2; TLS client certificates are not wired in yet).
+/// What the operator needs to call a cluster whose client port serves TLS and requires client
+/// certificates (`spec.tls.clientSecretName`): PEM from that Secret, as the members mount it
+/// (`ca.crt` to verify the members, `tls.crt` / `tls.key` presented as the client).
+#[derive(Clone, PartialEq, Eq)]
+pub struct ClientTls {
+    /// The CA the members' certificates are verified with (`ca.crt`).
+    pub ca_pem: Vec<u8>,
+    /// The client certificate (`tls.crt`), signed by a CA the members trust.
+    pub cert_pem: Vec<u8>,
+    /// Its private key (`tls.key`).
+    pub key_pem: Vec<u8>,
+}
+
+impl std::fmt::Debug for ClientTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClientTls")
+            .field("ca_pem", &format_args!("{} bytes", self.ca_pem.len()))
+            .field("cert_pem", &format_args!("{} bytes", self.cert_pem.len()))
+            .field("key_pem", &"<redacted>")
+            .finish()
+    }
+}
+
+impl ClientTls {
+    /// From a Secret of type `kubernetes.io/tls` with a `ca.crt` key (the client TLS Secret).
+    pub fn from_secret(secret: &Secret) -> Result<Self> {
+        let data = secret.data.as_ref();
+        let key = |name: &str, missing: &'static str| {
+            data.and_then(|d| d.get(name))
+                .map(|b| b.0.clone())
+                .filter(|b| !b.is_empty())
+                .ok_or(Error::MissingObjectKey(missing))
+        };
+        Ok(ClientTls {
+            ca_pem: key("ca.crt", "data[\"ca.crt\"] (client TLS Secret)")?,
+            cert_pem: key("tls.crt", "data[\"tls.crt\"] (client TLS Secret)")?,
+            key_pem: key("tls.key", "data[\"tls.key\"] (client TLS Secret)")?,
+        })
+    }
+
+    fn config(&self) -> ClientTlsConfig {
+        // The server name checked is the URL's host (the member's stable DNS name), as etcd
+        // clients do.
+        ClientTlsConfig::new()
+            .ca_certificate(Certificate::from_pem(&self.ca_pem))
+            .identity(Identity::from_pem(&self.cert_pem, &self.key_pem))
+    }
+}
+
+/// [`ClusterApi`] over gRPC: plain HTTP/2 for `http` URLs; TLS for `https` URLs, which needs
+/// [`GrpcClusterApi::with_tls`].
 #[derive(Clone, Debug)]
 pub struct GrpcClusterApi {
     timeout: Duration,
+    tls: Option<ClientTlsConfig>,
 }
 
 impl Default for GrpcClusterApi {
     fn default() -> Self {
         GrpcClusterApi {
             timeout: Duration::from_secs(5),
+            tls: None,
         }
     }
 }
@@ -59,14 +120,44 @@ fn api_error(endpoint: &str, e: impl std::fmt::Display) -> Error {
 }
 
 impl GrpcClusterApi {
+    /// A client for a cluster whose client URLs are `https`: verifies the members with
+    /// `tls.ca_pem` and presents `tls.cert_pem` / `tls.key_pem` (`http` URLs stay plain).
+    pub fn with_tls(tls: &ClientTls) -> Self {
+        GrpcClusterApi {
+            tls: Some(tls.config()),
+            ..GrpcClusterApi::default()
+        }
+    }
+
     async fn channel(&self, url: &str) -> Result<Channel> {
-        Endpoint::from_shared(url.to_string())
+        let mut endpoint = Endpoint::from_shared(url.to_string())
             .map_err(|e| api_error(url, e))?
             .connect_timeout(self.timeout)
-            .timeout(self.timeout)
-            .connect()
-            .await
-            .map_err(|e| api_error(url, e))
+            .timeout(self.timeout);
+        if url.starts_with("https://") {
+            let Some(tls) = &self.tls else {
+                return Err(api_error(
+                    url,
+                    "https client URL but no client TLS configured (the CA and client \
+                     certificate of the cluster's client TLS Secret are needed)",
+                ));
+            };
+            endpoint = endpoint
+                .tls_config(tls.clone())
+                .map_err(|e| api_error(url, e))?;
+        }
+        endpoint.connect().await.map_err(|e| {
+            // tonic's own Display is only "transport error": the cause (a certificate
+            // rejected, a refused connection) is in the source chain.
+            let mut message = e.to_string();
+            let mut source = std::error::Error::source(&e);
+            while let Some(cause) = source {
+                message.push_str(": ");
+                message.push_str(&cause.to_string());
+                source = cause.source();
+            }
+            api_error(url, message)
+        })
     }
 
     /// The first endpoint that connects.
@@ -84,8 +175,12 @@ impl GrpcClusterApi {
     async fn observe_inner(&self, endpoints: &[String]) -> Option<ClusterView> {
         let mut list = None;
         for url in endpoints {
-            let Ok(channel) = self.channel(url).await else {
-                continue;
+            let channel = match self.channel(url).await {
+                Ok(channel) => channel,
+                Err(error) => {
+                    debug!(%error, "member not reachable");
+                    continue;
+                }
             };
             let request = MemberListRequest { linearizable: true };
             if let Ok(response) = ClusterClient::new(channel).member_list(request).await {
@@ -112,6 +207,8 @@ impl GrpcClusterApi {
                 format_version: None,
                 format_migration_pending: false,
                 supported_formats: Vec::new(),
+                db_size: 0,
+                db_size_in_use: 0,
             };
             let Some(url) = m.client_ur_ls.first() else {
                 hashes.push(None); // never started: no hash to compare
@@ -128,6 +225,8 @@ impl GrpcClusterApi {
                 let status = status.into_inner();
                 view.healthy = status.errors.is_empty();
                 view.applied_index = status.raft_applied_index;
+                view.db_size = status.db_size;
+                view.db_size_in_use = status.db_size_in_use;
                 if status.leader != 0 && leader.is_none() {
                     leader = Some(status.leader);
                 }
@@ -215,6 +314,13 @@ pub fn hash_check(hashes: &[Option<u32>]) -> HashCheck {
 }
 
 impl ClusterApi for GrpcClusterApi {
+    fn with_client_tls(self: Arc<Self>, tls: &ClientTls) -> Arc<dyn ClusterApi> {
+        Arc::new(GrpcClusterApi {
+            tls: Some(tls.config()),
+            ..(*self).clone()
+        })
+    }
+
     fn observe<'a>(&'a self, endpoints: &'a [String]) -> BoxFuture<'a, Option<ClusterView>> {
         Box::pin(self.observe_inner(endpoints))
     }
@@ -270,7 +376,24 @@ impl ClusterApi for GrpcClusterApi {
             Ok(())
         })
     }
+
+    fn defragment<'a>(&'a self, member: &'a str) -> BoxFuture<'a, Result<()>> {
+        Box::pin(async move {
+            let channel = self.channel(member).await?;
+            // Defragmenting a large database takes longer than an ordinary call.
+            let mut request = tonic::Request::new(DefragmentRequest {});
+            request.set_timeout(DEFRAGMENT_TIMEOUT);
+            MaintenanceClient::new(channel)
+                .defragment(request)
+                .await
+                .map_err(|e| api_error(member, e))?;
+            Ok(())
+        })
+    }
 }
+
+/// How long one member's defragmentation may take.
+const DEFRAGMENT_TIMEOUT: Duration = Duration::from_secs(600);
 
 #[cfg(test)]
 mod tests {
@@ -288,6 +411,8 @@ mod tests {
             format_version: None,
             format_migration_pending: false,
             supported_formats: vec![],
+            db_size: 0,
+            db_size_in_use: 0,
         }
     }
 

@@ -40,7 +40,7 @@ use std::time::{Duration, Instant};
 use futures::StreamExt;
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::batch::v1::Job;
-use k8s_openapi::api::core::v1::{ConfigMap, PersistentVolumeClaim, Pod, Service};
+use k8s_openapi::api::core::v1::{ConfigMap, PersistentVolumeClaim, Pod, Secret, Service};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
@@ -54,7 +54,7 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 use tracing::{info, warn};
 
-use self::cluster_api::ClusterApi;
+use self::cluster_api::{ClientTls, ClusterApi};
 use crate::crd::{
     ConditionStatus, ConditionType, Engine, MetaStoreCluster, MetaStoreClusterStatus, WorkflowKind,
 };
@@ -236,7 +236,8 @@ pub async fn apply_cluster(cluster: Arc<MetaStoreCluster>, ctx: Arc<Context>) ->
         .and_then(|s| s.spec.as_ref())
         .and_then(|s| s.replicas);
     let endpoints = member_endpoints(&cluster, &names, sts_replicas);
-    let view = observe_cluster(ctx.cluster_api.as_ref(), &names, &endpoints, |pod_name| {
+    let cluster_api = cluster_api_for(&ctx, &cluster, &namespace).await?;
+    let view = observe_cluster(cluster_api.as_ref(), &names, &endpoints, |pod_name| {
         pods.iter()
             .find(|p| p.name_any() == pod_name)
             .and_then(container_image)
@@ -292,7 +293,15 @@ pub async fn apply_cluster(cluster: Arc<MetaStoreCluster>, ctx: Arc<Context>) ->
     grow_volumes(&cluster, &claims_api, &claims).await?;
 
     // 4. Act.
-    act(&ctx, &renderer, &observed, &decision, &endpoints).await?;
+    act(
+        &ctx,
+        cluster_api.as_ref(),
+        &renderer,
+        &observed,
+        &decision,
+        &endpoints,
+    )
+    .await?;
 
     // 5. Status and Events.
     let new_status = status::build(&cluster, &names, &observed, &decision, &holders);
@@ -320,9 +329,34 @@ pub async fn apply_cluster(cluster: Arc<MetaStoreCluster>, ctx: Arc<Context>) ->
     })
 }
 
+/// The etcd API client for one cluster: [`Context::cluster_api`] as it is for plain `http`
+/// client URLs; with `spec.tls.clientSecretName`, the same over TLS with that Secret's CA and
+/// client certificate (`ca.crt`, `tls.crt`, `tls.key`), read on every reconcile so a rotated
+/// Secret is used at once. A missing Secret or key fails the reconcile under its label.
+pub async fn cluster_api_for(
+    ctx: &Context,
+    cluster: &MetaStoreCluster,
+    namespace: &str,
+) -> Result<Arc<dyn ClusterApi>> {
+    let Some(secret_name) = cluster
+        .spec
+        .tls
+        .as_ref()
+        .and_then(|t| t.client_secret_name.as_deref())
+    else {
+        return Ok(ctx.cluster_api.clone());
+    };
+    let secret = Api::<Secret>::namespaced(ctx.client.clone(), namespace)
+        .get(secret_name)
+        .await?;
+    let tls = ClientTls::from_secret(&secret)?;
+    Ok(ctx.cluster_api.clone().with_client_tls(&tls))
+}
+
 /// Performs the decided action against the cluster or the pods.
 async fn act(
     ctx: &Context,
+    cluster_api: &dyn ClusterApi,
     renderer: &Renderer<'_>,
     observed: &Observed,
     decision: &Decision,
@@ -331,7 +365,7 @@ async fn act(
     let names = renderer.names();
     let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), names.namespace());
     if act_on_members(
-        ctx.cluster_api.as_ref(),
+        cluster_api,
         names,
         observed.cluster.as_ref(),
         &decision.action,
@@ -357,6 +391,7 @@ async fn act(
         | Action::PromoteLearner { .. }
         | Action::RemoveMember { .. }
         | Action::MoveLeader { .. }
+        | Action::Defragment { .. }
         | Action::WaitFor(_)
         | Action::MarkDegraded(_)
         | Action::RefuseWithCondition(_)
@@ -452,6 +487,16 @@ pub async fn act_on_members(
             // No leader known: leadership already moved or an election is on; replan.
             if let Some(url) = leader {
                 api.move_leader(&url, *to_id).await?;
+            }
+        }
+        Action::Defragment { id, .. } => {
+            let url = view
+                .and_then(|v| v.members.iter().find(|m| m.id == *id))
+                .and_then(|m| m.ordinal(names))
+                .map(|o| names.client_url(o));
+            // The member is gone from the view: replan.
+            if let Some(url) = url {
+                api.defragment(&url).await?;
             }
         }
         _ => return Ok(false),
@@ -573,6 +618,7 @@ fn action_reason(action: &Action) -> (EventType, &'static str) {
         Action::RestartPod { .. } => (EventType::Normal, "RestartPod"),
         Action::ScaleStatefulSet { .. } => (EventType::Normal, "ScaleStatefulSet"),
         Action::StartMigrationJob { .. } => (EventType::Normal, "StartMigration"),
+        Action::Defragment { .. } => (EventType::Normal, "Defragment"),
     }
 }
 

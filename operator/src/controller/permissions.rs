@@ -101,6 +101,12 @@ pub const PERMISSIONS: &[Permission] = &[
         "data holders observed; grown; deleted on cleanup when asked",
     ),
     cluster(
+        "",
+        "secrets",
+        &["get"],
+        "the client TLS Secret's CA and certificate, to call a cluster's https client URLs",
+    ),
+    cluster(
         "events.k8s.io",
         "events",
         &["create", "patch"],
@@ -216,6 +222,10 @@ mod tests {
     fn lookups() {
         assert!(allowed("apps", "statefulsets", "patch"));
         assert!(!allowed("apps", "statefulsets", "delete"));
-        assert!(!allowed("", "secrets", "get"));
+        assert!(allowed("", "secrets", "get"));
+        assert!(
+            !allowed("", "secrets", "list"),
+            "only named Secrets are read"
+        );
     }
 }

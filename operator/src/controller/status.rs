@@ -215,6 +215,7 @@ fn workflow_reason(kind: WorkflowKind) -> &'static str {
         WorkflowKind::Upgrade => "Upgrading",
         WorkflowKind::Migration => "Migrating",
         WorkflowKind::Rejoin => "Rejoining",
+        WorkflowKind::Maintenance => "Defragmenting",
     }
 }
 

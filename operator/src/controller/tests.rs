@@ -17,11 +17,12 @@ use kube::client::Body;
 use kube::Client;
 use serde_json::{json, Value};
 
-use super::cluster_api::ClusterApi;
+use super::cluster_api::{ClientTls, ClusterApi};
 use super::permissions::allowed;
 use super::*;
 use crate::crd::{
-    MetaStoreClusterSpec, MetaStoreClusterStatus, StorageSpec, Workflow, WorkflowKind, WorkflowStep,
+    MetaStoreClusterSpec, MetaStoreClusterStatus, StorageSpec, TlsSpec, Workflow, WorkflowKind,
+    WorkflowStep,
 };
 use crate::metrics::Metrics;
 use crate::naming::image_for_version;
@@ -273,6 +274,16 @@ impl ClusterApi for FakeClusterApi {
         self.record(format!("move_leader {leader} {to}"));
         Box::pin(async { Ok(()) })
     }
+    fn defragment<'a>(&'a self, member: &'a str) -> BoxFuture<'a, Result<()>> {
+        self.record(format!("defragment {member}"));
+        Box::pin(async { Ok(()) })
+    }
+    fn with_client_tls(self: Arc<Self>, tls: &ClientTls) -> Arc<dyn ClusterApi> {
+        let [ca, cert, key] = [&tls.ca_pem, &tls.cert_pem, &tls.key_pem]
+            .map(|pem| String::from_utf8_lossy(pem).into_owned());
+        self.record(format!("with_client_tls ca={ca} cert={cert} key={key}"));
+        self
+    }
 }
 
 /// A context over the mocked API server.
@@ -319,6 +330,7 @@ fn cluster(replicas: i32, version: &str) -> MetaStoreCluster {
         pod: None,
         config: Default::default(),
         pod_disruption_budget: None,
+        maintenance: None,
         step_timeout_seconds: None,
     };
     let mut c = MetaStoreCluster::new("demo", spec);
@@ -450,6 +462,8 @@ fn member(i: i32, healthy: bool) -> MemberView {
         format_version: Some(1),
         format_migration_pending: false,
         supported_formats: vec![1, 2],
+        db_size: 0,
+        db_size_in_use: 0,
     }
 }
 
@@ -801,6 +815,102 @@ async fn api_errors_fail_the_reconcile_under_their_label() {
     assert_eq!(error.metric_label(), "kube");
 }
 
+/// `demo` with `spec.tls` naming `demo-client-tls` and `demo-peer-tls`.
+fn tls_cluster() -> MetaStoreCluster {
+    let mut c = cluster(3, "1.2.0");
+    c.spec.tls = Some(TlsSpec {
+        client_secret_name: Some("demo-client-tls".into()),
+        peer_secret_name: Some("demo-peer-tls".into()),
+    });
+    c
+}
+
+/// The GET of the client TLS Secret, answered with `data`.
+fn client_secret_get(data: &[(&str, &str)]) -> Expect {
+    let secret = Secret {
+        metadata: kube::api::ObjectMeta {
+            name: Some("demo-client-tls".into()),
+            namespace: Some("db".into()),
+            ..Default::default()
+        },
+        type_: Some("kubernetes.io/tls".into()),
+        data: Some(
+            data.iter()
+                .map(|(k, v)| {
+                    (
+                        k.to_string(),
+                        k8s_openapi::ByteString(v.as_bytes().to_vec()),
+                    )
+                })
+                .collect(),
+        ),
+        ..Default::default()
+    };
+    let mut reply = to_json(&secret);
+    reply["apiVersion"] = json!("v1");
+    reply["kind"] = json!("Secret");
+    Expect::get(format!("{NS}/secrets/demo-client-tls")).reply(reply)
+}
+
+#[tokio::test]
+async fn a_tls_cluster_is_called_with_its_client_secret() {
+    let cluster = tls_cluster();
+    let fake = Arc::new(FakeClusterApi::default());
+    let mut script = observe_requests(None, vec![], vec![]);
+    script.push(client_secret_get(&[
+        ("ca.crt", "CA PEM"),
+        ("tls.crt", "CERT PEM"),
+        ("tls.key", "KEY PEM"),
+    ]));
+    script.extend(apply_requests(|kind, body| {
+        if kind == "StatefulSet" {
+            let args = body["spec"]["template"]["spec"]["containers"][0]["args"].to_string();
+            assert!(args.contains("--client-cert-auth"), "{args}");
+        }
+    }));
+    script.extend([
+        status_patch(
+            |status| assert_eq!(status["phase"], "Bootstrapping"),
+            &cluster,
+        ),
+        event("Normal", "Bootstrap"),
+    ]);
+    let (result, _) = reconcile_with(cluster, fake.clone(), t0, script).await;
+    result.expect("reconcile succeeds");
+    // The Secret's CA and identity, then the cluster observed through them.
+    assert_eq!(
+        fake.calls(),
+        [
+            "with_client_tls ca=CA PEM cert=CERT PEM key=KEY PEM",
+            "observe 3"
+        ]
+    );
+}
+
+#[tokio::test]
+async fn a_missing_or_incomplete_client_secret_fails_the_reconcile_before_any_apply() {
+    // Not there (yet): a Kubernetes error, nothing applied, the cluster not called.
+    let fake = Arc::new(FakeClusterApi::default());
+    let mut script = observe_requests(None, vec![], vec![]);
+    script.push(Expect::get(format!("{NS}/secrets/demo-client-tls")).not_found());
+    let (result, _) = reconcile_with(tls_cluster(), fake.clone(), t0, script).await;
+    assert_eq!(result.expect_err("no Secret").metric_label(), "kube");
+    assert!(fake.calls().is_empty(), "{:?}", fake.calls());
+
+    // Without ca.crt: named in the error.
+    let fake = Arc::new(FakeClusterApi::default());
+    let mut script = observe_requests(None, vec![], vec![]);
+    script.push(client_secret_get(&[
+        ("tls.crt", "CERT"),
+        ("tls.key", "KEY"),
+    ]));
+    let (result, _) = reconcile_with(tls_cluster(), fake.clone(), t0, script).await;
+    let error = result.expect_err("no ca.crt");
+    assert_eq!(error.metric_label(), "missing_object_key");
+    assert!(error.to_string().contains("ca.crt"), "{error}");
+    assert!(fake.calls().is_empty(), "{:?}", fake.calls());
+}
+
 #[test]
 fn request_permissions() {
     let q = |k: &str, v: &str| vec![(k.to_string(), v.to_string())];
@@ -985,6 +1095,8 @@ async fn scale_up_registers_a_learner_then_grows_the_statefulset_for_it() {
         format_version: None,
         format_migration_pending: false,
         supported_formats: vec![],
+        db_size: 0,
+        db_size_in_use: 0,
     });
     let initial = names.initial_cluster(0..4);
     let calls = reconcile_step(

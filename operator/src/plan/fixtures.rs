@@ -41,6 +41,8 @@ fn member(i: i32, version: &str) -> MemberView {
         format_version: Some(1),
         format_migration_pending: false,
         supported_formats: vec![1, 2],
+        db_size: 0,
+        db_size_in_use: 0,
     }
 }
 
@@ -69,6 +71,7 @@ impl Fixture {
             pod: None,
             config: Default::default(),
             pod_disruption_budget: None,
+            maintenance: None,
             step_timeout_seconds: None,
         };
         let mut cluster = MetaStoreCluster::new("demo", spec);

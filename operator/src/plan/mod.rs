@@ -14,7 +14,7 @@
 //! 4. Otherwise the first piece of work wins, in this order: a member whose pod came back with
 //!    an empty volume (`membership::rejoin`), a running migration Job, scaling
 //!    (`membership::scale`), a rolling upgrade (`upgrade::upgrade`), a format migration
-//!    (`migration::migrate`). If that is the recorded step, on the same member, still
+//!    (`migration::migrate`), scheduled defragmentation (`maintenance::defragment`). If that is the recorded step, on the same member, still
 //!    undone past its deadline, the workflow stops with [`DegradedReason::DeadlineExceeded`].
 //!
 //! Each step is derived again from the observed state on every reconcile; the recorded
@@ -22,6 +22,7 @@
 //! latched failure. That is what makes every step idempotent and an operator restart resume
 //! exactly where it was.
 
+mod maintenance;
 mod membership;
 mod migration;
 mod observed;
@@ -103,6 +104,13 @@ pub enum Action {
     ScaleStatefulSet {
         /// New replica count.
         replicas: i32,
+    },
+    /// Maintenance.Defragment on one member (returns once it is done).
+    Defragment {
+        /// Member name.
+        member: String,
+        /// Member ID.
+        id: u64,
     },
     /// Create the Job running `metastore-ctl migrate --to N --wait`.
     StartMigrationJob {
@@ -312,6 +320,7 @@ impl Decision {
             Some(WorkflowKind::Upgrade) => Phase::Upgrading,
             Some(WorkflowKind::Migration) => Phase::Migrating,
             Some(WorkflowKind::Rejoin) => Phase::Repairing,
+            Some(WorkflowKind::Maintenance) => Phase::Maintenance,
             None => Phase::Running,
         }
     }
@@ -332,6 +341,7 @@ impl fmt::Display for Action {
                 write!(f, "setting the StatefulSet to {replicas} replicas")
             }
             Action::StartMigrationJob { to } => write!(f, "starting the migration to format {to}"),
+            Action::Defragment { member, .. } => write!(f, "defragmenting {member}"),
             Action::MarkDegraded(reason) => write!(f, "{reason}"),
             Action::RefuseWithCondition(refusal) => write!(f, "{refusal}"),
             Action::Done => write!(f, "the cluster matches the spec"),
@@ -673,12 +683,13 @@ impl<'a> Ctx<'a> {
             return self.decide(action, keep, image);
         }
 
-        let planners: [fn(&Ctx<'_>, &ClusterView) -> Option<Next>; 5] = [
+        let planners: [fn(&Ctx<'_>, &ClusterView) -> Option<Next>; 6] = [
             membership::rejoin,
             migration::running_job,
             membership::scale,
             upgrade::upgrade,
             migration::migrate,
+            maintenance::defragment,
         ];
         for planner in planners {
             match planner(self, view) {

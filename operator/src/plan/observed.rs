@@ -75,6 +75,10 @@ pub struct MemberView {
     /// The storage formats its binary supports (Status `supported_storage_formats`); empty
     /// when not reported, which supports no migration.
     pub supported_formats: Vec<i32>,
+    /// Its database size on disk (Status `dbSize`), 0 when not reported.
+    pub db_size: i64,
+    /// The live part of it (Status `dbSizeInUse`); the rest is reclaimable by defragmenting.
+    pub db_size_in_use: i64,
 }
 
 /// The StatefulSet.
@@ -237,6 +241,8 @@ mod tests {
             format_version: None,
             format_migration_pending: false,
             supported_formats: vec![],
+            db_size: 0,
+            db_size_in_use: 0,
         };
         assert_eq!(m.ordinal(&names), Some(3));
     }
@@ -254,6 +260,8 @@ mod tests {
             format_version: format,
             format_migration_pending: pending,
             supported_formats: vec![1, 2],
+            db_size: 0,
+            db_size_in_use: 0,
         };
         let view = |members| ClusterView {
             members,

@@ -240,6 +240,7 @@ pub(crate) mod tests {
             pod: None,
             config: BTreeMap::new(),
             pod_disruption_budget: None,
+            maintenance: None,
             step_timeout_seconds: None,
         };
         let mut c = MetaStoreCluster::new("demo", spec);

@@ -151,6 +151,18 @@ impl Renderer<'_> {
                 "--peer-client-cert-auth".to_string(),
             ]);
         }
+        if let Some(c) = self
+            .cluster
+            .spec
+            .maintenance
+            .as_ref()
+            .and_then(|m| m.compaction.as_ref())
+        {
+            args.extend([
+                format!("--auto-compaction-mode={}", c.mode.as_flag()),
+                format!("--auto-compaction-retention={}", c.retention),
+            ]);
+        }
         // The CEL rule already refuses owned flags; skipping them here keeps an object written
         // before the rule existed from overriding the bootstrap flags.
         args.extend(
@@ -704,18 +716,29 @@ mod tests {
         let mut c = cluster(3);
         c.spec.config = BTreeMap::from([
             ("quota-backend-bytes".to_string(), "8589934592".to_string()),
-            ("auto-compaction-retention".to_string(), "1h".to_string()),
+            ("snapshot-count".to_string(), "50000".to_string()),
             ("initial-cluster-state".to_string(), "new".to_string()),
+            // Owned since spec.maintenance.compaction renders it.
+            ("auto-compaction-retention".to_string(), "1h".to_string()),
         ]);
         let args = Renderer::new(&c).expect("renderer").args();
         let tail = &args[args.len() - 2..];
         assert_eq!(
             tail,
-            [
-                "--auto-compaction-retention=1h",
-                "--quota-backend-bytes=8589934592"
-            ]
+            ["--quota-backend-bytes=8589934592", "--snapshot-count=50000"]
         );
+        assert!(!args.iter().any(|a| a.starts_with("--auto-compaction")));
+        // From spec.maintenance.compaction instead.
+        c.spec.maintenance = Some(crate::crd::MaintenanceSpec {
+            compaction: Some(crate::crd::CompactionSpec {
+                mode: crate::crd::CompactionMode::Revision,
+                retention: "10000".into(),
+            }),
+            defragmentation: None,
+        });
+        let args = Renderer::new(&c).expect("renderer").args();
+        assert!(args.contains(&"--auto-compaction-mode=revision".to_string()));
+        assert!(args.contains(&"--auto-compaction-retention=10000".to_string()));
         assert_eq!(
             args.iter()
                 .filter(|a| a.starts_with("--initial-cluster-state"))

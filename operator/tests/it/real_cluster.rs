@@ -47,7 +47,7 @@ use k8s_openapi::api::batch::v1::{Job, JobCondition, JobStatus};
 use k8s_openapi::api::core::v1::PodTemplateSpec;
 use k8s_openapi::jiff::Timestamp;
 use kube::runtime::events::EventType;
-use metastore_operator::controller::cluster_api::{ClusterApi, GrpcClusterApi};
+use metastore_operator::controller::cluster_api::{ClientTls, ClusterApi, GrpcClusterApi};
 use metastore_operator::controller::{
     act_on_members, events, job_view, member_endpoints, observe_cluster, render_params, status,
     volume_replaced,
@@ -103,7 +103,7 @@ fn metastore_bin() -> Option<PathBuf> {
 }
 
 /// The binary, or `None` after saying why the test does nothing (a failure when `CI` is set).
-fn binary_or_skip() -> Option<PathBuf> {
+pub(crate) fn binary_or_skip() -> Option<PathBuf> {
     let bin = metastore_bin();
     if bin.is_none() {
         let why = "no metastore binary: set METASTORE_BIN or run \
@@ -260,6 +260,20 @@ impl ClusterApi for ResolvingApi {
         Box::pin(async move {
             let leader = self.dns.resolve(leader);
             self.inner.move_leader(&leader, to).await
+        })
+    }
+
+    fn defragment<'a>(&'a self, member: &'a str) -> BoxFuture<'a, metastore_operator::Result<()>> {
+        Box::pin(async move {
+            let member = self.dns.resolve(member);
+            self.inner.defragment(&member).await
+        })
+    }
+
+    fn with_client_tls(self: Arc<Self>, tls: &ClientTls) -> Arc<dyn ClusterApi> {
+        Arc::new(ResolvingApi {
+            inner: GrpcClusterApi::with_tls(tls),
+            dns: self.dns.clone(),
         })
     }
 }
@@ -953,6 +967,7 @@ fn spec(replicas: i32, version: &str) -> MetaStoreClusterSpec {
             ("unsafe-no-fsync".to_string(), "true".to_string()),
         ]),
         pod_disruption_budget: None,
+        maintenance: None,
         step_timeout_seconds: None,
     }
 }
