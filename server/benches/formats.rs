@@ -6,6 +6,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use metastore::apply::{apply, Command, NoLeases};
+use metastore::auth::AuthStore;
 use metastore::mvcc::{KeyRange, RangeOptions, Store, StoreOptions};
 use metastore::storage::{codec, Engine, RocksEngine};
 use metastore_proto::etcdserverpb::{request_op::Request, PutRequest, RequestOp, TxnRequest};
@@ -73,6 +74,7 @@ fn store(dir: &std::path::Path, format: u8) -> Arc<Store> {
         },
     )
     .expect("store");
+    let auth = AuthStore::open_default(store.engine().clone()).expect("auth store");
     let mut a = store.applier().expect("applier");
     let mut index = 0;
     for round in 0..2 {
@@ -91,7 +93,7 @@ fn store(dir: &std::path::Path, format: u8) -> Arc<Store> {
                 success: ops,
                 ..Default::default()
             });
-            apply(&mut a, index, &cmd, &NoLeases).expect("apply");
+            apply(&mut a, index, &cmd, &NoLeases, &auth).expect("apply");
         }
     }
     a.publish().expect("publish");

@@ -12,6 +12,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use metastore::apply::{apply, Command, NoLeases};
+use metastore::auth::AuthStore;
 use metastore::migrate::{run, MigrateArgs};
 use metastore::mvcc::{Store, StoreOptions};
 use metastore::storage::data_dir::{DataDir, Stamp, LAYOUT_VERSION};
@@ -39,6 +40,7 @@ fn build(path: &Path, keys: usize) -> anyhow::Result<()> {
             fsync: false,
         },
     )?;
+    let auth = AuthStore::open_default(store.engine().clone())?;
     let mut a = store.applier()?;
     for (index, start) in (0..keys).step_by(1000).enumerate() {
         let ops = (start..(start + 1000).min(keys))
@@ -56,7 +58,7 @@ fn build(path: &Path, keys: usize) -> anyhow::Result<()> {
             success: ops,
             ..Default::default()
         });
-        apply(&mut a, index as u64 + 1, &cmd, &NoLeases)?;
+        apply(&mut a, index as u64 + 1, &cmd, &NoLeases, &auth)?;
     }
     a.publish()?;
     store.engine().sync()?;

@@ -5,6 +5,7 @@
 //! - [`storage`]: the [`Engine`](storage::Engine) trait, the memory and RocksDB engines, the
 //!   record codecs per format version, the data directory stamp.
 //! - [`mvcc`]: revisions, reads at a revision, write transactions, compaction.
+//! - [`auth`]: users, roles, permissions, tokens; the auth state and its permission checks.
 //! - [`apply`]: the deterministic `Command -> result` step with etcd's request semantics.
 //! - [`lease`]: the lessor (lease existence and deadlines).
 //! - [`watch`]: watchers, the fan-out of published events, history replay.
@@ -20,6 +21,7 @@
 //! `docs/ARCHITECTURE.md` walks a Put through these layers.
 
 pub mod apply;
+pub mod auth;
 pub mod lease;
 pub mod migrate;
 pub mod mvcc;

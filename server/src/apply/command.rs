@@ -9,6 +9,7 @@ use metastore_proto::mvccpb::Event;
 
 use super::txn::{self, header};
 use super::{ApplyError, LeaseLookup, Result};
+use crate::auth::AuthStore;
 use crate::mvcc::compactor::CompactTicket;
 use crate::mvcc::store::Applying;
 
@@ -28,7 +29,12 @@ pub enum Command {
     /// Switch the storage format new records are written in (online migration; see
     /// [`crate::migrate::online`]). Proposed only once every member said it supports it.
     SetStorageFormat(u8),
+    /// A change to users, roles, permissions or the auth switch; passwords only as hashes,
+    /// made before proposing, so applying is deterministic.
+    Auth(AuthCommand),
 }
+
+pub use metastore_proto::raftpb::auth_command::Request as AuthCommand;
 
 impl Command {
     /// The RPC name, for metrics and logs.
@@ -42,6 +48,7 @@ impl Command {
             Command::LeaseRevoke(_) => "LeaseRevoke",
             Command::Alarm(_) => "Alarm",
             Command::SetStorageFormat(_) => "SetStorageFormat",
+            Command::Auth(_) => "Auth",
         }
     }
 }
@@ -62,6 +69,8 @@ pub enum CommandResult {
         to: u8,
         pending: bool,
     },
+    /// An auth change was applied (its response is a bare header).
+    Auth,
 }
 
 /// An applied command's result and the events it produced (for watchers).
@@ -72,15 +81,16 @@ pub struct Applied {
     pub revision: i64,
 }
 
-/// Applies `cmd` as command number `index`. A command that fails leaves the key space as it
-/// was (its batch is dropped) but still consumes its index.
+/// Applies `cmd` as command number `index`. A command that fails leaves the key space (and
+/// the auth state) as it was (its batch is dropped) but still consumes its index.
 pub fn apply(
     applying: &mut Applying<'_>,
     index: u64,
     cmd: &Command,
     leases: &dyn LeaseLookup,
+    auth: &AuthStore,
 ) -> Result<Applied> {
-    let r = apply_inner(applying, index, cmd, leases);
+    let r = apply_inner(applying, index, cmd, leases, auth);
     if r.is_err() {
         applying.skip(index)?;
     }
@@ -92,6 +102,7 @@ fn apply_inner(
     index: u64,
     cmd: &Command,
     leases: &dyn LeaseLookup,
+    auth: &AuthStore,
 ) -> Result<Applied> {
     let mut t = applying.begin();
     let result = match cmd {
@@ -154,6 +165,17 @@ fn apply_inner(
                 result: CommandResult::Alarm(alarms),
                 events: Vec::new(),
                 revision,
+            });
+        }
+        Command::Auth(a) => {
+            drop(t);
+            let mut prepared = auth.prepare(a)?;
+            applying.write(prepared.take_batch(), index)?;
+            auth.commit(prepared);
+            return Ok(Applied {
+                result: CommandResult::Auth,
+                events: Vec::new(),
+                revision: applying.applied_rev(),
             });
         }
         Command::SetStorageFormat(to) => {

@@ -54,6 +54,8 @@ pub enum ApplyError {
     Raft(String),
     #[error(transparent)]
     Mvcc(#[from] crate::mvcc::Error),
+    #[error(transparent)]
+    Auth(#[from] crate::auth::AuthError),
 }
 
 pub type Result<T> = std::result::Result<T, ApplyError>;

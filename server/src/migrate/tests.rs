@@ -43,9 +43,10 @@ impl LeaseLookup for Leases {
 }
 
 pub(super) fn exec(s: &Store, leases: &Leases, cmd: Command) -> CommandResult {
+    let auth = crate::auth::AuthStore::open_default(s.engine().clone()).expect("auth store");
     let mut a = s.applier().expect("applier");
     let index = s.applied_index() + 1;
-    let r = apply(&mut a, index, &cmd, leases).expect("apply");
+    let r = apply(&mut a, index, &cmd, leases, &auth).expect("apply");
     a.publish().expect("publish");
     r.result
 }
@@ -420,9 +421,10 @@ fn a_store_refuses_a_record_of_an_unknown_format() {
         .map(|_| ())
         .expect_err("read");
     assert!(e.to_string().contains("storage format 7"), "{e}");
+    let auth = crate::auth::AuthStore::open_default(store.engine().clone()).expect("auth store");
     let mut a = store.applier().expect("applier");
     let index = store.applied_index() + 1;
-    let r = apply(&mut a, index, &put("a", "2", 0), &leases);
+    let r = apply(&mut a, index, &put("a", "2", 0), &leases, &auth);
     a.publish().expect("publish");
     let e = r.map(|_| ()).expect_err("write over it");
     assert!(e.to_string().contains("storage format 7"), "{e}");

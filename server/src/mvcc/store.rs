@@ -746,16 +746,17 @@ impl<'a> Applying<'a> {
         for (k, v) in meta {
             batch.put(Table::Meta, k, v);
         }
-        put_meta_i64(&mut batch, META_APPLIED_INDEX, index as i64);
-        self.store.engine.write(batch, false)?;
-        self.state.applied_index = index;
-        self.dirty = true;
-        Ok(())
+        self.write(batch, index)
     }
 
     /// Records that command `index` was applied without changing the key space.
     pub fn skip(&mut self, index: u64) -> Result<()> {
-        let mut batch = WriteBatch::new();
+        self.write(WriteBatch::new(), index)
+    }
+
+    /// Writes `batch` (writes outside the key space, e.g. the auth table) as command
+    /// `index`, atomically with its apply position. Not yet durable.
+    pub fn write(&mut self, mut batch: WriteBatch, index: u64) -> Result<()> {
         put_meta_i64(&mut batch, META_APPLIED_INDEX, index as i64);
         self.store.engine.write(batch, false)?;
         self.state.applied_index = index;

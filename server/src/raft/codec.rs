@@ -193,12 +193,15 @@ pub fn command_to_pb(cmd: Command) -> pb::proposal::Command {
         Command::SetStorageFormat(to) => {
             P::SetStorageFormat(pb::SetStorageFormat { to: u32::from(to) })
         }
+        Command::Auth(a) => P::Auth(pb::AuthCommand { request: Some(a) }),
     }
 }
 
-pub fn command_from_pb(cmd: pb::proposal::Command) -> Command {
+/// A proposal's command; `None` for one this binary cannot apply (an auth command without
+/// its request), which is skipped like a proposal without a command.
+pub fn command_from_pb(cmd: pb::proposal::Command) -> Option<Command> {
     use pb::proposal::Command as P;
-    match cmd {
+    Some(match cmd {
         P::Put(r) => Command::Put(r),
         P::DeleteRange(r) => Command::DeleteRange(r),
         P::Txn(r) => Command::Txn(r),
@@ -208,7 +211,8 @@ pub fn command_from_pb(cmd: pb::proposal::Command) -> Command {
         P::Alarm(r) => Command::Alarm(r),
         // A format number beyond u8 is no format: 0, which no binary supports.
         P::SetStorageFormat(r) => Command::SetStorageFormat(u8::try_from(r.to).unwrap_or(0)),
-    }
+        P::Auth(a) => Command::Auth(a.request?),
+    })
 }
 
 #[cfg(test)]

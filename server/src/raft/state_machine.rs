@@ -34,6 +34,7 @@ use super::{
     StoredMembership, TypeConfig,
 };
 use crate::apply::{self, ApplyError};
+use crate::auth::AuthStore;
 use crate::lease::Lessor;
 use crate::migrate::online::Reencoder;
 use crate::mvcc::{self, Store};
@@ -70,6 +71,8 @@ pub struct Context {
     pub observer: Arc<dyn ApplyObserver>,
     /// Re-encodes records in the background after a storage-format switch.
     pub reencoder: Arc<Reencoder>,
+    /// Users, roles and permissions (the `auth` table's mirror).
+    pub auth: Arc<AuthStore>,
     /// The file a snapshot is being received into.
     receiving: Mutex<Option<PathBuf>>,
 }
@@ -85,6 +88,7 @@ impl Context {
         snap_dir: PathBuf,
         observer: Arc<dyn ApplyObserver>,
         reencoder: Arc<Reencoder>,
+        auth: Arc<AuthStore>,
     ) -> Result<Arc<Self>, StorageError> {
         std::fs::create_dir_all(&snap_dir).map_err(sm_err)?;
         let applied = read_applied(&store)?.map_or(0, |l| l.index);
@@ -98,6 +102,7 @@ impl Context {
             applied: watch::channel(applied).0,
             observer,
             reencoder,
+            auth,
             receiving: Mutex::new(None),
         }))
     }
@@ -126,11 +131,10 @@ impl Context {
                             continue;
                         }
                         commands += 1;
-                        let Some(cmd) = p.command else {
+                        let Some(cmd) = p.command.and_then(codec::command_from_pb) else {
                             applying.skip(pos).map_err(sm_err)?;
                             continue;
                         };
-                        let cmd = codec::command_from_pb(cmd);
                         if let apply::Command::SetStorageFormat(to) = cmd {
                             // The switch was checked against every member before it was
                             // proposed; a member that cannot write the format anyway (its
@@ -147,7 +151,13 @@ impl Context {
                                 return Err(sm_err(mvcc::Error::UnsupportedFormat(to)));
                             }
                         }
-                        let mut r = apply::apply(&mut applying, pos, &cmd, self.lessor.as_ref());
+                        let mut r = apply::apply(
+                            &mut applying,
+                            pos,
+                            &cmd,
+                            self.lessor.as_ref(),
+                            &self.auth,
+                        );
                         if let (apply::Command::SetStorageFormat(to), Ok(_)) = (&cmd, &r) {
                             // Before any record in the new format is written.
                             self.reencoder.switched(*to).map_err(sm_err)?;
@@ -299,6 +309,7 @@ impl Context {
             load_file(engine.as_ref(), &path)?;
         }
         self.store.reload().map_err(sm_err)?;
+        self.auth.reload().map_err(sm_err)?;
         self.lessor.restore(&self.store.leases().map_err(sm_err)?);
         self.watch.resync(self.store.current_revision());
         self.set_current(meta)?;

@@ -75,6 +75,7 @@ impl Cluster for ClusterService {
         req: Request<MemberAddRequest>,
     ) -> Result<Response<MemberAddResponse>, Status> {
         let node = self.node.get()?;
+        node.require_admin(&req)?;
         let r = req.into_inner();
         for u in &r.peer_ur_ls {
             if url::Url::parse(u).is_err() {
@@ -97,6 +98,7 @@ impl Cluster for ClusterService {
         req: Request<MemberRemoveRequest>,
     ) -> Result<Response<MemberRemoveResponse>, Status> {
         let node = self.node.get()?;
+        node.require_admin(&req)?;
         let (_, members) = change(&node, Change::Remove(req.into_inner())).await?;
         Ok(Response::new(MemberRemoveResponse {
             header: Some(node.header(node.store.current_revision())),
@@ -109,6 +111,7 @@ impl Cluster for ClusterService {
         req: Request<MemberUpdateRequest>,
     ) -> Result<Response<MemberUpdateResponse>, Status> {
         let node = self.node.get()?;
+        node.require_admin(&req)?;
         let (_, members) = change(&node, Change::Update(req.into_inner())).await?;
         Ok(Response::new(MemberUpdateResponse {
             header: Some(node.header(node.store.current_revision())),
@@ -121,6 +124,7 @@ impl Cluster for ClusterService {
         req: Request<MemberPromoteRequest>,
     ) -> Result<Response<MemberPromoteResponse>, Status> {
         let node = self.node.get()?;
+        node.require_admin(&req)?;
         let (_, members) = change(&node, Change::Promote(req.into_inner())).await?;
         Ok(Response::new(MemberPromoteResponse {
             header: Some(node.header(node.store.current_revision())),

@@ -163,6 +163,21 @@ pub struct Config {
           default_value_t = false, default_missing_value = "true")]
     pub client_cert_auth: bool,
 
+    /// Token provider for Authenticate: `simple` (etcd's simple tokens, valid on the member
+    /// that issued them) or `jwt,pub-key=FILE,priv-key=FILE,sign-method=RS256|ES256|...,ttl=5m`.
+    #[arg(long, env = "METASTORE_AUTH_TOKEN", default_value = "simple")]
+    pub auth_token: String,
+
+    /// Seconds a simple token stays valid after its last use.
+    #[arg(long, env = "METASTORE_AUTH_TOKEN_TTL", default_value_t = 300,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub auth_token_ttl: u64,
+
+    /// bcrypt cost of the password hashes (4 to 31; each step doubles the work).
+    #[arg(long, env = "METASTORE_BCRYPT_COST", default_value_t = crate::auth::DEFAULT_BCRYPT_COST,
+          value_parser = clap::value_parser!(u32).range(4..=31))]
+    pub bcrypt_cost: u32,
+
     /// Peer TLS certificate file (PEM): served on https:// peer URLs and presented to other
     /// members; reread when it changes.
     #[arg(long, env = "METASTORE_PEER_CERT_FILE")]

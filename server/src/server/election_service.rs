@@ -21,8 +21,8 @@ use tonic::codegen::BoxStream;
 use tonic::{Request, Response, Status};
 
 use super::lock_service::{
-    by_create, compare_create, header_rev, key_prefix, op_delete, op_get, op_put, range, range_kvs,
-    session_key, session_lease, txn, wait_deletes, CleanupGuard, HubWatch,
+    by_create, check_access, compare_create, header_rev, key_prefix, op_delete, op_get, op_put,
+    range, range_kvs, session_key, session_lease, txn, wait_deletes, CleanupGuard, HubWatch,
 };
 use super::node::{Node, NodeRef};
 
@@ -100,10 +100,13 @@ impl Election for ElectionService {
         &self,
         req: Request<CampaignRequest>,
     ) -> Result<Response<CampaignResponse>, Status> {
+        let access = self.node.get()?.auth.request(&req);
         let r = req.into_inner();
-        let lease = session_lease(&self.node, r.lease).await?;
         let pfx = key_prefix(&r.name);
+        check_access(&access, &pfx, None)?;
+        let lease = session_lease(&self.node, r.lease).await?;
         let key = session_key(&pfx, lease);
+        check_access(&access, &[], Some(&key[..]))?;
         let (header, rev) = {
             let node = self.node.get()?;
             let resp = txn(
@@ -149,11 +152,13 @@ impl Election for ElectionService {
         &self,
         req: Request<ProclaimRequest>,
     ) -> Result<Response<ProclaimResponse>, Status> {
+        let node = self.node.get()?;
+        let access = node.auth.request(&req);
         let r = req.into_inner();
         let l = r
             .leader
             .ok_or_else(|| Status::unknown(MSG_MISSING_LEADER_KEY))?;
-        let node = self.node.get()?;
+        check_access(&access, &[], Some(&l.key[..]))?;
         let header = proclaim(&node, &l.key, l.rev, l.lease, r.value).await?;
         Ok(Response::new(ProclaimResponse {
             header: filled(&node, header),
@@ -165,7 +170,10 @@ impl Election for ElectionService {
         req: Request<LeaderRequest>,
     ) -> Result<Response<LeaderResponse>, Status> {
         let node = self.node.get()?;
-        let (rev, kv) = leader(&node, &key_prefix(&req.into_inner().name))?;
+        let access = node.auth.request(&req);
+        let pfx = key_prefix(&req.into_inner().name);
+        check_access(&access, &pfx, None)?;
+        let (rev, kv) = leader(&node, &pfx)?;
         let kv = kv.ok_or_else(|| Status::unknown(MSG_NO_LEADER))?;
         Ok(Response::new(LeaderResponse {
             header: Some(node.header(rev)),
@@ -179,8 +187,9 @@ impl Election for ElectionService {
         &self,
         req: Request<LeaderRequest>,
     ) -> Result<Response<BoxStream<LeaderResponse>>, Status> {
-        self.node.get()?;
+        let access = self.node.get()?.auth.request(&req);
         let pfx = key_prefix(&req.into_inner().name);
+        check_access(&access, &pfx, None)?;
         let (tx, rx) = mpsc::channel(16);
         let node = self.node.clone();
         tokio::spawn(async move {
@@ -201,11 +210,13 @@ impl Election for ElectionService {
         &self,
         req: Request<ResignRequest>,
     ) -> Result<Response<ResignResponse>, Status> {
+        let node = self.node.get()?;
+        let access = node.auth.request(&req);
         let l = req
             .into_inner()
             .leader
             .ok_or_else(|| Status::unknown(MSG_MISSING_LEADER_KEY))?;
-        let node = self.node.get()?;
+        check_access(&access, &[], Some(&l.key[..]))?;
         let header = resign(&node, &l.key, l.rev).await?;
         Ok(Response::new(ResignResponse {
             header: filled(&node, header),

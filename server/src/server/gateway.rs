@@ -1,7 +1,9 @@
 //! etcd's JSON gRPC-gateway on the client port: `POST /v3/kv/{range,put,deleterange,txn,
 //! compaction}`, `POST /v3/maintenance/{status,alarm,defragment}` and `POST /v3/lease/{grant,
-//! revoke,timetolive,leases}` (with etcd's `/v3/kv/lease/...` aliases), as etcd 3.4/3.5 serve
-//! them, and the streaming routes `POST /v3/watch` and `POST /v3/lease/keepalive`.
+//! revoke,timetolive,leases}` (with etcd's `/v3/kv/lease/...` aliases), `POST /v3/auth/...`
+//! (authenticate, enable, disable, status, user/..., role/...), as etcd 3.4/3.5 serve them,
+//! and the streaming routes `POST /v3/watch` and `POST /v3/lease/keepalive`. A token goes in
+//! the `Authorization` header, as with etcd's gateway.
 //!
 //! Each handler decodes the JSON body into the prost request, calls the same tonic service
 //! method a gRPC client reaches, and writes the response (or the error) the way etcd's
@@ -52,6 +54,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{any, on, MethodFilter, MethodRouter};
 use axum::Router;
 use futures::StreamExt;
+use metastore_proto::etcdserverpb::auth_server::Auth;
 use metastore_proto::etcdserverpb::kv_server::Kv;
 use metastore_proto::etcdserverpb::lease_server::Lease;
 use metastore_proto::etcdserverpb::maintenance_server::Maintenance;
@@ -60,6 +63,7 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 use tonic::{Code, Status};
 
+use super::auth_service::AuthService;
 use super::config::GRPC_OVERHEAD_BYTES;
 use super::kv_service::KvService;
 use super::lease_service::LeaseService;
@@ -71,6 +75,7 @@ use super::{lease_service, watch_service};
 #[derive(Clone)]
 struct Gateway {
     kv: Arc<KvService>,
+    auth: Arc<AuthService>,
     maintenance: Arc<MaintenanceService>,
     lease: Arc<LeaseService>,
     node: NodeRef,
@@ -82,6 +87,7 @@ struct Gateway {
 pub fn router(node: NodeRef, limits: Limits) -> Router {
     let gateway = Gateway {
         kv: Arc::new(KvService::new(node.clone())),
+        auth: Arc::new(AuthService::new(node.clone())),
         maintenance: Arc::new(MaintenanceService::new(node.clone())),
         lease: Arc::new(LeaseService::new(node.clone())),
         node,
@@ -103,6 +109,23 @@ pub fn router(node: NodeRef, limits: Limits) -> Router {
         .route("/v3/kv/lease/timetolive", post_only(lease_time_to_live))
         .route("/v3/lease/leases", post_only(lease_leases))
         .route("/v3/kv/lease/leases", post_only(lease_leases))
+        .route("/v3/auth/authenticate", post_only(authenticate))
+        .route("/v3/auth/enable", post_only(auth_enable))
+        .route("/v3/auth/disable", post_only(auth_disable))
+        .route("/v3/auth/status", post_only(auth_status))
+        .route("/v3/auth/user/add", post_only(user_add))
+        .route("/v3/auth/user/get", post_only(user_get))
+        .route("/v3/auth/user/list", post_only(user_list))
+        .route("/v3/auth/user/delete", post_only(user_delete))
+        .route("/v3/auth/user/changepw", post_only(user_change_password))
+        .route("/v3/auth/user/grant", post_only(user_grant_role))
+        .route("/v3/auth/user/revoke", post_only(user_revoke_role))
+        .route("/v3/auth/role/add", post_only(role_add))
+        .route("/v3/auth/role/get", post_only(role_get))
+        .route("/v3/auth/role/list", post_only(role_list))
+        .route("/v3/auth/role/delete", post_only(role_delete))
+        .route("/v3/auth/role/grant", post_only(role_grant_permission))
+        .route("/v3/auth/role/revoke", post_only(role_revoke_permission))
         .route("/v3/watch", post_only(watch))
         .route("/v3/lease/keepalive", post_only(lease_keep_alive))
         // Not `Router::fallback`: that would also catch unknown gRPC methods, which must keep
@@ -174,6 +197,23 @@ macro_rules! route {
 }
 
 route!(alarm, maintenance.alarm);
+route!(authenticate, auth.authenticate);
+route!(auth_enable, auth.auth_enable);
+route!(auth_disable, auth.auth_disable);
+route!(auth_status, auth.auth_status);
+route!(user_add, auth.user_add);
+route!(user_get, auth.user_get);
+route!(user_list, auth.user_list);
+route!(user_delete, auth.user_delete);
+route!(user_change_password, auth.user_change_password);
+route!(user_grant_role, auth.user_grant_role);
+route!(user_revoke_role, auth.user_revoke_role);
+route!(role_add, auth.role_add);
+route!(role_get, auth.role_get);
+route!(role_list, auth.role_list);
+route!(role_delete, auth.role_delete);
+route!(role_grant_permission, auth.role_grant_permission);
+route!(role_revoke_permission, auth.role_revoke_permission);
 route!(defragment, maintenance.defragment);
 route!(lease_grant, lease.lease_grant);
 route!(lease_revoke, lease.lease_revoke);
@@ -493,7 +533,15 @@ fn ends_stream(s: &Status) -> bool {
     matches!(s.code(), Code::ResourceExhausted | Code::Cancelled)
 }
 
-async fn watch(State(g): State<Gateway>, body: Body) -> Response {
+async fn watch(State(g): State<Gateway>, headers: HeaderMap, body: Body) -> Response {
+    // grpc-gateway passes the `Authorization` header as `authorization` metadata.
+    let creds = crate::auth::Credentials {
+        token: headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string),
+        common_name: None,
+    };
     let mut reader = JsonReader::new(body, g.max_message_bytes.saturating_mul(2));
     let first = match g.first_request::<WatchRequest>(&mut reader).await {
         Ok(first) => first,
@@ -511,10 +559,11 @@ async fn watch(State(g): State<Gateway>, body: Body) -> Response {
             }
         }
     });
-    let out = match watch_service::open(&g.node, inbound, watch_service::InboundEnd::KeepOpen) {
-        Ok(out) => out,
-        Err(s) => return error(&s),
-    };
+    let out =
+        match watch_service::open(&g.node, inbound, watch_service::InboundEnd::KeepOpen, creds) {
+            Ok(out) => out,
+            Err(s) => return error(&s),
+        };
     let tail =
         futures::stream::once(
             async move { failure.lock().ok().and_then(|mut s| s.take()).map(Err) },

@@ -9,9 +9,10 @@ use prost::Message;
 use tonic::{Request, Response, Status};
 
 use super::node::{Node, NodeRef};
-use super::status::to_status;
+use super::status::{auth_status, to_status};
 use crate::apply::command::CommandResult;
 use crate::apply::{self, validate, ApplyError, Command};
+use crate::auth::{Access, AuthError};
 
 pub struct KvService {
     node: NodeRef,
@@ -51,12 +52,33 @@ fn err(e: ApplyError) -> Status {
     to_status(&e)
 }
 
+fn denied(e: AuthError) -> Status {
+    auth_status(&e)
+}
+
+/// etcd's `checkLeasePuts`: attaching a key to a lease needs WRITE on every key the lease
+/// already holds (whoever may not revoke the lease may not extend it).
+pub(crate) fn check_lease_puts(node: &Node, access: &Access, lease: i64) -> Result<(), Status> {
+    if lease == 0 || access.is_admin() {
+        return Ok(());
+    }
+    let keys = node.store.lease_keys(lease).map_err(|e| err(e.into()))?;
+    for k in keys {
+        access.write(&k, &[]).map_err(denied)?;
+    }
+    Ok(())
+}
+
 #[tonic::async_trait]
 impl Kv for KvService {
     async fn range(&self, req: Request<RangeRequest>) -> Result<Response<RangeResponse>, Status> {
         let node = self.node.get()?;
+        let access = node.auth.request(&req);
         let r = req.into_inner();
         validate::check_range(&r).map_err(err)?;
+        access
+            .and_then(|a| a.read(&r.key, &r.range_end))
+            .map_err(denied)?;
         if !r.serializable {
             node.linearizable_read().await.map_err(err)?;
         }
@@ -76,9 +98,16 @@ impl Kv for KvService {
 
     async fn put(&self, req: Request<PutRequest>) -> Result<Response<PutResponse>, Status> {
         let node = self.node.get()?;
+        let access = node.auth.request(&req);
         let r = req.into_inner();
         validate::check_put(&r).map_err(err)?;
         node.check_size(r.encoded_len()).map_err(err)?;
+        let access = access.map_err(denied)?;
+        access.write(&r.key, &[]).map_err(denied)?;
+        check_lease_puts(&node, &access, r.lease)?;
+        if r.prev_kv {
+            access.read(&r.key, &[]).map_err(denied)?;
+        }
         node.check_quota(r.encoded_len()).await.map_err(err)?;
         match Self::propose(&node, Command::Put(r)).await? {
             CommandResult::Put(mut resp) => {
@@ -94,9 +123,15 @@ impl Kv for KvService {
         req: Request<DeleteRangeRequest>,
     ) -> Result<Response<DeleteRangeResponse>, Status> {
         let node = self.node.get()?;
+        let access = node.auth.request(&req);
         let r = req.into_inner();
         validate::check_delete(&r).map_err(err)?;
         node.check_size(r.encoded_len()).map_err(err)?;
+        let access = access.map_err(denied)?;
+        access.write(&r.key, &r.range_end).map_err(denied)?;
+        if r.prev_kv {
+            access.read(&r.key, &r.range_end).map_err(denied)?;
+        }
         match Self::propose(&node, Command::DeleteRange(r)).await? {
             CommandResult::DeleteRange(mut resp) => {
                 node.fill(&mut resp.header);
@@ -108,9 +143,11 @@ impl Kv for KvService {
 
     async fn txn(&self, req: Request<TxnRequest>) -> Result<Response<TxnResponse>, Status> {
         let node = self.node.get()?;
+        let access = node.auth.request(&req);
         let r = req.into_inner();
         validate::check_txn(&r, node.limits.max_txn_ops).map_err(err)?;
         node.check_size(r.encoded_len()).map_err(err)?;
+        access.and_then(|a| a.txn(&r)).map_err(denied)?;
         if has_put(&r) {
             node.check_quota(r.encoded_len()).await.map_err(err)?;
         }
@@ -128,6 +165,9 @@ impl Kv for KvService {
         req: Request<CompactionRequest>,
     ) -> Result<Response<CompactionResponse>, Status> {
         let node = self.node.get()?;
+        // As etcd 3.4 and 3.5: any authenticated user may compact (no permission check), but
+        // the token must be valid.
+        node.auth.request(&req).map_err(denied)?;
         let r = req.into_inner();
         let physical = r.physical;
         match Self::propose(&node, Command::Compact(r)).await? {

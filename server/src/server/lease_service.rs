@@ -95,7 +95,13 @@ impl Lease for LeaseService {
         req: Request<LeaseRevokeRequest>,
     ) -> Result<Response<LeaseRevokeResponse>, Status> {
         let node = self.node.get()?;
+        let access = node
+            .auth
+            .request(&req)
+            .map_err(|e| super::status::auth_status(&e))?;
         let r = req.into_inner();
+        // etcd: revoking deletes the lease's keys, so it needs WRITE on each of them.
+        super::kv_service::check_lease_puts(&node, &access, r.id)?;
         match node
             .propose(Command::LeaseRevoke(r))
             .await

@@ -82,6 +82,25 @@ pub fn key_prefix(name: &[u8]) -> Bytes {
     Bytes::from(p)
 }
 
+/// The caller's permissions for a lock or an election named by `prefix`, as etcd's
+/// in-process client is checked with the caller's token: READ on the whole prefix (the owner
+/// query, the wait for earlier keys) and WRITE on `key` (the caller's own key), if given.
+pub fn check_access(
+    access: &Result<crate::auth::Access, crate::auth::AuthError>,
+    prefix: &[u8],
+    key: Option<&[u8]>,
+) -> Result<(), Status> {
+    let deny = |e: crate::auth::AuthError| super::status::auth_status(&e);
+    let access = access.as_ref().map_err(|e| deny(e.clone()))?;
+    if !prefix.is_empty() {
+        access.read(prefix, &prefix_end(prefix)).map_err(deny)?;
+    }
+    if let Some(key) = key {
+        access.write(key, &[]).map_err(deny)?;
+    }
+    Ok(())
+}
+
 /// The `range_end` that makes `key` a prefix (etcd's `GetPrefixRangeEnd`).
 pub fn prefix_end(key: &[u8]) -> Bytes {
     let mut end = key.to_vec();
@@ -395,10 +414,13 @@ impl Lock for LockService {
     /// etcd's `concurrency.Mutex.Lock` (3.5): create `name/<lease>` if absent, then wait for
     /// every key created before it to go.
     async fn lock(&self, req: Request<LockRequest>) -> Result<Response<LockResponse>, Status> {
+        let access = self.node.get()?.auth.request(&req);
         let r = req.into_inner();
-        let lease = session_lease(&self.node, r.lease).await?;
         let pfx = key_prefix(&r.name);
+        check_access(&access, &pfx, None)?;
+        let lease = session_lease(&self.node, r.lease).await?;
         let key = session_key(&pfx, lease);
+        check_access(&access, &[], Some(&key[..]))?;
         let resp = {
             let node = self.node.get()?;
             let owner = RequestOp {
@@ -452,10 +474,12 @@ impl Lock for LockService {
         req: Request<UnlockRequest>,
     ) -> Result<Response<UnlockResponse>, Status> {
         let node = self.node.get()?;
+        let access = node.auth.request(&req);
         let d = DeleteRangeRequest {
             key: req.into_inner().key,
             ..Default::default()
         };
+        check_access(&access, &[], Some(&d.key[..]))?;
         validate::check_delete(&d).map_err(apply_error)?;
         node.check_size(d.encoded_len()).map_err(apply_error)?;
         match node

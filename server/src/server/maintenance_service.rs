@@ -87,6 +87,7 @@ impl Maintenance for MaintenanceService {
         req: Request<MoveLeaderRequest>,
     ) -> Result<Response<MoveLeaderResponse>, Status> {
         let n = self.node.get()?;
+        n.require_admin(&req)?;
         let target = req.into_inner().target_id;
         n.replica
             .move_leader(target)
@@ -126,8 +127,9 @@ impl Maintenance for MaintenanceService {
         }))
     }
 
-    async fn hash(&self, _: Request<HashRequest>) -> Result<Response<HashResponse>, Status> {
+    async fn hash(&self, req: Request<HashRequest>) -> Result<Response<HashResponse>, Status> {
         let node = self.node.get()?;
+        node.require_admin(&req)?;
         let store = node.store.clone();
         let hash = tokio::task::spawn_blocking(move || store.hash())
             .await
@@ -144,6 +146,7 @@ impl Maintenance for MaintenanceService {
         req: Request<HashKvRequest>,
     ) -> Result<Response<HashKvResponse>, Status> {
         let node = self.node.get()?;
+        node.require_admin(&req)?;
         let rev = req.into_inner().revision;
         let store = node.store.clone();
         let (hash, compact_revision, hash_revision) =
@@ -161,9 +164,10 @@ impl Maintenance for MaintenanceService {
 
     async fn defragment(
         &self,
-        _: Request<DefragmentRequest>,
+        req: Request<DefragmentRequest>,
     ) -> Result<Response<DefragmentResponse>, Status> {
         let node = self.node.get()?;
+        node.require_admin(&req)?;
         let store = node.store.clone();
         tokio::task::spawn_blocking(move || store.engine().defragment())
             .await
@@ -181,9 +185,12 @@ impl Maintenance for MaintenanceService {
     /// away (or a server shutdown, which drops the connections) ends it at the next chunk.
     async fn snapshot(
         &self,
-        _: Request<SnapshotRequest>,
+        req: Request<SnapshotRequest>,
     ) -> Result<Response<BoxStream<SnapshotResponse>>, Status> {
-        let engine = self.node.get()?.store.engine().clone();
+        let node = self.node.get()?;
+        node.require_admin(&req)?;
+        let engine = node.store.engine().clone();
+        drop(node);
         let (tx, rx) = tokio::sync::mpsc::channel(SNAPSHOT_QUEUE);
         tokio::task::spawn_blocking(move || {
             let start = std::time::Instant::now();

@@ -15,6 +15,7 @@
 //! [`start`] binds every listener and returns a [`Server`] handle, so tests run a real server
 //! in process on `127.0.0.1:0` (the mini-redis pattern).
 
+pub mod auth_service;
 pub mod auto_compaction;
 pub mod cluster_service;
 pub mod config;
@@ -71,6 +72,8 @@ pub enum ServerError {
     Mvcc(#[from] crate::mvcc::Error),
     #[error(transparent)]
     Tls(#[from] crate::tls::TlsError),
+    #[error(transparent)]
+    Auth(#[from] crate::auth::AuthError),
     #[error("cannot listen on {url}: {source}")]
     Bind {
         url: String,
@@ -460,6 +463,15 @@ pub async fn start(config: &Config) -> Result<Server, ServerError> {
         },
     )
     .map_err(|e| ServerError::Other(format!("storage format re-encoder: {e}")))?;
+    let auth = Arc::new(crate::auth::AuthStore::open(
+        engine.clone(),
+        crate::auth::token::from_flag(
+            &config.auth_token,
+            std::time::Duration::from_secs(config.auth_token_ttl),
+        )?,
+        config.client_cert_auth,
+        config.bcrypt_cost,
+    )?);
     let ctx = crate::raft::state_machine::Context::new(
         store.clone(),
         lessor.clone(),
@@ -469,6 +481,7 @@ pub async fn start(config: &Config) -> Result<Server, ServerError> {
         snap_dir,
         metrics.clone(),
         reencoder.clone(),
+        auth.clone(),
     )
     .map_err(raft_err)?;
     let applied = ctx.applied.subscribe();
@@ -544,6 +557,7 @@ pub async fn start(config: &Config) -> Result<Server, ServerError> {
         metrics: metrics.clone(),
         reencoder,
         supported_storage_formats: config.supported_storage_formats(),
+        auth,
     });
 
     let max_msg = config.max_request_bytes + GRPC_OVERHEAD_BYTES;
@@ -567,6 +581,12 @@ pub async fn start(config: &Config) -> Result<Server, ServerError> {
     .add_service(
         metastore_proto::metastorepb::migration_server::MigrationServer::new(
             migration_service::MigrationService::new(weak.clone()),
+        )
+        .max_decoding_message_size(max_msg),
+    )
+    .add_service(
+        metastore_proto::etcdserverpb::auth_server::AuthServer::new(
+            auth_service::AuthService::new(weak.clone()),
         )
         .max_decoding_message_size(max_msg),
     )

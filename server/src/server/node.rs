@@ -80,6 +80,8 @@ pub struct Node {
     /// Storage formats this binary supports (`--max-storage-format` lowers it), as this
     /// member answers the capability check before a switch.
     pub supported_storage_formats: Vec<u8>,
+    /// Users, roles, permissions and tokens; every handler asks it who its caller is.
+    pub auth: Arc<crate::auth::AuthStore>,
 }
 
 impl Node {
@@ -99,6 +101,15 @@ impl Node {
             .as_ref()
             .map_or_else(|| self.store.current_revision(), |h| h.revision);
         *h = Some(self.header(revision));
+    }
+
+    /// Refuses a caller without the root role while auth is on (etcd's `IsAdminPermitted`:
+    /// membership changes, defragment, hashes, snapshots, leader transfer).
+    pub fn require_admin<T>(&self, req: &tonic::Request<T>) -> Result<(), tonic::Status> {
+        self.auth
+            .request(req)
+            .and_then(|a| a.admin())
+            .map_err(|e| super::status::auth_status(&e))
     }
 
     /// Rejects a write request over `--max-request-bytes`.

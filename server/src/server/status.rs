@@ -5,6 +5,7 @@
 use tonic::{Code, Status};
 
 use crate::apply::ApplyError;
+use crate::auth::AuthError;
 use crate::mvcc;
 
 pub const MSG_COMPACTED: &str = "etcdserver: mvcc: required revision has been compacted";
@@ -38,9 +39,49 @@ pub fn to_status(e: &ApplyError) -> Status {
         | E::NotLeader
         | E::BadLeaderTransferee => Status::failed_precondition(e.to_string()),
         E::Mvcc(m) => mvcc_status(m),
+        E::Auth(a) => auth_status(a),
         #[allow(unreachable_patterns)]
         _ => Status::internal(format!("etcdserver: {e}")),
     }
+}
+
+/// etcd's codes for authentication and authorization errors (`rpctypes`).
+pub fn auth_status(e: &AuthError) -> Status {
+    use AuthError as A;
+    let code = match e {
+        A::UserEmpty
+        | A::RoleEmpty
+        | A::AuthFailed
+        | A::InvalidAuthMgmt
+        | A::PermissionNotGiven => Code::InvalidArgument,
+        A::RootUserNotExist
+        | A::RootRoleNotExist
+        | A::UserAlreadyExist
+        | A::UserNotFound
+        | A::RoleAlreadyExist
+        | A::RoleNotFound
+        | A::RoleNotGranted
+        | A::PermissionNotGranted
+        | A::AuthNotEnabled => Code::FailedPrecondition,
+        A::PermissionDenied => Code::PermissionDenied,
+        A::InvalidAuthToken => Code::Unauthenticated,
+        _ => Code::Internal,
+    };
+    Status::new(code, e.to_string())
+}
+
+/// The text etcd puts in a watch response refused by the permission check: the Go string
+/// of the gRPC error (`rpc error: code = PermissionDenied desc = ...`).
+pub fn auth_cancel_reason(e: &AuthError) -> String {
+    let s = auth_status(e);
+    let code = match s.code() {
+        Code::InvalidArgument => "InvalidArgument",
+        Code::FailedPrecondition => "FailedPrecondition",
+        Code::PermissionDenied => "PermissionDenied",
+        Code::Unauthenticated => "Unauthenticated",
+        _ => "Internal",
+    };
+    format!("rpc error: code = {code} desc = {}", s.message())
 }
 
 pub fn mvcc_status(e: &mvcc::Error) -> Status {
@@ -177,5 +218,96 @@ mod tests {
             let s = to_status(&e);
             assert_eq!((s.code(), s.message()), (code, msg));
         }
+    }
+
+    #[test]
+    fn auth_codes_and_messages() {
+        // Checked against etcd 3.4 (e2e/test_differential_auth.py compares the messages).
+        use AuthError as A;
+        let cases = [
+            (
+                A::RootUserNotExist,
+                Code::FailedPrecondition,
+                "etcdserver: root user does not exist",
+            ),
+            (
+                A::RootRoleNotExist,
+                Code::FailedPrecondition,
+                "etcdserver: root user does not have root role",
+            ),
+            (
+                A::UserAlreadyExist,
+                Code::FailedPrecondition,
+                "etcdserver: user name already exists",
+            ),
+            (
+                A::UserNotFound,
+                Code::FailedPrecondition,
+                "etcdserver: user name not found",
+            ),
+            (
+                A::RoleAlreadyExist,
+                Code::FailedPrecondition,
+                "etcdserver: role name already exists",
+            ),
+            (
+                A::RoleNotFound,
+                Code::FailedPrecondition,
+                "etcdserver: role name not found",
+            ),
+            (
+                A::RoleNotGranted,
+                Code::FailedPrecondition,
+                "etcdserver: role is not granted to the user",
+            ),
+            (
+                A::PermissionNotGranted,
+                Code::FailedPrecondition,
+                "etcdserver: permission is not granted to the role",
+            ),
+            (
+                A::AuthNotEnabled,
+                Code::FailedPrecondition,
+                "etcdserver: authentication is not enabled",
+            ),
+            (
+                A::UserEmpty,
+                Code::InvalidArgument,
+                "etcdserver: user name is empty",
+            ),
+            (
+                A::RoleEmpty,
+                Code::InvalidArgument,
+                "etcdserver: role name is empty",
+            ),
+            (
+                A::AuthFailed,
+                Code::InvalidArgument,
+                "etcdserver: authentication failed, invalid user ID or password",
+            ),
+            (
+                A::InvalidAuthMgmt,
+                Code::InvalidArgument,
+                "etcdserver: invalid auth management",
+            ),
+            (
+                A::PermissionDenied,
+                Code::PermissionDenied,
+                "etcdserver: permission denied",
+            ),
+            (
+                A::InvalidAuthToken,
+                Code::Unauthenticated,
+                "etcdserver: invalid auth token",
+            ),
+        ];
+        for (e, code, msg) in cases {
+            let s = to_status(&ApplyError::Auth(e.clone()));
+            assert_eq!((s.code(), s.message()), (code, msg));
+        }
+        assert_eq!(
+            auth_cancel_reason(&A::PermissionDenied),
+            "rpc error: code = PermissionDenied desc = etcdserver: permission denied"
+        );
     }
 }

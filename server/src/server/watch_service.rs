@@ -23,6 +23,7 @@ use tonic::{Request, Response, Status, Streaming};
 use super::node::{Node, NodeRef};
 use super::status::to_status;
 use crate::apply::ApplyError;
+use crate::auth::Credentials;
 use crate::mvcc::KeyRange;
 use crate::watch::{Delivery, StreamId, WatchSpec};
 
@@ -59,6 +60,7 @@ pub fn open<S>(
     node: &NodeRef,
     inbound: S,
     on_end: InboundEnd,
+    creds: Credentials,
 ) -> Result<impl Stream<Item = WatchResponse> + Send + 'static, Status>
 where
     S: Stream<Item = Result<WatchRequest, Status>> + Send + Unpin + 'static,
@@ -66,7 +68,14 @@ where
     let live = node.get()?;
     let (tx, rx) = mpsc::channel(STREAM_BUFFER);
     let stream = live.watch.open_stream(tx.clone());
-    tokio::spawn(serve_inbound(node.clone(), stream, inbound, tx, on_end));
+    tokio::spawn(serve_inbound(
+        node.clone(),
+        stream,
+        inbound,
+        tx,
+        on_end,
+        creds,
+    ));
     let weak = node.clone();
     let max = live.limits.max_request_bytes;
     Ok(ReceiverStream::new(rx).flat_map(move |d| {
@@ -94,7 +103,8 @@ impl Watch for WatchService {
         // As etcd, a client that half-closes its side keeps getting events: the stream ends
         // when the client goes away (or the node stops).
         if !require_leader {
-            let out = open(&self.node, req.into_inner(), InboundEnd::KeepOpen)?;
+            let creds = Credentials::of(&req);
+            let out = open(&self.node, req.into_inner(), InboundEnd::KeepOpen, creds)?;
             return Ok(Response::new(Box::pin(out.map(Ok))));
         }
         let node = self.node.get()?;
@@ -103,7 +113,8 @@ impl Watch for WatchService {
         }
         let election = node.replica.timing.election;
         drop(node);
-        let out = open(&self.node, req.into_inner(), InboundEnd::KeepOpen)?;
+        let creds = Credentials::of(&req);
+        let out = open(&self.node, req.into_inner(), InboundEnd::KeepOpen, creds)?;
         let lost = Arc::new(AtomicBool::new(false));
         let monitor = leader_lost(self.node.clone(), election, lost.clone());
         let ending =
@@ -148,6 +159,7 @@ async fn serve_inbound<S>(
     mut inbound: S,
     tx: mpsc::Sender<Delivery>,
     on_end: InboundEnd,
+    creds: Credentials,
 ) where
     S: Stream<Item = Result<WatchRequest, Status>> + Send + Unpin + 'static,
 {
@@ -158,7 +170,7 @@ async fn serve_inbound<S>(
             break;
         };
         let reply = match req.request_union {
-            Some(RequestUnion::CreateRequest(c)) => create(&node, stream, c, &tx).await,
+            Some(RequestUnion::CreateRequest(c)) => create(&node, stream, c, &tx, &creds).await,
             Some(RequestUnion::CancelRequest(c)) => match node.watch.cancel(stream, c.watch_id) {
                 Some(rev) => tx
                     .send(Delivery::Canceled {
@@ -208,7 +220,24 @@ async fn create(
     stream: StreamId,
     c: WatchCreateRequest,
     tx: &mpsc::Sender<Delivery>,
+    creds: &Credentials,
 ) -> bool {
+    // READ on the watched range, checked at each create with the stream's credentials (the
+    // user's permissions as they are now), as etcd's `isWatchPermitted`.
+    if let Err(e) = node
+        .auth
+        .access(creds)
+        .and_then(|a| a.read(&c.key, &c.range_end))
+    {
+        return tx
+            .send(Delivery::Refused {
+                watch_id: -1,
+                rev: node.store.current_revision(),
+                reason: super::status::auth_cancel_reason(&e),
+            })
+            .await
+            .is_ok();
+    }
     let spec = WatchSpec {
         range: KeyRange::new(&c.key, &c.range_end),
         start_rev: c.start_revision,

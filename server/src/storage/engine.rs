@@ -18,16 +18,19 @@ pub enum Table {
     RaftLog,
     /// Raft's own durable state: the vote, the last purged log id. Not part of the state machine.
     RaftState,
+    /// Users, roles, permissions, the auth switch and the auth revision (see `auth::store`).
+    Auth,
 }
 
 impl Table {
-    pub const ALL: [Table; 6] = [
+    pub const ALL: [Table; 7] = [
         Table::Kv,
         Table::Rev,
         Table::Meta,
         Table::Lease,
         Table::RaftLog,
         Table::RaftState,
+        Table::Auth,
     ];
 
     pub fn name(self) -> &'static str {
@@ -38,6 +41,7 @@ impl Table {
             Table::Lease => "lease",
             Table::RaftLog => "raft_log",
             Table::RaftState => "raft_state",
+            Table::Auth => "auth",
         }
     }
 

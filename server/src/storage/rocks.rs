@@ -60,7 +60,7 @@ impl RocksEngine {
             o.set_block_based_table_factory(&block);
             o.set_write_buffer_size(opts.write_buffer_bytes);
             o.set_compression_type(match table {
-                Table::Meta | Table::Lease => DBCompressionType::None,
+                Table::Meta | Table::Lease | Table::Auth => DBCompressionType::None,
                 _ => DBCompressionType::Lz4,
             });
             ColumnFamilyDescriptor::new(table.name(), o)

@@ -52,7 +52,35 @@ use super::engine::{Engine, Snapshot, Table, WriteBatch};
 use super::{Error, Result};
 
 /// The tables a snapshot holds: the state machine (MVCC key space, leases, store metadata).
-pub const STATE_MACHINE_TABLES: [Table; 4] = [Table::Kv, Table::Rev, Table::Meta, Table::Lease];
+pub const STATE_MACHINE_TABLES: [Table; 5] = [
+    Table::Kv,
+    Table::Rev,
+    Table::Meta,
+    Table::Lease,
+    Table::Auth,
+];
+/// State-machine tables written only when they hold something: a store that never used
+/// authentication gives the same file as before the `auth` table existed, which older
+/// binaries still read. Loading clears them like every state-machine table.
+const OPTIONAL_TABLES: [Table; 1] = [Table::Auth];
+
+/// The state-machine tables `snap` contributes to a file, in file order.
+fn written_tables(snap: &dyn Snapshot) -> Result<Vec<Table>> {
+    let mut out = Vec::new();
+    for table in STATE_MACHINE_TABLES {
+        if OPTIONAL_TABLES.contains(&table) {
+            let mut it = snap.iter(table);
+            it.seek(&[]);
+            let empty = !it.valid();
+            it.status()?;
+            if empty {
+                continue;
+            }
+        }
+        out.push(table);
+    }
+    Ok(out)
+}
 /// The file format version this binary writes and reads.
 pub const FORMAT_VERSION: u32 = 1;
 /// The first bytes of every snapshot file.
@@ -182,7 +210,7 @@ impl<'a> SnapshotWriter<'a> {
     pub fn new(snap: &'a dyn Snapshot) -> Result<Self> {
         let mut len = HEADER_LEN;
         let mut entries = 0u64;
-        for table in STATE_MACHINE_TABLES {
+        for table in written_tables(snap)? {
             len += 2 + table.name().len() as u64;
             for_each(snap, table, |k, v| {
                 entries += 1;
@@ -244,7 +272,7 @@ impl<'a> SnapshotWriter<'a> {
         w.put(&head)?;
 
         let mut tables = Vec::new();
-        for table in STATE_MACHINE_TABLES {
+        for table in written_tables(self.snap)? {
             let name = table.name().as_bytes();
             w.put(&[TAG_TABLE, name.len() as u8])?;
             w.put(name)?;

@@ -641,3 +641,57 @@ async fn a_member_that_lost_its_data_is_refused_until_removed_and_added_again() 
     assert_eq!(get(&mut back, "before", false).await?.as_deref(), Some("1"));
     Ok(())
 }
+
+/// Users, roles and the auth switch reach every member through Raft, and a member that was
+/// down catches up on them from a snapshot (the `auth` table is in it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn auth_state_replicates_and_comes_with_snapshots() -> anyhow::Result<()> {
+    use etcd_client::{ConnectOptions, Permission};
+    let mut c = Cluster::start(3, &["--snapshot-count", "50", "--bcrypt-cost", "4"]).await?;
+    let leader = c.wait_leader().await?;
+    let lagging = (leader + 1) % 3;
+    let writer = (leader + 2) % 3;
+    c.stop(lagging).await;
+    let mut cl = c.client(writer).await?;
+    cl.user_add("root", "rootpw", None).await?;
+    cl.user_grant_role("root", "root").await?;
+    cl.role_add("r1").await?;
+    cl.role_grant_permission("r1", Permission::read("s").with_prefix())
+        .await?;
+    cl.user_add("alice", "pw", None).await?;
+    cl.user_grant_role("alice", "r1").await?;
+    cl.auth_enable().await?;
+    let urls: Vec<String> = c.members.iter().map(|m| m.url()).collect();
+    let login = |i: usize, user: &str, pw: &str| {
+        let url = urls[i].clone();
+        let opts = ConnectOptions::new().with_user(user, pw);
+        async move { Client::connect([url], Some(opts)).await }
+    };
+    let mut root = login(writer, "root", "rootpw").await?;
+    for i in 0..300 {
+        root.put(format!("s{i:04}"), format!("v{i}"), None).await?;
+    }
+    // The leader (another member than the one written to) enforces the same rules.
+    let mut alice = login(leader, "alice", "pw").await?;
+    assert_eq!(alice.get("s0001", None).await?.kvs().len(), 1);
+    let e = alice.put("s0001", "x", None).await.expect_err("read only");
+    assert_eq!(crate::common::status(e).0, tonic::Code::PermissionDenied);
+
+    c.restart(lagging).await?;
+    let start = Instant::now();
+    loop {
+        let node = c.members[lagging].server.as_ref().and_then(|s| s.node());
+        if node.is_some_and(|n| n.auth.is_enabled() && n.store.current_revision() > 300) {
+            break;
+        }
+        anyhow::ensure!(start.elapsed() < Duration::from_secs(15), "never caught up");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let mut alice = login(lagging, "alice", "pw").await?;
+    assert_eq!(alice.get("s0299", None).await?.kvs().len(), 1);
+    let e = alice.put("s0001", "x", None).await.expect_err("read only");
+    assert_eq!(crate::common::status(e).0, tonic::Code::PermissionDenied);
+    let mut root = login(lagging, "root", "rootpw").await?;
+    assert_eq!(root.user_list().await?.users(), ["alice", "root"]);
+    Ok(())
+}

@@ -19,12 +19,23 @@ fn http(
     path: &str,
     body: &[u8],
 ) -> anyhow::Result<(u16, String, String)> {
+    http_with(addr, method, path, "", body)
+}
+
+/// [`http`] with extra header lines (`headers`, each ending in `\r\n`).
+fn http_with(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &str,
+    body: &[u8],
+) -> anyhow::Result<(u16, String, String)> {
     let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
     s.set_read_timeout(Some(Duration::from_secs(10)))?;
     write!(
         s,
         "{method} {path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n\
-         Content-Length: {}\r\nConnection: close\r\n\r\n",
+         {headers}Content-Length: {}\r\nConnection: close\r\n\r\n",
         body.len()
     )?;
     s.write_all(body)?;
@@ -926,5 +937,104 @@ async fn keepalive_stream() -> anyhow::Result<()> {
     .await??;
     assert_eq!((w.status, end), (200, None));
     assert!(!w.head.contains("grpc-metadata"), "{}", w.head);
+    Ok(())
+}
+
+/// `POST path` with `token` in the `Authorization` header, as etcd's gateway takes it.
+async fn post_as(
+    addr: SocketAddr,
+    token: &str,
+    path: &str,
+    body: Value,
+) -> anyhow::Result<(u16, Value)> {
+    let (path, body) = (path.to_string(), serde_json::to_vec(&body)?);
+    let headers = format!("Authorization: {token}\r\n");
+    let (code, _, body) =
+        tokio::task::spawn_blocking(move || http_with(addr, "POST", &path, &headers, &body))
+            .await??;
+    Ok((code, serde_json::from_str(&body)?))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auth_routes_and_authorization_header() -> anyhow::Result<()> {
+    let s = TestServer::start(&["--bcrypt-cost", "4"]).await?;
+    let a = s.addr();
+    for (path, body) in [
+        (
+            "/v3/auth/user/add",
+            json!({"name": "root", "password": "rootpw"}),
+        ),
+        (
+            "/v3/auth/user/grant",
+            json!({"user": "root", "role": "root"}),
+        ),
+        ("/v3/auth/role/add", json!({"name": "r1"})),
+        (
+            "/v3/auth/role/grant",
+            json!({"name": "r1", "perm": {"permType": "READ", "key": b64(b"k")}}),
+        ),
+        (
+            "/v3/auth/user/add",
+            json!({"name": "alice", "password": "pw"}),
+        ),
+        (
+            "/v3/auth/user/grant",
+            json!({"user": "alice", "role": "r1"}),
+        ),
+        ("/v3/auth/enable", json!({})),
+    ] {
+        let (code, v) = post(a, path, body).await?;
+        assert_eq!(code, 200, "{path}: {v}");
+    }
+    let (code, v) = post(a, "/v3/auth/status", json!({})).await?;
+    assert_eq!((code, &v["enabled"]), (200, &json!(true)), "{v}");
+    let (code, v) = post(a, "/v3/kv/range", json!({"key": b64(b"k")})).await?;
+    assert_eq!(
+        (code, v),
+        (400, grpc_error(3, "etcdserver: user name is empty"))
+    );
+    let token = |name: &str, password: &str| {
+        let body = json!({"name": name, "password": password});
+        async move {
+            let (code, v) = post(a, "/v3/auth/authenticate", body).await?;
+            anyhow::ensure!(code == 200, "{v}");
+            Ok::<_, anyhow::Error>(v["token"].as_str().unwrap_or_default().to_string())
+        }
+    };
+    let root = token("root", "rootpw").await?;
+    let alice = token("alice", "pw").await?;
+    let (code, _) = post_as(
+        a,
+        &root,
+        "/v3/kv/put",
+        json!({"key": b64(b"k"), "value": b64(b"v")}),
+    )
+    .await?;
+    assert_eq!(code, 200);
+    let (code, v) = post_as(a, &alice, "/v3/kv/range", json!({"key": b64(b"k")})).await?;
+    assert_eq!((code, &v["count"]), (200, &json!("1")), "{v}");
+    let (code, v) = post_as(
+        a,
+        &alice,
+        "/v3/kv/put",
+        json!({"key": b64(b"k"), "value": b64(b"x")}),
+    )
+    .await?;
+    assert_eq!(
+        (code, v),
+        (403, grpc_error(7, "etcdserver: permission denied"))
+    );
+    let (code, v) = post_as(a, "forged.7", "/v3/kv/range", json!({"key": b64(b"k")})).await?;
+    assert_eq!(
+        (code, v),
+        (401, grpc_error(16, "etcdserver: invalid auth token"))
+    );
+    let (code, v) = post_as(a, &alice, "/v3/auth/user/list", json!({})).await?;
+    assert_eq!(
+        (code, v),
+        (403, grpc_error(7, "etcdserver: permission denied"))
+    );
+    let (code, v) = post_as(a, &root, "/v3/auth/user/list", json!({})).await?;
+    assert_eq!((code, &v["users"]), (200, &json!(["alice", "root"])), "{v}");
     Ok(())
 }

@@ -1,6 +1,7 @@
 //! Integration tests: a real server (in process, or the real binary) driven through the gRPC API
 //! by the `etcd-client` crate, and over plain HTTP.
 
+mod auth;
 mod auto_compaction;
 mod backup;
 mod cluster;

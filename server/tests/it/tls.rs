@@ -880,3 +880,39 @@ async fn bad_tls_settings_are_clear_startup_errors() -> anyhow::Result<()> {
     assert!(e.contains("no PEM certificate"), "{e}");
     Ok(())
 }
+
+/// With `--client-cert-auth` and auth on, a request without a token is the user its
+/// certificate names (etcd's `AuthInfoFromTLS`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auth_client_certificate_common_name_is_the_user() -> anyhow::Result<()> {
+    use etcd_client::Permission;
+    let pki = Pki::new()?;
+    let server_files = pki.ca.leaf("server", 1, &[])?.write(pki.path(), "server")?;
+    let root_cert = pki.ca.leaf("root", 2, &[])?;
+    let alice_cert = pki.ca.leaf("alice", 3, &[])?;
+    let mallory_cert = pki.ca.leaf("mallory", 4, &[])?;
+    let extra = ["--bcrypt-cost".to_string(), "4".into()];
+    let (_server, addr) = start_tls_server(&pki, &server_files, true, &extra).await?;
+    let mut root = tls_client(addr, &pki.ca.pem, Some(&root_cert)).await?;
+    root.user_add("root", "rootpw", None).await?;
+    root.user_grant_role("root", "root").await?;
+    root.role_add("r1").await?;
+    root.role_grant_permission("r1", Permission::read("k").with_prefix())
+        .await?;
+    root.user_add("alice", "pw", None).await?;
+    root.user_grant_role("alice", "r1").await?;
+    root.put("k1", "v", None).await?;
+    root.auth_enable().await?;
+
+    assert_eq!(root.user_list().await?.users(), ["alice", "root"]);
+    let mut alice = tls_client(addr, &pki.ca.pem, Some(&alice_cert)).await?;
+    assert_eq!(alice.get("k1", None).await?.kvs().len(), 1);
+    let e = alice.put("k1", "x", None).await.expect_err("read only");
+    assert_eq!(crate::common::status(e).0, tonic::Code::PermissionDenied);
+    let e = alice.user_list().await.expect_err("not root");
+    assert_eq!(crate::common::status(e).0, tonic::Code::PermissionDenied);
+    let mut mallory = tls_client(addr, &pki.ca.pem, Some(&mallory_cert)).await?;
+    let e = mallory.get("k1", None).await.expect_err("no such user");
+    assert_eq!(crate::common::status(e).0, tonic::Code::PermissionDenied);
+    Ok(())
+}

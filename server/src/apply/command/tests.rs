@@ -39,9 +39,10 @@ fn run_with(
     cmd: Command,
     leases: &dyn LeaseLookup,
 ) -> Result<CommandResult, ApplyError> {
+    let auth = crate::auth::AuthStore::open_default(s.engine().clone()).expect("auth store");
     let mut a = s.applier().expect("applier");
     let index = s.applied_index() + 1;
-    let r = apply(&mut a, index, &cmd, leases).map(|x| x.result);
+    let r = apply(&mut a, index, &cmd, leases, &auth).map(|x| x.result);
     a.publish().expect("publish");
     r
 }

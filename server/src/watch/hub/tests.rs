@@ -22,11 +22,12 @@ fn setup() -> (Arc<Store>, Arc<WatchHub>) {
 
 /// Applies `cmds` as one group and notifies the hub, like the write pipeline.
 fn write(store: &Store, hub: &WatchHub, cmds: Vec<Command>) {
+    let auth = crate::auth::AuthStore::open_default(store.engine().clone()).expect("auth store");
     let mut a = store.applier().expect("applier");
     let mut events = Vec::new();
     for cmd in cmds {
         let index = a_index(store);
-        let mut r = apply(&mut a, index, &cmd, &NoLeases).expect("apply");
+        let mut r = apply(&mut a, index, &cmd, &NoLeases, &auth).expect("apply");
         events.append(&mut r.events);
     }
     let rev = a.publish().expect("publish");
