@@ -6,7 +6,7 @@
 //! write format and the migration target (`migrate/to`) in meta atomically with the apply
 //! position, and from then on writes new records in the new format. The [`Reencoder`] then
 //! converts the existing records with the offline migration's batches
-//! ([`rewrite_batch`](super::rewrite::rewrite_batch)): each batch carries its cursor in meta,
+//! ([`rewrite_batch`]): each batch carries its cursor in meta,
 //! so a restart resumes after the last batch written, and a snapshot from the leader brings
 //! the leader's cursor along with the leader's records (the re-encoder continues from it, see
 //! `raft::state_machine`).
