@@ -49,6 +49,16 @@ pub enum ApplyError {
     BadLeaderTransferee,
     #[error("etcdserver: request timed out, leader transfer took too long")]
     TimeoutLeaderTransfer,
+    /// A Range whose result must be held whole (sorted) needs more memory than the whole
+    /// `--max-range-memory-bytes`. MetaStore's own: etcd has no such limit.
+    #[error(
+        "etcdserver: range needs {needed} bytes of memory to sort, more than \
+         --max-range-memory-bytes ({budget}); use limit, or ascending key order"
+    )]
+    RangeTooLarge { needed: u64, budget: u64 },
+    /// A unary Range response would not fit one gRPC message (4 GiB).
+    #[error("etcdserver: range response of {0} bytes exceeds 4 GiB; use limit or RangeStream")]
+    ResponseTooLarge(u64),
     /// A replication failure with no etcd equivalent; the message says what happened.
     #[error("etcdserver: {0}")]
     Raft(String),

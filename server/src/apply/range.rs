@@ -10,7 +10,7 @@ use metastore_proto::etcdserverpb::{
 use metastore_proto::mvccpb::KeyValue;
 
 use super::Result;
-use crate::mvcc::{self, KeyRange, RangeOptions, RangeResult, Store, WriteTxn};
+use crate::mvcc::{self, KeyRange, PinnedRead, RangeOptions, RangeResult, Store, WriteTxn};
 
 /// Something Range can read from: the store at a revision, or a write transaction.
 pub trait ReadView {
@@ -29,16 +29,118 @@ impl ReadView for WriteTxn<'_> {
     }
 }
 
-/// Executes a Range. The response header carries only the revision; the server fills the rest.
-pub fn range(view: &dyn ReadView, r: &RangeRequest) -> Result<RangeResponse> {
-    let sort_order = SortOrder::try_from(r.sort_order).unwrap_or(SortOrder::None);
-    let sort_target = SortTarget::try_from(r.sort_target).unwrap_or(SortTarget::Key);
-    let filtered = r.min_mod_revision != 0
+impl ReadView for PinnedRead<'_> {
+    fn range(&self, range: &KeyRange, opts: RangeOptions) -> mvcc::Result<RangeResult> {
+        PinnedRead::range(self, range, opts)
+    }
+}
+
+/// Whether `r` filters on mod or create revisions.
+fn filtered(r: &RangeRequest) -> bool {
+    r.min_mod_revision != 0
         || r.max_mod_revision != 0
         || r.min_create_revision != 0
-        || r.max_create_revision != 0;
+        || r.max_create_revision != 0
+}
+
+/// Whether `kv` passes `r`'s revision filters.
+fn keep(r: &RangeRequest, kv: &KeyValue) -> bool {
+    !(r.max_mod_revision != 0 && kv.mod_revision > r.max_mod_revision
+        || r.min_mod_revision != 0 && kv.mod_revision < r.min_mod_revision
+        || r.max_create_revision != 0 && kv.create_revision > r.max_create_revision
+        || r.min_create_revision != 0 && kv.create_revision < r.min_create_revision)
+}
+
+/// The sort `r` asks for, as `(order, target)`; `SortOrder::None` when key-ascending order
+/// (the store's own) is what it asks for.
+fn sort_of(r: &RangeRequest) -> (SortOrder, SortTarget) {
+    let sort_order = SortOrder::try_from(r.sort_order).unwrap_or(SortOrder::None);
+    let sort_target = SortTarget::try_from(r.sort_target).unwrap_or(SortTarget::Key);
+    let order = match (sort_target, sort_order) {
+        // The store returns keys ascending already.
+        (SortTarget::Key, SortOrder::Ascend) => SortOrder::None,
+        (t, SortOrder::None) if t != SortTarget::Key => SortOrder::Ascend,
+        (_, o) => o,
+    };
+    (order, sort_target)
+}
+
+/// Whether `r`'s result must be held in memory whole to be sorted (any order but ascending
+/// keys). Otherwise [`for_each`] produces it incrementally.
+pub fn needs_sort(r: &RangeRequest) -> bool {
+    !r.count_only && sort_of(r).0 != SortOrder::None
+}
+
+/// What a Range reports besides its key-values.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Totals {
+    /// Live keys in the whole range (ignoring `limit` and the filters, as etcd).
+    pub count: i64,
+    /// Whether `limit` left out key-values that would have been returned.
+    pub more: bool,
+}
+
+/// Produces incrementally what [`range`] returns for a request that needs no sort
+/// ([`needs_sort`] is false): calls `emit` with each key-value, in key order, with `limit`,
+/// the filters and `keys_only` applied, then returns `count` and `more`. Holds one key-value
+/// at a time. Stops early, returning what it counted so far, when `emit` returns `false`
+/// (the receiver went away).
+pub fn for_each(
+    view: &PinnedRead<'_>,
+    r: &RangeRequest,
+    mut emit: impl FnMut(KeyValue) -> Result<bool>,
+) -> Result<Totals> {
+    let limit = if r.limit > 0 {
+        r.limit as u64
+    } else {
+        u64::MAX
+    };
+    let filtered = filtered(r);
+    let mut totals = Totals::default();
+    let mut sent = 0u64;
+    let mut failed = None;
+    view.for_each(&KeyRange::new(&r.key, &r.range_end), |record| {
+        totals.count += 1;
+        // Past the limit, only `count` changes once `more` is known.
+        if r.count_only || totals.more {
+            return Ok(true);
+        }
+        if sent == limit && !filtered {
+            totals.more = true;
+            return Ok(true);
+        }
+        let mut kv = record.decode()?;
+        if filtered && !keep(r, &kv) {
+            return Ok(true);
+        }
+        if sent == limit {
+            totals.more = true;
+            return Ok(true);
+        }
+        sent += 1;
+        if r.keys_only {
+            kv.value = Bytes::new();
+        }
+        match emit(kv) {
+            Ok(go_on) => Ok(go_on),
+            Err(e) => {
+                failed = Some(e);
+                Ok(false)
+            }
+        }
+    })?;
+    match failed {
+        Some(e) => Err(e),
+        None => Ok(totals),
+    }
+}
+
+/// Executes a Range. The response header carries only the revision; the server fills the rest.
+pub fn range(view: &dyn ReadView, r: &RangeRequest) -> Result<RangeResponse> {
+    let (order, sort_target) = sort_of(r);
+    let filtered = filtered(r);
     // Sorting and filtering need every key; otherwise fetch one extra to learn `more`.
-    let limit = if sort_order != SortOrder::None || filtered || r.limit <= 0 {
+    let limit = if order != SortOrder::None || filtered || r.limit <= 0 {
         0
     } else {
         r.limit as usize + 1
@@ -53,19 +155,8 @@ pub fn range(view: &dyn ReadView, r: &RangeRequest) -> Result<RangeResponse> {
     )?;
     let mut kvs = rr.kvs;
     if filtered {
-        kvs.retain(|kv| {
-            !(r.max_mod_revision != 0 && kv.mod_revision > r.max_mod_revision
-                || r.min_mod_revision != 0 && kv.mod_revision < r.min_mod_revision
-                || r.max_create_revision != 0 && kv.create_revision > r.max_create_revision
-                || r.min_create_revision != 0 && kv.create_revision < r.min_create_revision)
-        });
+        kvs.retain(|kv| keep(r, kv));
     }
-    let order = match (sort_target, sort_order) {
-        // The store returns keys ascending already.
-        (SortTarget::Key, SortOrder::Ascend) => SortOrder::None,
-        (t, SortOrder::None) if t != SortTarget::Key => SortOrder::Ascend,
-        (_, o) => o,
-    };
     if order != SortOrder::None {
         let cmp = |a: &KeyValue, b: &KeyValue| -> Ordering {
             match sort_target {

@@ -37,6 +37,21 @@ impl Credentials {
             .filter(|cn| !cn.is_empty());
         Self { token, common_name }
     }
+
+    /// The credentials of a gRPC request before tonic decoded it (its HTTP/2 headers and the
+    /// connection's extensions), for the layers in front of tonic's router.
+    pub fn of_http(parts: &http::request::Parts) -> Self {
+        let h = &parts.headers;
+        let token = h
+            .get("token")
+            .or_else(|| h.get("authorization"))
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string);
+        let common_name = ClientIdentity::of(&parts.extensions)
+            .map(|c| c.common_name.clone())
+            .filter(|cn| !cn.is_empty());
+        Self { token, common_name }
+    }
 }
 
 /// The requester as the permission checks see it.

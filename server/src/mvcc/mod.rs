@@ -4,6 +4,7 @@
 //! - [`key_codec`]: engine key layout (`enc(key) ++ !rev`, revision log).
 //! - [`key_range`]: etcd's `(key, range_end)` forms as one type.
 //! - [`store`]: [`Store`]: reads at a revision, the current and compacted revisions.
+//! - [`pinned_read`]: [`PinnedRead`]: one snapshot at one revision, read in several passes.
 //! - [`write_txn`]: [`WriteTxn`]: one write transaction = one new revision.
 //! - [`compactor`]: history removal below a revision, in the background, resumable.
 //!
@@ -22,10 +23,12 @@ pub mod compactor;
 mod error;
 pub mod key_codec;
 pub mod key_range;
+pub mod pinned_read;
 pub mod store;
 pub mod write_txn;
 
 pub use error::{Error, Result};
 pub use key_range::KeyRange;
+pub use pinned_read::{PinnedRead, Record};
 pub use store::{RangeOptions, RangeResult, Store, StoreOptions};
 pub use write_txn::{WriteOutcome, WriteTxn};

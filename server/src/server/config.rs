@@ -18,6 +18,8 @@ use url::Url;
 pub const DEFAULT_MAX_REQUEST_BYTES: usize = 1536 * 1024;
 /// The backend quota when `--quota-backend-bytes` is 0, as etcd: 2 GiB.
 pub const DEFAULT_QUOTA_BYTES: u64 = 2 << 30;
+/// Default `--max-range-memory-bytes`: 256 MiB.
+pub const DEFAULT_MAX_RANGE_MEMORY_BYTES: u64 = 256 << 20;
 /// gRPC's own receive limit sits this much above `--max-request-bytes`, as in etcd.
 pub const GRPC_OVERHEAD_BYTES: usize = 512 * 1024;
 
@@ -140,6 +142,15 @@ pub struct Config {
     /// Raise an alarm when the backend size exceeds this many bytes (0: the default, 2 GiB).
     #[arg(long, env = "METASTORE_QUOTA_BACKEND_BYTES", default_value_t = 0)]
     pub quota_backend_bytes: u64,
+
+    /// Memory, in bytes, that Range responses may hold at once (MetaStore's own). Ranges are
+    /// sent as they are read, each holding a window of about 4 x (256 KiB +
+    /// --max-request-bytes); a sorted result (any order but ascending keys) is held whole and
+    /// charged its size. Requests wait for their share; one that needs more than the whole
+    /// budget fails with ResourceExhausted.
+    #[arg(long, env = "METASTORE_MAX_RANGE_MEMORY_BYTES", default_value_t = DEFAULT_MAX_RANGE_MEMORY_BYTES,
+          value_parser = clap::value_parser!(u64).range(1024..))]
+    pub max_range_memory_bytes: u64,
 
     /// Extra URLs to serve /metrics and /health on (plain HTTP).
     #[arg(long, env = "METASTORE_LISTEN_METRICS_URLS", value_delimiter = ',')]
@@ -594,6 +605,7 @@ mod tests {
         assert_eq!(c.engine, EngineKind::Rocksdb);
         assert_eq!(c.max_request_bytes, 1536 * 1024);
         assert_eq!(c.max_txn_ops, 128);
+        assert_eq!(c.max_range_memory_bytes, 256 << 20);
         assert!(!c.unsafe_no_fsync);
         assert_eq!(c.initial_cluster_members()?.len(), 1);
         Ok(())
@@ -606,6 +618,7 @@ mod tests {
         std::fs::write(
             &file,
             "name: fromfile\nmax-txn-ops: 7\nengine: memory\nunsafe-no-fsync: true\n\
+             max-range-memory-bytes: 1048576\n\
              listen-client-urls: [http://127.0.0.1:1, http://127.0.0.1:2]\n\
              initial-cluster: fromfile=http://127.0.0.1:2380\n",
         )?;
@@ -620,6 +633,7 @@ mod tests {
         assert_eq!(c.max_txn_ops, 9, "flag wins over file");
         assert_eq!(c.engine, EngineKind::Memory);
         assert!(c.unsafe_no_fsync);
+        assert_eq!(c.max_range_memory_bytes, 1 << 20);
         assert_eq!(c.listen_client_urls.len(), 2);
         Ok(())
     }

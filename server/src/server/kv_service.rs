@@ -3,12 +3,18 @@
 use metastore_proto::etcdserverpb::kv_server::Kv;
 use metastore_proto::etcdserverpb::{
     CompactionRequest, CompactionResponse, DeleteRangeRequest, DeleteRangeResponse, PutRequest,
-    PutResponse, RangeRequest, RangeResponse, TxnRequest, TxnResponse,
+    PutResponse, RangeRequest, RangeResponse, RangeStreamResponse, TxnRequest, TxnResponse,
 };
 use prost::Message;
 use tonic::{Request, Response, Status};
 
 use super::node::{Node, NodeRef};
+use super::range_stream::{self, StreamEncoder};
+
+/// What `RangeStream` returns (the generated trait's boxed stream).
+type RangeStream = std::pin::Pin<
+    Box<dyn tokio_stream::Stream<Item = Result<RangeStreamResponse, Status>> + Send + 'static>,
+>;
 use super::status::{auth_status, to_status};
 use crate::apply::command::CommandResult;
 use crate::apply::{self, validate, ApplyError, Command};
@@ -21,6 +27,25 @@ pub struct KvService {
 impl KvService {
     pub fn new(node: NodeRef) -> Self {
         Self { node }
+    }
+
+    /// What every Range does before reading (unary, streamed or sent as produced): etcd's
+    /// validation, the requester's READ permission on the range (`access`, from
+    /// [`crate::auth::AuthStore::request`]), then, unless serializable, the ReadIndex wait
+    /// (once per request).
+    pub(super) async fn admit_read(
+        node: &Node,
+        access: crate::auth::Result<Access>,
+        r: &RangeRequest,
+    ) -> Result<(), Status> {
+        validate::check_range(r).map_err(err)?;
+        access
+            .and_then(|a| a.read(&r.key, &r.range_end))
+            .map_err(denied)?;
+        if !r.serializable {
+            node.linearizable_read().await.map_err(err)?;
+        }
+        Ok(())
     }
 
     async fn propose(node: &Node, cmd: Command) -> Result<CommandResult, Status> {
@@ -72,16 +97,12 @@ pub(crate) fn check_lease_puts(node: &Node, access: &Access, lease: i64) -> Resu
 #[tonic::async_trait]
 impl Kv for KvService {
     async fn range(&self, req: Request<RangeRequest>) -> Result<Response<RangeResponse>, Status> {
+        // A range over a key range normally arrives as a body produced while it is sent
+        // (`range_body`); this handler serves single keys and the JSON gateway.
         let node = self.node.get()?;
         let access = node.auth.request(&req);
         let r = req.into_inner();
-        validate::check_range(&r).map_err(err)?;
-        access
-            .and_then(|a| a.read(&r.key, &r.range_end))
-            .map_err(denied)?;
-        if !r.serializable {
-            node.linearizable_read().await.map_err(err)?;
-        }
+        Self::admit_read(&node, access, &r).await?;
         let mut resp = if r.range_end.is_empty() {
             // A single key is a point lookup: no need to leave the async worker.
             apply::range::range(node.store.as_ref(), &r)
@@ -94,6 +115,20 @@ impl Kv for KvService {
         .map_err(err)?;
         node.fill(&mut resp.header);
         Ok(Response::new(resp))
+    }
+
+    /// etcd 3.7's streaming Range: the result in messages of about
+    /// [`range_stream::CHUNK_BYTES`], header, `count` and `more` in the last one.
+    async fn range_stream(
+        &self,
+        req: Request<RangeRequest>,
+    ) -> Result<Response<RangeStream>, Status> {
+        let node = self.node.get()?;
+        let access = node.auth.request(&req);
+        let r = req.into_inner();
+        Self::admit_read(&node, access, &r).await?;
+        let produced = range_stream::start(&node, r, StreamEncoder::default()).await?;
+        Ok(Response::new(Box::pin(produced)))
     }
 
     async fn put(&self, req: Request<PutRequest>) -> Result<Response<PutResponse>, Status> {

@@ -6,6 +6,9 @@
 //! - [`node`]: what the services share (store, pipeline, identity, limits).
 //! - [`kv_service`], [`maintenance_service`], [`cluster_service`]: thin tonic handlers;
 //!   [`migration_service`]: MetaStore's own online storage-format switch.
+//! - [`range_stream`], [`range_body`], [`range_budget`]: Range results produced and sent
+//!   incrementally (`RangeStream`, and unary Ranges over a key range) within the
+//!   `--max-range-memory-bytes` budget.
 //! - [`status`]: the one error → gRPC status table.
 //! - [`http`], [`metrics`]: `/health`, `/version`, `/metrics`; per-RPC metrics.
 //! - [`member`]: etcd-compatible member and cluster ids.
@@ -32,6 +35,9 @@ pub mod metrics;
 pub mod migration_service;
 pub mod node;
 pub mod proposer;
+pub mod range_body;
+pub mod range_budget;
+pub mod range_stream;
 pub mod status;
 pub mod tls_setup;
 pub mod watch_service;
@@ -555,6 +561,7 @@ pub async fn start(config: &Config) -> Result<Server, ServerError> {
             quota_bytes: config.quota_bytes(),
         },
         metrics: metrics.clone(),
+        range_budget: range_budget::RangeBudget::new(config.max_range_memory_bytes),
         reencoder,
         supported_storage_formats: config.supported_storage_formats(),
         auth,
@@ -623,6 +630,7 @@ pub async fn start(config: &Config) -> Result<Server, ServerError> {
             .accept_http1(true)
             .tcp_nodelay(true)
             .layer(metrics::MetricsLayer(metrics.clone()))
+            .layer(range_body::RangeBodyLayer::new(weak.clone(), max_msg))
             .add_routes(routes.clone());
         let stop = async move {
             let _ = rx.wait_for(|s| *s).await;

@@ -75,6 +75,8 @@ pub struct Node {
     pub cluster_id: u64,
     pub limits: Limits,
     pub metrics: Arc<Metrics>,
+    /// The memory Range responses may hold at once (`--max-range-memory-bytes`).
+    pub range_budget: super::range_budget::RangeBudget,
     /// Background re-encoding after a storage-format switch, and its progress.
     pub reencoder: Arc<crate::migrate::online::Reencoder>,
     /// Storage formats this binary supports (`--max-storage-format` lowers it), as this

@@ -16,6 +16,8 @@ mod limits;
 mod lock;
 mod migrate;
 mod online_migrate;
+mod range_memory;
+mod range_stream;
 mod restart;
 mod snapshot;
 mod tls;
