@@ -14,7 +14,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::Status;
 
 use super::check::{Invariant, ListCheck, Listed, Violation};
-use super::{list, status_text, Conn, Shared};
+use super::{list, status_text, timed, Conn, Shared};
 use crate::keys;
 use crate::report::Recorder;
 
@@ -114,12 +114,12 @@ async fn count(
 ) -> Result<(i64, Listed), Status> {
     let prefix = shared.types.prefix(ty);
     let r = kv
-        .range(RangeRequest {
+        .range(timed(RangeRequest {
             range_end: keys::prefix_end(&prefix),
             key: prefix,
             count_only: true,
             ..Default::default()
-        })
+        }))
         .await?
         .into_inner();
     let rev = r.header.map_or(0, |h| h.revision);
@@ -158,7 +158,7 @@ pub async fn compactor(shared: Arc<Shared>, every: Duration) -> Housekeeping {
             }],
         };
         let t0 = Instant::now();
-        let r = match kv.txn(txn).await {
+        let r = match kv.txn(timed(txn)).await {
             Ok(r) => r.into_inner(),
             Err(e) => {
                 h.rec.error(format!("compact txn: {}", status_text(&e)));
@@ -191,10 +191,10 @@ pub async fn compactor(shared: Arc<Shared>, every: Duration) -> Housekeeping {
         shared.compact_requested.fetch_max(rev, Ordering::SeqCst);
         let t0 = Instant::now();
         match kv
-            .compact(CompactionRequest {
+            .compact(timed(CompactionRequest {
                 revision: rev,
                 physical: false,
-            })
+            }))
             .await
         {
             Ok(r) => {
@@ -277,7 +277,10 @@ pub async fn status(shared: Arc<Shared>, every: Duration) -> Housekeeping {
         let ch = shared.channels[n % shared.channels.len()].clone();
         n += 1;
         let t0 = Instant::now();
-        match MaintenanceClient::new(ch).status(StatusRequest {}).await {
+        match MaintenanceClient::new(ch)
+            .status(timed(StatusRequest {}))
+            .await
+        {
             Ok(r) => {
                 let r = r.into_inner();
                 h.rec.record("status", t0.elapsed());

@@ -178,6 +178,19 @@ impl Conn {
     }
 }
 
+/// The deadline of every unary request (kube-apiserver's client bounds each call by its own
+/// context): a member that never answers (a linearizable read on a member catching up after
+/// a restart can wait indefinitely) must not hang a writer or a list; the request is then
+/// treated as failed and retried elsewhere.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// `msg` as a request with [`REQUEST_TIMEOUT`].
+fn timed<T>(msg: T) -> tonic::Request<T> {
+    let mut req = tonic::Request::new(msg);
+    req.set_timeout(REQUEST_TIMEOUT);
+    req
+}
+
 fn status_text(e: &Status) -> String {
     format!("{:?}: {}", e.code(), e.message())
 }
@@ -247,14 +260,14 @@ async fn list(
     let mut fp = Fingerprint::default();
     loop {
         let r = kv
-            .range(RangeRequest {
+            .range(timed(RangeRequest {
                 key: key.clone(),
                 range_end: end.clone(),
                 limit: shared.page_size,
                 revision: rev,
                 keys_only,
                 ..Default::default()
-            })
+            }))
             .await?
             .into_inner();
         if rev == 0 {
@@ -422,7 +435,7 @@ async fn server_version(channels: &[Channel]) -> Result<String> {
     let mut last = None;
     for ch in channels {
         match MaintenanceClient::new(ch.clone())
-            .status(StatusRequest {})
+            .status(timed(StatusRequest {}))
             .await
         {
             Ok(r) => return Ok(r.into_inner().version),

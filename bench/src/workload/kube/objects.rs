@@ -28,7 +28,7 @@ use tonic::transport::Channel;
 use tonic::Status;
 
 use super::check::{self, Change};
-use super::Conn;
+use super::{timed, Conn};
 use crate::error::Result;
 use crate::keys::Rng;
 use crate::runner::Workload;
@@ -260,7 +260,7 @@ impl Writers {
                 ttl: EVENT_TTL_SECS,
                 id: 0,
             };
-            match c.lease_grant(grant).await {
+            match c.lease_grant(timed(grant)).await {
                 Ok(r) => *lease = (r.into_inner().id, 0),
                 Err(e) => {
                     w.conn.rotate();
@@ -330,7 +330,7 @@ impl Writers {
         let mut backoff = Duration::from_millis(50);
         while Instant::now() < deadline {
             let mut kv = KvClient::new(w.conn.channel());
-            let current: Option<KeyValue> = match kv.txn(txn.clone()).await {
+            let current: Option<KeyValue> = match kv.txn(timed(txn.clone())).await {
                 Ok(r) => {
                     let r = r.into_inner();
                     if r.succeeded {
@@ -354,7 +354,7 @@ impl Writers {
                     tokio::time::sleep(backoff).await;
                     backoff = (backoff * 2).min(Duration::from_millis(500));
                     let mut kv = KvClient::new(w.conn.channel());
-                    match kv.range(get.clone()).await {
+                    match kv.range(timed(get.clone())).await {
                         Ok(r) => r.into_inner().kvs.into_iter().next(),
                         Err(e) => {
                             last = e;
