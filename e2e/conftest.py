@@ -7,6 +7,7 @@ Environment:
   METASTORE_BIN   MetaStore binary (else $CARGO_TARGET_DIR/release/metastore,
                   else ~/.cache/metastore/target/release/metastore).
   ETCD_BIN / ETCDCTL_BIN   override the etcd / etcdctl found on PATH.
+  METASTORE_BENCH_BIN      the load tool (else metastore-bench beside the MetaStore binary).
   CI              when set, a missing binary fails the test instead of skipping it.
 """
 
@@ -65,6 +66,19 @@ def metastore_bin() -> str:
         harness.find_metastore(), "MetaStore binary",
         "looked for " + ", ".join(harness.metastore_candidates())
         + "; build it with `cargo build --release` or set METASTORE_BIN")
+
+
+@pytest.fixture(scope="session")
+def bench_bin() -> str:
+    """The load tool: METASTORE_BENCH_BIN, else `metastore-bench` beside the MetaStore binary."""
+    path = os.environ.get("METASTORE_BENCH_BIN")
+    if not path:
+        metastore = harness.find_metastore()
+        path = str(Path(metastore).parent / "metastore-bench") if metastore else ""
+    found = path if os.path.isfile(path) and os.access(path, os.X_OK) else None
+    return harness.require_binary(found, "metastore-bench",
+                                  "build it with `cargo build --release -p metastore-bench` "
+                                  "or set METASTORE_BENCH_BIN")
 
 
 @pytest.fixture(scope="session")

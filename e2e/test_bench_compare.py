@@ -13,14 +13,11 @@ tool (else `metastore-bench` beside the MetaStore binary).
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-
-import harness
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPARE = ROOT / "bench" / "compare"
@@ -36,16 +33,6 @@ CASES = {
 ONE_M = ["load-1m", "rss-1m", "start-1m", "disk-1m"]
 TOOL_WORKLOADS = {"put", "range", "txn-put", "txn-mixed", "watch", "watch-latency",
                   "lease-keepalive"}
-
-
-@pytest.fixture(scope="module")
-def bench_bin(metastore_bin) -> str:
-    path = os.environ.get("METASTORE_BENCH_BIN") or str(
-        Path(metastore_bin).parent / "metastore-bench")
-    found = path if os.path.isfile(path) and os.access(path, os.X_OK) else None
-    return harness.require_binary(found, "metastore-bench",
-                                  "build it with `cargo build --release -p metastore-bench` "
-                                  "or set METASTORE_BENCH_BIN")
 
 
 def compare(tmp_path: Path, etcd_bin: str, metastore_bin: str, bench_bin: str,

@@ -1,7 +1,8 @@
 //! `metastore-bench`: a load tool for any etcd v3 endpoint, MetaStore or etcd.
 //!
 //! It offers the workloads etcd's own `benchmark` tool is known for (`put`, `range`, `txn-put`,
-//! `txn-mixed`, `watch`, `watch-latency`, `lease-keepalive`) with the same flags, and speaks
+//! `txn-mixed`, `watch`, `watch-latency`, `lease-keepalive`) with the same flags, plus `kube`
+//! (kube-apiserver's traffic, checked against what kube-apiserver relies on), and speaks
 //! gRPC through the tonic stubs of `metastore-proto`, so every request on the wire is exactly
 //! the one written here (no client library retries, caches or batches in between).
 //!
@@ -15,7 +16,8 @@
 //!   (no coordinated omission).
 //! - [`runner`]: opens `--conns` gRPC connections and drives `--clients` concurrent requesters
 //!   over them until `--total` requests are done.
-//! - [`workload`]: one file per workload; each builds its requests and says what it measured.
+//! - [`workload`]: one file per workload; each builds its requests and says what it measured
+//!   (`kube` is a directory: its writers, reflectors, background traffic and checker).
 //! - [`report`]: latency histograms (`hdrhistogram`), percentiles, the text histogram and the
 //!   `--json` object.
 //! - `main.rs`: the command line.

@@ -3,8 +3,9 @@
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use metastore_bench::workload::{
-    lease_keepalive, put, range, range::RangeArgs, txn_mixed, txn_mixed::TxnMixedArgs, txn_put,
-    txn_put::TxnPutArgs, watch, watch_latency, watch_latency::WatchLatencyArgs,
+    kube, kube::KubeArgs, lease_keepalive, put, range, range::RangeArgs, txn_mixed,
+    txn_mixed::TxnMixedArgs, txn_put, txn_put::TxnPutArgs, watch, watch_latency,
+    watch_latency::WatchLatencyArgs,
 };
 use metastore_bench::{runner, Common};
 
@@ -34,16 +35,31 @@ enum Command {
     WatchLatency(WatchLatencyArgs),
     /// Lease keep-alive round trips (one lease and stream per client).
     LeaseKeepalive,
+    /// kube-apiserver's traffic (guarded writes, paginated lists, watches, compaction),
+    /// checked against what kube-apiserver relies on; exits non-zero when an invariant breaks.
+    Kube(KubeArgs),
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let cli = Cli::parse();
+    let mut cli = Cli::parse();
+    if let Command::Kube(_) = &cli.command {
+        // One connection per endpoint at least: the kube workload moves to the next endpoint
+        // when one fails.
+        let endpoints = cli
+            .common
+            .endpoints
+            .iter()
+            .filter(|e| !e.trim().is_empty())
+            .count();
+        cli.common.conns = cli.common.conns.max(endpoints);
+    }
     let common = &cli.common;
     common.validate()?;
     let channels = runner::connect(common).await?;
     let bar = runner::progress(common, common.total);
     let report = match &cli.command {
+        Command::Kube(args) => return kube_command(common, args, &channels, &bar).await,
         Command::Put => put::run(common, &channels, &bar).await,
         Command::Range(a) => range::run(common, a, &channels, &bar).await,
         Command::TxnPut(a) => txn_put::run(common, a, &channels, &bar).await,
@@ -52,10 +68,43 @@ async fn main() -> anyhow::Result<()> {
         Command::WatchLatency(a) => watch_latency::run(common, a, &channels, &bar).await,
         Command::LeaseKeepalive => lease_keepalive::run(common, &channels, &bar).await,
     }?;
-    if common.json {
+    print_report(common.json, &report)
+}
+
+/// `kube`: the report, then a non-zero exit naming the broken invariants if any.
+async fn kube_command(
+    common: &Common,
+    args: &KubeArgs,
+    channels: &[tonic::transport::Channel],
+    bar: &indicatif::ProgressBar,
+) -> anyhow::Result<()> {
+    let report = kube::run(common, args, channels, bar).await?;
+    print_report(common.json, &report)?;
+    if !report.ok() {
+        let names: Vec<String> = report.broken.iter().map(|i| i.to_string()).collect();
+        anyhow::bail!(
+            "invariant broken: {} ({} violations; first: {})",
+            names.join(", "),
+            report.violation_count,
+            report
+                .violations
+                .first()
+                .map(|v| v.to_string())
+                .unwrap_or_default()
+        );
+    }
+    Ok(())
+}
+
+/// The report on stdout: one JSON object with `--json`, else the text.
+fn print_report<R: serde::Serialize + std::fmt::Display>(
+    json: bool,
+    report: &R,
+) -> anyhow::Result<()> {
+    if json {
         println!(
             "{}",
-            serde_json::to_string(&report).context("encoding the report")?
+            serde_json::to_string(report).context("encoding the report")?
         );
     } else {
         print!("{report}");

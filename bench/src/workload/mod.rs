@@ -1,6 +1,7 @@
 //! The workloads, one per file. Each exposes its flags (a `clap::Args` struct) and a `run`
 //! that returns the [`Report`](crate::Report) of the measured phase.
 
+pub mod kube;
 pub mod lease_keepalive;
 pub mod put;
 pub mod range;
