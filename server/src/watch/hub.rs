@@ -308,7 +308,23 @@ impl WatchHub {
         for (sid, s) in st.streams.iter_mut() {
             let mut stream_closed = false;
             for (id, w) in s.watchers.iter_mut() {
-                if !w.synced || w.pending {
+                if w.pending {
+                    // Its `Created` response is still being sent, so nothing may go to the
+                    // stream yet; but `notified_rev` moves past these revisions, so a synced
+                    // watcher skipped here would never get them. Leave it to the syncer,
+                    // which replays them once `activate` wakes it.
+                    if w.synced
+                        && events
+                            .iter()
+                            .any(|e| event_rev(e) >= w.next_rev && matches(&w.spec, e))
+                    {
+                        w.synced = false;
+                    } else if w.synced {
+                        w.next_rev = w.next_rev.max(rev + 1);
+                    }
+                    continue;
+                }
+                if !w.synced {
                     continue;
                 }
                 if stream_closed {
