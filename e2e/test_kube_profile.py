@@ -113,22 +113,10 @@ def kube_argv(bench_bin: str, endpoints: list[str], objects: int) -> list[str]:
             "kube", "--objects", str(objects), *KUBE_FLAGS]
 
 
-# Found by this test, not yet fixed: on MetaStore a watcher occasionally misses the event at
-# the very revision its new watch starts from (right after a re-list at R, the create at R+1
-# never arrives; 1 run in 4 on 2026-12-02, e.g. "watcher 33 (configmaps): missed the change at
-# 19141 (its coverage 19141..=37512 includes it)", then every later list differs by that one
-# object). It looks like a race between registering a watch at current+1 and notifying the
-# write at that revision. Not strict: most runs pass, and a pass must not fail CI.
-METASTORE_START_RACE = pytest.mark.xfail(
-    strict=False, reason="MetaStore: a watch from current+1 can miss the event at its start "
-    "revision (intermittent; see the comment above)")
-
-
-def _target_param(kind: str):
-    return pytest.param(kind, marks=METASTORE_START_RACE) if kind == "metastore" else kind
-
-
-@pytest.fixture(params=[_target_param(t) for t in TARGETS])
+# MetaStore once missed the event at a new watch's start revision (a watch from current+1 whose
+# Created response was in flight while that revision was published); fixed in the watch hub,
+# with deterministic regression tests in server/src/watch/hub/tests.rs. No xfail: a miss fails.
+@pytest.fixture(params=TARGETS)
 def target(request) -> tuple[str, str]:
     kind = request.param
     return kind, request.getfixturevalue(f"{kind}_bin")
