@@ -33,7 +33,7 @@ pub struct BackupArgs {
     dir: PathBuf,
 
     /// The backup's name: its files are NAME.snapshot, NAME.snapshot.sha256 and
-    /// NAME.manifest.json [default: backup-<unix seconds>].
+    /// NAME.manifest.json [default: backup-SECONDS, the Unix time].
     #[arg(long)]
     name: Option<String>,
 
