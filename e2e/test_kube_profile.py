@@ -36,7 +36,7 @@ from harness import start_servers
 
 TARGETS = [t for t in os.environ.get("E2E_KUBE_TARGETS", "metastore,etcd").split(",") if t]
 OBJECTS = {"metastore": int(os.environ.get("KUBE_OBJECTS", "100000")),
-           "etcd": int(os.environ.get("KUBE_ETCD_OBJECTS", "30000"))}
+           "etcd": int(os.environ.get("KUBE_ETCD_OBJECTS", "60000"))}
 TYPES = 10
 WATCHERS = 100
 # etcd's and MetaStore's per-watcher progress notifications (default every 10 minutes).
