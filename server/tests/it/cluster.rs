@@ -98,7 +98,29 @@ impl Cluster {
             m.server = Some(s.await??);
         }
         c.wait_leader().await?;
+        c.wait_everyone_knows_the_leader().await?;
         Ok(c)
+    }
+
+    /// Waits until every running member knows a leader: a follower that has not heard from
+    /// the new leader yet answers "no leader", so a test's first request waits for this.
+    async fn wait_everyone_knows_the_leader(&self) -> anyhow::Result<()> {
+        let start = Instant::now();
+        loop {
+            let all = self
+                .members
+                .iter()
+                .filter_map(|m| m.server.as_ref().and_then(|s| s.node()))
+                .all(|n| n.replica.leader_id().is_some());
+            if all {
+                return Ok(());
+            }
+            anyhow::ensure!(
+                start.elapsed() < Duration::from_secs(10),
+                "not every member knows the leader after 10 s"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
     }
 
     async fn restart(&mut self, i: usize) -> anyhow::Result<()> {
