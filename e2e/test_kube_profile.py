@@ -169,7 +169,11 @@ def test_kube_profile_with_a_leader_kill(cluster_factory, target, bench_bin, tmp
     # then lists again, as kube-apiserver does ("etcd event received with PrevKv=nil").
     if kind == "metastore":
         assert ch["no_prev_kv"] == 0, summary
-    assert ch["rewatches"] >= 1 and ch["progress_notifications"] > 0, summary
+    assert ch["rewatches"] >= 1, summary
+    # etcd sends a progress notification only to a watcher that got no event for a whole
+    # interval, which a busy run may never leave; MetaStore's notifications are checked.
+    if kind == "metastore":
+        assert ch["progress_notifications"] > 0, summary
     # The killed member's streams broke and were re-established elsewhere.
     assert ch["stream_restarts"] >= 1, summary
     # kube-apiserver relies on progress-request answers from etcd 3.4.31 / 3.5.13 on only:

@@ -204,7 +204,7 @@ pub async fn compactor(shared: Arc<Shared>, every: Duration) -> Housekeeping {
                 let at = r.into_inner().header.map_or(i64::MAX, |h| h.revision);
                 shared.compacted_at.fetch_max(at, Ordering::SeqCst);
                 shared.compacted.fetch_max(rev, Ordering::SeqCst);
-                probe_compacted(&shared, &conn, rev, &mut h).await;
+                probe_compacted(&shared, &mut conn, rev, &mut h).await;
             }
             // Compacting again at a revision already compacted (a retried round) is refused.
             Err(e) if is_compacted(&e) => {
@@ -219,8 +219,46 @@ pub async fn compactor(shared: Arc<Shared>, every: Duration) -> Housekeeping {
     h
 }
 
-/// A watch from `rev - 1` right after a compaction at `rev` must be refused as compacted.
-async fn probe_compacted(shared: &Shared, conn: &Conn, rev: i64, h: &mut Housekeeping) {
+/// How many connections the compacted-watch probe tries before it gives up (a member may die
+/// under it, as a leader kill does; the next connection answers).
+const PROBE_ATTEMPTS: usize = 3;
+
+/// A watch from `rev - 1` right after a compaction at `rev` must be refused as compacted. A probe
+/// whose connection fails is tried again on the next connection, as a client would.
+async fn probe_compacted(shared: &Shared, conn: &mut Conn, rev: i64, h: &mut Housekeeping) {
+    for _ in 0..PROBE_ATTEMPTS {
+        let t0 = Instant::now();
+        match probe_once(shared, conn, rev).await {
+            Ok(Ok(Some(c))) if c > 0 => {
+                h.rec.record("compacted-watch", t0.elapsed());
+                h.compacted_probes += 1;
+                return;
+            }
+            Ok(Ok(_)) | Err(_) => {
+                h.violations.push(Violation::new(
+                    Invariant::CompactedWatchRefused,
+                    format!(
+                        "a watch from {} after a compaction at {rev} was not refused as compacted",
+                        rev - 1
+                    ),
+                ));
+                return;
+            }
+            Ok(Err(e)) => {
+                h.rec
+                    .error(format!("compacted-watch probe: {}", status_text(&e)));
+                conn.rotate();
+            }
+        }
+    }
+}
+
+/// One probe on the current connection: `Ok(Ok(Some(compact_revision)))` when refused.
+async fn probe_once(
+    shared: &Shared,
+    conn: &Conn,
+    rev: i64,
+) -> Result<Result<Option<i64>, Status>, tokio::time::error::Elapsed> {
     let (tx, rx) = tokio::sync::mpsc::channel(1);
     let create = WatchCreateRequest {
         key: shared.types.health_key(),
@@ -231,9 +269,8 @@ async fn probe_compacted(shared: &Shared, conn: &Conn, rev: i64, h: &mut Houseke
         request_union: Some(watch_request::RequestUnion::CreateRequest(create)),
     };
     if tx.send(req).await.is_err() {
-        return;
+        return Ok(Err(Status::internal("probe request channel closed")));
     }
-    let t0 = Instant::now();
     let outcome = tokio::time::timeout(PROBE_TIMEOUT, async {
         let mut s = WatchClient::new(conn.channel())
             .watch(ReceiverStream::new(rx))
@@ -249,23 +286,8 @@ async fn probe_compacted(shared: &Shared, conn: &Conn, rev: i64, h: &mut Houseke
         }
     })
     .await;
-    match outcome {
-        Ok(Ok(Some(c))) if c > 0 => {
-            h.rec.record("compacted-watch", t0.elapsed());
-            h.compacted_probes += 1;
-        }
-        Ok(Ok(_)) | Err(_) => h.violations.push(Violation::new(
-            Invariant::CompactedWatchRefused,
-            format!(
-                "a watch from {} after a compaction at {rev} was not refused as compacted",
-                rev - 1
-            ),
-        )),
-        Ok(Err(e)) => h
-            .rec
-            .error(format!("compacted-watch probe: {}", status_text(&e))),
-    }
     drop(tx);
+    outcome
 }
 
 /// `Status` on every connection in turn: the version and the database size kube-apiserver
