@@ -527,18 +527,37 @@ impl Replica {
         &self,
         req: pb::MemberChangeRequest,
     ) -> Result<pb::MemberChangeResponse, ApplyError> {
-        let (leader, node) = self.wait_leader().await?;
-        if leader != self.member_id {
-            let mut c = self.peers.get(&node).map_err(ApplyError::Raft)?;
-            let mut req = tonic::Request::new(req);
-            req.set_timeout(self.timing.request_timeout());
-            return c
-                .member_change(req)
-                .await
-                .map(|r| r.into_inner())
-                .map_err(|s| forwarded_error(&s));
+        // A leader that is gone (stopped, or no longer leading) is waited out as for a
+        // write: the change is sent again to the next one, until the request timeout. Only
+        // failures where nothing was sent (no connection, "not leader") are retried.
+        let deadline = Instant::now() + self.timing.request_timeout();
+        loop {
+            let (leader, node) = self.wait_leader().await?;
+            let r = if leader != self.member_id {
+                match self.peers.get(&node) {
+                    Ok(mut c) => {
+                        let mut forwarded = tonic::Request::new(req.clone());
+                        forwarded.set_timeout(self.timing.request_timeout());
+                        c.member_change(forwarded)
+                            .await
+                            .map(|r| r.into_inner())
+                            .map_err(|s| (retryable(&s), forwarded_error(&s)))
+                    }
+                    Err(e) => Err((true, ApplyError::Raft(e))),
+                }
+            } else {
+                self.member_change_local(req.clone())
+                    .await
+                    .map_err(|e| (matches!(e, ApplyError::NoLeader), e))
+            };
+            match r {
+                Ok(r) => return Ok(r),
+                Err((true, _)) if Instant::now() < deadline => {
+                    tokio::time::sleep(self.timing.heartbeat).await;
+                }
+                Err((_, e)) => return Err(e),
+            }
         }
-        self.member_change_local(req).await
     }
 
     /// Applies a membership change; this member must be the leader. Changes run one at a
