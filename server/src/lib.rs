@@ -22,6 +22,7 @@
 
 pub mod apply;
 pub mod auth;
+pub mod fuzz;
 pub mod lease;
 pub mod migrate;
 pub mod mvcc;

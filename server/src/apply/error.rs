@@ -62,6 +62,10 @@ pub enum ApplyError {
     /// A replication failure with no etcd equivalent; the message says what happened.
     #[error("etcdserver: {0}")]
     Raft(String),
+    /// The data directory's disk is (nearly) full (`--disk-free-reserve-bytes`). MetaStore's
+    /// own: etcd stops on a full disk.
+    #[error(transparent)]
+    DiskFull(#[from] crate::storage::disk_guard::DiskFull),
     #[error(transparent)]
     Mvcc(#[from] crate::mvcc::Error),
     #[error(transparent)]

@@ -16,6 +16,12 @@ use url::Url;
 
 /// Default `--max-request-bytes`, as etcd: 1.5 MiB.
 pub const DEFAULT_MAX_REQUEST_BYTES: usize = 1536 * 1024;
+/// `--max-watchers-per-stream` by default: far above what kube-apiserver opens on one stream.
+pub const DEFAULT_MAX_WATCHERS_PER_STREAM: usize = 10_000;
+/// `--disk-free-reserve-bytes` by default: room for RocksDB to flush a full memtable.
+pub const DEFAULT_DISK_FREE_RESERVE_BYTES: u64 = 64 << 20;
+/// `--max-concurrent-requests` by default.
+pub const DEFAULT_MAX_CONCURRENT_REQUESTS: usize = 10_000;
 /// The backend quota when `--quota-backend-bytes` is 0, as etcd: 2 GiB.
 pub const DEFAULT_QUOTA_BYTES: u64 = 2 << 30;
 /// Default `--max-range-memory-bytes`: 256 MiB.
@@ -138,6 +144,30 @@ pub struct Config {
     #[arg(long, env = "METASTORE_MAX_TXN_OPS", default_value_t = 128,
           value_parser = clap::value_parser!(u32).range(1..).map(|v| v as usize))]
     pub max_txn_ops: usize,
+
+    /// Watchers one watch stream may hold at once (MetaStore's own; etcd has no limit): a
+    /// create beyond it is answered created + canceled with the reason.
+    #[arg(long, env = "METASTORE_MAX_WATCHERS_PER_STREAM", default_value_t = DEFAULT_MAX_WATCHERS_PER_STREAM,
+          value_parser = clap::value_parser!(u32).range(1..).map(|v| v as usize))]
+    pub max_watchers_per_stream: usize,
+
+    /// Maximum concurrent streams (gRPC calls) one client connection may have open, as etcd's
+    /// flag (HTTP/2 SETTINGS_MAX_CONCURRENT_STREAMS): a client waits for a free one.
+    #[arg(long, env = "METASTORE_MAX_CONCURRENT_STREAMS", default_value_t = u32::MAX,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_concurrent_streams: u32,
+
+    /// gRPC calls the server works on at once, over all connections (MetaStore's own; watch,
+    /// keep-alive, snapshot, lock and election streams are not counted). A call beyond it fails
+    /// at once with etcd's `etcdserver: too many requests` (ResourceExhausted).
+    #[arg(long, env = "METASTORE_MAX_CONCURRENT_REQUESTS", default_value_t = DEFAULT_MAX_CONCURRENT_REQUESTS,
+          value_parser = clap::value_parser!(u32).range(1..).map(|v| v as usize))]
+    pub max_concurrent_requests: usize,
+
+    /// Refuse writes while the data directory's file system has fewer free bytes than this
+    /// (MetaStore's own; 0: never). Reads go on; writes are accepted again once space is freed.
+    #[arg(long, env = "METASTORE_DISK_FREE_RESERVE_BYTES", default_value_t = DEFAULT_DISK_FREE_RESERVE_BYTES)]
+    pub disk_free_reserve_bytes: u64,
 
     /// Raise an alarm when the backend size exceeds this many bytes (0: the default, 2 GiB).
     #[arg(long, env = "METASTORE_QUOTA_BACKEND_BYTES", default_value_t = 0)]
@@ -606,6 +636,9 @@ mod tests {
         assert_eq!(c.max_request_bytes, 1536 * 1024);
         assert_eq!(c.max_txn_ops, 128);
         assert_eq!(c.max_range_memory_bytes, 256 << 20);
+        assert_eq!(c.max_watchers_per_stream, DEFAULT_MAX_WATCHERS_PER_STREAM);
+        assert_eq!(c.max_concurrent_streams, u32::MAX, "etcd's default");
+        assert_eq!(c.max_concurrent_requests, DEFAULT_MAX_CONCURRENT_REQUESTS);
         assert!(!c.unsafe_no_fsync);
         assert_eq!(c.initial_cluster_members()?.len(), 1);
         Ok(())
@@ -655,6 +688,13 @@ mod tests {
             "{e}"
         );
         assert!(Config::load(["metastore", "--max-txn-ops", "0"]).is_err());
+        for flag in [
+            "--max-watchers-per-stream",
+            "--max-concurrent-streams",
+            "--max-concurrent-requests",
+        ] {
+            assert!(Config::load(["metastore", flag, "0"]).is_err(), "{flag} 0");
+        }
         assert!(Config::load(["metastore", "--storage-format", "9"]).is_err());
         assert!(Config::load([
             "metastore",

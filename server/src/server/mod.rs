@@ -38,6 +38,7 @@ pub mod proposer;
 pub mod range_body;
 pub mod range_budget;
 pub mod range_stream;
+pub mod request_limit;
 pub mod status;
 pub mod tls_setup;
 pub mod watch_service;
@@ -452,8 +453,12 @@ pub async fn start(config: &Config) -> Result<Server, ServerError> {
     }
     let metrics =
         Arc::new(metrics::Metrics::new().map_err(|e| ServerError::Other(format!("metrics: {e}")))?);
-    let watch = crate::watch::WatchHub::start(store.clone(), config.watch_progress_notify_interval)
-        .map_err(|e| ServerError::Other(format!("cannot start the watch syncer: {e}")))?;
+    let watch = crate::watch::WatchHub::start(
+        store.clone(),
+        config.watch_progress_notify_interval,
+        config.max_watchers_per_stream,
+    )
+    .map_err(|e| ServerError::Other(format!("cannot start the watch syncer: {e}")))?;
     // etcd's minimum TTL: 1.5 election timeouts, rounded up to seconds.
     let min_ttl = (config.election_timeout * 3 / 2).div_ceil(1000).max(1) as i64;
     let lessor = Arc::new(crate::lease::Lessor::new(min_ttl));
@@ -532,7 +537,16 @@ pub async fn start(config: &Config) -> Result<Server, ServerError> {
     .map_err(|e| ServerError::Other(format!("cannot start raft: {e}")))?;
     let replica =
         crate::raft::replica::Replica::new(raft.clone(), peers, member_id, timing, applied);
-    let proposer = proposer::Proposer::start(replica.clone(), waiters);
+    let disk = match config.engine {
+        EngineKind::Rocksdb if config.disk_free_reserve_bytes > 0 => {
+            crate::storage::disk_guard::DiskGuard::new(
+                Box::new(crate::storage::disk_guard::FileSystem(config.data_dir())),
+                config.disk_free_reserve_bytes,
+            )
+        }
+        _ => crate::storage::disk_guard::DiskGuard::disabled(),
+    };
+    let proposer = proposer::Proposer::start(replica.clone(), waiters, disk);
     let node = Arc::new(Node {
         store,
         watch,
@@ -622,6 +636,7 @@ pub async fn start(config: &Config) -> Result<Server, ServerError> {
     let (shutdown, _) = watch::channel(false);
     let mut tasks = JoinSet::new();
     let mut client_addrs = Vec::new();
+    let request_limit = request_limit::RequestLimitLayer::new(config.max_concurrent_requests);
     for url in &config.listen_client_urls {
         let (listener, addr) = bind(url).await?;
         client_addrs.push(addr);
@@ -629,7 +644,9 @@ pub async fn start(config: &Config) -> Result<Server, ServerError> {
         let server = tonic::transport::Server::builder()
             .accept_http1(true)
             .tcp_nodelay(true)
+            .max_concurrent_streams(config.max_concurrent_streams)
             .layer(metrics::MetricsLayer(metrics.clone()))
+            .layer(request_limit.clone())
             .layer(range_body::RangeBodyLayer::new(weak.clone(), max_msg))
             .add_routes(routes.clone());
         let stop = async move {

@@ -168,6 +168,7 @@ impl Node {
         let reason = match &r {
             Err(ApplyError::NoLeader) => Some("no_leader"),
             Err(ApplyError::Timeout) => Some("timeout"),
+            Err(ApplyError::DiskFull(_)) => Some("disk_full"),
             Err(ApplyError::Raft(_)) => Some("raft"),
             Err(ApplyError::Mvcc(crate::mvcc::Error::Closed)) => Some("stopped"),
             _ => None,

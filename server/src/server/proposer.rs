@@ -17,6 +17,7 @@ use crate::apply::{ApplyError, Command};
 use crate::mvcc;
 use crate::raft::replica::Replica;
 use crate::raft::waiters::Waiters;
+use crate::storage::disk_guard::DiskGuard;
 
 /// Most commands in one entry.
 pub const MAX_GROUP: usize = 1024;
@@ -36,11 +37,13 @@ pub struct Proposer {
     tx: mpsc::Sender<(u64, Command)>,
     waiters: Arc<Waiters>,
     timeout: std::time::Duration,
+    disk: Arc<DiskGuard>,
 }
 
 impl Proposer {
     /// Starts the batching task. It ends once every `Proposer` clone is dropped.
-    pub fn start(replica: Arc<Replica>, waiters: Arc<Waiters>) -> Self {
+    /// Every command is refused while `disk` finds the data directory's disk (nearly) full.
+    pub fn start(replica: Arc<Replica>, waiters: Arc<Waiters>, disk: Arc<DiskGuard>) -> Self {
         let (tx, rx) = mpsc::channel(QUEUE);
         let timeout = replica.timing.request_timeout();
         tokio::spawn(run(replica, waiters.clone(), rx));
@@ -48,6 +51,7 @@ impl Proposer {
             tx,
             waiters,
             timeout,
+            disk,
         }
     }
 
@@ -58,6 +62,7 @@ impl Proposer {
 
     /// Proposes `cmd` and waits until this member has applied it.
     pub async fn propose(&self, cmd: Command) -> Result<Applied, ApplyError> {
+        self.disk.check()?;
         let (seq, rx) = self.waiters.register();
         if self.tx.send((seq, cmd)).await.is_err() {
             self.waiters.cancel(seq);

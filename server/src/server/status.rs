@@ -27,7 +27,7 @@ pub fn to_status(e: &ApplyError) -> Status {
         E::LeaseNotFound => Status::not_found(e.to_string()),
         E::LeaseExists => Status::failed_precondition(e.to_string()),
         E::LeaseTtlTooLarge => Status::out_of_range(e.to_string()),
-        E::NoSpace | E::RangeTooLarge { .. } | E::ResponseTooLarge(_) => {
+        E::NoSpace | E::DiskFull(_) | E::RangeTooLarge { .. } | E::ResponseTooLarge(_) => {
             Status::resource_exhausted(e.to_string())
         }
         E::NoLeader | E::Timeout | E::UnhealthyCluster | E::TimeoutLeaderTransfer | E::Raft(_) => {

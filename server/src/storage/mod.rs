@@ -7,6 +7,7 @@
 //!   an O(1) clone); nothing on disk.
 //! - [`rocks`]: [`RocksEngine`], one RocksDB column family per [`Table`].
 //! - [`codec`]: the record encodings, one per storage format version.
+//! - [`disk_guard`]: refuses writes while the data directory's disk is (nearly) full.
 //! - [`data_dir`]: the data directory's stamp (format, ids), checked before anything is opened.
 //! - [`snapshot`]: the backup snapshot file (Maintenance.Snapshot, `metastore snapshot restore`).
 //!
@@ -14,6 +15,7 @@
 
 pub mod codec;
 pub mod data_dir;
+pub mod disk_guard;
 pub mod engine;
 mod error;
 pub mod memory;

@@ -80,6 +80,9 @@ pub enum WatchError {
     EmptyRange,
     #[error("watch stream is closed")]
     StreamClosed,
+    /// MetaStore's own limit (`--max-watchers-per-stream`); etcd has none.
+    #[error("etcdserver: too many watchers on this stream (limit {0}, --max-watchers-per-stream)")]
+    TooManyWatchers(usize),
 }
 
 struct Watcher {
@@ -118,6 +121,8 @@ struct Inner {
     wake: Condvar,
     progress_interval: Duration,
     next_stream: AtomicU64,
+    /// Watchers one stream may hold at once.
+    max_watchers_per_stream: usize,
 }
 
 /// The watch registry. Dropping it stops its syncer thread.
@@ -167,8 +172,13 @@ fn select(spec: &WatchSpec, events: &[Event], from: i64) -> Vec<Event> {
 }
 
 impl WatchHub {
-    /// A hub over `store`, starting at its current revision.
-    pub fn start(store: Arc<Store>, progress_interval: Duration) -> std::io::Result<Arc<Self>> {
+    /// A hub over `store`, starting at its current revision; a stream holds at most
+    /// `max_watchers_per_stream` watchers at once.
+    pub fn start(
+        store: Arc<Store>,
+        progress_interval: Duration,
+        max_watchers_per_stream: usize,
+    ) -> std::io::Result<Arc<Self>> {
         let inner = Arc::new(Inner {
             state: Mutex::new(State {
                 notified_rev: store.current_revision(),
@@ -179,6 +189,7 @@ impl WatchHub {
             wake: Condvar::new(),
             progress_interval,
             next_stream: AtomicU64::new(1),
+            max_watchers_per_stream,
         });
         let worker = inner.clone();
         let handle = std::thread::Builder::new()
@@ -225,10 +236,14 @@ impl WatchHub {
         }
         let mut st = self.lock();
         let rev = st.notified_rev;
+        let max = self.inner.max_watchers_per_stream;
         let s = st
             .streams
             .get_mut(&stream)
             .ok_or(WatchError::StreamClosed)?;
+        if s.watchers.len() >= max {
+            return Err(WatchError::TooManyWatchers(max));
+        }
         let id = if spec.watch_id > 0 {
             if s.watchers.contains_key(&spec.watch_id) {
                 return Err(WatchError::DuplicateId);

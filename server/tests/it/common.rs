@@ -4,7 +4,7 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use etcd_client::Client;
+use etcd_client::{Client, GetOptions};
 use metastore::server::{config::Config, Server};
 
 /// A server running in this process on a free loopback port.
@@ -176,4 +176,32 @@ pub fn status(e: etcd_client::Error) -> (tonic::Code, String) {
         etcd_client::Error::GRpcStatus(s) => (s.code(), s.message().to_string()),
         other => panic!("expected a gRPC status, got {other:?}"),
     }
+}
+
+pub type Kv = (Vec<u8>, Vec<u8>, i64, i64, i64, i64);
+
+/// Every key (with its revisions, version and lease) at `rev` (0: now), and the header
+/// revision.
+pub async fn everything(c: &mut Client, rev: i64) -> anyhow::Result<(i64, Vec<Kv>)> {
+    let r = c
+        .get(
+            "\0",
+            Some(GetOptions::new().with_from_key().with_revision(rev)),
+        )
+        .await?;
+    let kvs = r
+        .kvs()
+        .iter()
+        .map(|kv| {
+            (
+                kv.key().to_vec(),
+                kv.value().to_vec(),
+                kv.create_revision(),
+                kv.mod_revision(),
+                kv.version(),
+                kv.lease(),
+            )
+        })
+        .collect();
+    Ok((r.header().map_or(0, |h| h.revision()), kvs))
 }

@@ -8,6 +8,7 @@ mod cluster;
 mod common;
 mod election;
 mod etcdctl;
+mod full_disk;
 mod gateway;
 mod http;
 mod kv;

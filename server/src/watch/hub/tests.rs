@@ -16,7 +16,7 @@ use crate::storage::MemoryEngine;
 
 fn setup() -> (Arc<Store>, Arc<WatchHub>) {
     let store = Store::open(Arc::new(MemoryEngine::new()), StoreOptions::default()).expect("open");
-    let hub = WatchHub::start(store.clone(), Duration::from_millis(200)).expect("hub");
+    let hub = WatchHub::start(store.clone(), Duration::from_millis(200), usize::MAX).expect("hub");
     (store, hub)
 }
 
@@ -409,4 +409,27 @@ async fn watchers_starting_at_current_plus_one_race_writers_without_losing_event
             "watcher listed at {listed}"
         );
     }
+}
+
+#[test]
+fn a_stream_holds_at_most_its_watcher_limit_and_a_cancel_frees_a_slot() {
+    let store = Store::open(Arc::new(MemoryEngine::new()), StoreOptions::default()).expect("open");
+    let hub = WatchHub::start(store, Duration::from_millis(200), 3).expect("hub");
+    let (a, _rx_a) = open(&hub, 16);
+    let (b, _rx_b) = open(&hub, 16);
+    let ids: Vec<WatchId> = (0..3).map(|_| watch(&hub, a, spec("k", ""))).collect();
+    assert_eq!(
+        hub.watch(a, spec("k", "")),
+        Err(WatchError::TooManyWatchers(3))
+    );
+    let msg = WatchError::TooManyWatchers(3).to_string();
+    assert!(
+        msg.contains("limit 3") && msg.contains("--max-watchers-per-stream"),
+        "{msg}"
+    );
+    // The limit is per stream: another stream is not affected.
+    watch(&hub, b, spec("k", ""));
+    assert!(hub.cancel(a, ids[1]).is_some());
+    watch(&hub, a, spec("k", ""));
+    assert_eq!(hub.watcher_count(), 4);
 }

@@ -1,0 +1,4 @@
+#![no_main]
+//! cargo-fuzz target: `metastore::fuzz::raft_message` (see that function for what it checks).
+
+libfuzzer_sys::fuzz_target!(|data: &[u8]| metastore::fuzz::raft_message(data));

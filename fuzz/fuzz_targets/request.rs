@@ -1,0 +1,4 @@
+#![no_main]
+//! cargo-fuzz target: `metastore::fuzz::request` (see that function for what it checks).
+
+libfuzzer_sys::fuzz_target!(|data: &[u8]| metastore::fuzz::request(data));
