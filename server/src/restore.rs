@@ -6,12 +6,16 @@
 //! `--name`, `--initial-cluster`, `--initial-cluster-token` and
 //! `--initial-advertise-peer-urls` exactly as etcd computes them. The steps:
 //!
-//! 1. check the flags (etcd's bootstrap checks) and that `--data-dir` is absent or empty;
-//! 2. verify the whole file (structure and SHA-256) before anything is written;
+//! 1. check the flags (etcd's bootstrap checks) and that `--data-dir` is absent or empty
+//!    (with `--skip-if-initialized`, a data directory holding data ends the restore there);
+//! 2. verify the whole file before anything is written: against the SHA-256 recorded beside
+//!    it (`--sha256-file`, or `SNAPSHOT.sha256` when present), then its structure and trailer;
 //! 3. load it into `.<dir>.restoring` next to the data directory, reset the applied index to 0
 //!    and drop the Raft state (`raft/` keys in the meta table: the restored member starts a
 //!    fresh log), stamp the directory, sync;
-//! 4. rename the temporary directory to the data directory.
+//! 4. rename the temporary directory to the data directory. A data directory that already
+//!    exists (a volume's mount point, empty but for `lost+found`) is filled in place instead:
+//!    built in `<dir>/.restoring`, its entries moved up, the stamp last.
 //!
 //! A crash at any point leaves either no data directory or a complete one; a leftover
 //! temporary directory is removed by the next restore.
@@ -27,7 +31,7 @@ use url::Url;
 
 use crate::server::member;
 use crate::storage::codec::{self, DEFAULT_FORMAT};
-use crate::storage::data_dir::{DataDir, Stamp, LAYOUT_VERSION};
+use crate::storage::data_dir::{DataDir, Stamp, LAYOUT_VERSION, STAMP_FILE};
 use crate::storage::snapshot::{self, SnapshotInfo};
 use crate::storage::{Engine, RocksEngine, Table, WriteBatch};
 
@@ -41,6 +45,14 @@ pub enum RestoreError {
     /// `--data-dir` holds something (etcd's message).
     #[error("data-dir {0:?} not empty or could not be read")]
     DataDirNotEmpty(PathBuf),
+    /// The file's SHA-256 is not the one recorded beside it.
+    #[error("snapshot {path}: SHA-256 {actual} does not match {expected} recorded in {recorded}; the backup is damaged or not the one recorded")]
+    ChecksumMismatch {
+        path: PathBuf,
+        recorded: PathBuf,
+        expected: String,
+        actual: String,
+    },
     /// The snapshot file is damaged, of another format, or unreadable.
     #[error("snapshot {path}: {error}")]
     Snapshot {
@@ -78,6 +90,20 @@ pub struct RestoreOptions {
     /// List of this member's peer URLs to advertise to the rest of the cluster.
     #[arg(long, value_delimiter = ',', default_value = "http://localhost:2380")]
     pub initial_advertise_peer_urls: Vec<Url>,
+    /// A `sha256sum` line (or a bare hex digest) the whole file must match, checked before
+    /// anything else [default: SNAPSHOT.sha256 when it exists, as `metastore-ctl backup`
+    /// writes it].
+    #[arg(long)]
+    pub sha256_file: Option<PathBuf>,
+    /// Do nothing (exit 0) when `--data-dir` already holds data: a member's init container
+    /// restores once, then its later starts keep what the member wrote since (MetaStore's own).
+    #[arg(long)]
+    pub skip_if_initialized: bool,
+    /// `existing`: the member joins a cluster that already runs, so nothing is restored (it
+    /// gets its data from the cluster); with the same value the server gets, an init container
+    /// restores only while the cluster is new (MetaStore's own).
+    #[arg(long, default_value = "new", value_parser = ["new", "existing"])]
+    pub initial_cluster_state: String,
 }
 
 impl RestoreOptions {
@@ -87,6 +113,16 @@ impl RestoreOptions {
             .clone()
             .unwrap_or_else(|| PathBuf::from(format!("{}.metastore", self.name)))
     }
+}
+
+/// What a restore did.
+#[derive(Debug, Clone)]
+pub enum Restored {
+    /// A new data directory was built.
+    Done(RestoreSummary),
+    /// `--skip-if-initialized` and the data directory already held data, or
+    /// `--initial-cluster-state existing`.
+    Skipped(PathBuf),
 }
 
 /// A finished restore.
@@ -251,16 +287,32 @@ fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> RestoreError + '_ {
     }
 }
 
-/// Refuses a data directory that exists and holds anything (or cannot be read).
-fn check_empty(dir: &Path) -> Result<()> {
+/// What a fresh file system holds at its root (a data directory that is a volume mount).
+const IGNORED: &[&str] = &["lost+found"];
+/// Where an in-place restore builds the directory (inside it).
+const IN_PLACE_TMP: &str = ".restoring";
+
+/// Refuses a data directory that exists and holds anything but `IGNORED` and `also` (or
+/// cannot be read).
+fn check_empty_but(dir: &Path, also: &[&str]) -> Result<()> {
     match fs::read_dir(dir) {
-        Ok(mut entries) => match entries.next() {
-            None => Ok(()),
-            Some(_) => Err(RestoreError::DataDirNotEmpty(dir.to_path_buf())),
-        },
+        Ok(entries) => {
+            for e in entries {
+                let name = e.map_err(io_err(dir))?.file_name();
+                let name = name.to_string_lossy();
+                if !IGNORED.contains(&name.as_ref()) && !also.contains(&name.as_ref()) {
+                    return Err(RestoreError::DataDirNotEmpty(dir.to_path_buf()));
+                }
+            }
+            Ok(())
+        }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
         Err(_) => Err(RestoreError::DataDirNotEmpty(dir.to_path_buf())),
     }
+}
+
+fn check_empty(dir: &Path) -> Result<()> {
+    check_empty_but(dir, &[])
 }
 
 /// Checks a snapshot file end to end.
@@ -277,11 +329,100 @@ pub fn status(path: &Path, progress: &mut dyn Progress) -> Result<SnapshotInfo> 
     info
 }
 
+/// The SHA-256 recorded for `opts.snapshot`: `--sha256-file`, else `SNAPSHOT.sha256` when it
+/// exists. `None` when nothing is recorded.
+fn recorded_sha256(opts: &RestoreOptions) -> Result<Option<(PathBuf, String)>> {
+    let path = match &opts.sha256_file {
+        Some(p) => p.clone(),
+        None => {
+            let mut p = opts.snapshot.clone().into_os_string();
+            p.push(".sha256");
+            let p = PathBuf::from(p);
+            if !p.exists() {
+                return Ok(None);
+            }
+            p
+        }
+    };
+    let text = fs::read_to_string(&path).map_err(io_err(&path))?;
+    let digest = text
+        .split_whitespace()
+        .next()
+        .unwrap_or_default()
+        .to_ascii_lowercase();
+    if digest.len() != 64 || !digest.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(RestoreError::Config(format!(
+            "{}: no SHA-256 digest (expected `sha256sum` output)",
+            path.display()
+        )));
+    }
+    Ok(Some((path, digest)))
+}
+
+/// Checks the whole file against the recorded SHA-256, if one is recorded.
+fn check_recorded_sha256(opts: &RestoreOptions, progress: &mut dyn Progress) -> Result<()> {
+    use sha2::{Digest, Sha256};
+    use std::io::Read;
+    let Some((recorded, expected)) = recorded_sha256(opts)? else {
+        return Ok(());
+    };
+    let path = &opts.snapshot;
+    let mut file = File::open(path).map_err(io_err(path))?;
+    let len = file.metadata().map_err(io_err(path))?.len();
+    progress.start("checksum", len);
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut done = 0u64;
+    loop {
+        let n = file.read(&mut buf).map_err(io_err(path))?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+        done += n as u64;
+        progress.update(done);
+    }
+    progress.finish();
+    let actual = hex::encode(hasher.finalize());
+    if actual != expected {
+        return Err(RestoreError::ChecksumMismatch {
+            path: path.clone(),
+            recorded,
+            expected,
+            actual,
+        });
+    }
+    Ok(())
+}
+
+/// [`restore`], or, with `--skip-if-initialized`, nothing when the data directory is already
+/// initialized (holds a stamp). Without a stamp, what an interrupted in-place restore left
+/// (its temporary directory, a database moved before the stamp) is cleared first.
+pub fn restore_or_skip(opts: &RestoreOptions, progress: &mut dyn Progress) -> Result<Restored> {
+    let dir = opts.data_dir();
+    if opts.initial_cluster_state == "existing" {
+        return Ok(Restored::Skipped(dir));
+    }
+    if opts.skip_if_initialized {
+        if dir.join(STAMP_FILE).exists() {
+            return Ok(Restored::Skipped(dir));
+        }
+        for leftover in [IN_PLACE_TMP, "db"] {
+            let p = dir.join(leftover);
+            if p.exists() {
+                fs::remove_dir_all(&p).map_err(io_err(&p))?;
+            }
+        }
+    }
+    restore(opts, progress).map(Restored::Done)
+}
+
 /// Restores `opts.snapshot` into a new data directory (see the module docs).
 pub fn restore(opts: &RestoreOptions, progress: &mut dyn Progress) -> Result<RestoreSummary> {
     let (member_id, cluster_id) = member_and_cluster_ids(opts)?;
     let data_dir = opts.data_dir();
     check_empty(&data_dir)?;
+    check_recorded_sha256(opts, progress)?;
     let name = data_dir
         .file_name()
         .ok_or_else(|| RestoreError::Config(format!("--data-dir {data_dir:?} has no name")))?;
@@ -305,19 +446,40 @@ pub fn restore(opts: &RestoreOptions, progress: &mut dyn Progress) -> Result<Res
         )));
     }
 
+    // A directory that exists (a volume's mount point) is filled in place: built inside it,
+    // then its entries moved up, the stamp last.
+    if data_dir.is_dir() {
+        let tmp = data_dir.join(IN_PLACE_TMP);
+        build_fresh(opts, &tmp, format, (member_id, cluster_id), progress)?;
+        check_empty_but(&data_dir, &[IN_PLACE_TMP])?;
+        let mut entries: Vec<OsString> = fs::read_dir(&tmp)
+            .map_err(io_err(&tmp))?
+            .map(|e| e.map(|e| e.file_name()))
+            .collect::<std::io::Result<_>>()
+            .map_err(io_err(&tmp))?;
+        entries.sort_by_key(|n| n == STAMP_FILE);
+        for name in entries {
+            let to = data_dir.join(&name);
+            fs::rename(tmp.join(&name), &to).map_err(io_err(&to))?;
+        }
+        fs::remove_dir(&tmp).map_err(io_err(&tmp))?;
+        File::open(&data_dir)
+            .and_then(|d| d.sync_all())
+            .map_err(io_err(&data_dir))?;
+        return Ok(RestoreSummary {
+            info,
+            data_dir,
+            member_id,
+            cluster_id,
+        });
+    }
+
     // 2. Build the directory under a temporary name next to it.
     let mut tmp_name = OsString::from(".");
     tmp_name.push(name);
     tmp_name.push(".restoring");
     let tmp = parent.join(tmp_name);
-    if tmp.exists() {
-        fs::remove_dir_all(&tmp).map_err(io_err(&tmp))?;
-    }
-    let built = build(opts, &tmp, format, member_id, cluster_id, progress);
-    if let Err(e) = built {
-        let _ = fs::remove_dir_all(&tmp);
-        return Err(e);
-    }
+    build_fresh(opts, &tmp, format, (member_id, cluster_id), progress)?;
 
     // 3. Move it into place, durably.
     check_empty(&data_dir)?;
@@ -331,6 +493,25 @@ pub fn restore(opts: &RestoreOptions, progress: &mut dyn Progress) -> Result<Res
         member_id,
         cluster_id,
     })
+}
+
+/// [`build`] into `tmp`, removing what a previous attempt left there first and what this one
+/// wrote if it fails.
+fn build_fresh(
+    opts: &RestoreOptions,
+    tmp: &Path,
+    format: u8,
+    (member_id, cluster_id): (u64, u64),
+    progress: &mut dyn Progress,
+) -> Result<()> {
+    if tmp.exists() {
+        fs::remove_dir_all(tmp).map_err(io_err(tmp))?;
+    }
+    let built = build(opts, tmp, format, member_id, cluster_id, progress);
+    if built.is_err() {
+        let _ = fs::remove_dir_all(tmp);
+    }
+    built
 }
 
 fn build(
@@ -407,7 +588,23 @@ pub fn run_cli(args: impl IntoIterator<Item = OsString>) -> Result<()> {
     let mut progress = ConsoleProgress::new();
     match cli.command {
         SnapshotCommand::Restore(opts) => {
-            let s = restore(&opts, &mut progress)?;
+            let s = match restore_or_skip(&opts, &mut progress)? {
+                Restored::Done(s) => s,
+                Restored::Skipped(dir) if opts.initial_cluster_state == "existing" => {
+                    println!(
+                        "{}: the member joins an existing cluster: nothing restored",
+                        dir.display()
+                    );
+                    return Ok(());
+                }
+                Restored::Skipped(dir) => {
+                    println!(
+                        "{} already holds data: nothing restored (--skip-if-initialized)",
+                        dir.display()
+                    );
+                    return Ok(());
+                }
+            };
             println!(
                 "restored snapshot {} into {}: revision {}, compacted {}, {}; \
                  member {:x} in cluster {:x}",
@@ -525,6 +722,15 @@ mod tests {
         assert!(e.to_string().contains("duplicate url"), "{e}");
     }
 
+    /// A snapshot file (`dir/snap.db`) holding one key, `k` = `v`.
+    fn one_key_file(dir: &Path) -> PathBuf {
+        let src = MemoryEngine::new();
+        let mut b = WriteBatch::new();
+        b.put(Table::Kv, b"k".to_vec(), b"v".to_vec());
+        src.write(b, true).expect("write");
+        write_file(dir, &src)
+    }
+
     fn write_file(dir: &Path, e: &dyn Engine) -> PathBuf {
         let path = dir.join("snap.db");
         let mut f = File::create(&path).expect("create");
@@ -585,11 +791,7 @@ mod tests {
     #[test]
     fn a_damaged_file_leaves_nothing_behind() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let src = MemoryEngine::new();
-        let mut b = WriteBatch::new();
-        b.put(Table::Kv, b"k".to_vec(), b"v".to_vec());
-        src.write(b, true).expect("write");
-        let file = write_file(dir.path(), &src);
+        let file = one_key_file(dir.path());
         let mut bytes = fs::read(&file).expect("read");
         bytes[100] ^= 1;
         fs::write(&file, &bytes).expect("write");
@@ -605,5 +807,101 @@ mod tests {
             2,
             "no temporary left"
         );
+    }
+
+    #[test]
+    fn the_recorded_sha256_is_checked_first_and_skip_if_initialized_keeps_data() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = one_key_file(dir.path());
+        let target = dir.path().join("out");
+        let mut o = opts(&["--data-dir", &target.display().to_string()]);
+        o.snapshot = file.clone();
+        let sidecar = dir.path().join("snap.db.sha256");
+        assert_eq!(file.file_name().and_then(|n| n.to_str()), Some("snap.db"));
+
+        // A sidecar naming another digest: refused before anything is written.
+        fs::write(&sidecar, format!("{}  snap.db\n", "ab".repeat(32))).expect("sidecar");
+        let err = restore(&o, &mut NoProgress).expect_err("mismatch");
+        assert!(
+            matches!(err, RestoreError::ChecksumMismatch { .. }),
+            "{err}"
+        );
+        assert!(err.to_string().contains("does not match"), "{err}");
+        assert!(!target.exists());
+        // Not a digest at all: a clear error too.
+        fs::write(&sidecar, "nonsense\n").expect("sidecar");
+        let err = restore(&o, &mut NoProgress).expect_err("no digest");
+        assert!(err.to_string().contains("no SHA-256 digest"), "{err}");
+
+        // The right digest (sha256sum's format): restored.
+        use sha2::{Digest, Sha256};
+        let digest = hex::encode(Sha256::digest(fs::read(&file).expect("read")));
+        fs::write(&sidecar, format!("{digest}  snap.db\n")).expect("sidecar");
+        assert!(matches!(
+            restore_or_skip(&o, &mut NoProgress).expect("restore"),
+            Restored::Done(_)
+        ));
+        // Again: refused without the flag, skipped (data untouched) with it.
+        assert!(restore_or_skip(&o, &mut NoProgress).is_err());
+        o.skip_if_initialized = true;
+        assert!(matches!(
+            restore_or_skip(&o, &mut NoProgress).expect("skip"),
+            Restored::Skipped(_)
+        ));
+        let d = DataDir::open_existing(&target).expect("still stamped");
+        let e = RocksEngine::open(&d.db_path(), &Default::default()).expect("open");
+        assert_eq!(e.get(Table::Kv, b"k").expect("get"), Some(b"v".to_vec()));
+    }
+
+    #[test]
+    fn a_mount_point_is_restored_in_place_and_an_interrupted_restore_is_redone() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = one_key_file(dir.path());
+        // A volume: the directory exists and holds lost+found, plus what a restore killed
+        // before its stamp was moved left behind.
+        let mount = dir.path().join("volume");
+        fs::create_dir_all(mount.join("lost+found")).expect("lost+found");
+        fs::create_dir_all(mount.join("db")).expect("leftover db");
+        fs::create_dir_all(mount.join(".restoring/db")).expect("leftover tmp");
+        let mut o = opts(&["--data-dir", &mount.display().to_string()]);
+        o.snapshot = file;
+        assert!(
+            restore(&o, &mut NoProgress).is_err(),
+            "without --skip-if-initialized a leftover is not touched"
+        );
+        o.skip_if_initialized = true;
+        assert!(matches!(
+            restore_or_skip(&o, &mut NoProgress).expect("restore"),
+            Restored::Done(_)
+        ));
+        let mut left: Vec<String> = fs::read_dir(&mount)
+            .expect("ls")
+            .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+            .collect();
+        left.sort();
+        assert_eq!(left, ["db", "lost+found", "metastore.json"]);
+        let d = DataDir::open_existing(&mount).expect("stamped");
+        let e = RocksEngine::open(&d.db_path(), &Default::default()).expect("open");
+        assert_eq!(e.get(Table::Kv, b"k").expect("get"), Some(b"v".to_vec()));
+        drop(e);
+        assert!(matches!(
+            restore_or_skip(&o, &mut NoProgress).expect("skip"),
+            Restored::Skipped(_)
+        ));
+        // A member joining an existing cluster restores nothing, even into an empty volume.
+        let empty = dir.path().join("joining");
+        fs::create_dir(&empty).expect("mkdir");
+        let mut o = opts(&[
+            "--data-dir",
+            &empty.display().to_string(),
+            "--initial-cluster-state",
+            "existing",
+        ]);
+        o.snapshot = dir.path().join("snap.db");
+        assert!(matches!(
+            restore_or_skip(&o, &mut NoProgress).expect("skip"),
+            Restored::Skipped(_)
+        ));
+        assert_eq!(fs::read_dir(&empty).expect("ls").count(), 0);
     }
 }

@@ -32,7 +32,8 @@ use super::{Error, Result};
 
 /// The directory layout this binary writes and understands.
 pub const LAYOUT_VERSION: u32 = 1;
-const STAMP_FILE: &str = "metastore.json";
+/// The stamp's file name: a directory holding it is initialized.
+pub const STAMP_FILE: &str = "metastore.json";
 const MIGRATION_FILE: &str = "migration.json";
 
 /// The marker of an unfinished offline migration (`migration.json`).

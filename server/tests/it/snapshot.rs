@@ -5,15 +5,26 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use etcd_client::{Client, CompactionOptions, GetOptions, PutOptions};
+
+use crate::common::everything;
 use metastore::restore::{restore, NoProgress, RestoreOptions};
 use metastore::server::{config::Config, Server};
+use metastore::storage::data_dir::read_stamp;
 use metastore::storage::snapshot::{self, ALIGN, CHECKSUM_LEN};
+use metastore_proto::etcdserverpb::{maintenance_client::MaintenanceClient, StatusRequest};
+use metastore_proto::metastorepb::{migration_client::MigrationClient, SetStorageFormatRequest};
 
 const PEER: &str = "http://127.0.0.1:2380";
 
 /// A server on `data_dir`, with the peer URL the restores below use (so ids line up).
 async fn start_on(data_dir: &Path) -> anyhow::Result<(Server, Client)> {
-    let config = Config::load([
+    start_with(data_dir, &[]).await
+}
+
+/// [`start_on`] with `extra` flags.
+async fn start_with(data_dir: &Path, extra: &[&str]) -> anyhow::Result<(Server, Client)> {
+    let dir = data_dir.display().to_string();
+    let mut args = vec![
         "metastore",
         "--listen-client-urls",
         "http://127.0.0.1:0",
@@ -23,8 +34,10 @@ async fn start_on(data_dir: &Path) -> anyhow::Result<(Server, Client)> {
         "--initial-advertise-peer-urls",
         PEER,
         "--data-dir",
-        &data_dir.display().to_string(),
-    ])?;
+        &dir,
+    ];
+    args.extend_from_slice(extra);
+    let config = Config::load(args)?;
     let server = metastore::server::start(&config).await?;
     let client = Client::connect([format!("http://{}", server.client_addrs()[0])], None).await?;
     Ok((server, client))
@@ -67,35 +80,12 @@ fn restore_to(file: &Path, dir: &Path) -> anyhow::Result<PathBuf> {
         initial_cluster: format!("default={PEER}"),
         initial_cluster_token: "etcd-cluster".into(),
         initial_advertise_peer_urls: vec![PEER.parse()?],
+        sha256_file: None,
+        skip_if_initialized: false,
+        initial_cluster_state: "new".into(),
     };
     restore(&opts, &mut NoProgress)?;
     Ok(target)
-}
-
-type Kv = (Vec<u8>, Vec<u8>, i64, i64, i64, i64);
-
-async fn everything(c: &mut Client, rev: i64) -> anyhow::Result<(i64, Vec<Kv>)> {
-    let r = c
-        .get(
-            "\0",
-            Some(GetOptions::new().with_from_key().with_revision(rev)),
-        )
-        .await?;
-    let kvs = r
-        .kvs()
-        .iter()
-        .map(|kv| {
-            (
-                kv.key().to_vec(),
-                kv.value().to_vec(),
-                kv.create_revision(),
-                kv.mod_revision(),
-                kv.version(),
-                kv.lease(),
-            )
-        })
-        .collect();
-    Ok((r.header().map_or(0, |h| h.revision()), kvs))
 }
 
 /// HashKV at `rev`, waiting while `rev` is not yet readable (applied but not yet published).
@@ -231,5 +221,80 @@ async fn a_client_that_leaves_mid_stream_does_not_hurt() -> anyhow::Result<()> {
     c.put("after", "1", None).await?;
     let info = save(&mut c, &dir.path().join("b.db")).await?;
     assert_eq!(info.entries(metastore::storage::Table::Kv), 501);
+    Ok(())
+}
+
+/// An old-format backup (a server writing storage format 1) restores into today's binary, which
+/// serves it unchanged in format 1 (a restore changes nothing on disk) and can then migrate it
+/// online to format 2, still unchanged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_format_1_backup_restores_into_a_new_binary_and_migrates() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let (source, mut c) = start_with(&dir.path().join("old"), &["--storage-format", "1"]).await?;
+    let lease = c.lease_grant(600, None).await?.id();
+    for i in 0..200 {
+        let opts = (i % 10 == 0).then(|| PutOptions::new().with_lease(lease));
+        c.put(format!("k/{:03}", i % 50), format!("v{i}"), opts)
+            .await?;
+    }
+    c.delete("k/007", None).await?;
+    let compact_at = c
+        .put("k/000", "c", None)
+        .await?
+        .header()
+        .map_or(0, |h| h.revision());
+    c.compact(compact_at, None).await?;
+    c.put("k/001", "after", None).await?;
+
+    let file = dir.path().join("old.db");
+    let info = save(&mut c, &file).await?;
+    assert_eq!(
+        info.header.storage_format, 1,
+        "the backup says which format it holds"
+    );
+    let (rev, kvs) = everything(&mut c, 0).await?;
+    let (_, history) = everything(&mut c, compact_at + 1).await?;
+    let hash = hash_kv(&mut c, 0).await?;
+    drop(c);
+    drop(source);
+
+    let restored = restore_to(&file, dir.path())?;
+    assert_eq!(read_stamp(&restored)?.map(|s| s.storage_format), Some(1));
+    let (server, mut r) = start_on(&restored).await?;
+    let url = format!("http://{}", server.client_addrs()[0]);
+    let mut maintenance = MaintenanceClient::connect(url.clone()).await?;
+    let status = maintenance.status(StatusRequest {}).await?.into_inner();
+    assert_eq!(status.storage_format, 1, "no flag: the data's own format");
+    assert!(status.supported_storage_formats.contains(&2));
+    assert_eq!(everything(&mut r, 0).await?, (rev, kvs.clone()));
+    assert_eq!(everything(&mut r, compact_at + 1).await?.1, history);
+    assert_eq!(hash_kv(&mut r, 0).await?, hash);
+
+    MigrationClient::connect(url)
+        .await?
+        .set_storage_format(SetStorageFormatRequest { to: 2 })
+        .await?;
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let s = maintenance.status(StatusRequest {}).await?.into_inner();
+        if s.storage_format == 2 && !s.storage_migration_pending {
+            assert!(s.storage_migration_rewritten > 0, "{s:?}");
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "migration not done: {s:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // The switch is a Raft entry of its own: the key space and its revision are unchanged.
+    assert_eq!(everything(&mut r, 0).await?, (rev, kvs));
+    assert_eq!(everything(&mut r, compact_at + 1).await?.1, history);
+    assert_eq!(hash_kv(&mut r, rev).await?, hash);
+    let leases: Vec<i64> = r.leases().await?.leases().iter().map(|l| l.id()).collect();
+    assert_eq!(leases, vec![lease]);
+    drop(r);
+    drop(server);
+    assert_eq!(read_stamp(&restored)?.map(|s| s.storage_format), Some(2));
     Ok(())
 }

@@ -18,7 +18,7 @@ use anyhow::{bail, Context};
 use metastore::storage::snapshot;
 use metastore_proto::etcdserverpb::maintenance_client::MaintenanceClient;
 use metastore_proto::etcdserverpb::{SnapshotRequest, StatusResponse};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::conn::{statuses, ConnArgs, Dialer, MemberRef};
@@ -44,10 +44,20 @@ pub struct BackupArgs {
     /// Give up (exit status 1) after this long.
     #[arg(long, default_value = "30m", value_parser = humantime::parse_duration)]
     timeout: Duration,
+
+    /// After a successful backup, keep only the newest N backups of this `--cluster` in
+    /// `--dir` (older ones' three files are removed); 0 keeps everything.
+    #[arg(long, default_value_t = 0)]
+    keep: usize,
+
+    /// Also write the manifest (one line of JSON) to this file: a Kubernetes Job passes
+    /// `/dev/termination-log`, where the operator reads the result.
+    #[arg(long)]
+    termination_message_path: Option<PathBuf>,
 }
 
 /// What a backup holds, written beside it and printed last.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, Deserialize)]
 pub struct Manifest {
     pub name: String,
     pub cluster: String,
@@ -151,7 +161,17 @@ pub async fn backup(args: BackupArgs) -> anyhow::Result<()> {
             );
             match take(&dialer, &c, &args, &name, deadline).await {
                 Ok(manifest) => {
-                    println!("{}", serde_json::to_string(&manifest)?);
+                    let line = serde_json::to_string(&manifest)?;
+                    if args.keep > 0 {
+                        for old in prune(&args.dir, &args.cluster, args.keep)? {
+                            eprintln!("removed backup {old} (--keep {})", args.keep);
+                        }
+                    }
+                    if let Some(path) = &args.termination_message_path {
+                        std::fs::write(path, &line)
+                            .with_context(|| format!("writing {}", path.display()))?;
+                    }
+                    println!("{line}");
                     return Ok(());
                 }
                 Err(e) => {
@@ -286,4 +306,113 @@ fn write_synced(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
     f.write_all(bytes)?;
     f.sync_all()?;
     Ok(())
+}
+
+/// Removes all but the `keep` newest backups of `cluster` in `dir` (by their manifests' finish
+/// time); returns the names removed, oldest first. Files of other clusters, and anything
+/// without a readable manifest, are left alone.
+pub fn prune(dir: &Path, cluster: &str, keep: usize) -> anyhow::Result<Vec<String>> {
+    let mut found: Vec<Manifest> = Vec::new();
+    for entry in std::fs::read_dir(dir).with_context(|| format!("listing {}", dir.display()))? {
+        let path = entry?.path();
+        let is_manifest = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .is_some_and(|n| n.ends_with(".manifest.json"));
+        if !is_manifest {
+            continue;
+        }
+        let Ok(text) = std::fs::read_to_string(&path) else {
+            continue;
+        };
+        match serde_json::from_str::<Manifest>(&text) {
+            Ok(m) if m.cluster == cluster => found.push(m),
+            _ => {}
+        }
+    }
+    found.sort_by(|a, b| (&a.finished_at, &a.name).cmp(&(&b.finished_at, &b.name)));
+    let excess = found.len().saturating_sub(keep);
+    let mut removed = Vec::new();
+    for m in found.into_iter().take(excess) {
+        for file in [
+            m.file.clone(),
+            format!("{}.sha256", m.file),
+            format!("{}.manifest.json", m.name),
+        ] {
+            if file.contains('/') {
+                continue; // a manifest naming a path elsewhere is not followed
+            }
+            match std::fs::remove_file(dir.join(&file)) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e).with_context(|| format!("removing {file}")),
+            }
+        }
+        removed.push(m.name);
+    }
+    Ok(removed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn backup(dir: &Path, name: &str, cluster: &str, finished: &str) {
+        let m = Manifest {
+            name: name.into(),
+            cluster: cluster.into(),
+            cluster_id: "1".into(),
+            member: "m0".into(),
+            member_was_leader: false,
+            revision: 1,
+            compact_revision: 0,
+            storage_format: 2,
+            size_bytes: 3,
+            sha256: "00".into(),
+            file: format!("{name}.snapshot"),
+            started_at: finished.into(),
+            finished_at: finished.into(),
+            duration_seconds: 0.1,
+        };
+        std::fs::write(dir.join(&m.file), b"abc").expect("snapshot");
+        std::fs::write(dir.join(format!("{}.sha256", m.file)), b"00").expect("sha");
+        std::fs::write(
+            dir.join(format!("{name}.manifest.json")),
+            serde_json::to_string(&m).expect("json"),
+        )
+        .expect("manifest");
+    }
+
+    #[test]
+    fn prune_keeps_the_newest_of_one_cluster() -> anyhow::Result<()> {
+        let dir = tempfile::tempdir()?;
+        backup(dir.path(), "b3", "db/a", "2026-01-03T00:00:00Z");
+        backup(dir.path(), "b1", "db/a", "2026-01-01T00:00:00Z");
+        backup(dir.path(), "b2", "db/a", "2026-01-02T00:00:00Z");
+        backup(dir.path(), "other", "db/b", "2025-01-01T00:00:00Z");
+        std::fs::write(dir.path().join("notes.txt"), b"kept")?;
+        assert_eq!(prune(dir.path(), "db/a", 2)?, vec!["b1".to_string()]);
+        let mut left: Vec<String> = std::fs::read_dir(dir.path())?
+            .map(|e| e.map(|e| e.file_name().to_string_lossy().into_owned()))
+            .collect::<Result<_, _>>()?;
+        left.sort();
+        assert_eq!(
+            left,
+            [
+                "b2.manifest.json",
+                "b2.snapshot",
+                "b2.snapshot.sha256",
+                "b3.manifest.json",
+                "b3.snapshot",
+                "b3.snapshot.sha256",
+                "notes.txt",
+                "other.manifest.json",
+                "other.snapshot",
+                "other.snapshot.sha256"
+            ]
+        );
+        assert!(prune(dir.path(), "db/a", 2)?.is_empty());
+        assert_eq!(prune(dir.path(), "db/a", 1)?, vec!["b2".to_string()]);
+        Ok(())
+    }
 }
