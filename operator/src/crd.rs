@@ -13,6 +13,8 @@
 //! | `storage.formatVersion` never goes down | `spec.storage.formatVersion` (`self >= oldSelf`) |
 //! | `config` does not override flags the operator owns | `spec.config` |
 //! | `podDisruptionBudget.maxUnavailable` is at least 1 | schema minimum |
+//! | `bootstrap` never changes | `spec.bootstrap` (`self == oldSelf`) |
+//! | `backup.keep` is 1..1000 | schema range |
 //!
 //! The status is written only by the operator (server-side apply on the status subresource) and
 //! is read back on every reconcile: [`Workflow`] is what lets an operator restart resume a
@@ -135,6 +137,17 @@ pub struct MetaStoreClusterSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub maintenance: Option<MaintenanceSpec>,
 
+    /// Backups (`metastore-ctl backup` run as a Job) to a PersistentVolumeClaim: on a cron
+    /// schedule, and on request.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backup: Option<BackupSpec>,
+
+    /// How a new cluster starts: empty (the default) or restored from a backup. Read only
+    /// while the cluster is first created.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("self == oldSelf").message("bootstrap is immutable"))]
+    pub bootstrap: Option<BootstrapSpec>,
+
     /// Deadline of one workflow step (one member upgraded, one learner caught up, the migration
     /// Job). A step that overruns it stops the workflow with a Degraded condition.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -232,6 +245,55 @@ impl Default for DefragmentationSpec {
             min_db_size_bytes: default_min_db_size(),
         }
     }
+}
+
+/// Backups to a volume.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct BackupSpec {
+    /// PersistentVolumeClaim (in the cluster's namespace) the backups are written to: for each
+    /// backup `NAME`, `NAME.snapshot`, `NAME.snapshot.sha256` and `NAME.manifest.json`.
+    #[schemars(length(min = 1))]
+    pub claim_name: String,
+    /// Cron schedule, 5 fields, UTC (`0 3 * * *`: daily at 03:00). Unset: on request only.
+    /// Missed runs (operator down, cluster unhealthy) are caught up once, not one by one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub schedule: Option<String>,
+    /// Backups of this cluster kept in the volume; each successful backup removes older ones.
+    #[serde(default = "default_keep")]
+    #[schemars(range(min = 1, max = 1000))]
+    pub keep: i32,
+    /// Set or change this (any value, e.g. a timestamp) to take one backup now.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request: Option<String>,
+}
+
+fn default_keep() -> i32 {
+    7
+}
+
+/// How a new cluster starts.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct BootstrapSpec {
+    /// Restore every initial member from a backup (its SHA-256 checked first). The cluster
+    /// gets the backup's keys and revision and a new cluster id.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restore: Option<RestoreSpec>,
+}
+
+/// The backup a new cluster starts from.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RestoreSpec {
+    /// PersistentVolumeClaim holding the backup, mounted read-only by every initial member
+    /// (so with more than one member it must allow ReadOnlyMany, or the pods share a node).
+    #[schemars(length(min = 1))]
+    pub claim_name: String,
+    /// The backup's name (`NAME.snapshot` and `NAME.snapshot.sha256` in the volume), as
+    /// `status.backups[].name` of the cluster that took it reports.
+    #[schemars(regex(pattern = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"))]
+    pub backup: String,
 }
 
 /// The storage engine a member runs.
@@ -412,6 +474,113 @@ pub struct MetaStoreClusterStatus {
     /// Progress of the multi-step workflow in flight, if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub workflow: Option<Workflow>,
+
+    /// The latest backups (at most 10, oldest first), running ones included.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[x_kube(merge_strategy = ListMerge::Map(vec!["name".into()]))]
+    pub backups: Vec<BackupRecord>,
+
+    /// When the schedule last started a backup.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_scheduled_backup: Option<Time>,
+
+    /// The `spec.backup.request` value last acted on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_backup_request: Option<String>,
+
+    /// The backup the cluster was restored from (`spec.bootstrap.restore`), once it formed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restored_from: Option<RestoredFrom>,
+}
+
+/// Where a restored cluster's data came from.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RestoredFrom {
+    /// The backup's name.
+    pub backup: String,
+    /// The claim it was read from.
+    pub claim_name: String,
+    /// When the restored cluster first formed.
+    pub at: Time,
+}
+
+/// One backup, as its Job reported it.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct BackupRecord {
+    /// The backup's name (its files' prefix in the volume; `spec.bootstrap.restore.backup`).
+    pub name: String,
+    /// `Scheduled` or `Requested`.
+    pub trigger: BackupTrigger,
+    /// Running, Succeeded or Failed.
+    pub phase: BackupPhase,
+    /// When its Job was created.
+    pub started_at: Time,
+    /// When the operator saw it finish.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub completed_at: Option<Time>,
+    /// Revision of the backed-up key space.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub revision: Option<i64>,
+    /// Size of the snapshot file.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub size_bytes: Option<i64>,
+    /// SHA-256 of the snapshot file.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sha256: Option<String>,
+    /// The member it was taken from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub member: Option<String>,
+    /// Storage format of the records in it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub storage_format: Option<i32>,
+    /// Seconds the backup took.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub duration_seconds: Option<f64>,
+    /// Why it failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+}
+
+impl BackupRecord {
+    /// A backup whose Job was just created.
+    pub fn running(name: impl Into<String>, trigger: BackupTrigger, started_at: Time) -> Self {
+        BackupRecord {
+            name: name.into(),
+            trigger,
+            phase: BackupPhase::Running,
+            started_at,
+            completed_at: None,
+            revision: None,
+            size_bytes: None,
+            sha256: None,
+            member: None,
+            storage_format: None,
+            duration_seconds: None,
+            message: None,
+        }
+    }
+}
+
+/// What started a backup.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+pub enum BackupTrigger {
+    /// `spec.backup.schedule`.
+    Scheduled,
+    /// `spec.backup.request`.
+    Requested,
+}
+
+/// Where a backup is.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+pub enum BackupPhase {
+    /// Its Job runs.
+    Running,
+    /// Its files are in the volume, verified.
+    Succeeded,
+    /// Its Job failed (nothing with its name is left in the volume but what a retry wrote).
+    Failed,
 }
 
 /// Summary of the cluster's state, shown by `kubectl get msc`.

@@ -8,6 +8,11 @@
 //! | `metastore_operator_actions_total` | counter | `action` (the Event reason of the action) |
 //! | `metastore_operator_workflow_steps_total` | counter | `workflow` (`Upgrade`, `ScaleUp`, ...), `action` |
 //!
+//! | `metastore_operator_backups_total` | counter | `namespace`, `cluster`, `result` (`Succeeded`, `Failed`) |
+//! | `metastore_operator_backup_size_bytes` | gauge | `namespace`, `cluster` (the last successful backup) |
+//! | `metastore_operator_backup_duration_seconds` | gauge | `namespace`, `cluster` (the last successful backup) |
+//! | `metastore_operator_backup_revision` | gauge | `namespace`, `cluster` (the last successful backup) |
+//!
 //! Upgrade progress is `metastore_operator_workflow_steps_total{workflow="Upgrade"}`.
 
 use std::net::SocketAddr;
@@ -20,7 +25,8 @@ use axum::response::IntoResponse;
 use axum::routing::get;
 use axum::Router;
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, Opts, Registry, TextEncoder,
+    Encoder, GaugeVec, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGaugeVec, Opts,
+    Registry, TextEncoder,
 };
 use tokio::net::TcpListener;
 
@@ -33,6 +39,10 @@ pub struct Metrics {
     duration: Histogram,
     actions: IntCounterVec,
     workflow_steps: IntCounterVec,
+    backups: IntCounterVec,
+    backup_size: IntGaugeVec,
+    backup_duration: GaugeVec,
+    backup_revision: IntGaugeVec,
 }
 
 impl Metrics {
@@ -73,6 +83,38 @@ impl Metrics {
             ),
             &["workflow", "action"],
         )?;
+        let backups = IntCounterVec::new(
+            Opts::new(
+                "metastore_operator_backups_total",
+                "Backups finished, by result.",
+            ),
+            &["namespace", "cluster", "result"],
+        )?;
+        let backup_size = IntGaugeVec::new(
+            Opts::new(
+                "metastore_operator_backup_size_bytes",
+                "Size of the last successful backup.",
+            ),
+            &["namespace", "cluster"],
+        )?;
+        let backup_duration = GaugeVec::new(
+            Opts::new(
+                "metastore_operator_backup_duration_seconds",
+                "Duration of the last successful backup.",
+            ),
+            &["namespace", "cluster"],
+        )?;
+        let backup_revision = IntGaugeVec::new(
+            Opts::new(
+                "metastore_operator_backup_revision",
+                "Revision of the key space in the last successful backup.",
+            ),
+            &["namespace", "cluster"],
+        )?;
+        registry.register(Box::new(backups.clone()))?;
+        registry.register(Box::new(backup_size.clone()))?;
+        registry.register(Box::new(backup_duration.clone()))?;
+        registry.register(Box::new(backup_revision.clone()))?;
         registry.register(Box::new(reconciles.clone()))?;
         registry.register(Box::new(errors.clone()))?;
         registry.register(Box::new(duration.clone()))?;
@@ -85,7 +127,31 @@ impl Metrics {
             duration,
             actions,
             workflow_steps,
+            backups,
+            backup_size,
+            backup_duration,
+            backup_revision,
         })
+    }
+
+    /// Records a finished backup of `namespace/cluster`.
+    pub fn backup_finished(&self, namespace: &str, cluster: &str, r: &crate::crd::BackupRecord) {
+        let result = format!("{:?}", r.phase);
+        self.backups
+            .with_label_values(&[namespace, cluster, &result])
+            .inc();
+        if r.phase == crate::crd::BackupPhase::Succeeded {
+            let labels = [namespace, cluster];
+            if let Some(size) = r.size_bytes {
+                self.backup_size.with_label_values(&labels).set(size);
+            }
+            if let Some(d) = r.duration_seconds {
+                self.backup_duration.with_label_values(&labels).set(d);
+            }
+            if let Some(rev) = r.revision {
+                self.backup_revision.with_label_values(&labels).set(rev);
+            }
+        }
     }
 
     /// Counts a reconcile that took `elapsed`.
@@ -211,5 +277,37 @@ mod tests {
         );
         let _ = stop.send(());
         server.await.expect("join").expect("serve");
+    }
+
+    #[test]
+    fn finished_backups_are_counted_and_the_last_success_measured() {
+        use crate::crd::{BackupPhase, BackupRecord, BackupTrigger};
+        use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+        let m = Metrics::new().expect("metrics register");
+        let mut r = BackupRecord {
+            phase: BackupPhase::Succeeded,
+            revision: Some(4242),
+            size_bytes: Some(1 << 20),
+            duration_seconds: Some(1.5),
+            ..BackupRecord::running(
+                "demo-backup-1",
+                BackupTrigger::Scheduled,
+                Time(k8s_openapi::jiff::Timestamp::UNIX_EPOCH),
+            )
+        };
+        m.backup_finished("db", "demo", &r);
+        r.phase = BackupPhase::Failed;
+        r.size_bytes = Some(1);
+        m.backup_finished("db", "demo", &r);
+        let text = m.render();
+        for line in [
+            r#"metastore_operator_backups_total{cluster="demo",namespace="db",result="Succeeded"} 1"#,
+            r#"metastore_operator_backups_total{cluster="demo",namespace="db",result="Failed"} 1"#,
+            r#"metastore_operator_backup_size_bytes{cluster="demo",namespace="db"} 1048576"#,
+            r#"metastore_operator_backup_duration_seconds{cluster="demo",namespace="db"} 1.5"#,
+            r#"metastore_operator_backup_revision{cluster="demo",namespace="db"} 4242"#,
+        ] {
+            assert!(text.contains(line), "{line} in {text}");
+        }
     }
 }

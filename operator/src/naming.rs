@@ -78,6 +78,11 @@ impl ClusterNames {
     }
 
     /// Pod (and member) name of ordinal `i`.
+    /// The backup taken at `unix_seconds`: its Job's name and its files' prefix.
+    pub fn backup(&self, unix_seconds: i64) -> String {
+        format!("{}-backup-{unix_seconds}", self.name)
+    }
+
     pub fn pod_name(&self, ordinal: i32) -> String {
         format!("{}-{ordinal}", self.name)
     }

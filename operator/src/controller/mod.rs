@@ -60,6 +60,7 @@ use crate::crd::{
 };
 use crate::metrics::Metrics;
 use crate::naming::{version_of_image, ClusterNames, FIELD_MANAGER};
+use crate::plan::backup::{BackupJobView, BackupPlan, Manifest};
 use crate::plan::{
     plan, Action, ClusterView, Decision, JobView, Observed, PodView, StatefulSetView, Version,
 };
@@ -303,8 +304,16 @@ pub async fn apply_cluster(cluster: Arc<MetaStoreCluster>, ctx: Arc<Context>) ->
     )
     .await?;
 
-    // 5. Status and Events.
-    let new_status = status::build(&cluster, &names, &observed, &decision, &holders);
+    // 5. Backups (beside the workflows: they only read from the cluster).
+    let backups = backups(&ctx, &cluster, &renderer, &observed, &decision).await?;
+
+    // 6. Status and Events.
+    let mut new_status = status::build(&cluster, &names, &observed, &decision, &holders);
+    if let Some(b) = &backups {
+        new_status.backups = b.records.clone();
+        new_status.last_scheduled_backup = b.last_scheduled.clone();
+        new_status.last_backup_request = b.last_request.clone();
+    }
     let patch = serde_json::json!({
         "apiVersion": "metastore.io/v1alpha1",
         "kind": "MetaStoreCluster",
@@ -318,15 +327,199 @@ pub async fn apply_cluster(cluster: Arc<MetaStoreCluster>, ctx: Arc<Context>) ->
         )
         .await?;
     publish_events(&ctx, &cluster, &decision, &new_status).await;
-
-    Ok(match decision.action {
-        Action::Done => Requeue::requeue(Duration::from_secs(300)),
-        Action::MarkDegraded(_) | Action::RefuseWithCondition(_) => {
-            Requeue::requeue(Duration::from_secs(60))
+    let mut after = match decision.action {
+        Action::Done => Duration::from_secs(300),
+        Action::MarkDegraded(_) | Action::RefuseWithCondition(_) => Duration::from_secs(60),
+        Action::WaitFor(_) => Duration::from_secs(10),
+        _ => Duration::from_secs(2),
+    };
+    if let Some(b) = &backups {
+        publish_backup_events(&ctx, &cluster, b).await;
+        for r in &b.finished {
+            ctx.metrics
+                .backup_finished(&namespace, &cluster.name_any(), r);
         }
-        Action::WaitFor(_) => Requeue::requeue(Duration::from_secs(10)),
-        _ => Requeue::requeue(Duration::from_secs(2)),
-    })
+        after = after.min(backup_requeue(b, observed.now));
+    }
+    Ok(Requeue::requeue(after))
+}
+
+/// Plans and starts backups when `spec.backup` is set or a recorded backup still runs:
+/// observes the backup Jobs (and, for a finished one not yet recorded, its pod's termination
+/// message, where `metastore-ctl backup` leaves its manifest), then creates the Job of a
+/// backup that is due. `None` when the cluster has nothing to do with backups.
+async fn backups(
+    ctx: &Context,
+    cluster: &MetaStoreCluster,
+    renderer: &Renderer<'_>,
+    observed: &Observed,
+    decision: &Decision,
+) -> Result<Option<BackupPlan>> {
+    let running = cluster.status.as_ref().is_some_and(|s| {
+        s.backups
+            .iter()
+            .any(|r| r.phase == crate::crd::BackupPhase::Running)
+    });
+    if cluster.spec.backup.is_none() && !running {
+        return Ok(None);
+    }
+    let names = renderer.names();
+    let jobs_api: Api<Job> = Api::namespaced(ctx.client.clone(), names.namespace());
+    let pods_api: Api<Pod> = Api::namespaced(ctx.client.clone(), names.namespace());
+    let jobs = jobs_api
+        .list(&ListParams::default().labels(&format!(
+            "app.kubernetes.io/instance={},app.kubernetes.io/component=backup",
+            names.name()
+        )))
+        .await?
+        .items;
+    let recorded_running = |name: &str| {
+        cluster.status.as_ref().is_some_and(|s| {
+            s.backups
+                .iter()
+                .any(|r| r.name == name && r.phase == crate::crd::BackupPhase::Running)
+        })
+    };
+    let mut views = Vec::new();
+    for job in &jobs {
+        let mut view = backup_job_view(job);
+        if (view.succeeded || view.failed) && recorded_running(&view.name) {
+            let pods = pods_api
+                .list(&ListParams::default().labels(&format!("job-name={}", view.name)))
+                .await?
+                .items;
+            let message = pods.iter().rev().find_map(termination_message);
+            if view.succeeded {
+                view.manifest = message
+                    .as_deref()
+                    .and_then(|m| serde_json::from_str::<Manifest>(m.trim()).ok());
+            } else {
+                view.message = message;
+            }
+        }
+        views.push(view);
+    }
+    let ready = observed
+        .cluster
+        .as_ref()
+        .is_some_and(|v| v.leader.is_some() && v.healthy_voter_count() > 0);
+    let plan = crate::plan::backup::plan(cluster, &views, observed.now, ready);
+    if let Some(start) = &plan.start {
+        if let Some(job) = renderer.backup_job(&start.name, &decision.image) {
+            apply(&jobs_api, &job).await?;
+            info!(cluster = %cluster.name_any(), backup = %start.name, "backup started");
+        }
+    }
+    Ok(Some(plan))
+}
+
+/// A backup Job as the planner sees it (the manifest and message are filled in by the caller).
+pub fn backup_job_view(job: &Job) -> BackupJobView {
+    let status = job.status.as_ref();
+    let condition = |t: &str| {
+        status
+            .and_then(|s| s.conditions.as_ref())
+            .is_some_and(|cs| cs.iter().any(|c| c.type_ == t && c.status == "True"))
+    };
+    BackupJobView {
+        name: job.name_any(),
+        succeeded: condition("Complete") || status.and_then(|s| s.succeeded).unwrap_or(0) > 0,
+        failed: condition("Failed"),
+        manifest: None,
+        message: None,
+    }
+}
+
+/// The termination message of a pod's first terminated container.
+fn termination_message(pod: &Pod) -> Option<String> {
+    pod.status
+        .as_ref()?
+        .container_statuses
+        .as_ref()?
+        .iter()
+        .find_map(|c| c.state.as_ref()?.terminated.as_ref()?.message.clone())
+        .filter(|m| !m.trim().is_empty())
+}
+
+/// When to look again for backups: soon while one runs, else at the next scheduled slot.
+fn backup_requeue(plan: &BackupPlan, now: k8s_openapi::jiff::Timestamp) -> Duration {
+    let running = plan
+        .records
+        .iter()
+        .any(|r| r.phase == crate::crd::BackupPhase::Running);
+    if running || plan.start.is_some() {
+        return Duration::from_secs(10);
+    }
+    plan.next_scheduled
+        .and_then(|next| {
+            let secs = next.as_second().saturating_sub(now.as_second());
+            u64::try_from(secs).ok()
+        })
+        .map_or(Duration::from_secs(300), |s| Duration::from_secs(s.max(1)))
+}
+
+/// Events for a backup started, finished, or a schedule that cannot be parsed.
+async fn publish_backup_events(ctx: &Context, cluster: &MetaStoreCluster, plan: &BackupPlan) {
+    for event in backup_events(plan) {
+        if let Err(error) = ctx.recorder.publish(&event, &cluster.object_ref(&())).await {
+            warn!(%error, "publishing an event failed");
+        }
+    }
+}
+
+/// The Events of a backup plan.
+pub fn backup_events(plan: &BackupPlan) -> Vec<Event> {
+    let mut out = Vec::new();
+    if let Some(start) = &plan.start {
+        out.push(Event {
+            type_: EventType::Normal,
+            reason: "BackupStarted".into(),
+            note: Some(format!("backup {} ({:?})", start.name, start.trigger)),
+            action: "Backup".into(),
+            secondary: None,
+        });
+    }
+    for r in &plan.finished {
+        let (type_, reason, note) = match r.phase {
+            crate::crd::BackupPhase::Succeeded => (
+                EventType::Normal,
+                "BackupSucceeded",
+                format!(
+                    "backup {}: revision {}, {} bytes, from {}",
+                    r.name,
+                    r.revision.unwrap_or_default(),
+                    r.size_bytes.unwrap_or_default(),
+                    r.member.as_deref().unwrap_or("?")
+                ),
+            ),
+            _ => (
+                EventType::Warning,
+                "BackupFailed",
+                format!(
+                    "backup {}: {}",
+                    r.name,
+                    r.message.as_deref().unwrap_or("failed")
+                ),
+            ),
+        };
+        out.push(Event {
+            type_,
+            reason: reason.into(),
+            note: Some(note),
+            action: "Backup".into(),
+            secondary: None,
+        });
+    }
+    if let Some(e) = &plan.schedule_error {
+        out.push(Event {
+            type_: EventType::Warning,
+            reason: "InvalidBackupSchedule".into(),
+            note: Some(e.clone()),
+            action: "Backup".into(),
+            secondary: None,
+        });
+    }
+    out
 }
 
 /// The etcd API client for one cluster: [`Context::cluster_api`] as it is for plain `http`
@@ -586,6 +779,22 @@ pub fn events(
         .workflow
         .as_ref()
         .is_none_or(|w| w.kind != WorkflowKind::Migration);
+    let restored_before = cluster
+        .status
+        .as_ref()
+        .is_some_and(|s| s.restored_from.is_some());
+    if let (Some(r), false) = (&new_status.restored_from, restored_before) {
+        out.push(Event {
+            type_: EventType::Normal,
+            reason: "Restored".into(),
+            note: Some(format!(
+                "every initial member restored from backup {} (claim {})",
+                r.backup, r.claim_name
+            )),
+            action: "Reconcile".into(),
+            secondary: None,
+        });
+    }
     if let Some(to) = migrated_to.filter(|_| finished) {
         if new_status.current_format_version.is_some_and(|f| f >= to) {
             out.push(Event {

@@ -98,6 +98,27 @@ pub fn build(
     if status.current_format_version.is_none() && observed.cluster.is_some() {
         status.current_format_version = Some(cluster.spec.storage.format_version);
     }
+    // A cluster restored from a backup says so once it has formed (a leader, past
+    // Bootstrapping): the init containers have restored every initial member by then.
+    let formed = observed
+        .cluster
+        .as_ref()
+        .is_some_and(|v| v.leader.is_some())
+        && status.phase != Some(crate::crd::Phase::Bootstrapping);
+    if let Some(r) = cluster
+        .spec
+        .bootstrap
+        .as_ref()
+        .and_then(|b| b.restore.as_ref())
+    {
+        if status.restored_from.is_none() && formed {
+            status.restored_from = Some(crate::crd::RestoredFrom {
+                backup: r.backup.clone(),
+                claim_name: r.claim_name.clone(),
+                at: Time(observed.now),
+            });
+        }
+    }
 
     let now = Time(observed.now);
     let wanted = conditions(observed, decision);

@@ -331,6 +331,8 @@ fn cluster(replicas: i32, version: &str) -> MetaStoreCluster {
         config: Default::default(),
         pod_disruption_budget: None,
         maintenance: None,
+        backup: None,
+        bootstrap: None,
         step_timeout_seconds: None,
     };
     let mut c = MetaStoreCluster::new("demo", spec);
@@ -1583,4 +1585,122 @@ async fn growing_the_volume_size_patches_the_smaller_claims() {
     )
     .await;
     assert_eq!(calls, ["observe 3"]);
+}
+
+fn backup_jobs_list(items: Vec<Value>) -> Expect {
+    Expect::list(
+        "/apis/batch/v1/namespaces/db/jobs",
+        "app.kubernetes.io/instance=demo,app.kubernetes.io/component=backup",
+        "JobList",
+        items,
+    )
+}
+
+fn with_backup_request(mut c: MetaStoreCluster) -> MetaStoreCluster {
+    c.spec.backup = Some(crate::crd::BackupSpec {
+        claim_name: "backups".into(),
+        schedule: None,
+        keep: 3,
+        request: Some("now".into()),
+    });
+    c
+}
+
+#[tokio::test]
+async fn a_backup_request_creates_the_job_and_its_result_comes_from_the_termination_message() {
+    let name = format!("demo-backup-{}", t0().as_second());
+    let observed = || {
+        observe_requests(
+            Some(statefulset(3, "1.3.0")),
+            pods_on(&["1.3.0"; 3]),
+            (0..3).map(claim).collect(),
+        )
+    };
+    let expected_job = {
+        let c = with_backup_request(running(3, "1.3.0", "1.3.0"));
+        let job = Renderer::new(&c)
+            .expect("renderer")
+            .backup_job(&name, &image_for_version("1.3.0"))
+            .expect("a backup spec");
+        to_json(&job)
+    };
+    // 1. A new request: the Job is applied and recorded as Running.
+    let n = name.clone();
+    reconcile_step(
+        with_backup_request(running(3, "1.3.0", "1.3.0")),
+        voters(3, 0),
+        observed(),
+        |_, _| {},
+        vec![
+            backup_jobs_list(vec![]),
+            Expect::apply(
+                format!("/apis/batch/v1/namespaces/db/jobs/{name}"),
+                expected_job,
+            ),
+        ],
+        move |status| {
+            assert_eq!(status["phase"], "Running");
+            assert_eq!(status["lastBackupRequest"], "now");
+            let b = &status["backups"][0];
+            assert_eq!(b["name"], n.as_str());
+            assert_eq!(
+                (b["phase"].as_str(), b["trigger"].as_str()),
+                (Some("Running"), Some("Requested"))
+            );
+        },
+        Some(("Normal", "BackupStarted")),
+    )
+    .await;
+
+    // 2. The Job completed: the manifest its container left is read from its pod.
+    let recorded = || {
+        let mut c = with_backup_request(running(3, "1.3.0", "1.3.0"));
+        if let Some(s) = c.status.as_mut() {
+            s.last_backup_request = Some("now".into());
+            s.backups = vec![crate::crd::BackupRecord::running(
+                format!("demo-backup-{}", t0().as_second()),
+                crate::crd::BackupTrigger::Requested,
+                Time(t0()),
+            )];
+        }
+        c
+    };
+    let job = json!({"apiVersion": "batch/v1", "kind": "Job",
+        "metadata": {"name": name, "namespace": "db",
+            "labels": {"app.kubernetes.io/instance": "demo", "app.kubernetes.io/component": "backup"}},
+        "spec": {"template": {"spec": {"containers": []}}},
+        "status": {"succeeded": 1, "conditions": [{"type": "Complete", "status": "True"}]}});
+    let manifest = json!({"name": name, "cluster": "db/demo", "revision": 4242,
+        "size_bytes": 1048576, "sha256": "ab".repeat(32), "member": "demo-1",
+        "storage_format": 1, "duration_seconds": 1.5, "file": format!("{name}.snapshot")});
+    let job_pod = json!({"apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": format!("{name}-x7k2p"), "namespace": "db"},
+        "status": {"containerStatuses": [{"name": "backup", "image": "img", "imageID": "",
+            "ready": false, "restartCount": 0,
+            "state": {"terminated": {"exitCode": 0, "message": manifest.to_string()}}}]}});
+    reconcile_step(
+        recorded(),
+        voters(3, 0),
+        observed(),
+        |_, _| {},
+        vec![
+            backup_jobs_list(vec![job]),
+            Expect::list(
+                format!("{NS}/pods"),
+                &format!("job-name={name}"),
+                "PodList",
+                vec![job_pod],
+            ),
+        ],
+        |status| {
+            let b = &status["backups"][0];
+            assert_eq!(b["phase"], "Succeeded");
+            assert_eq!(b["revision"], 4242);
+            assert_eq!(b["sizeBytes"], 1048576);
+            assert_eq!(b["member"], "demo-1");
+            assert_eq!(b["durationSeconds"], 1.5);
+        },
+        Some(("Normal", "BackupSucceeded")),
+    )
+    .await;
 }

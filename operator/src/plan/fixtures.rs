@@ -72,6 +72,8 @@ impl Fixture {
             config: Default::default(),
             pod_disruption_budget: None,
             maintenance: None,
+            backup: None,
+            bootstrap: None,
             step_timeout_seconds: None,
         };
         let mut cluster = MetaStoreCluster::new("demo", spec);

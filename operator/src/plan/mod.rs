@@ -22,6 +22,7 @@
 //! latched failure. That is what makes every step idempotent and an operator restart resume
 //! exactly where it was.
 
+pub mod backup;
 mod maintenance;
 mod membership;
 mod migration;

@@ -241,6 +241,8 @@ pub(crate) mod tests {
             config: BTreeMap::new(),
             pod_disruption_budget: None,
             maintenance: None,
+            backup: None,
+            bootstrap: None,
             step_timeout_seconds: None,
         };
         let mut c = MetaStoreCluster::new("demo", spec);

@@ -26,6 +26,7 @@ use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
+use super::job::BACKUP_DIR;
 use super::services::{KEY_INITIAL_CLUSTER, KEY_INITIAL_CLUSTER_STATE, KEY_STORAGE_FORMAT};
 use super::{pod_labels, RenderParams, Renderer, DEFAULT_VOLUME_SIZE};
 use crate::crd::{Engine, OPERATOR_OWNED_FLAGS};
@@ -257,6 +258,80 @@ impl Renderer<'_> {
         }
     }
 
+    /// With `spec.bootstrap.restore`: the init container restoring the backup into the
+    /// member's empty volume (`metastore snapshot restore`, the SHA-256 recorded beside the
+    /// backup checked first, the ids computed from the same flags the server gets). It restores
+    /// only while the cluster is new (`--initial-cluster-state` from the ConfigMap, as the
+    /// server's): a member whose volume already holds data (a restarted pod) is left as it is,
+    /// and members added later (`existing`) join empty, as learners, and catch up by Raft. The
+    /// container stays in the template, so the bootstrap's end changes no pod.
+    fn restore_container(&self, params: &RenderParams) -> Option<(Container, Volume)> {
+        let restore = self
+            .cluster
+            .spec
+            .bootstrap
+            .as_ref()
+            .and_then(|b| b.restore.as_ref())?;
+        if self.cluster.spec.storage.engine == Engine::Memory {
+            return None;
+        }
+        let n = &self.names;
+        let peer = if self.peer_tls_secret().is_some() {
+            "https"
+        } else {
+            "http"
+        };
+        let host = format!("$(POD_NAME).{}.{}.svc", n.peer_service(), n.namespace());
+        let source = "backup-source";
+        let container = Container {
+            name: "restore".into(),
+            image: Some(params.image.clone()),
+            command: Some(vec!["metastore".into()]),
+            args: Some(vec![
+                "snapshot".into(),
+                "restore".into(),
+                format!("{BACKUP_DIR}/{}.snapshot", restore.backup),
+                "--skip-if-initialized".into(),
+                "--name=$(POD_NAME)".into(),
+                "--initial-cluster=$(INITIAL_CLUSTER)".into(),
+                "--initial-cluster-state=$(INITIAL_CLUSTER_STATE)".into(),
+                format!("--initial-cluster-token={}", n.cluster_token()),
+                format!("--initial-advertise-peer-urls={peer}://{host}:{PEER_PORT}"),
+                format!("--data-dir={DATA_DIR}"),
+            ]),
+            env: Some(vec![
+                env_from_field("POD_NAME", "metadata.name"),
+                env_from_config_map(
+                    "INITIAL_CLUSTER",
+                    &self.names.config_map(),
+                    KEY_INITIAL_CLUSTER,
+                ),
+                env_from_config_map(
+                    "INITIAL_CLUSTER_STATE",
+                    &self.names.config_map(),
+                    KEY_INITIAL_CLUSTER_STATE,
+                ),
+            ]),
+            volume_mounts: Some(vec![
+                mount(DATA_VOLUME, DATA_DIR, false),
+                mount(source, BACKUP_DIR, true),
+            ]),
+            security_context: self.container(&params.image).security_context,
+            ..Default::default()
+        };
+        let volume = Volume {
+            name: source.into(),
+            persistent_volume_claim: Some(
+                k8s_openapi::api::core::v1::PersistentVolumeClaimVolumeSource {
+                    claim_name: restore.claim_name.clone(),
+                    read_only: Some(true),
+                },
+            ),
+            ..Default::default()
+        };
+        Some((container, volume))
+    }
+
     /// Soft anti-affinity spreading members over nodes, when the spec sets no affinity.
     fn default_affinity(&self) -> Affinity {
         Affinity {
@@ -340,7 +415,12 @@ impl Renderer<'_> {
             )
         };
 
+        let restore = self.restore_container(params).map(|(c, v)| {
+            volumes.push(v);
+            vec![c]
+        });
         let pod = PodSpec {
+            init_containers: restore,
             containers: vec![self.container(&params.image)],
             volumes: Some(volumes),
             security_context: Some(PodSecurityContext {
@@ -745,5 +825,67 @@ mod tests {
                 .count(),
             1
         );
+    }
+
+    #[test]
+    fn a_new_cluster_restored_from_a_backup_gets_the_restore_init_container() {
+        let mut c = cluster(3);
+        c.spec.bootstrap = Some(crate::crd::BootstrapSpec {
+            restore: Some(crate::crd::RestoreSpec {
+                claim_name: "backups".into(),
+                backup: "old-backup-1700000000".into(),
+            }),
+        });
+        let new = params(3);
+        let sts = Renderer::new(&c).expect("renderer").statefulset(&new);
+        let pod = pod_spec(&sts);
+        let init = &pod.init_containers.as_ref().expect("init containers")[0];
+        assert_eq!(init.command, Some(vec!["metastore".to_string()]));
+        let args = init.args.clone().unwrap_or_default();
+        assert_eq!(
+            &args[..4],
+            [
+                "snapshot",
+                "restore",
+                "/backups/old-backup-1700000000.snapshot",
+                "--skip-if-initialized"
+            ]
+        );
+        // The same identity flags as the server's, so the restored ids are the members' ids.
+        let server = container(&sts).args.clone().unwrap_or_default();
+        for flag in [
+            "--name=",
+            "--initial-cluster-state=",
+            "--initial-cluster=",
+            "--initial-cluster-token=",
+            "--initial-advertise-peer-urls=",
+            "--data-dir=",
+        ] {
+            let ours = args.iter().find(|a| a.starts_with(flag));
+            let theirs = server.iter().find(|a| a.starts_with(flag));
+            assert_eq!(ours, theirs, "{flag}");
+        }
+        let source = pod
+            .volumes
+            .as_ref()
+            .and_then(|v| v.iter().find(|v| v.name == "backup-source"))
+            .and_then(|v| v.persistent_volume_claim.as_ref())
+            .expect("backup volume");
+        assert_eq!(
+            (source.claim_name.as_str(), source.read_only),
+            ("backups", Some(true))
+        );
+
+        // Once the cluster exists the template is the same (no pod rolls); the ConfigMap's
+        // `existing` makes the container restore nothing.
+        let mut joined = params(3);
+        joined.initial_cluster_state = crate::plan::InitialClusterState::Existing;
+        let later = Renderer::new(&c).expect("renderer").statefulset(&joined);
+        assert_eq!(pod_spec(&later), pod);
+        // Without bootstrap.restore: none either.
+        let sts = Renderer::new(&cluster(3))
+            .expect("renderer")
+            .statefulset(&new);
+        assert!(pod_spec(&sts).init_containers.is_none());
     }
 }

@@ -49,16 +49,18 @@ use k8s_openapi::jiff::Timestamp;
 use kube::runtime::events::EventType;
 use metastore_operator::controller::cluster_api::{ClientTls, ClusterApi, GrpcClusterApi};
 use metastore_operator::controller::{
-    act_on_members, events, job_view, member_endpoints, observe_cluster, render_params, status,
-    volume_replaced,
+    act_on_members, backup_events as backup_events_of, backup_job_view, events, job_view,
+    member_endpoints, observe_cluster, render_params, status, volume_replaced,
 };
 use metastore_operator::crd::{
-    ConditionStatus, ConditionType, MemberRole, MetaStoreCluster, MetaStoreClusterSpec,
-    MetaStoreClusterStatus, Phase, StorageSpec, WorkflowKind,
+    BackupPhase, BackupRecord, BackupSpec, BackupTrigger, BootstrapSpec, ConditionStatus,
+    ConditionType, MemberRole, MetaStoreCluster, MetaStoreClusterSpec, MetaStoreClusterStatus,
+    Phase, RestoreSpec, StorageSpec, WorkflowKind,
 };
 use metastore_operator::naming::{
     image_for_version, version_of_image, ClusterNames, CLIENT_PORT, DATA_DIR, PEER_PORT,
 };
+use metastore_operator::plan::backup::{self, BackupJobView};
 use metastore_operator::plan::{
     plan, Action, ClusterView, Decision, Observed, PodView, Refusal, StatefulSetView, Version,
     WaitReason,
@@ -326,6 +328,8 @@ struct JobRun {
     args: Vec<String>,
     child: Option<Child>,
     failures: i32,
+    /// Where the container's `/dev/termination-log` is.
+    termination_log: PathBuf,
 }
 
 impl Drop for JobRun {
@@ -356,6 +360,9 @@ struct Kube {
     next_volume: u32,
     /// Ordinals whose pod cannot be scheduled (a node down): not recreated.
     unschedulable: BTreeSet<i32>,
+    /// PersistentVolumeClaims other than the members' (a backup volume), by name: the host
+    /// directory a pod or Job mounting one sees.
+    claims: BTreeMap<String, PathBuf>,
     dir: tempfile::TempDir,
 }
 
@@ -374,8 +381,73 @@ impl Kube {
             volumes: BTreeMap::new(),
             next_volume: 0,
             unschedulable: BTreeSet::new(),
+            claims: BTreeMap::new(),
             dir: tempfile::tempdir()?,
         })
+    }
+
+    /// `(mount path, host directory)` of each of `mounts` that is a claim in [`Kube::claims`].
+    fn claim_mounts(
+        &self,
+        volumes: Option<&Vec<k8s_openapi::api::core::v1::Volume>>,
+        mounts: Option<&Vec<k8s_openapi::api::core::v1::VolumeMount>>,
+    ) -> anyhow::Result<Vec<(String, PathBuf)>> {
+        let mut out = Vec::new();
+        for m in mounts.into_iter().flatten() {
+            let Some(claim) = volumes
+                .into_iter()
+                .flatten()
+                .find(|v| v.name == m.name)
+                .and_then(|v| v.persistent_volume_claim.as_ref())
+            else {
+                continue;
+            };
+            let host = self
+                .claims
+                .get(&claim.claim_name)
+                .with_context(|| format!("claim {} does not exist", claim.claim_name))?;
+            out.push((m.mount_path.clone(), host.clone()));
+        }
+        Ok(out)
+    }
+
+    /// A container's environment as the kubelet sets it (downward API, ConfigMap keys).
+    fn env_of(
+        &self,
+        container: &k8s_openapi::api::core::v1::Container,
+        pod_name: &str,
+    ) -> anyhow::Result<BTreeMap<String, String>> {
+        let mut env = BTreeMap::new();
+        for var in container.env.iter().flatten() {
+            let value = match (&var.value, &var.value_from) {
+                (Some(value), _) => value.clone(),
+                (None, Some(source)) => {
+                    if let Some(field) = &source.field_ref {
+                        match field.field_path.as_str() {
+                            "metadata.name" => pod_name.to_string(),
+                            "metadata.namespace" => NAMESPACE.to_string(),
+                            other => bail!("field {other} not served by this stand-in"),
+                        }
+                    } else if let Some(key) = &source.config_map_key_ref {
+                        self.config
+                            .get(&key.key)
+                            .cloned()
+                            .with_context(|| format!("ConfigMap lacks {}", key.key))?
+                    } else {
+                        continue;
+                    }
+                }
+                (None, None) => continue,
+            };
+            env.insert(var.name.clone(), value);
+        }
+        Ok(env)
+    }
+
+    /// The termination message a Job's (last) pod left.
+    fn termination_message(&self, job: &str) -> Option<String> {
+        let run = self.jobs.get(job)?;
+        std::fs::read_to_string(&run.termination_log).ok()
     }
 
     /// Server-side apply of the ConfigMap and the StatefulSet; the StatefulSet controller then
@@ -454,30 +526,7 @@ impl Kube {
             .and_then(|s| s.containers.iter().find(|c| c.name == CONTAINER))
             .context("no metastore container")?;
         let pod_name = self.names.pod_name(ordinal);
-        let mut env = BTreeMap::new();
-        for var in container.env.iter().flatten() {
-            let value = match (&var.value, &var.value_from) {
-                (Some(value), _) => value.clone(),
-                (None, Some(source)) => {
-                    if let Some(field) = &source.field_ref {
-                        match field.field_path.as_str() {
-                            "metadata.name" => pod_name.clone(),
-                            "metadata.namespace" => NAMESPACE.to_string(),
-                            other => bail!("field {other} not served by this stand-in"),
-                        }
-                    } else if let Some(key) = &source.config_map_key_ref {
-                        self.config
-                            .get(&key.key)
-                            .cloned()
-                            .with_context(|| format!("ConfigMap lacks {}", key.key))?
-                    } else {
-                        continue;
-                    }
-                }
-                (None, None) => continue,
-            };
-            env.insert(var.name.clone(), value);
-        }
+        let env = self.env_of(container, &pod_name)?;
         let volume = match self.volumes.get(&ordinal) {
             Some(v) => *v,
             None => {
@@ -515,6 +564,60 @@ impl Kube {
             })
             .collect();
         let log_path = self.dir.path().join(format!("{pod_name}.log"));
+        // Init containers first, each to completion (a failure leaves the pod not started).
+        let pod_spec = template.spec.as_ref();
+        for init in pod_spec
+            .and_then(|s| s.init_containers.as_ref())
+            .into_iter()
+            .flatten()
+        {
+            ensure!(
+                init.command.as_deref() == Some(&["metastore".to_string()][..]),
+                "init container {} runs {:?}",
+                init.name,
+                init.command
+            );
+            let init_env = self.env_of(init, &pod_name)?;
+            let mounts = self.claim_mounts(
+                pod_spec.and_then(|s| s.volumes.as_ref()),
+                init.volume_mounts.as_ref(),
+            )?;
+            let init_args: Vec<String> = init
+                .args
+                .iter()
+                .flatten()
+                .map(|arg| {
+                    let mut arg = arg.clone();
+                    for (k, v) in &init_env {
+                        arg = arg.replace(&format!("$({k})"), v);
+                    }
+                    for (path, host) in &mounts {
+                        arg = arg.replace(path.as_str(), &host.display().to_string());
+                    }
+                    let arg = arg.replace(
+                        &format!("--data-dir={DATA_DIR}"),
+                        &format!("--data-dir={}", data_dir.display()),
+                    );
+                    self.dns.resolve(&arg)
+                })
+                .collect();
+            std::fs::create_dir_all(&data_dir)?; // the volume's mount point exists
+            let out = Command::new(&self.bin)
+                .args(&init_args)
+                .stdin(Stdio::null())
+                .output()
+                .with_context(|| format!("starting init container {}", init.name))?;
+            let mut log = File::options().create(true).append(true).open(&log_path)?;
+            writeln!(log, "===== init {}: {}", init.name, init_args.join(" "))?;
+            log.write_all(&out.stdout)?;
+            log.write_all(&out.stderr)?;
+            ensure!(
+                out.status.success(),
+                "{pod_name}: init container {} failed: {}",
+                init.name,
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
         let mut log = File::options().create(true).append(true).open(&log_path)?;
         writeln!(log, "===== start: {}", args.join(" "))?;
         let child = Command::new(&self.bin)
@@ -552,17 +655,35 @@ impl Kube {
             "the Job runs {:?}",
             container.command
         );
+        let mounts = self.claim_mounts(
+            job.spec
+                .as_ref()
+                .and_then(|s| s.template.spec.as_ref())
+                .and_then(|p| p.volumes.as_ref()),
+            container.volume_mounts.as_ref(),
+        )?;
+        let termination_log = self.dir.path().join(format!("{name}.termination-log"));
         let args = container
             .args
             .iter()
             .flatten()
-            .map(|a| self.dns.resolve(a))
+            .map(|a| {
+                let mut a = a.replace(
+                    "/dev/termination-log",
+                    &termination_log.display().to_string(),
+                );
+                for (path, host) in &mounts {
+                    a = a.replace(path.as_str(), &host.display().to_string());
+                }
+                self.dns.resolve(&a)
+            })
             .collect();
         let mut run = JobRun {
             job,
             args,
             child: None,
             failures: 0,
+            termination_log,
         };
         self.start_job(&name, &mut run)?;
         self.jobs.insert(name, run);
@@ -876,7 +997,61 @@ impl Operator {
             },
             Err(e) => error = Some(e.to_string()),
         }
-        let new_status = status::build(&self.cluster, &self.names, &observed, &decision, &holders);
+        // Backups, as the controller's `backups` step: the Jobs labelled `component=backup`,
+        // the manifest from a finished one's termination message, the plan, the Job applied.
+        let mut backup_events = Vec::new();
+        let backups = if self.cluster.spec.backup.is_some() {
+            let jobs = kube.jobs()?;
+            let views: Vec<BackupJobView> = jobs
+                .iter()
+                .filter(|j| {
+                    j.metadata
+                        .labels
+                        .as_ref()
+                        .and_then(|l| l.get("app.kubernetes.io/component"))
+                        .map(String::as_str)
+                        == Some("backup")
+                })
+                .map(|j| {
+                    let mut v = backup_job_view(j);
+                    let message = kube.termination_message(&v.name);
+                    if v.succeeded {
+                        v.manifest = message.and_then(|m| serde_json::from_str(m.trim()).ok());
+                    } else if v.failed {
+                        v.message = message;
+                    }
+                    v
+                })
+                .collect();
+            let ready = observed
+                .cluster
+                .as_ref()
+                .is_some_and(|v| v.leader.is_some());
+            let p = backup::plan(&self.cluster, &views, observed.now, ready);
+            if let Some(start) = &p.start {
+                let job = renderer
+                    .backup_job(&start.name, &decision.image)
+                    .context("spec.backup is set")?;
+                kube.apply_job(job)?;
+            }
+            backup_events = backup_events_of(&p);
+            Some(p)
+        } else {
+            None
+        };
+        let mut new_status =
+            status::build(&self.cluster, &self.names, &observed, &decision, &holders);
+        if let Some(b) = backups {
+            new_status.backups = b.records;
+            new_status.last_scheduled_backup = b.last_scheduled;
+            new_status.last_backup_request = b.last_request;
+        }
+        self.events
+            .extend(backup_events.into_iter().map(|e| Published {
+                warning: e.type_ == EventType::Warning,
+                reason: e.reason,
+                note: e.note.unwrap_or_default(),
+            }));
         self.events.extend(
             events(&self.cluster, &decision, &new_status)
                 .into_iter()
@@ -968,6 +1143,8 @@ fn spec(replicas: i32, version: &str) -> MetaStoreClusterSpec {
         ]),
         pod_disruption_budget: None,
         maintenance: None,
+        backup: None,
+        bootstrap: None,
         step_timeout_seconds: None,
     }
 }
@@ -1966,5 +2143,231 @@ async fn format_migration_waits_for_a_member_whose_binary_lacks_the_format() -> 
     );
     assert_eq!(formats(&dns).await?, [(2, false); 3]);
     data_intact(&dns).await?;
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Backups and restores.
+
+/// The claim the backups go to, in every cluster of a test.
+const BACKUP_CLAIM: &str = "backups";
+
+/// Reconciles until the backup the request `request` started has finished; returns its record.
+async fn requested_backup(
+    op: &mut Operator,
+    kube: &mut Kube,
+    request: &str,
+) -> anyhow::Result<BackupRecord> {
+    op.edit(|s| {
+        if let Some(b) = s.backup.as_mut() {
+            b.request = Some(request.to_string());
+        }
+    });
+    let start = Instant::now();
+    let mut seen = None;
+    loop {
+        op.reconcile(kube).await?;
+        let status = op.cluster.status.clone().context("status")?;
+        if status.last_backup_request.as_deref() == Some(request) {
+            let newest = status
+                .backups
+                .last()
+                .cloned()
+                .context("a backup recorded")?;
+            if seen.is_none() {
+                assert_eq!(newest.phase, BackupPhase::Running);
+                assert_eq!(newest.trigger, BackupTrigger::Requested);
+                seen = Some(newest.name.clone());
+            }
+            let r = status
+                .backups
+                .iter()
+                .find(|r| Some(&r.name) == seen.as_ref())
+                .cloned()
+                .context("the record stays")?;
+            match r.phase {
+                BackupPhase::Succeeded => return Ok(r),
+                BackupPhase::Failed => bail!("backup failed: {:?}{}", r.message, kube.logs()),
+                BackupPhase::Running => {}
+            }
+        }
+        ensure!(
+            start.elapsed() < CONVERGE,
+            "backup {request} not done after {CONVERGE:?}{}",
+            kube.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// A new cluster `name` of `replicas` restored from `backup` by the operator, with its DNS.
+async fn restored_cluster(
+    bin: PathBuf,
+    name: &str,
+    replicas: i32,
+    store: &Path,
+    backup: &str,
+) -> anyhow::Result<(Kube, Operator, Arc<Dns>)> {
+    let mut spec = dev_spec(replicas);
+    spec.bootstrap = Some(BootstrapSpec {
+        restore: Some(RestoreSpec {
+            claim_name: BACKUP_CLAIM.into(),
+            backup: backup.into(),
+        }),
+    });
+    let mut cluster = MetaStoreCluster::new(name, spec);
+    cluster.metadata.namespace = Some(NAMESPACE.into());
+    cluster.metadata.uid = Some("6a2c1f1e-0000-4000-8000-000000000002".into());
+    cluster.metadata.generation = Some(1);
+    let dns = Arc::new(Dns::new(ClusterNames::new(name, NAMESPACE, false, false))?);
+    let mut kube = Kube::new(bin, dns.clone())?;
+    kube.claims.insert(BACKUP_CLAIM.into(), store.to_path_buf());
+    let mut op = Operator::new(cluster, dns.clone());
+    let taken = op
+        .converge(&mut kube, &format!("restore into {name}"))
+        .await?;
+    assert_eq!(actions(&taken), [Action::Bootstrap { replicas }]);
+    let restored = op
+        .cluster
+        .status
+        .as_ref()
+        .and_then(|s| s.restored_from.clone())
+        .context("status.restoredFrom")?;
+    assert_eq!(
+        (restored.backup.as_str(), restored.claim_name.as_str()),
+        (backup, BACKUP_CLAIM)
+    );
+    let restored_events = op.events.iter().filter(|e| e.reason == "Restored").count();
+    assert_eq!(restored_events, 1, "one Restored Event");
+    Ok((kube, op, dns))
+}
+
+async fn cluster_id(url: &str) -> anyhow::Result<u64> {
+    let mut c = ClusterClient::connect(url.to_string()).await?;
+    let r = c
+        .member_list(MemberListRequest::default())
+        .await?
+        .into_inner();
+    Ok(r.header.map_or(0, |h| h.cluster_id))
+}
+
+async fn hash_at(url: &str, revision: i64) -> anyhow::Result<u32> {
+    let mut m = MaintenanceClient::connect(url.to_string()).await?;
+    Ok(m.hash_kv(HashKvRequest { revision })
+        .await?
+        .into_inner()
+        .hash)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backups_under_load_restore_into_new_clusters_of_three_and_one() -> anyhow::Result<()> {
+    let Some(bin) = binaries_with_ctl_or_skip() else {
+        return Ok(());
+    };
+    let store = tempfile::tempdir()?;
+    let mut spec = dev_spec(3);
+    spec.backup = Some(BackupSpec {
+        claim_name: BACKUP_CLAIM.into(),
+        schedule: None,
+        keep: 2,
+        request: None,
+    });
+    let (mut kube, mut op) = bootstrap_with(bin.clone(), spec, |k| {
+        k.claims
+            .insert(BACKUP_CLAIM.into(), store.path().to_path_buf());
+    })
+    .await?;
+    let dns = op.api.dns.clone();
+    let before = write_data(&dns).await?;
+
+    // A backup taken while a client writes.
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writer = tokio::spawn({
+        let url = dns.client_url(1);
+        let stop = stop.clone();
+        async move {
+            let mut n = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                put(&url, &format!("load/{n:06}"), "x").await?;
+                n += 1;
+            }
+            anyhow::Ok(n)
+        }
+    });
+    let record = requested_backup(&mut op, &mut kube, "first").await?;
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let written = writer.await??;
+    assert!(written > 0, "the writer ran during the backup");
+    let name = record.name.clone();
+    for file in [
+        format!("{name}.snapshot"),
+        format!("{name}.snapshot.sha256"),
+        format!("{name}.manifest.json"),
+    ] {
+        ensure!(store.path().join(&file).is_file(), "{file} missing");
+    }
+    let revision = record.revision.context("the record has the revision")?;
+    assert!(revision > before, "{revision} > {before}");
+    assert!(record.size_bytes.unwrap_or_default() > 0);
+    assert_eq!(record.sha256.as_ref().map(String::len), Some(64));
+    let leader = op.cluster.status.as_ref().and_then(|s| s.leader.clone());
+    assert_ne!(record.member, leader, "taken from a follower");
+    let reasons: Vec<&str> = op.events.iter().map(|e| e.reason.as_str()).collect();
+    assert!(reasons.contains(&"BackupStarted") && reasons.contains(&"BackupSucceeded"));
+    let source_hashes = hashes(&dns, revision).await?;
+    assert!(
+        source_hashes.windows(2).all(|w| w[0] == w[1]),
+        "{source_hashes:?}"
+    );
+    let source_id = cluster_id(&dns.client_url(0)).await?;
+
+    // Retention: two more backups, `keep: 2` leaves the newest two in the volume.
+    let second = requested_backup(&mut op, &mut kube, "second").await?;
+    tokio::time::sleep(Duration::from_millis(1100)).await; // one backup name per second
+    let third = requested_backup(&mut op, &mut kube, "third").await?;
+    ensure!(
+        !store.path().join(format!("{name}.snapshot")).exists(),
+        "the oldest was removed"
+    );
+    for r in [&second, &third] {
+        ensure!(store.path().join(format!("{}.snapshot", r.name)).is_file());
+    }
+    assert_eq!(op.cluster.status.as_ref().map(|s| s.backups.len()), Some(3));
+
+    // Restored into a new cluster of three: the backup's data and revision, a new cluster id.
+    let (_k3, _op3, dns3) =
+        restored_cluster(bin.clone(), "three", 3, store.path(), &second.name).await?;
+    let second_rev = second.revision.context("revision")?;
+    let restored = hashes(&dns3, second_rev).await?;
+    let source = hashes(&dns, second_rev).await?;
+    assert_eq!(restored, source, "HashKV at the backup revision");
+    assert_ne!(cluster_id(&dns3.client_url(0)).await?, source_id);
+    let next = put(&dns3.client_url(2), "after-restore", "1").await?;
+    assert_eq!(next, second_rev + 1, "revisions go on from the backup's");
+
+    // And into a cluster of one.
+    let (_k1, _op1, dns1) =
+        restored_cluster(bin.clone(), "one", 1, store.path(), &third.name).await?;
+    let third_rev = third.revision.context("revision")?;
+    assert_eq!(
+        hash_at(&dns1.client_url(0), third_rev).await?,
+        hash_at(&dns.client_url(0), third_rev).await?
+    );
+
+    // A damaged backup (its recorded checksum kept) is refused before a member starts.
+    let bad = "damaged";
+    let mut bytes = std::fs::read(store.path().join(format!("{}.snapshot", third.name)))?;
+    bytes[200] ^= 0x40;
+    std::fs::write(store.path().join(format!("{bad}.snapshot")), &bytes)?;
+    std::fs::copy(
+        store.path().join(format!("{}.snapshot.sha256", third.name)),
+        store.path().join(format!("{bad}.snapshot.sha256")),
+    )?;
+    let err = restored_cluster(bin, "broken", 1, store.path(), bad)
+        .await
+        .err()
+        .context("a damaged backup must not restore")?;
+    let message = format!("{err:#}");
+    assert!(message.contains("does not match"), "{message}");
     Ok(())
 }
