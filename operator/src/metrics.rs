@@ -8,6 +8,8 @@
 //! | `metastore_operator_actions_total` | counter | `action` (the Event reason of the action) |
 //! | `metastore_operator_workflow_steps_total` | counter | `workflow` (`Upgrade`, `ScaleUp`, ...), `action` |
 //!
+//! | `metastore_operator_defragment_duration_seconds` | histogram | `namespace`, `cluster` (one member's Defragment call) |
+//! | `metastore_operator_last_defragment_duration_seconds` | gauge | `namespace`, `cluster`, `member` |
 //! | `metastore_operator_backups_total` | counter | `namespace`, `cluster`, `result` (`Succeeded`, `Failed`) |
 //! | `metastore_operator_backup_size_bytes` | gauge | `namespace`, `cluster` (the last successful backup) |
 //! | `metastore_operator_backup_duration_seconds` | gauge | `namespace`, `cluster` (the last successful backup) |
@@ -25,8 +27,8 @@ use axum::response::IntoResponse;
 use axum::routing::get;
 use axum::Router;
 use prometheus::{
-    Encoder, GaugeVec, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGaugeVec, Opts,
-    Registry, TextEncoder,
+    Encoder, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec,
+    IntGaugeVec, Opts, Registry, TextEncoder,
 };
 use tokio::net::TcpListener;
 
@@ -43,6 +45,8 @@ pub struct Metrics {
     backup_size: IntGaugeVec,
     backup_duration: GaugeVec,
     backup_revision: IntGaugeVec,
+    defragment: HistogramVec,
+    last_defragment: GaugeVec,
 }
 
 impl Metrics {
@@ -111,6 +115,23 @@ impl Metrics {
             ),
             &["namespace", "cluster"],
         )?;
+        let defragment = HistogramVec::new(
+            HistogramOpts::new(
+                "metastore_operator_defragment_duration_seconds",
+                "Duration of one member's defragmentation.",
+            )
+            .buckets(vec![0.1, 0.5, 1.0, 5.0, 15.0, 60.0, 300.0, 1200.0]),
+            &["namespace", "cluster"],
+        )?;
+        let last_defragment = GaugeVec::new(
+            Opts::new(
+                "metastore_operator_last_defragment_duration_seconds",
+                "Duration of a member's last defragmentation.",
+            ),
+            &["namespace", "cluster", "member"],
+        )?;
+        registry.register(Box::new(defragment.clone()))?;
+        registry.register(Box::new(last_defragment.clone()))?;
         registry.register(Box::new(backups.clone()))?;
         registry.register(Box::new(backup_size.clone()))?;
         registry.register(Box::new(backup_duration.clone()))?;
@@ -131,7 +152,20 @@ impl Metrics {
             backup_size,
             backup_duration,
             backup_revision,
+            defragment,
+            last_defragment,
         })
+    }
+
+    /// Records one member's defragmentation, which took `elapsed`.
+    pub fn defragmented(&self, namespace: &str, cluster: &str, member: &str, elapsed: Duration) {
+        let secs = elapsed.as_secs_f64();
+        self.defragment
+            .with_label_values(&[namespace, cluster])
+            .observe(secs);
+        self.last_defragment
+            .with_label_values(&[namespace, cluster, member])
+            .set(secs);
     }
 
     /// Records a finished backup of `namespace/cluster`.
@@ -306,6 +340,19 @@ mod tests {
             r#"metastore_operator_backup_size_bytes{cluster="demo",namespace="db"} 1048576"#,
             r#"metastore_operator_backup_duration_seconds{cluster="demo",namespace="db"} 1.5"#,
             r#"metastore_operator_backup_revision{cluster="demo",namespace="db"} 4242"#,
+        ] {
+            assert!(text.contains(line), "{line} in {text}");
+        }
+    }
+
+    #[test]
+    fn defragmentations_are_timed_per_member() {
+        let m = Metrics::new().expect("metrics register");
+        m.defragmented("db", "demo", "demo-1", Duration::from_millis(1500));
+        let text = m.render();
+        for line in [
+            r#"metastore_operator_defragment_duration_seconds_count{cluster="demo",namespace="db"} 1"#,
+            r#"metastore_operator_last_defragment_duration_seconds{cluster="demo",member="demo-1",namespace="db"} 1.5"#,
         ] {
             assert!(text.contains(line), "{line} in {text}");
         }

@@ -557,6 +557,7 @@ async fn act(
 ) -> Result<()> {
     let names = renderer.names();
     let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), names.namespace());
+    let started = std::time::Instant::now();
     if act_on_members(
         cluster_api,
         names,
@@ -566,6 +567,10 @@ async fn act(
     )
     .await?
     {
+        if let Action::Defragment { member, .. } = &decision.action {
+            ctx.metrics
+                .defragmented(names.namespace(), names.name(), member, started.elapsed());
+        }
         return Ok(());
     }
     match &decision.action {
