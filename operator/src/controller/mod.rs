@@ -60,7 +60,7 @@ use crate::crd::{
 };
 use crate::metrics::Metrics;
 use crate::naming::{version_of_image, ClusterNames, FIELD_MANAGER};
-use crate::plan::backup::{BackupJobView, BackupPlan, Manifest};
+use crate::plan::backup::{BackupJobView, BackupPlan};
 use crate::plan::{
     plan, Action, ClusterView, Decision, JobView, Observed, PodView, StatefulSetView, Version,
 };
@@ -310,9 +310,7 @@ pub async fn apply_cluster(cluster: Arc<MetaStoreCluster>, ctx: Arc<Context>) ->
     // 6. Status and Events.
     let mut new_status = status::build(&cluster, &names, &observed, &decision, &holders);
     if let Some(b) = &backups {
-        new_status.backups = b.records.clone();
-        new_status.last_scheduled_backup = b.last_scheduled.clone();
-        new_status.last_backup_request = b.last_request.clone();
+        b.record_in(&mut new_status);
     }
     let patch = serde_json::json!({
         "apiVersion": "metastore.io/v1alpha1",
@@ -388,21 +386,11 @@ async fn backups(
                 .list(&ListParams::default().labels(&format!("job-name={}", view.name)))
                 .await?
                 .items;
-            let message = pods.iter().rev().find_map(termination_message);
-            if view.succeeded {
-                view.manifest = message
-                    .as_deref()
-                    .and_then(|m| serde_json::from_str::<Manifest>(m.trim()).ok());
-            } else {
-                view.message = message;
-            }
+            view.read_termination_message(pods.iter().rev().find_map(termination_message));
         }
         views.push(view);
     }
-    let ready = observed
-        .cluster
-        .as_ref()
-        .is_some_and(|v| v.leader.is_some() && v.healthy_voter_count() > 0);
+    let ready = crate::plan::backup::cluster_ready(observed.cluster.as_ref());
     let plan = crate::plan::backup::plan(cluster, &views, observed.now, ready);
     if let Some(start) = &plan.start {
         if let Some(job) = renderer.backup_job(&start.name, &decision.image) {
@@ -415,16 +403,11 @@ async fn backups(
 
 /// A backup Job as the planner sees it (the manifest and message are filled in by the caller).
 pub fn backup_job_view(job: &Job) -> BackupJobView {
-    let status = job.status.as_ref();
-    let condition = |t: &str| {
-        status
-            .and_then(|s| s.conditions.as_ref())
-            .is_some_and(|cs| cs.iter().any(|c| c.type_ == t && c.status == "True"))
-    };
+    let (succeeded, failed) = job_outcome(job);
     BackupJobView {
         name: job.name_any(),
-        succeeded: condition("Complete") || status.and_then(|s| s.succeeded).unwrap_or(0) > 0,
-        failed: condition("Failed"),
+        succeeded,
+        failed,
         manifest: None,
         message: None,
     }
@@ -934,17 +917,26 @@ pub fn job_view(job: &Job) -> Option<JobView> {
         .get("metastore.io/target-format")?
         .parse()
         .ok()?;
+    let (succeeded, failed) = job_outcome(job);
+    Some(JobView {
+        target_format,
+        succeeded,
+        failed,
+    })
+}
+
+/// Whether a Job completed, and whether it failed for good (as the Job controller reports).
+fn job_outcome(job: &Job) -> (bool, bool) {
     let status = job.status.as_ref();
     let condition = |t: &str| {
         status
             .and_then(|s| s.conditions.as_ref())
             .is_some_and(|cs| cs.iter().any(|c| c.type_ == t && c.status == "True"))
     };
-    Some(JobView {
-        target_format,
-        succeeded: condition("Complete") || status.and_then(|s| s.succeeded).unwrap_or(0) > 0,
-        failed: condition("Failed"),
-    })
+    (
+        condition("Complete") || status.and_then(|s| s.succeeded).unwrap_or(0) > 0,
+        condition("Failed"),
+    )
 }
 
 /// What holds each pod's data now: the PVC uid, or with the memory engine the pod uid and

@@ -31,6 +31,23 @@ pub struct BackupJobView {
     pub message: Option<String>,
 }
 
+impl BackupJobView {
+    /// Takes what the Job's container left as termination message: the manifest (one line of
+    /// JSON) of a backup that succeeded, the reason of one that failed.
+    pub fn read_termination_message(&mut self, message: Option<String>) {
+        if self.succeeded {
+            self.manifest = message.and_then(|m| serde_json::from_str(m.trim()).ok());
+        } else if self.failed {
+            self.message = message;
+        }
+    }
+}
+
+/// Whether a backup may start: the cluster answers and has a leader with a healthy voter.
+pub fn cluster_ready(view: Option<&crate::plan::ClusterView>) -> bool {
+    view.is_some_and(|v| v.leader.is_some() && v.healthy_voter_count() > 0)
+}
+
 /// The fields of `metastore-ctl backup`'s manifest the status records.
 #[derive(Clone, Debug, Default, PartialEq, serde::Deserialize)]
 pub struct Manifest {
@@ -68,6 +85,16 @@ pub struct BackupPlan {
     pub next_scheduled: Option<Timestamp>,
     /// `spec.backup.schedule` could not be parsed.
     pub schedule_error: Option<String>,
+}
+
+impl BackupPlan {
+    /// Writes the backup fields of `status` (`backups`, `lastScheduledBackup`,
+    /// `lastBackupRequest`) as this plan leaves them.
+    pub fn record_in(&self, status: &mut crate::crd::MetaStoreClusterStatus) {
+        status.backups = self.records.clone();
+        status.last_scheduled_backup = self.last_scheduled.clone();
+        status.last_backup_request = self.last_request.clone();
+    }
 }
 
 /// The next time `schedule` (5-field cron, UTC) fires strictly after `after`.

@@ -957,8 +957,9 @@ impl Operator {
         }
         let holders = kube.holders();
         let pods = kube.pod_views(&self.cluster, view.as_ref(), &holders).await;
-        let migration_job = kube
-            .jobs()?
+        // The Job controller's view, listed once for the migration and the backups.
+        let jobs = kube.jobs()?;
+        let migration_job = jobs
             .iter()
             .filter_map(job_view)
             .max_by_key(|j| j.target_format);
@@ -1001,7 +1002,6 @@ impl Operator {
         // the manifest from a finished one's termination message, the plan, the Job applied.
         let mut backup_events = Vec::new();
         let backups = if self.cluster.spec.backup.is_some() {
-            let jobs = kube.jobs()?;
             let views: Vec<BackupJobView> = jobs
                 .iter()
                 .filter(|j| {
@@ -1014,19 +1014,11 @@ impl Operator {
                 })
                 .map(|j| {
                     let mut v = backup_job_view(j);
-                    let message = kube.termination_message(&v.name);
-                    if v.succeeded {
-                        v.manifest = message.and_then(|m| serde_json::from_str(m.trim()).ok());
-                    } else if v.failed {
-                        v.message = message;
-                    }
+                    v.read_termination_message(kube.termination_message(&v.name));
                     v
                 })
                 .collect();
-            let ready = observed
-                .cluster
-                .as_ref()
-                .is_some_and(|v| v.leader.is_some());
+            let ready = backup::cluster_ready(observed.cluster.as_ref());
             let p = backup::plan(&self.cluster, &views, observed.now, ready);
             if let Some(start) = &p.start {
                 let job = renderer
@@ -1041,10 +1033,8 @@ impl Operator {
         };
         let mut new_status =
             status::build(&self.cluster, &self.names, &observed, &decision, &holders);
-        if let Some(b) = backups {
-            new_status.backups = b.records;
-            new_status.last_scheduled_backup = b.last_scheduled;
-            new_status.last_backup_request = b.last_request;
+        if let Some(b) = &backups {
+            b.record_in(&mut new_status);
         }
         self.events
             .extend(backup_events.into_iter().map(|e| Published {

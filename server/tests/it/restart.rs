@@ -1,22 +1,10 @@
 use etcd_client::GetOptions;
 
-use crate::common::{free_port, Proc};
+use crate::common::{everything, free_port, Kv, Proc};
 
-async fn snapshot(p: &Proc) -> anyhow::Result<Vec<(Vec<u8>, Vec<u8>, i64, i64, i64)>> {
-    let mut c = p.client().await?;
-    let r = c.get("\0", Some(GetOptions::new().with_from_key())).await?;
-    Ok(r.kvs()
-        .iter()
-        .map(|kv| {
-            (
-                kv.key().to_vec(),
-                kv.value().to_vec(),
-                kv.create_revision(),
-                kv.mod_revision(),
-                kv.version(),
-            )
-        })
-        .collect())
+/// Every key, with its revisions, version and lease.
+async fn snapshot(p: &Proc) -> anyhow::Result<Vec<Kv>> {
+    Ok(everything(&mut p.client().await?, 0).await?.1)
 }
 
 async fn write_some(p: &Proc, prefix: &str) -> anyhow::Result<i64> {
