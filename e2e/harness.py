@@ -13,6 +13,7 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import difflib
+import fcntl
 import json
 import os
 import re
@@ -20,6 +21,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import tempfile
 import threading
 import time
 import urllib.error
@@ -83,21 +85,60 @@ def require_binary(path: Optional[str], what: str, hint: str) -> str:
 # Ports
 # --------------------------------------------------------------------------
 
-_handed_out: set[int] = set()
+# Ports come from below the kernel's ephemeral range, through a counter shared by every
+# test process of the machine (the Rust tests' `metastore_testkit::free_port` uses the same
+# file and range): a port from `bind(0)` sits in the ephemeral range, where any outgoing
+# connection may take it before the server that was handed it binds it.
+FIRST_PORT = 15000
+_MARGIN = 100
+_COUNTER = os.path.join(tempfile.gettempdir(), "metastore-test-ports")
+
+
+def _ephemeral_low() -> int:
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 49152
+
+
+def _bindable(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
 
 
 def free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago (not handed out
-    twice by this process)."""
-    for _ in range(100):
+    """A TCP port on 127.0.0.1 that is free now and handed out to no other test
+    process until the range wraps around."""
+    end = _ephemeral_low() - _MARGIN
+    if end <= FIRST_PORT + 1000:
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        if port not in _handed_out:
-            _handed_out.add(port)
-            return port
-    raise RuntimeError("could not find a free loopback port")
+            return s.getsockname()[1]
+    fd = os.open(_COUNTER, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            port = int(os.read(fd, 16).decode().strip())
+        except ValueError:
+            port = FIRST_PORT
+        if not FIRST_PORT <= port < end:
+            port = FIRST_PORT
+        for _ in range(end - FIRST_PORT):
+            candidate = port
+            port = FIRST_PORT if port + 1 >= end else port + 1
+            if _bindable(candidate):
+                os.lseek(fd, 0, os.SEEK_SET)
+                os.ftruncate(fd, 0)
+                os.write(fd, str(port).encode())
+                return candidate
+    finally:
+        os.close(fd)  # releases the lock
+    raise RuntimeError(f"no free loopback port in {FIRST_PORT}..{end}")
 
 
 # --------------------------------------------------------------------------

@@ -175,9 +175,7 @@ struct Etcd {
 
 impl Etcd {
     fn free_port() -> anyhow::Result<u16> {
-        Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-            .local_addr()?
-            .port())
+        Ok(metastore_testkit::free_port()?)
     }
 
     async fn start() -> anyhow::Result<Self> {

@@ -144,13 +144,10 @@ struct Dns {
 
 impl Dns {
     fn new(names: ClusterNames) -> anyhow::Result<Self> {
-        // All listeners held at once, so no port is handed out twice.
-        let listeners = (0..2 * MAX_MEMBERS)
-            .map(|_| std::net::TcpListener::bind("127.0.0.1:0"))
-            .collect::<std::io::Result<Vec<_>>>()?;
-        let ports = listeners
-            .iter()
-            .map(|l| l.local_addr().map(|a| a.port()))
+        // Members start one by one, long after this: the ports must not be ones an outgoing
+        // connection can take meanwhile (see metastore_testkit).
+        let ports = (0..2 * MAX_MEMBERS)
+            .map(|_| metastore_testkit::free_port())
             .collect::<std::io::Result<Vec<_>>>()?;
         Ok(Dns {
             names,

@@ -83,14 +83,9 @@ impl Drop for Member {
 
 /// One member serving `https://127.0.0.1:<port>` with the Secret's files mounted in `tls_dir`.
 fn start(bin: &Path, dir: &Path, tls_dir: &Path) -> anyhow::Result<(Member, String)> {
-    let listeners = (0..3)
-        .map(|_| std::net::TcpListener::bind("127.0.0.1:0"))
+    let ports = (0..3)
+        .map(|_| metastore_testkit::free_port())
         .collect::<std::io::Result<Vec<_>>>()?;
-    let ports = listeners
-        .iter()
-        .map(|l| l.local_addr().map(|a| a.port()))
-        .collect::<std::io::Result<Vec<_>>>()?;
-    drop(listeners);
     let (client, peer, metrics) = (ports[0], ports[1], ports[2]);
     let client_url = format!("https://127.0.0.1:{client}");
     let peer_url = format!("http://127.0.0.1:{peer}");

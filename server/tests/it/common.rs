@@ -73,10 +73,9 @@ pub struct Proc {
     pub addr: SocketAddr,
 }
 
+/// A loopback port for a server started later (see `metastore_testkit::free_port`).
 pub fn free_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
+    Ok(metastore_testkit::free_port()?)
 }
 
 impl Proc {

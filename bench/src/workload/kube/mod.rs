@@ -204,7 +204,16 @@ pub struct Board {
 
 /// What every task of a run shares.
 pub struct Shared {
+    /// Unary requests (writes, lists, Status, Compact) and the compacted-watch probe.
     channels: Arc<[Channel]>,
+    /// The reflectors' watch streams: connections of their own, to the same endpoints in the
+    /// same order as `channels`. A stream's task stops reading its stream while it re-lists;
+    /// on one HTTP/2 connection the unread events would use up the connection's flow-control
+    /// window and stall every response on it, the re-list's included, for good (h2 returns
+    /// connection window only as data is read). kube-apiserver's gRPC client (grpc-go)
+    /// returns it on receipt, so it cannot stall this way; separate connections give the
+    /// tool the same property.
+    watch_channels: Arc<[Channel]>,
     types: Types,
     page_size: i64,
     boards: Vec<Board>,
@@ -460,10 +469,17 @@ pub async fn run(
         return Err(Error::Options("no connection".into()));
     }
     let version = server_version(channels).await?;
+    let watch_channels = runner::connect(common).await?;
+    if watch_channels.len() != channels.len() {
+        return Err(Error::Options(
+            "the watch connections must mirror the request connections".into(),
+        ));
+    }
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let types = Types::new(&args.prefix, args.types);
     let shared = Arc::new(Shared {
         channels: channels.to_vec().into(),
+        watch_channels: watch_channels.into(),
         types: types.clone(),
         page_size: args.page_size,
         boards: (0..args.types).map(|_| Board::default()).collect(),

@@ -162,7 +162,9 @@ pub async fn run_stream(
             violations: Vec::new(),
         },
     };
+    // Lists on a request connection, the stream on a watch connection to the same member.
     let mut conn = Conn::new(shared.channels.clone(), stream_no);
+    let mut wconn = Conn::new(shared.watch_channels.clone(), stream_no);
     let mut stop = shared.stop.clone();
     'streams: while !*stop.borrow() {
         // (Re-)list whoever needs it, then open the stream with every watch queued.
@@ -170,6 +172,7 @@ pub async fn run_stream(
         for i in 0..st.refl.len() {
             if st.refl[i].phase == Phase::List && !st.relist(&mut kv, i).await {
                 conn.rotate();
+                wconn.rotate();
                 tokio::time::sleep(Duration::from_millis(200)).await;
                 continue 'streams;
             }
@@ -188,7 +191,7 @@ pub async fn run_stream(
             "hasleader",
             tonic::metadata::MetadataValue::from_static("true"),
         );
-        let mut stream = match WatchClient::new(conn.channel()).watch(req).await {
+        let mut stream = match WatchClient::new(wconn.channel()).watch(req).await {
             Ok(s) => s.into_inner(),
             Err(e) => {
                 st.out
@@ -196,6 +199,7 @@ pub async fn run_stream(
                     .error(format!("watch stream: {}", status_text(&e)));
                 st.rewatch_all();
                 conn.rotate();
+                wconn.rotate();
                 tokio::time::sleep(Duration::from_millis(200)).await;
                 continue;
             }
@@ -213,6 +217,7 @@ pub async fn run_stream(
                         st.rewatch_all();
                         st.out.stats.stream_restarts += 1;
                         conn.rotate();
+                        wconn.rotate();
                         tokio::time::sleep(Duration::from_millis(100)).await;
                         continue 'streams;
                     }
