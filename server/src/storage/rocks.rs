@@ -89,14 +89,6 @@ impl RocksEngine {
             .cf_handle(table.name())
             .ok_or_else(|| Error::Engine(format!("column family {} missing", table.name())))
     }
-
-    fn property_sum(&self, name: &str) -> u64 {
-        Table::ALL
-            .iter()
-            .filter_map(|t| self.cf(*t).ok())
-            .filter_map(|cf| self.db.property_int_value_cf(cf, name).ok().flatten())
-            .sum()
-    }
 }
 
 impl Drop for RocksEngine {
@@ -212,10 +204,43 @@ impl Engine for RocksEngine {
         disk.1
     }
 
+    /// Each table's bytes (SST files and memtables) times the share of its entries that are
+    /// live: a deletion is taken to hide one older entry, so `2 × deletions` of the table's
+    /// entries (tombstones and what they shadow) are garbage until a compaction drops them.
+    /// Like etcd's `dbSizeInUse`, it falls as soon as an MVCC compaction deletes revisions,
+    /// and `size_bytes()` follows after [`defragment`](Engine::defragment). Range deletions
+    /// (the Raft log's purge) are not counted: their garbage shows as in use.
     fn size_in_use_bytes(&self) -> u64 {
-        (self.property_sum("rocksdb.estimate-live-data-size")
-            + self.property_sum("rocksdb.cur-size-active-mem-table"))
-        .min(self.size_bytes())
+        let in_use: u64 = Table::ALL
+            .iter()
+            .filter_map(|t| self.cf(*t).ok())
+            .map(|cf| {
+                let int = |name: &str| {
+                    self.db
+                        .property_int_value_cf(cf, name)
+                        .ok()
+                        .flatten()
+                        .unwrap_or(0)
+                };
+                let tables = self
+                    .db
+                    .property_value_cf(cf, "rocksdb.aggregated-table-properties")
+                    .ok()
+                    .flatten()
+                    .map(|p| TableCounts::parse(&p))
+                    .unwrap_or_default();
+                let entries = tables.entries
+                    + int("rocksdb.num-entries-active-mem-table")
+                    + int("rocksdb.num-entries-imm-mem-tables");
+                let deletions = tables.deletions
+                    + int("rocksdb.num-deletes-active-mem-table")
+                    + int("rocksdb.num-deletes-imm-mem-tables");
+                let bytes =
+                    int("rocksdb.total-sst-files-size") + int("rocksdb.cur-size-all-mem-tables");
+                live_share(bytes, entries, deletions)
+            })
+            .sum();
+        in_use.min(self.size_bytes())
     }
 
     fn defragment(&self) -> Result<()> {
@@ -230,6 +255,42 @@ impl Engine for RocksEngine {
         }
         Ok(())
     }
+}
+
+/// Entry counts from RocksDB's `aggregated-table-properties` (its SST files together).
+#[derive(Debug, Default, PartialEq, Eq)]
+struct TableCounts {
+    entries: u64,
+    deletions: u64,
+}
+
+impl TableCounts {
+    /// Parses `# entries=N; # deletions=N; ...`; missing fields count as 0.
+    fn parse(props: &str) -> Self {
+        let mut c = Self::default();
+        for field in props.split(';') {
+            let Some((name, value)) = field.split_once('=') else {
+                continue;
+            };
+            let value = value.trim().parse().unwrap_or(0);
+            match name.trim() {
+                "# entries" => c.entries = value,
+                "# deletions" => c.deletions = value,
+                _ => {}
+            }
+        }
+        c
+    }
+}
+
+/// The live part of `bytes` when `deletions` of `entries` are tombstones, each hiding one
+/// older entry.
+fn live_share(bytes: u64, entries: u64, deletions: u64) -> u64 {
+    if entries == 0 {
+        return bytes;
+    }
+    let dead = deletions.saturating_mul(2).min(entries);
+    (bytes as u128 * u128::from(entries - dead) / u128::from(entries)) as u64
 }
 
 struct RocksSnapshot<'a> {
@@ -291,5 +352,28 @@ impl EngineIter for RocksIter<'_> {
             Ok(it) => Ok(it.status()?),
             Err(e) => Err(Error::Engine(e.clone())),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn table_properties_are_parsed_and_deletions_count_twice() {
+        let p = "# data blocks=3; # entries=1000; # deletions=300; # merge operands=0; \
+                 # range deletions=0; raw key size=8000";
+        assert_eq!(
+            TableCounts::parse(p),
+            TableCounts {
+                entries: 1000,
+                deletions: 300
+            }
+        );
+        assert_eq!(TableCounts::parse("garbage"), TableCounts::default());
+        assert_eq!(live_share(1000, 1000, 300), 400);
+        assert_eq!(live_share(1000, 1000, 0), 1000);
+        assert_eq!(live_share(1000, 1000, 900), 0);
+        assert_eq!(live_share(1000, 0, 0), 1000);
     }
 }
