@@ -1,5 +1,7 @@
 //! Test support shared by the workspace's integration tests.
 //!
+//! [`noise`] makes values that compression cannot shrink, for tests about sizes on disk.
+//!
 //! [`free_port`] hands out loopback ports for test servers that are started later, as
 //! separate processes, by name (`--listen-client-urls http://127.0.0.1:<port>`). The usual
 //! trick, bind port 0 and close, hands out a port from the kernel's ephemeral range, where
@@ -88,6 +90,20 @@ fn next_free(file: &mut File, end: u16) -> io::Result<u16> {
     ))
 }
 
+/// `len` pseudo-random bytes (xorshift from `seed`): values LZ4 cannot shrink much, and a
+/// different run of them for every seed.
+pub fn noise(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
 fn kernel_port() -> io::Result<u16> {
     Ok(TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?
         .local_addr()?
@@ -147,5 +163,13 @@ mod tests {
             }
         );
         let _ = std::fs::remove_file(&path);
+    }
+
+    #[test]
+    fn noise_has_its_length_and_differs_by_seed() {
+        assert_eq!(noise(7, 1024).len(), 1024);
+        assert_eq!(noise(7, 64), noise(7, 64));
+        assert_ne!(noise(7, 64), noise(8, 64));
+        assert_ne!(noise(0, 64), vec![0u8; 64]);
     }
 }

@@ -263,26 +263,17 @@ fn memory_engine_size_follows_range_deletes() {
     assert_eq!(e.size_bytes(), 0);
 }
 
-/// 1 KiB that LZ4 cannot shrink much (xorshift from `seed`).
-fn noise(seed: u32) -> Vec<u8> {
-    let mut x = u64::from(seed) * 0x9e37_79b9_7f4a_7c15 + 1;
-    (0..1024)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
-}
-
 #[test]
 fn in_use_falls_with_deletions_and_the_size_follows_after_defragment() {
     for (e, _dir) in engines() {
         let name = e.name();
         let mut b = WriteBatch::new();
         for i in 0..4000u32 {
-            b.put(Table::Kv, i.to_be_bytes().to_vec(), noise(i));
+            b.put(
+                Table::Kv,
+                i.to_be_bytes().to_vec(),
+                metastore_testkit::noise(u64::from(i), 1024),
+            );
         }
         e.write(b, true).expect("write");
         e.defragment().expect("defragment"); // RocksDB: everything in table files

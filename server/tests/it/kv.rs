@@ -325,22 +325,15 @@ async fn in_use_falls_after_a_compaction_and_the_size_after_defragment() -> anyh
     let s = TestServer::start(&["--snapshot-count", "100"]).await?;
     let mut c = s.client().await?;
     // 200 keys of 8 KiB written 5 times over (LZ4-resistant values): 8 MB of history.
-    let mut x: u64 = 0x2545_f491_4f6c_dd1d;
-    let mut noise = || {
-        (0..8192)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                x as u8
-            })
-            .collect::<Vec<u8>>()
-    };
     let mut last = 0;
-    for _ in 0..5 {
-        for k in 0..200 {
+    for round in 0..5u64 {
+        for k in 0..200u64 {
             last = c
-                .put(format!("k{k:03}"), noise(), None)
+                .put(
+                    format!("k{k:03}"),
+                    metastore_testkit::noise(round * 200 + k, 8192),
+                    None,
+                )
                 .await?
                 .header()
                 .map_or(0, |h| h.revision());

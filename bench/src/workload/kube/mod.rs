@@ -173,6 +173,12 @@ impl Conn {
         self.channels[self.at].clone()
     }
 
+    /// The channel at the same position in `channels` (a set that mirrors this one's
+    /// endpoints, such as the watch connections).
+    pub fn channel_in(&self, channels: &[Channel]) -> Channel {
+        channels[self.at].clone()
+    }
+
     pub fn rotate(&mut self) {
         self.at = (self.at + 1) % self.channels.len();
     }

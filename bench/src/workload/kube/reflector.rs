@@ -162,9 +162,8 @@ pub async fn run_stream(
             violations: Vec::new(),
         },
     };
-    // Lists on a request connection, the stream on a watch connection to the same member.
+    // Lists on a request connection, the stream on the watch connection to the same member.
     let mut conn = Conn::new(shared.channels.clone(), stream_no);
-    let mut wconn = Conn::new(shared.watch_channels.clone(), stream_no);
     let mut stop = shared.stop.clone();
     'streams: while !*stop.borrow() {
         // (Re-)list whoever needs it, then open the stream with every watch queued.
@@ -172,7 +171,6 @@ pub async fn run_stream(
         for i in 0..st.refl.len() {
             if st.refl[i].phase == Phase::List && !st.relist(&mut kv, i).await {
                 conn.rotate();
-                wconn.rotate();
                 tokio::time::sleep(Duration::from_millis(200)).await;
                 continue 'streams;
             }
@@ -191,7 +189,10 @@ pub async fn run_stream(
             "hasleader",
             tonic::metadata::MetadataValue::from_static("true"),
         );
-        let mut stream = match WatchClient::new(wconn.channel()).watch(req).await {
+        let mut stream = match WatchClient::new(conn.channel_in(&shared.watch_channels))
+            .watch(req)
+            .await
+        {
             Ok(s) => s.into_inner(),
             Err(e) => {
                 st.out
@@ -199,7 +200,6 @@ pub async fn run_stream(
                     .error(format!("watch stream: {}", status_text(&e)));
                 st.rewatch_all();
                 conn.rotate();
-                wconn.rotate();
                 tokio::time::sleep(Duration::from_millis(200)).await;
                 continue;
             }
@@ -217,7 +217,6 @@ pub async fn run_stream(
                         st.rewatch_all();
                         st.out.stats.stream_restarts += 1;
                         conn.rotate();
-                        wconn.rotate();
                         tokio::time::sleep(Duration::from_millis(100)).await;
                         continue 'streams;
                     }
