@@ -46,7 +46,26 @@ struct Inner {
     engine: Arc<dyn Engine>,
     fsync: bool,
     bounds: Mutex<Bounds>,
-    flusher: Mutex<std::sync::mpsc::Sender<LogFlushed<TypeConfig>>>,
+    /// `None` once dropping: closing the channel is what stops the flusher.
+    flusher: Mutex<Option<std::sync::mpsc::Sender<LogFlushed<TypeConfig>>>>,
+    flusher_thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+}
+
+impl Drop for Inner {
+    /// Stops the flusher and waits for it, so that its reference to the engine is gone when the
+    /// log store is: whoever drops the last engine handle afterwards closes the database on its
+    /// own thread, not a detached one racing process exit or the removal of the data directory.
+    fn drop(&mut self) {
+        if let Ok(mut tx) = self.flusher.lock() {
+            tx.take();
+        }
+        let thread = self.flusher_thread.lock().ok().and_then(|mut t| t.take());
+        if let Some(thread) = thread {
+            if thread.join().is_err() {
+                tracing::error!("raft log flusher thread panicked");
+            }
+        }
+    }
 }
 
 /// The log store; clones share it (openraft uses one as the reader).
@@ -80,7 +99,7 @@ impl LogStore {
         }
         let (tx, rx) = std::sync::mpsc::channel::<LogFlushed<TypeConfig>>();
         let flush_engine = engine.clone();
-        std::thread::Builder::new()
+        let thread = std::thread::Builder::new()
             .name("raft-log-flush".into())
             .spawn(move || flusher(flush_engine, fsync, rx))
             .map_err(write_err)?;
@@ -92,7 +111,8 @@ impl LogStore {
                     last_purged,
                     last_log,
                 }),
-                flusher: Mutex::new(tx),
+                flusher: Mutex::new(Some(tx)),
+                flusher_thread: Mutex::new(Some(thread)),
             }),
         })
     }
@@ -292,6 +312,8 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             .flusher
             .lock()
             .map_err(|_| write_err("flusher lock poisoned"))?
+            .as_ref()
+            .ok_or_else(|| write_err("log flusher stopped"))?
             .send(callback)
             .map_err(|_| write_err("log flusher stopped"))
     }
