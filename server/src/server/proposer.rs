@@ -6,12 +6,12 @@
 //! next one. One entry costs one log fsync on each member, whatever the number of commands
 //! in it.
 //!
-//! Up to `IN_FLIGHT` (8) entries in flight. One at a time measured much faster
-//! (docs/PERFORMANCE.md, 2026-12-02: with 8, three apply rounds in four carried a single
-//! command; 16 clients got 6,500 puts/s against 10,700 with 1), but with one in flight a
-//! 3-member kube-profile run with a leader kill saw a watcher miss one whole apply group's
-//! events (about 160 revisions): larger groups widen a watch-delivery race that is not found
-//! yet. The count stays at 8 until that is fixed.
+//! One entry in flight (`IN_FLIGHT`): while it is being committed and applied, the next one
+//! collects everything that arrived meanwhile. With eight in flight, three apply rounds in four
+//! carried a single command and 16 clients got 6,500 puts/s against 10,700 with one
+//! (docs/PERFORMANCE.md, 2026-12-02). The larger groups first exposed a watch-hub bug (a
+//! replay round that also cancelled a compacted watcher marked a lagging one caught up,
+//! skipping a whole group's events), fixed in `watch/hub.rs` with a regression test.
 
 use std::sync::Arc;
 
@@ -29,7 +29,7 @@ use crate::storage::disk_guard::DiskGuard;
 /// Most commands in one entry.
 pub const MAX_GROUP: usize = 1024;
 /// Entries proposed and not yet applied, at most (see the module doc).
-const IN_FLIGHT: usize = 8;
+const IN_FLIGHT: usize = 1;
 const QUEUE: usize = 8192;
 
 /// Metrics hooks the apply step reports to.

@@ -17,6 +17,8 @@ pub type WatchId = i64;
 const REPLAY_BATCH: usize = 1000;
 /// How often the syncer looks for work when nothing wakes it.
 const SYNC_TICK: Duration = Duration::from_millis(100);
+/// How long the syncer waits when every watcher it could replay to has a full buffer.
+const FULL_BACKOFF: Duration = Duration::from_millis(5);
 
 /// What a watcher asks for.
 #[derive(Debug, Clone)]
@@ -445,9 +447,21 @@ impl Inner {
                     }
                 }
             }
-            if let Err(e) = self.sync_round() {
-                tracing::warn!(error = %e, "watch history replay failed; retrying");
-                std::thread::sleep(SYNC_TICK);
+            match self.sync_round() {
+                Ok(true) => {}
+                // Every unsynced watcher's client is slow to read: rather than read the same
+                // history again at once, give them a moment (another watcher falling behind wakes
+                // us sooner).
+                Ok(false) => {
+                    let st = self.lock();
+                    if !st.closed {
+                        let _ = self.wake.wait_timeout(st, FULL_BACKOFF);
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "watch history replay failed; retrying");
+                    std::thread::sleep(SYNC_TICK);
+                }
             }
             if last_progress.elapsed() >= self.progress_interval.min(SYNC_TICK * 10) {
                 self.progress_notify();
@@ -457,47 +471,63 @@ impl Inner {
     }
 
     /// One replay round: read the history the unsynced watchers need once, hand each its part.
-    fn sync_round(&self) -> mvcc::Result<()> {
-        let (target, from, want_prev) = {
+    /// Returns whether it handed anything over (or had nothing to do); `false` means every
+    /// unsynced watcher's buffer was full, and the caller should give the clients time.
+    fn sync_round(&self) -> mvcc::Result<bool> {
+        // Watchers whose next revision is compacted away are canceled; the others are
+        // replayed from the oldest next revision among them. Reading from below the
+        // compaction would fail, and must not be taken for "nothing to replay".
+        let compact = self.store.compact_revision();
+        let (target, from, want_prev, any) = {
             let st = self.lock();
             let mut from = i64::MAX;
             let mut want_prev = false;
+            let mut any = false;
             for w in st.streams.values().flat_map(|s| s.watchers.values()) {
                 if !w.synced && !w.pending {
-                    from = from.min(w.next_rev);
-                    want_prev |= w.spec.prev_kv;
+                    any = true;
+                    if w.next_rev >= compact {
+                        from = from.min(w.next_rev);
+                        want_prev |= w.spec.prev_kv;
+                    }
                 }
             }
-            (st.notified_rev, from, want_prev)
+            (st.notified_rev, from, want_prev, any)
         };
-        if from == i64::MAX {
+        if !any {
             self.answer_pending_progress(&mut self.lock());
-            return Ok(());
+            return Ok(true);
         }
-        let compact = self.store.compact_revision();
-        let mut events = Vec::new();
-        if from <= target && from >= compact {
+        // `(events, upto)`: every event of revisions `from..=upto`, or `None` when this round
+        // replays nothing (a compaction raced the read; the next round sees it).
+        let replay = if from > target {
+            // Nothing published yet that these watchers want: they are caught up.
+            Some((Vec::new(), target))
+        } else {
             match self.store.history(from, target, REPLAY_BATCH) {
-                Ok(e) => events = e,
-                Err(mvcc::Error::Compacted) => {}
+                Ok(mut events) => {
+                    if want_prev {
+                        for e in &mut events {
+                            self.fill_prev(e);
+                        }
+                    }
+                    // Whole revisions: a cut batch covers up to its last event's revision.
+                    let upto = if events.len() >= REPLAY_BATCH {
+                        events.last().map(event_rev).unwrap_or(target)
+                    } else {
+                        target
+                    };
+                    Some((events, upto))
+                }
+                Err(mvcc::Error::Compacted) => None,
                 Err(e) => return Err(e),
             }
-            if want_prev {
-                for e in &mut events {
-                    self.fill_prev(e);
-                }
-            }
-        }
-        // Everything up to `upto` is covered by `events` (whole revisions).
-        let upto = if events.len() >= REPLAY_BATCH {
-            events.last().map(event_rev).unwrap_or(target)
-        } else {
-            target
         };
         let compact = self.store.compact_revision();
         let mut st = self.lock();
         let notified = st.notified_rev;
         let mut closed = Vec::new();
+        let mut progressed = false;
         for (sid, s) in st.streams.iter_mut() {
             let mut remove = Vec::new();
             for (id, w) in s.watchers.iter_mut() {
@@ -511,16 +541,22 @@ impl Inner {
                         compact_rev: compact,
                         rev: 0,
                     }) {
-                        Ok(()) => remove.push(*id),
+                        Ok(()) => {
+                            remove.push(*id);
+                            progressed = true;
+                        }
                         Err(mpsc::error::TrySendError::Full(_)) => {}
                         Err(mpsc::error::TrySendError::Closed(_)) => closed.push(*sid),
                     }
                     continue;
                 }
+                let Some((events, upto)) = &replay else {
+                    continue;
+                };
                 if w.next_rev < from || w.next_rev > upto + 1 {
                     continue; // not covered by this round's read
                 }
-                let evs = select(&w.spec, &events, w.next_rev);
+                let evs = select(&w.spec, events, w.next_rev);
                 if !evs.is_empty() {
                     match s.tx.try_send(Delivery::Events {
                         watch_id: *id,
@@ -536,6 +572,7 @@ impl Inner {
                         }
                     }
                 }
+                progressed = true;
                 w.next_rev = upto + 1;
                 if w.next_rev > notified {
                     w.synced = true;
@@ -547,9 +584,10 @@ impl Inner {
         }
         for sid in closed {
             st.streams.remove(&sid);
+            progressed = true;
         }
         self.answer_pending_progress(&mut st);
-        Ok(())
+        Ok(progressed || replay.is_none())
     }
 
     /// Answers deferred stream-wide progress requests of streams now fully caught up; one whose

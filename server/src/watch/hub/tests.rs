@@ -46,6 +46,13 @@ fn put(k: &str, v: &str) -> Command {
     })
 }
 
+fn compact(revision: i64) -> Command {
+    Command::Compact(CompactionRequest {
+        revision,
+        physical: false,
+    })
+}
+
 fn spec(key: &str, end: &str) -> WatchSpec {
     WatchSpec {
         range: KeyRange::new(key.as_bytes(), end.as_bytes()),
@@ -182,14 +189,7 @@ async fn compacted_start_is_canceled_with_the_compact_revision() {
     for i in 0..5 {
         write(&store, &hub, vec![put("c", &i.to_string())]);
     }
-    write(
-        &store,
-        &hub,
-        vec![Command::Compact(CompactionRequest {
-            revision: 4,
-            physical: false,
-        })],
-    );
+    write(&store, &hub, vec![compact(4)]);
     let (sid, mut rx) = open(&hub, 8);
     let mut s = spec("c", "");
     s.start_rev = 2;
@@ -432,4 +432,45 @@ fn a_stream_holds_at_most_its_watcher_limit_and_a_cancel_frees_a_slot() {
     assert!(hub.cancel(a, ids[1]).is_some());
     watch(&hub, a, spec("k", ""));
     assert_eq!(hub.watcher_count(), 4);
+}
+
+/// A watcher that fell off the fast path must be replayed its missed revisions even when the
+/// same replay round cancels another watcher whose start was compacted away (the round's read
+/// then starts below the compaction and fails; that must not count as "caught up").
+#[tokio::test]
+async fn a_compacted_watcher_does_not_make_a_lagging_one_skip_revisions() {
+    let (store, hub) = setup();
+    for i in 0..5 {
+        write(&store, &hub, vec![put("c", &i.to_string())]); // 2..=6
+    }
+    write(&store, &hub, vec![compact(4)]);
+    // The lagging watcher: a buffer of one, filled by the first live event, so the second
+    // revision leaves it unsynced (and it stays so while the buffer is full).
+    let (slow_stream, mut slow_rx) = open(&hub, 1);
+    let slow = watch(&hub, slow_stream, spec("k", ""));
+    write(&store, &hub, vec![put("k", "a")]); // 7, delivered live
+    write(&store, &hub, vec![put("k", "b")]); // 8, buffer full: left to the syncer
+    assert_eq!(hub.unsynced_count(), 1);
+    // Now a watcher from a compacted revision joins; the next replay round cancels it.
+    let (old_stream, mut old_rx) = open(&hub, 8);
+    let mut s = spec("c", "");
+    s.start_rev = 2;
+    let old = watch(&hub, old_stream, s);
+    let got = drain(&mut old_rx, Duration::from_millis(400)).await;
+    assert!(
+        matches!(got.as_slice(), [Delivery::Compacted { watch_id, compact_rev: 4, .. }] if *watch_id == old),
+        "{got:?}"
+    );
+    write(&store, &hub, vec![put("k", "c")]); // 9
+
+    // The slow client reads again: it gets 7, then 8 from history, then 9, nothing skipped.
+    let mut revs = Vec::new();
+    let wait = Duration::from_secs(5);
+    while revs.len() < 3 {
+        match tokio::time::timeout(wait, slow_rx.recv()).await {
+            Ok(Some(d)) => revs.extend(flat(&[d]).iter().map(|e| (e.0, e.2))),
+            _ => break,
+        }
+    }
+    assert_eq!(revs, vec![(slow, 7), (slow, 8), (slow, 9)]);
 }
