@@ -32,3 +32,4 @@ pub mod server;
 pub mod storage;
 pub mod tls;
 pub mod watch;
+mod worker;

@@ -38,6 +38,7 @@ use super::rewrite::{rewrite_batch, BatchLimits, RewriteStats, META_MIGRATE_TO};
 use super::{MigrateError, Result};
 use crate::storage::data_dir;
 use crate::storage::{Engine, Table};
+use crate::worker::ChannelWorker;
 
 /// How the re-encoder runs.
 #[derive(Debug, Clone)]
@@ -83,24 +84,12 @@ struct Shared {
 }
 
 /// The background re-encoder of one member (module docs).
+///
+/// Dropping it stops the thread after its current batch and waits for it
+/// (`worker::ChannelWorker`).
 pub struct Reencoder {
     shared: Arc<Shared>,
-    tx: Mutex<Option<mpsc::Sender<()>>>,
-    thread: Mutex<Option<std::thread::JoinHandle<()>>>,
-}
-
-impl Drop for Reencoder {
-    /// Stops the thread (after its current batch) and waits for it, so that the engine it
-    /// holds is released before the process exits.
-    fn drop(&mut self) {
-        if let Ok(mut tx) = self.tx.lock() {
-            tx.take();
-        }
-        let handle = self.thread.lock().ok().and_then(|mut t| t.take());
-        if let Some(h) = handle {
-            let _ = h.join();
-        }
-    }
+    worker: ChannelWorker<()>,
 }
 
 impl Reencoder {
@@ -119,32 +108,20 @@ impl Reencoder {
             visited: AtomicU64::new(0),
             rewritten: AtomicU64::new(0),
         });
-        let (tx, rx) = mpsc::channel::<()>();
-        let worker = shared.clone();
-        let thread = std::thread::Builder::new()
-            .name("reencoder".into())
-            .spawn(move || worker.run(rx))
-            .map_err(|e| {
-                MigrateError::Mvcc(crate::mvcc::Error::Corrupt(format!(
-                    "cannot start the re-encoder: {e}"
-                )))
-            })?;
-        let r = Arc::new(Self {
-            shared,
-            tx: Mutex::new(Some(tx)),
-            thread: Mutex::new(Some(thread)),
-        });
+        let running = shared.clone();
+        let worker = ChannelWorker::spawn("reencoder", move |rx| running.run(rx)).map_err(|e| {
+            MigrateError::Mvcc(crate::mvcc::Error::Corrupt(format!(
+                "cannot start the re-encoder: {e}"
+            )))
+        })?;
+        let r = Arc::new(Self { shared, worker });
         r.kick();
         Ok(r)
     }
 
     /// Looks for a pending migration (after a switch was applied or a snapshot installed).
     pub fn kick(&self) {
-        if let Ok(tx) = self.tx.lock() {
-            if let Some(tx) = tx.as_ref() {
-                let _ = tx.send(());
-            }
-        }
+        self.worker.send(());
     }
 
     /// Called by the apply step right after a switch to `to`, before any record in `to` is

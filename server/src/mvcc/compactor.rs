@@ -17,6 +17,7 @@ use super::key_codec::{kv_key, kv_prefix, rev_key, split_kv_key, split_rev_key};
 use super::store::{is_tombstone, put_meta_i64, META_COMPACT_FINISHED};
 use super::{Error, Result};
 use crate::storage::{Engine, Table, WriteBatch};
+use crate::worker::ChannelWorker;
 
 /// Distinct keys handled per batch.
 const CHUNK_KEYS: usize = 1000;
@@ -38,24 +39,10 @@ impl CompactTicket {
 }
 
 /// The background compaction worker.
+/// Dropping it stops the thread and waits for it (`worker::ChannelWorker`).
 pub struct Compactor {
-    tx: Mutex<Option<mpsc::Sender<i64>>>,
+    worker: ChannelWorker<i64>,
     finished: watch::Receiver<i64>,
-    thread: Mutex<Option<std::thread::JoinHandle<()>>>,
-}
-
-impl Drop for Compactor {
-    /// Stops the worker and waits for it, so that the engine it holds is released (RocksDB
-    /// must be closed before the process exits, and before the directory is reopened).
-    fn drop(&mut self) {
-        if let Ok(mut tx) = self.tx.lock() {
-            tx.take();
-        }
-        let handle = self.thread.lock().ok().and_then(|mut t| t.take());
-        if let Some(h) = handle {
-            let _ = h.join();
-        }
-    }
 }
 
 impl Compactor {
@@ -65,40 +52,32 @@ impl Compactor {
         finished: i64,
         background: Arc<Mutex<()>>,
     ) -> Result<Self> {
-        let (tx, rx) = mpsc::channel::<i64>();
         let (done_tx, done_rx) = watch::channel(finished);
-        let thread = std::thread::Builder::new()
-            .name("compactor".into())
-            .spawn(move || {
-                let mut from = finished;
-                while let Ok(to) = rx.recv() {
-                    if to <= from {
-                        continue;
-                    }
-                    match compact_locked(engine.as_ref(), from, to, &background) {
-                        Ok(removed) => {
-                            tracing::info!(from, to, removed, "compaction finished");
-                            from = to;
-                            done_tx.send_replace(to);
-                        }
-                        Err(e) => tracing::error!(from, to, error = %e, "compaction failed"),
-                    }
+        let worker = ChannelWorker::spawn("compactor", move |rx: mpsc::Receiver<i64>| {
+            let mut from = finished;
+            while let Ok(to) = rx.recv() {
+                if to <= from {
+                    continue;
                 }
-            })
-            .map_err(|e| Error::Corrupt(format!("cannot start compactor: {e}")))?;
+                match compact_locked(engine.as_ref(), from, to, &background) {
+                    Ok(removed) => {
+                        tracing::info!(from, to, removed, "compaction finished");
+                        from = to;
+                        done_tx.send_replace(to);
+                    }
+                    Err(e) => tracing::error!(from, to, error = %e, "compaction failed"),
+                }
+            }
+        })
+        .map_err(|e| Error::Corrupt(format!("cannot start compactor: {e}")))?;
         Ok(Self {
-            tx: Mutex::new(Some(tx)),
+            worker,
             finished: done_rx,
-            thread: Mutex::new(Some(thread)),
         })
     }
 
     pub(crate) fn schedule(&self, t: CompactTicket) {
-        if let Ok(tx) = self.tx.lock() {
-            if let Some(tx) = tx.as_ref() {
-                let _ = tx.send(t.rev);
-            }
-        }
+        self.worker.send(t.rev);
     }
 
     /// The revision up to which history is physically removed.

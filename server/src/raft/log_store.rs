@@ -19,6 +19,7 @@ use prost::Message;
 use super::codec;
 use super::{Entry, LogId, StorageError, TypeConfig, Vote};
 use crate::storage::{Engine, Table, WriteBatch};
+use crate::worker::ChannelWorker;
 
 const KEY_VOTE: &[u8] = b"vote";
 const KEY_PURGED: &[u8] = b"purged";
@@ -46,26 +47,9 @@ struct Inner {
     engine: Arc<dyn Engine>,
     fsync: bool,
     bounds: Mutex<Bounds>,
-    /// `None` once dropping: closing the channel is what stops the flusher.
-    flusher: Mutex<Option<std::sync::mpsc::Sender<LogFlushed<TypeConfig>>>>,
-    flusher_thread: Mutex<Option<std::thread::JoinHandle<()>>>,
-}
-
-impl Drop for Inner {
-    /// Stops the flusher and waits for it, so that its reference to the engine is gone when the
-    /// log store is: whoever drops the last engine handle afterwards closes the database on its
-    /// own thread, not a detached one racing process exit or the removal of the data directory.
-    fn drop(&mut self) {
-        if let Ok(mut tx) = self.flusher.lock() {
-            tx.take();
-        }
-        let thread = self.flusher_thread.lock().ok().and_then(|mut t| t.take());
-        if let Some(thread) = thread {
-            if thread.join().is_err() {
-                tracing::error!("raft log flusher thread panicked");
-            }
-        }
-    }
+    /// Stopped and joined when the last handle drops, so that its engine handle is gone with
+    /// the log store's ([`ChannelWorker`]).
+    flusher: ChannelWorker<LogFlushed<TypeConfig>>,
 }
 
 /// The log store; clones share it (openraft uses one as the reader).
@@ -97,12 +81,10 @@ impl LogStore {
         if last_log.is_none() {
             last_log = last_purged;
         }
-        let (tx, rx) = std::sync::mpsc::channel::<LogFlushed<TypeConfig>>();
         let flush_engine = engine.clone();
-        let thread = std::thread::Builder::new()
-            .name("raft-log-flush".into())
-            .spawn(move || flusher(flush_engine, fsync, rx))
-            .map_err(write_err)?;
+        let worker =
+            ChannelWorker::spawn("raft-log-flush", move |rx| flusher(flush_engine, fsync, rx))
+                .map_err(write_err)?;
         Ok(Self {
             inner: Arc::new(Inner {
                 engine,
@@ -111,8 +93,7 @@ impl LogStore {
                     last_purged,
                     last_log,
                 }),
-                flusher: Mutex::new(Some(tx)),
-                flusher_thread: Mutex::new(Some(thread)),
+                flusher: worker,
             }),
         })
     }
@@ -308,14 +289,11 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         if let Some(last) = last {
             self.set_bounds(|bounds| bounds.last_log = Some(last))?;
         }
-        self.inner
-            .flusher
-            .lock()
-            .map_err(|_| write_err("flusher lock poisoned"))?
-            .as_ref()
-            .ok_or_else(|| write_err("log flusher stopped"))?
-            .send(callback)
-            .map_err(|_| write_err("log flusher stopped"))
+        if self.inner.flusher.send(callback) {
+            Ok(())
+        } else {
+            Err(write_err("log flusher stopped"))
+        }
     }
 
     async fn truncate(&mut self, log_id: LogId) -> Result<(), StorageError> {

@@ -1,0 +1,86 @@
+//! [`ChannelWorker`]: a background thread fed through a channel, stopped and joined on drop.
+
+use std::sync::mpsc;
+use std::thread::JoinHandle;
+
+/// A named thread that receives `T`s. Dropping it closes the channel (the thread's `recv`
+/// fails and it returns after its current item) and waits for the thread, so that what the
+/// thread holds, an engine handle above all, is released when its owner is: RocksDB must be
+/// closed before the process exits and before its directory is removed or reopened.
+pub(crate) struct ChannelWorker<T> {
+    name: String,
+    tx: Option<mpsc::Sender<T>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl<T: Send + 'static> ChannelWorker<T> {
+    /// Starts thread `name` running `run` on the receiving end.
+    pub(crate) fn spawn(
+        name: &str,
+        run: impl FnOnce(mpsc::Receiver<T>) + Send + 'static,
+    ) -> std::io::Result<Self> {
+        let (tx, rx) = mpsc::channel();
+        let thread = std::thread::Builder::new()
+            .name(name.into())
+            .spawn(move || run(rx))?;
+        Ok(Self {
+            name: name.into(),
+            tx: Some(tx),
+            thread: Some(thread),
+        })
+    }
+
+    /// Hands `item` to the thread; `false` when the thread has stopped.
+    pub(crate) fn send(&self, item: T) -> bool {
+        self.tx.as_ref().is_some_and(|tx| tx.send(item).is_ok())
+    }
+}
+
+impl<T> Drop for ChannelWorker<T> {
+    fn drop(&mut self) {
+        self.tx.take();
+        if let Some(thread) = self.thread.take() {
+            if thread.join().is_err() {
+                tracing::error!(thread = %self.name, "background thread panicked");
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+
+    #[test]
+    fn drop_stops_the_thread_and_releases_what_it_held() {
+        let held = Arc::new(());
+        let in_thread = held.clone();
+        let (seen_tx, seen_rx) = mpsc::channel();
+        let w = ChannelWorker::spawn("test-worker", move |rx: mpsc::Receiver<u32>| {
+            let _held = in_thread;
+            while let Ok(n) = rx.recv() {
+                let _ = seen_tx.send(n);
+            }
+        })
+        .expect("spawn");
+        assert!(w.send(7));
+        assert_eq!(seen_rx.recv().expect("item"), 7);
+        drop(w);
+        // Joined: the thread's clone is gone by the time drop returns.
+        assert_eq!(Arc::strong_count(&held), 1);
+    }
+
+    #[test]
+    fn send_reports_a_stopped_thread() {
+        let (stopped_tx, stopped_rx) = mpsc::channel();
+        let w = ChannelWorker::spawn("test-worker", move |rx: mpsc::Receiver<u32>| {
+            drop(rx);
+            let _ = stopped_tx.send(());
+        })
+        .expect("spawn");
+        stopped_rx.recv().expect("the thread dropped its receiver");
+        assert!(!w.send(1));
+    }
+}
