@@ -252,18 +252,14 @@ impl GrpcClusterApi {
             let hash = if m.is_learner {
                 None
             } else {
-                maintenance
-                    .hash_kv(HashKvRequest { revision })
-                    .await
-                    .ok()
-                    .map(|r| r.into_inner().hash)
+                hash_kv(&mut maintenance, revision).await
             };
             if !m.is_learner {
                 hashes.push(hash);
             }
             members.push(view);
         }
-        let hash = hash_check(&hashes);
+        let hash = hash_check(&same_revision(&hashes));
         let leader = leader.filter(|id| members.iter().any(|m| m.id == *id));
         Some(ClusterView {
             members,
@@ -290,6 +286,43 @@ pub fn read_metastore_status(view: &mut MemberView, status: &StatusResponse) {
         .iter()
         .filter_map(|f| i32::try_from(*f).ok())
         .collect();
+}
+
+/// A member's HashKV at `revision` as `(hash revision, hash)`. When `revision` is the
+/// compacted one (nothing was written since a compaction: etcd refuses a hash at the
+/// compacted revision itself), the member's hash at its current revision instead, which
+/// [`same_revision`] compares only with hashes of that same revision.
+async fn hash_kv(
+    maintenance: &mut MaintenanceClient<Channel>,
+    revision: i64,
+) -> Option<(i64, u32)> {
+    let answer = match maintenance.hash_kv(HashKvRequest { revision }).await {
+        Err(status) if status.message().ends_with(COMPACTED) => {
+            maintenance.hash_kv(HashKvRequest { revision: 0 }).await
+        }
+        answer => answer,
+    };
+    let answer = answer.ok()?.into_inner();
+    Some((answer.hash_revision, answer.hash))
+}
+
+/// How etcd's error for a revision at or below the compacted one ends (`etcdserver: mvcc: ...`).
+const COMPACTED: &str = "required revision has been compacted";
+
+/// The hashes of the revision most answers were taken at; the others count as unknown.
+pub fn same_revision(hashes: &[Option<(i64, u32)>]) -> Vec<Option<u32>> {
+    let mut counts = std::collections::BTreeMap::new();
+    for (rev, _) in hashes.iter().flatten() {
+        *counts.entry(*rev).or_insert(0) += 1;
+    }
+    let common = counts
+        .into_iter()
+        .max_by_key(|(rev, n)| (*n, *rev))
+        .map(|(rev, _)| rev);
+    hashes
+        .iter()
+        .map(|h| h.filter(|(rev, _)| Some(*rev) == common).map(|(_, h)| h))
+        .collect()
 }
 
 /// Agreement of the voters' HashKV answers at one revision.
@@ -443,6 +476,30 @@ mod tests {
             },
         );
         assert_eq!(m, blank());
+    }
+
+    #[test]
+    fn hashes_of_other_revisions_are_unknown() {
+        let cases = [
+            (
+                vec![Some((5, 1)), Some((5, 1)), Some((5, 1))],
+                vec![Some(1), Some(1), Some(1)],
+            ),
+            (
+                vec![Some((5, 1)), Some((6, 2)), Some((5, 1))],
+                vec![Some(1), None, Some(1)],
+            ),
+            (vec![Some((5, 1)), None], vec![Some(1), None]),
+            (vec![None, None], vec![None, None]),
+        ];
+        for (hashes, want) in cases {
+            assert_eq!(same_revision(&hashes), want, "{hashes:?}");
+        }
+        // Different revisions never make a disagreement.
+        assert_eq!(
+            hash_check(&same_revision(&[Some((5, 1)), Some((6, 2))])),
+            HashCheck::Unknown
+        );
     }
 
     #[test]

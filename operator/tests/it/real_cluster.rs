@@ -54,8 +54,8 @@ use metastore_operator::controller::{
 };
 use metastore_operator::crd::{
     BackupPhase, BackupRecord, BackupSpec, BackupTrigger, BootstrapSpec, ConditionStatus,
-    ConditionType, MemberRole, MetaStoreCluster, MetaStoreClusterSpec, MetaStoreClusterStatus,
-    Phase, RestoreSpec, StorageSpec, WorkflowKind,
+    ConditionType, DefragmentationSpec, MaintenanceSpec, MemberRole, MetaStoreCluster,
+    MetaStoreClusterSpec, MetaStoreClusterStatus, Phase, RestoreSpec, StorageSpec, WorkflowKind,
 };
 use metastore_operator::naming::{
     image_for_version, version_of_image, ClusterNames, CLIENT_PORT, DATA_DIR, PEER_PORT,
@@ -69,8 +69,8 @@ use metastore_operator::render::statefulset::CONTAINER;
 use metastore_operator::render::{OwnedObjects, Renderer};
 use metastore_proto::etcdserverpb::{
     cluster_client::ClusterClient, kv_client::KvClient, maintenance_client::MaintenanceClient,
-    HashKvRequest, MemberListRequest, MoveLeaderRequest, PutRequest, RangeRequest, StatusRequest,
-    StatusResponse,
+    CompactionRequest, HashKvRequest, MemberListRequest, MoveLeaderRequest, PutRequest,
+    RangeRequest, StatusRequest, StatusResponse,
 };
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
@@ -1198,6 +1198,13 @@ async fn put(url: &str, key: &str, value: &str) -> anyhow::Result<i64> {
 
 /// A serializable read: the member's own copy.
 async fn local_get(url: &str, key: &str) -> anyhow::Result<Option<String>> {
+    Ok(local_value(url, key)
+        .await?
+        .map(|v| String::from_utf8_lossy(&v).into_owned()))
+}
+
+/// `key`'s value on the member at `url` (a serializable read: its own copy).
+async fn local_value(url: &str, key: &str) -> anyhow::Result<Option<Vec<u8>>> {
     let mut kv = KvClient::connect(url.to_string()).await?;
     let request = RangeRequest {
         key: key.as_bytes().to_vec().into(),
@@ -1205,10 +1212,7 @@ async fn local_get(url: &str, key: &str) -> anyhow::Result<Option<String>> {
         ..Default::default()
     };
     let response = kv.range(request).await?.into_inner();
-    Ok(response
-        .kvs
-        .first()
-        .map(|kv| String::from_utf8_lossy(&kv.value).into_owned()))
+    Ok(response.kvs.into_iter().next().map(|kv| kv.value.to_vec()))
 }
 
 /// Members as (name, id, learner), sorted by name.
@@ -2356,5 +2360,176 @@ async fn backups_under_load_restore_into_new_clusters_of_three_and_one() -> anyh
         .context("a damaged backup must not restore")?;
     let message = format!("{err:#}");
     assert!(message.contains("does not match"), "{message}");
+    Ok(())
+}
+
+/// Writes `rounds` values of 8 KiB (values that do not compress: RocksDB compresses its
+/// tables) to each of the keys `big/000`..`big/199`, the value of round `r` of key `i` being
+/// `noise(first_round + r, i)`, then compacts all history away (physically: every member has
+/// dropped it when the call returns). Returns the compacted revision.
+async fn overwrite_and_compact(url: &str, first_round: u64, rounds: u64) -> anyhow::Result<i64> {
+    let mut kv = KvClient::connect(url.to_string()).await?;
+    let mut revision = 0;
+    for round in first_round..first_round + rounds {
+        for i in 0..200u64 {
+            let request = PutRequest {
+                key: format!("big/{i:03}").into_bytes().into(),
+                value: big_value(round, i).into(),
+                ..Default::default()
+            };
+            let header = kv.put(request).await?.into_inner().header;
+            revision = header.context("header")?.revision;
+        }
+    }
+    kv.compact(CompactionRequest {
+        revision,
+        physical: true,
+    })
+    .await?;
+    Ok(revision)
+}
+
+fn big_value(round: u64, i: u64) -> Vec<u8> {
+    metastore_testkit::noise(round * 1000 + i, 8 << 10)
+}
+
+/// Each member's (dbSize, dbSizeInUse) from its own Status.
+async fn db_sizes(dns: &Dns) -> anyhow::Result<Vec<(i64, i64)>> {
+    let mut out = Vec::new();
+    for o in 0..3 {
+        let s = server_status(&dns.client_url(o)).await?;
+        out.push((s.db_size, s.db_size_in_use));
+    }
+    Ok(out)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn defragmentation_reclaims_space_member_by_member_followers_first_the_leader_last(
+) -> anyhow::Result<()> {
+    let Some(bin) = binary_or_skip() else {
+        return Ok(());
+    };
+    let (mut kube, mut op) = bootstrap(bin, 3).await?;
+    let dns = op.api.dns.clone();
+
+    // Garbage: 200 keys of 8 KiB written four times, then history compacted away.
+    overwrite_and_compact(&dns.client_url(0), 0, 4).await?;
+    // HashKV refuses the compacted revision itself: agreement is checked one write later.
+    let marker = put(&dns.client_url(0), "marker", "compacted").await?;
+    converged(&dns, &[0, 1, 2], "marker", "compacted", marker).await?;
+    // The member with the middle name leads, so "leader last" is not "last by name".
+    make_leader(&dns, 1).await?;
+    let spec = DefragmentationSpec {
+        free_percent_threshold: 10,
+        min_db_size_bytes: 1 << 20,
+    };
+    let due = |(size, in_use): (i64, i64)| {
+        size >= spec.min_db_size_bytes
+            && (size - in_use) * 100 >= i64::from(spec.free_percent_threshold) * size
+    };
+    // Status's dbSize is measured at most every 250 ms.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let before = loop {
+        let sizes = db_sizes(&dns).await?;
+        if sizes.iter().all(|s| due(*s)) {
+            break sizes;
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "the members are not due before the test starts: (dbSize, in use) {sizes:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+
+    // Nothing is done while the spec does not ask for it.
+    let idle = op.converge(&mut kube, "no maintenance").await?;
+    assert!(idle.is_empty(), "{idle:#?}");
+
+    op.edit(|s| {
+        s.maintenance = Some(MaintenanceSpec {
+            compaction: None,
+            defragmentation: Some(spec.clone()),
+        })
+    });
+    let taken = op.converge(&mut kube, "defragment").await?;
+    let defragmented: Vec<(&str, Option<&str>)> = taken
+        .iter()
+        .filter_map(|t| match &t.action {
+            Action::Defragment { member, .. } => Some((member.as_str(), t.leader.as_deref())),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        defragmented,
+        [
+            ("demo-0", Some("demo-1")),
+            ("demo-2", Some("demo-1")),
+            ("demo-1", Some("demo-1")),
+        ],
+        "one call per member, followers first, the leader last: {taken:#?}"
+    );
+    assert_eq!(taken.len(), 3, "nothing but the three calls: {taken:#?}");
+
+    let after = db_sizes(&dns).await?;
+    for (o, ((size, _), &(now, in_use))) in before.iter().zip(&after).enumerate() {
+        // 600 overwritten values of 8 KiB (4.7 MiB) were garbage; the Raft log keeps its copy
+        // of every value (it is not purged at this size), so that is what can be given back.
+        assert!(
+            size - now >= 4 << 20,
+            "member {o}: dbSize {size} -> {now}, less than 4 MiB reclaimed"
+        );
+        assert!(
+            !due((now, in_use)),
+            "member {o} is still due after its defragmentation: dbSize {now}, in use {in_use}"
+        );
+    }
+    // The data is intact and the members agree on it.
+    let agreed = hashes(&dns, marker).await?;
+    assert!(agreed.iter().all(|h| *h == agreed[0]), "HashKV {agreed:?}");
+    for o in 0..3 {
+        for i in [0u64, 117, 199] {
+            assert!(
+                local_value(&dns.client_url(o), &format!("big/{i:03}")).await?
+                    == Some(big_value(3, i)),
+                "big/{i:03} on member {o}"
+            );
+        }
+    }
+    let reasons: Vec<&str> = op
+        .events
+        .iter()
+        .filter(|e| e.reason == "Defragment")
+        .map(|e| e.note.as_str())
+        .collect();
+    assert_eq!(reasons.len(), 3, "one Event per member: {:#?}", op.events);
+
+    // A member that is due again while another is down waits for the health gate.
+    overwrite_and_compact(&dns.client_url(0), 4, 1).await?;
+    kube.lose_node(2);
+    let waited = op
+        .until(&mut kube, "a member down", |d| {
+            matches!(d.action, Action::WaitFor(_))
+        })
+        .await?;
+    assert!(
+        !waited
+            .iter()
+            .any(|t| matches!(t.action, Action::Defragment { .. })),
+        "no defragmentation while a member is down: {waited:#?}"
+    );
+    kube.node_back(2)?;
+    let taken = op.converge(&mut kube, "member back").await?;
+    assert!(
+        taken
+            .iter()
+            .all(|t| matches!(t.action, Action::Defragment { .. })),
+        "{taken:#?}"
+    );
+    for (o, (size, in_use)) in db_sizes(&dns).await?.into_iter().enumerate() {
+        assert!(
+            !due((size, in_use)),
+            "member {o} is due once the workflow is done: dbSize {size}, in use {in_use}"
+        );
+    }
     Ok(())
 }

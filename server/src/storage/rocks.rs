@@ -5,8 +5,8 @@ use std::sync::{Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use rocksdb::{
-    BlockBasedOptions, Cache, ColumnFamily, ColumnFamilyDescriptor, DBCompressionType,
-    DBRawIteratorWithThreadMode, Options, WriteOptions, DB,
+    BlockBasedOptions, BottommostLevelCompaction, Cache, ColumnFamily, ColumnFamilyDescriptor,
+    CompactOptions, DBCompressionType, DBRawIteratorWithThreadMode, Options, WriteOptions, DB,
 };
 
 use super::engine::{Engine, EngineIter, Snapshot, Table, WriteBatch, WriteOp};
@@ -34,8 +34,8 @@ impl Default for RocksOptions {
 pub struct RocksEngine {
     db: DB,
     path: PathBuf,
-    /// `(when, bytes)` of the last on-disk size measurement.
-    disk: Mutex<(Option<Instant>, u64)>,
+    /// The last on-disk size measurement.
+    disk: Mutex<DiskUsage>,
     /// Writes share this lock; a batch with an open-ended [`WriteOp::DeleteRange`] takes it
     /// exclusively. RocksDB's range deletion needs an end key, so the open end is resolved to
     /// the table's last key at write time, and no other write may add a key beyond it
@@ -75,7 +75,7 @@ impl RocksEngine {
         Ok(Self {
             db,
             path: path.to_path_buf(),
-            disk: Mutex::new((None, 0)),
+            disk: Mutex::new(DiskUsage::default()),
             writes: RwLock::new(()),
         })
     }
@@ -187,30 +187,19 @@ impl Engine for RocksEngine {
     /// The database directory's size on disk (tables, write-ahead log, manifest), like etcd's
     /// bolt file size; measured at most every 250 ms.
     fn size_bytes(&self) -> u64 {
-        let Ok(mut disk) = self.disk.lock() else {
-            return 0;
-        };
-        if disk.0.is_none_or(|t| t.elapsed() > SIZE_CACHE) {
-            let bytes = std::fs::read_dir(&self.path)
-                .map(|dir| {
-                    dir.filter_map(|e| e.ok()?.metadata().ok())
-                        .filter(|m| m.is_file())
-                        .map(|m| m.len())
-                        .sum()
-                })
-                .unwrap_or(disk.1);
-            *disk = (Some(Instant::now()), bytes);
-        }
-        disk.1
+        self.disk_usage().total
     }
 
     /// Each table's bytes (SST files and memtables) times the share of its entries that are
     /// live: a deletion is taken to hide one older entry, so `2 × deletions` of the table's
-    /// entries (tombstones and what they shadow) are garbage until a compaction drops them.
-    /// Like etcd's `dbSizeInUse`, it falls as soon as an MVCC compaction deletes revisions,
-    /// and `size_bytes()` follows after [`defragment`](Engine::defragment). Range deletions
-    /// (the Raft log's purge) are not counted: their garbage shows as in use.
+    /// entries (tombstones and what they shadow) are garbage until a compaction drops them;
+    /// plus the files that are neither tables nor write-ahead log (RocksDB's manifest, options
+    /// and info log), which no defragmentation gives back. Like etcd's `dbSizeInUse`, it falls
+    /// as soon as an MVCC compaction deletes revisions, and `size_bytes()` follows after
+    /// [`defragment`](Engine::defragment). Range deletions (the Raft log's purge) are not
+    /// counted: their garbage shows as in use.
     fn size_in_use_bytes(&self) -> u64 {
+        let disk = self.disk_usage();
         let in_use: u64 = Table::ALL
             .iter()
             .filter_map(|t| self.cf(*t).ok())
@@ -240,20 +229,66 @@ impl Engine for RocksEngine {
                 live_share(bytes, entries, deletions)
             })
             .sum();
-        in_use.min(self.size_bytes())
+        in_use.saturating_add(disk.other).min(disk.total)
     }
 
+    /// Flushes each table and rewrites it whole: the bottommost level is compacted too (not
+    /// moved as it is), so tombstones and what they shadow are gone afterwards.
     fn defragment(&self) -> Result<()> {
+        let mut opts = CompactOptions::default();
+        opts.set_bottommost_level_compaction(BottommostLevelCompaction::Force);
         for t in Table::ALL {
             self.db
-                .compact_range_cf(self.cf(t)?, None::<&[u8]>, None::<&[u8]>);
+                .compact_range_cf_opt(self.cf(t)?, None::<&[u8]>, None::<&[u8]>, &opts);
         }
         // Flushed memtables let RocksDB drop the old write-ahead log files.
         self.db.flush_wal(true)?;
         if let Ok(mut disk) = self.disk.lock() {
-            disk.0 = None;
+            disk.measured = None;
         }
         Ok(())
+    }
+}
+
+/// The database directory's files, by kind.
+#[derive(Clone, Copy, Debug, Default)]
+struct DiskUsage {
+    measured: Option<Instant>,
+    /// Every file.
+    total: u64,
+    /// Neither a table (`*.sst`) nor a write-ahead log (`*.log`): the manifest, the options,
+    /// RocksDB's info log (`LOG`, `LOG.old.*`).
+    other: u64,
+}
+
+impl RocksEngine {
+    /// The directory's usage, measured again when the last measurement is older than
+    /// [`SIZE_CACHE`].
+    fn disk_usage(&self) -> DiskUsage {
+        let Ok(mut disk) = self.disk.lock() else {
+            return DiskUsage::default();
+        };
+        if disk.measured.is_none_or(|t| t.elapsed() > SIZE_CACHE) {
+            if let Ok(dir) = std::fs::read_dir(&self.path) {
+                let (mut total, mut other) = (0, 0);
+                for entry in dir.filter_map(|e| e.ok()) {
+                    let Ok(meta) = entry.metadata() else { continue };
+                    if !meta.is_file() {
+                        continue;
+                    }
+                    total += meta.len();
+                    let name = entry.file_name();
+                    let name = name.to_string_lossy();
+                    if !name.ends_with(".sst") && !name.ends_with(".log") {
+                        other += meta.len();
+                    }
+                }
+                disk.total = total;
+                disk.other = other;
+            }
+            disk.measured = Some(Instant::now());
+        }
+        *disk
     }
 }
 
