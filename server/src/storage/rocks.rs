@@ -19,6 +19,10 @@ pub struct RocksOptions {
     pub block_cache_bytes: usize,
     /// Memtable size per column family in bytes.
     pub write_buffer_bytes: usize,
+    /// Memtables of all column families together, in bytes: past it RocksDB flushes the
+    /// largest (its write buffer manager). Bounds the memory a write burst takes, and the
+    /// write-ahead log a restart replays (0: no bound but each family's own).
+    pub total_write_buffer_bytes: usize,
 }
 
 impl Default for RocksOptions {
@@ -26,6 +30,7 @@ impl Default for RocksOptions {
         Self {
             block_cache_bytes: 128 << 20,
             write_buffer_bytes: 64 << 20,
+            total_write_buffer_bytes: 128 << 20,
         }
     }
 }
@@ -70,6 +75,7 @@ impl RocksEngine {
         db_opts.create_missing_column_families(true);
         db_opts.set_max_background_jobs(2);
         db_opts.set_keep_log_file_num(4);
+        db_opts.set_db_write_buffer_size(opts.total_write_buffer_bytes);
         let cfs: Vec<_> = Table::ALL.iter().map(|t| cf_opts(*t)).collect();
         let db = DB::open_cf_descriptors(&db_opts, path, cfs)?;
         Ok(Self {
@@ -410,5 +416,61 @@ mod tests {
         assert_eq!(live_share(1000, 1000, 0), 1000);
         assert_eq!(live_share(1000, 1000, 900), 0);
         assert_eq!(live_share(1000, 0, 0), 1000);
+    }
+
+    /// Bytes held by every column family's memtables.
+    fn memtable_bytes(e: &RocksEngine) -> u64 {
+        Table::ALL
+            .iter()
+            .map(|t| {
+                let cf = e.cf(*t).expect("cf");
+                e.db.property_int_value_cf(cf, "rocksdb.cur-size-all-mem-tables")
+                    .expect("property")
+                    .unwrap_or(0)
+            })
+            .sum()
+    }
+
+    #[test]
+    fn memtables_together_stay_within_the_total_bound() {
+        const MIB: usize = 1 << 20;
+        let write = |e: &RocksEngine| {
+            // 48 MiB over two tables, in 1 MiB batches.
+            for batch in 0..48u32 {
+                let mut b = WriteBatch::new();
+                for i in 0..64u32 {
+                    let table = if i % 2 == 0 {
+                        Table::Kv
+                    } else {
+                        Table::RaftLog
+                    };
+                    let key = (batch * 64 + i).to_be_bytes().to_vec();
+                    b.put(table, key, vec![(i % 251) as u8; 16 << 10]);
+                }
+                e.write(b, false).expect("write");
+            }
+        };
+        let dir = tempfile::tempdir().expect("tempdir");
+        let bounded = RocksOptions {
+            total_write_buffer_bytes: 8 * MIB,
+            ..RocksOptions::default()
+        };
+        let e = RocksEngine::open(dir.path(), &bounded).expect("open");
+        write(&e);
+        // The bound, plus the memtable being filled when a flush was decided and arena slack.
+        let held = memtable_bytes(&e);
+        assert!(held <= 16 * MIB as u64, "{held} bytes in memtables");
+        drop(e);
+
+        // Without the total bound, each family's own 64 MiB lets it all stay in memory.
+        let dir = tempfile::tempdir().expect("tempdir");
+        let per_family_only = RocksOptions {
+            total_write_buffer_bytes: 0,
+            ..RocksOptions::default()
+        };
+        let e = RocksEngine::open(dir.path(), &per_family_only).expect("open");
+        write(&e);
+        let held = memtable_bytes(&e);
+        assert!(held >= 40 * MIB as u64, "{held} bytes in memtables");
     }
 }
