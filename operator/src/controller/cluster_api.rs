@@ -310,7 +310,7 @@ async fn hash_kv(
 const COMPACTED: &str = "required revision has been compacted";
 
 /// The hashes of the revision most answers were taken at; the others count as unknown.
-pub fn same_revision(hashes: &[Option<(i64, u32)>]) -> Vec<Option<u32>> {
+fn same_revision(hashes: &[Option<(i64, u32)>]) -> Vec<Option<u32>> {
     let mut counts = std::collections::BTreeMap::new();
     for (rev, _) in hashes.iter().flatten() {
         *counts.entry(*rev).or_insert(0) += 1;

@@ -2365,8 +2365,9 @@ async fn backups_under_load_restore_into_new_clusters_of_three_and_one() -> anyh
 
 /// Writes `rounds` values of 8 KiB (values that do not compress: RocksDB compresses its
 /// tables) to each of the keys `big/000`..`big/199`, the value of round `r` of key `i` being
-/// `noise(first_round + r, i)`, then compacts all history away (physically: every member has
-/// dropped it when the call returns). Returns the compacted revision.
+/// [`big_value`]`(r, i)` for `r` from `first_round`, then compacts all history away
+/// (physically: every member has dropped it when the call returns). Returns the compacted
+/// revision.
 async fn overwrite_and_compact(url: &str, first_round: u64, rounds: u64) -> anyhow::Result<i64> {
     let mut kv = KvClient::connect(url.to_string()).await?;
     let mut revision = 0;
@@ -2423,6 +2424,8 @@ async fn defragmentation_reclaims_space_member_by_member_followers_first_the_lea
         free_percent_threshold: 10,
         min_db_size_bytes: 1 << 20,
     };
+    // The rule of `plan::maintenance::due`, restated from the spec's documentation as the
+    // test's own oracle over the figures each member reports.
     let due = |(size, in_use): (i64, i64)| {
         size >= spec.min_db_size_bytes
             && (size - in_use) * 100 >= i64::from(spec.free_percent_threshold) * size

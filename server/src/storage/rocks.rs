@@ -95,6 +95,45 @@ impl RocksEngine {
             .cf_handle(table.name())
             .ok_or_else(|| Error::Engine(format!("column family {} missing", table.name())))
     }
+
+    /// A numeric RocksDB property of `cf` (`rocksdb.cur-size-all-mem-tables`, ...); 0 when
+    /// RocksDB does not report it.
+    fn int_property(&self, cf: &ColumnFamily, name: &str) -> u64 {
+        self.db
+            .property_int_value_cf(cf, name)
+            .ok()
+            .flatten()
+            .unwrap_or(0)
+    }
+
+    /// The directory's usage, measured again when the last measurement is older than
+    /// [`SIZE_CACHE`].
+    fn disk_usage(&self) -> DiskUsage {
+        let Ok(mut disk) = self.disk.lock() else {
+            return DiskUsage::default();
+        };
+        if disk.measured.is_none_or(|t| t.elapsed() > SIZE_CACHE) {
+            if let Ok(dir) = std::fs::read_dir(&self.path) {
+                let (mut total, mut other) = (0, 0);
+                for entry in dir.filter_map(|e| e.ok()) {
+                    let Ok(meta) = entry.metadata() else { continue };
+                    if !meta.is_file() {
+                        continue;
+                    }
+                    total += meta.len();
+                    let name = entry.file_name();
+                    let name = name.to_string_lossy();
+                    if !name.ends_with(".sst") && !name.ends_with(".log") {
+                        other += meta.len();
+                    }
+                }
+                disk.total = total;
+                disk.other = other;
+            }
+            disk.measured = Some(Instant::now());
+        }
+        *disk
+    }
 }
 
 impl Drop for RocksEngine {
@@ -210,13 +249,7 @@ impl Engine for RocksEngine {
             .iter()
             .filter_map(|t| self.cf(*t).ok())
             .map(|cf| {
-                let int = |name: &str| {
-                    self.db
-                        .property_int_value_cf(cf, name)
-                        .ok()
-                        .flatten()
-                        .unwrap_or(0)
-                };
+                let int = |name: &str| self.int_property(cf, name);
                 let tables = self
                     .db
                     .property_value_cf(cf, "rocksdb.aggregated-table-properties")
@@ -265,37 +298,6 @@ struct DiskUsage {
     /// Neither a table (`*.sst`) nor a write-ahead log (`*.log`): the manifest, the options,
     /// RocksDB's info log (`LOG`, `LOG.old.*`).
     other: u64,
-}
-
-impl RocksEngine {
-    /// The directory's usage, measured again when the last measurement is older than
-    /// [`SIZE_CACHE`].
-    fn disk_usage(&self) -> DiskUsage {
-        let Ok(mut disk) = self.disk.lock() else {
-            return DiskUsage::default();
-        };
-        if disk.measured.is_none_or(|t| t.elapsed() > SIZE_CACHE) {
-            if let Ok(dir) = std::fs::read_dir(&self.path) {
-                let (mut total, mut other) = (0, 0);
-                for entry in dir.filter_map(|e| e.ok()) {
-                    let Ok(meta) = entry.metadata() else { continue };
-                    if !meta.is_file() {
-                        continue;
-                    }
-                    total += meta.len();
-                    let name = entry.file_name();
-                    let name = name.to_string_lossy();
-                    if !name.ends_with(".sst") && !name.ends_with(".log") {
-                        other += meta.len();
-                    }
-                }
-                disk.total = total;
-                disk.other = other;
-            }
-            disk.measured = Some(Instant::now());
-        }
-        *disk
-    }
 }
 
 /// Entry counts from RocksDB's `aggregated-table-properties` (its SST files together).
@@ -422,12 +424,7 @@ mod tests {
     fn memtable_bytes(e: &RocksEngine) -> u64 {
         Table::ALL
             .iter()
-            .map(|t| {
-                let cf = e.cf(*t).expect("cf");
-                e.db.property_int_value_cf(cf, "rocksdb.cur-size-all-mem-tables")
-                    .expect("property")
-                    .unwrap_or(0)
-            })
+            .map(|t| e.int_property(e.cf(*t).expect("cf"), "rocksdb.cur-size-all-mem-tables"))
             .sum()
     }
 
