@@ -11,6 +11,7 @@ use metastore_proto::mvccpb::KeyValue;
 
 use super::Result;
 use crate::mvcc::{self, KeyRange, PinnedRead, RangeOptions, RangeResult, Store, WriteTxn};
+use crate::storage::codec::KvRef;
 
 /// Something Range can read from: the store at a revision, or a write transaction.
 pub trait ReadView {
@@ -44,7 +45,7 @@ fn filtered(r: &RangeRequest) -> bool {
 }
 
 /// Whether `kv` passes `r`'s revision filters.
-fn keep(r: &RangeRequest, kv: &KeyValue) -> bool {
+fn keep(r: &RangeRequest, kv: &KvRef<'_>) -> bool {
     !(r.max_mod_revision != 0 && kv.mod_revision > r.max_mod_revision
         || r.min_mod_revision != 0 && kv.mod_revision < r.min_mod_revision
         || r.max_create_revision != 0 && kv.create_revision > r.max_create_revision
@@ -88,7 +89,7 @@ pub struct Totals {
 pub fn for_each(
     view: &PinnedRead<'_>,
     r: &RangeRequest,
-    mut emit: impl FnMut(KeyValue) -> Result<bool>,
+    mut emit: impl FnMut(KvRef<'_>) -> Result<bool>,
 ) -> Result<Totals> {
     let limit = if r.limit > 0 {
         r.limit as u64
@@ -109,25 +110,26 @@ pub fn for_each(
             totals.more = true;
             return Ok(true);
         }
-        let mut kv = record.decode()?;
-        if filtered && !keep(r, &kv) {
-            return Ok(true);
-        }
-        if sent == limit {
-            totals.more = true;
-            return Ok(true);
-        }
-        sent += 1;
-        if r.keys_only {
-            kv.value = Bytes::new();
-        }
-        match emit(kv) {
-            Ok(go_on) => Ok(go_on),
-            Err(e) => {
-                failed = Some(e);
-                Ok(false)
+        record.with_ref(|mut kv| {
+            if filtered && !keep(r, &kv) {
+                return true;
             }
-        }
+            if sent == limit {
+                totals.more = true;
+                return true;
+            }
+            sent += 1;
+            if r.keys_only {
+                kv.value = &[];
+            }
+            match emit(kv) {
+                Ok(go_on) => go_on,
+                Err(e) => {
+                    failed = Some(e);
+                    false
+                }
+            }
+        })
     })?;
     match failed {
         Some(e) => Err(e),
@@ -155,7 +157,7 @@ pub fn range(view: &dyn ReadView, r: &RangeRequest) -> Result<RangeResponse> {
     )?;
     let mut kvs = rr.kvs;
     if filtered {
-        kvs.retain(|kv| keep(r, kv));
+        kvs.retain(|kv| keep(r, &KvRef::of(kv)));
     }
     if order != SortOrder::None {
         let cmp = |a: &KeyValue, b: &KeyValue| -> Ordering {

@@ -87,6 +87,12 @@ impl Record<'_> {
     pub fn decode(&self) -> Result<KeyValue> {
         Ok(codec::decode(self.0)?)
     }
+
+    /// Calls `f` with the key-value borrowed from the record ([`codec::with_ref`]): no copy
+    /// of key and value where the format allows.
+    pub fn with_ref<T>(&self, f: impl FnOnce(codec::KvRef<'_>) -> T) -> Result<T> {
+        Ok(codec::with_ref(self.0, f)?)
+    }
 }
 
 impl Store {

@@ -34,6 +34,7 @@ use super::status::to_status;
 use crate::apply::range::{self, Totals};
 use crate::apply::ApplyError;
 use crate::mvcc::{self, PinnedRead, Store};
+use crate::storage::codec::KvRef;
 
 /// A chunk is sent once it holds this many encoded bytes (so it holds at most this plus one
 /// key-value). Large enough that per-message costs vanish, small enough for any client's
@@ -41,6 +42,12 @@ use crate::mvcc::{self, PinnedRead, Store};
 pub const CHUNK_BYTES: usize = 256 * 1024;
 /// Chunks produced ahead of the client.
 pub const QUEUE_CHUNKS: usize = 2;
+/// A unary result of at most this many encoded bytes is encoded during the sizing pass and
+/// sent from memory, so the snapshot is read once; a larger one is read twice (see the module
+/// documentation). Twice a chunk, so that a kube-apiserver page (500 objects of a few hundred
+/// bytes) or a 1,000-key list of small values is read once; the result is held encoded (the
+/// kept bytes, then their copy in the response buffer), within the window charged for it.
+pub const KEEP_BYTES: usize = 2 * CHUNK_BYTES;
 
 /// The memory one response may hold while it streams: the chunk being filled, the queued
 /// ones and the one HTTP/2 is writing, each at most [`CHUNK_BYTES`] plus one key-value of at
@@ -67,14 +74,70 @@ pub trait Encoder: Send + 'static {
         sized: Option<(Totals, u64)>,
     ) -> Result<(), ApplyError>;
     /// Adds a key-value; returns a chunk once one is full.
-    fn kv(&mut self, kv: KeyValue) -> Option<Self::Item>;
+    fn kv(&mut self, kv: KvRef<'_>) -> Option<Self::Item>;
+    /// Adds key-values already encoded (each as [`encode_kv_field`] writes it); returns a
+    /// chunk once one is full.
+    fn encoded(&mut self, kvs: BytesMut) -> Result<Option<Self::Item>, ApplyError>;
     /// The last chunk.
     fn finish(self, header: ResponseHeader, totals: Totals) -> Self::Item;
 }
 
+/// The encoded length of `kv` as a `mvccpb.KeyValue` message (what prost's `encoded_len`
+/// gives for the owned one).
+fn kv_message_len(kv: &KvRef<'_>) -> usize {
+    use prost::encoding::{encoded_len_varint, int64};
+    let bytes = |tag: u32, b: &[u8]| {
+        if b.is_empty() {
+            0
+        } else {
+            prost::encoding::key_len(tag) + encoded_len_varint(b.len() as u64) + b.len()
+        }
+    };
+    let int = |tag: u32, v: i64| {
+        if v == 0 {
+            0
+        } else {
+            int64::encoded_len(tag, &v)
+        }
+    };
+    bytes(1, kv.key)
+        + int(2, kv.create_revision)
+        + int(3, kv.mod_revision)
+        + int(4, kv.version)
+        + bytes(5, kv.value)
+        + int(6, kv.lease)
+}
+
 /// Bytes of `kv` as field 2 of a `RangeResponse`.
-fn kv_field_len(kv: &KeyValue) -> u64 {
-    prost::encoding::message::encoded_len(2, kv) as u64
+fn kv_field_len(kv: &KvRef<'_>) -> u64 {
+    let len = kv_message_len(kv);
+    (prost::encoding::key_len(2) + prost::encoding::encoded_len_varint(len as u64) + len) as u64
+}
+
+/// Writes `kv` as field 2 of a `RangeResponse`, straight from the borrowed record: the bytes
+/// prost writes for the owned key-value, without building it.
+pub fn encode_kv_field(kv: &KvRef<'_>, buf: &mut impl BufMut) {
+    use prost::encoding::{encode_key, encode_varint, int64, WireType};
+    fn bytes(tag: u32, b: &[u8], buf: &mut impl BufMut) {
+        if !b.is_empty() {
+            encode_key(tag, WireType::LengthDelimited, buf);
+            encode_varint(b.len() as u64, buf);
+            buf.put_slice(b);
+        }
+    }
+    fn int(tag: u32, v: i64, buf: &mut impl BufMut) {
+        if v != 0 {
+            int64::encode(tag, &v, buf);
+        }
+    }
+    encode_key(2, WireType::LengthDelimited, buf);
+    encode_varint(kv_message_len(kv) as u64, buf);
+    bytes(1, kv.key, buf);
+    int(2, kv.create_revision, buf);
+    int(3, kv.mod_revision, buf);
+    int(4, kv.version, buf);
+    bytes(5, kv.value, buf);
+    int(6, kv.lease, buf);
 }
 
 /// `RangeStream` messages: key-values only, then the header, `count` and `more` with the
@@ -91,6 +154,18 @@ impl StreamEncoder {
             range_response: Some(r),
         }
     }
+
+    /// The key-values so far as a message once they fill a chunk.
+    fn full(&mut self) -> Option<RangeStreamResponse> {
+        if self.bytes < CHUNK_BYTES {
+            return None;
+        }
+        self.bytes = 0;
+        Some(Self::message(RangeResponse {
+            kvs: std::mem::take(&mut self.kvs),
+            ..Default::default()
+        }))
+    }
 }
 
 impl Encoder for StreamEncoder {
@@ -102,17 +177,22 @@ impl Encoder for StreamEncoder {
         Ok(())
     }
 
-    fn kv(&mut self, kv: KeyValue) -> Option<Self::Item> {
+    fn kv(&mut self, kv: KvRef<'_>) -> Option<Self::Item> {
         self.bytes += kv_field_len(&kv) as usize;
-        self.kvs.push(kv);
-        if self.bytes < CHUNK_BYTES {
-            return None;
+        self.kvs.push(kv.to_owned());
+        self.full()
+    }
+
+    fn encoded(&mut self, kvs: BytesMut) -> Result<Option<Self::Item>, ApplyError> {
+        // Not a path `RangeStream` takes (it needs no length); decoded back, to be complete.
+        let kvs = RangeResponse::decode(kvs.freeze())
+            .map_err(|e| ApplyError::Mvcc(mvcc::Error::Corrupt(e.to_string())))?
+            .kvs;
+        for kv in kvs {
+            self.bytes += kv_field_len(&KvRef::of(&kv)) as usize;
+            self.kvs.push(kv);
         }
-        self.bytes = 0;
-        Some(Self::message(RangeResponse {
-            kvs: std::mem::take(&mut self.kvs),
-            ..Default::default()
-        }))
+        Ok(self.full())
     }
 
     fn finish(self, header: ResponseHeader, totals: Totals) -> Self::Item {
@@ -129,6 +209,13 @@ impl Encoder for StreamEncoder {
 #[derive(Default)]
 pub struct FrameEncoder {
     buf: BytesMut,
+}
+
+impl FrameEncoder {
+    /// The bytes so far once they fill a chunk.
+    fn full(&mut self) -> Option<Bytes> {
+        (self.buf.len() >= CHUNK_BYTES).then(|| self.buf.split().freeze())
+    }
 }
 
 impl Encoder for FrameEncoder {
@@ -155,9 +242,14 @@ impl Encoder for FrameEncoder {
         Ok(())
     }
 
-    fn kv(&mut self, kv: KeyValue) -> Option<Self::Item> {
-        prost::encoding::message::encode(2, &kv, &mut self.buf);
-        (self.buf.len() >= CHUNK_BYTES).then(|| self.buf.split().freeze())
+    fn kv(&mut self, kv: KvRef<'_>) -> Option<Self::Item> {
+        encode_kv_field(&kv, &mut self.buf);
+        self.full()
+    }
+
+    fn encoded(&mut self, kvs: BytesMut) -> Result<Option<Self::Item>, ApplyError> {
+        self.buf.extend_from_slice(&kvs);
+        Ok(self.full())
     }
 
     fn finish(mut self, _: ResponseHeader, totals: Totals) -> Self::Item {
@@ -303,17 +395,18 @@ impl<T: Send + 'static> Job<'_, T> {
             enc.begin(&header, None)?;
             return self.encode_all(&pinned, r, header, enc);
         }
-        // Sizing pass. A result that fits one chunk is kept and sent from memory (one pass,
-        // as a small Range always was); past a chunk only the length is added up, and the
-        // key-values are read again from the same snapshot to be encoded.
-        let (mut len, mut small, mut fits) = (0u64, Vec::new(), true);
+        // Sizing pass. A result of at most `KEEP_BYTES` is encoded as it is read and sent
+        // from memory (one pass); past that only the length is added up, and the key-values
+        // are read again from the same snapshot to be encoded.
+        let (mut len, mut kept, mut fits) = (0u64, BytesMut::new(), true);
         let totals = range::for_each(&pinned, r, |kv| {
             len += kv_field_len(&kv);
             if fits {
-                small.push(kv);
-                if len > CHUNK_BYTES as u64 {
+                if len > KEEP_BYTES as u64 {
                     fits = false;
-                    small = Vec::new();
+                    kept = BytesMut::new();
+                } else {
+                    encode_kv_field(&kv, &mut kept);
                 }
             }
             Ok(true)
@@ -322,7 +415,12 @@ impl<T: Send + 'static> Job<'_, T> {
         if !fits {
             return self.encode_all(&pinned, r, header, enc);
         }
-        self.send_kvs(&pinned, small, header, totals, enc)
+        if let Some(item) = enc.encoded(kept)? {
+            if !self.send::<E>(&pinned, item)? {
+                return Ok(GONE);
+            }
+        }
+        self.send::<E>(&pinned, enc.finish(header, totals))
     }
 
     /// Adds one key-value, sending the chunk it completes; `Ok(false)` once the receiver
@@ -331,7 +429,7 @@ impl<T: Send + 'static> Job<'_, T> {
         &self,
         pinned: &PinnedRead<'_>,
         enc: &mut E,
-        kv: KeyValue,
+        kv: KvRef<'_>,
     ) -> Result<bool, ApplyError> {
         match enc.kv(kv) {
             Some(item) => self.send::<E>(pinned, item),
@@ -348,8 +446,8 @@ impl<T: Send + 'static> Job<'_, T> {
         totals: Totals,
         mut enc: E,
     ) -> Result<bool, ApplyError> {
-        for kv in kvs {
-            if !self.add(pinned, &mut enc, kv)? {
+        for kv in &kvs {
+            if !self.add(pinned, &mut enc, KvRef::of(kv))? {
                 return Ok(GONE);
             }
         }
@@ -391,7 +489,7 @@ impl<T: Send + 'static> Job<'_, T> {
         };
         let mut need = 0u64;
         range::for_each(pinned, &everything, |kv| {
-            need += (kv.encoded_len() + std::mem::size_of::<KeyValue>()) as u64;
+            need += (kv_message_len(&kv) + std::mem::size_of::<KeyValue>()) as u64;
             Ok(true)
         })?;
         // Wait for the budget (window and result at once), unless the client leaves first.
@@ -412,8 +510,96 @@ impl<T: Send + 'static> Job<'_, T> {
             count: resp.count,
             more: resp.more,
         };
-        let kvs_len = resp.kvs.iter().map(kv_field_len).sum();
+        let kvs_len = resp.kvs.iter().map(|kv| kv_field_len(&KvRef::of(kv))).sum();
         enc.begin(&header, Some((totals, kvs_len)))?;
         self.send_kvs(pinned, resp.kvs, header, totals, enc)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn arb_kv() -> impl Strategy<Value = KeyValue> {
+        let int = prop_oneof![Just(0i64), any::<i64>(), 1..1000i64];
+        (
+            proptest::collection::vec(any::<u8>(), 0..40),
+            proptest::collection::vec(any::<u8>(), 0..300),
+            int.clone(),
+            int.clone(),
+            int.clone(),
+            int,
+        )
+            .prop_map(|(k, v, c, m, ver, l)| KeyValue {
+                key: k.into(),
+                create_revision: c,
+                mod_revision: m,
+                version: ver,
+                value: v.into(),
+                lease: l,
+            })
+    }
+
+    proptest! {
+        /// The borrowed encoding is byte for byte prost's, so a response built from it
+        /// decodes to the same key-values.
+        #[test]
+        fn a_borrowed_key_value_encodes_as_prost_encodes_the_owned_one(kv in arb_kv()) {
+            let mut ours = BytesMut::new();
+            encode_kv_field(&KvRef::of(&kv), &mut ours);
+            let mut theirs = BytesMut::new();
+            prost::encoding::message::encode(2, &kv, &mut theirs);
+            prop_assert_eq!(&ours[..], &theirs[..]);
+            prop_assert_eq!(kv_field_len(&KvRef::of(&kv)), theirs.len() as u64);
+            prop_assert_eq!(kv_message_len(&KvRef::of(&kv)), kv.encoded_len());
+        }
+    }
+
+    #[test]
+    fn a_frame_of_kept_key_values_decodes_to_the_response() {
+        let kvs: Vec<KeyValue> = (0..3)
+            .map(|i| KeyValue {
+                key: format!("k{i}").into_bytes().into(),
+                create_revision: 2,
+                mod_revision: i + 2,
+                version: 1,
+                value: vec![i as u8; 10].into(),
+                lease: 0,
+            })
+            .collect();
+        let mut kept = BytesMut::new();
+        for kv in &kvs {
+            encode_kv_field(&KvRef::of(kv), &mut kept);
+        }
+        let totals = Totals {
+            count: 3,
+            more: false,
+        };
+        let header = ResponseHeader {
+            revision: 9,
+            ..Default::default()
+        };
+        let mut enc = FrameEncoder::default();
+        enc.begin(&header, Some((totals, kept.len() as u64)))
+            .expect("begin");
+        assert!(enc.encoded(kept).expect("encoded").is_none());
+        let frame = enc.finish(header, totals);
+        assert_eq!(frame[0], 0);
+        let len = u32::from_be_bytes(frame[1..5].try_into().expect("prefix")) as usize;
+        assert_eq!(len, frame.len() - 5);
+        let resp = RangeResponse::decode(&frame[5..]).expect("decode");
+        assert_eq!(resp.kvs, kvs);
+        assert_eq!((resp.count, resp.header.map(|h| h.revision)), (3, Some(9)));
+
+        // RangeStream's encoder takes the same bytes and gives the same key-values.
+        let mut kept = BytesMut::new();
+        for kv in &kvs {
+            encode_kv_field(&KvRef::of(kv), &mut kept);
+        }
+        let mut stream = StreamEncoder::default();
+        assert!(stream.encoded(kept).expect("encoded").is_none());
+        let msg = stream.finish(header, totals);
+        assert_eq!(msg.range_response.expect("response").kvs, kvs);
     }
 }

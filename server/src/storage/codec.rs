@@ -449,6 +449,11 @@ fn read_i64(buf: &[u8], at: usize) -> Result<i64, CodecError> {
 }
 
 fn decode_v2(buf: &[u8]) -> Result<KeyValue, CodecError> {
+    parse_v2(buf).map(|r| r.to_owned())
+}
+
+/// A format 2 body, borrowed.
+fn parse_v2(buf: &[u8]) -> Result<KvRef<'_>, CodecError> {
     let mut at = 0;
     let klen = read_u32(buf, at)? as usize;
     at += 4;
@@ -466,14 +471,74 @@ fn decode_v2(buf: &[u8]) -> Result<KeyValue, CodecError> {
     if at != buf.len() {
         return Err(CodecError::Trailing(buf.len() - at));
     }
-    Ok(KeyValue {
-        key: Bytes::copy_from_slice(key),
+    Ok(KvRef {
+        key,
         create_revision,
         mod_revision,
         version,
-        value: Bytes::copy_from_slice(value),
+        value,
         lease,
     })
+}
+
+/// A stored key-value borrowed from its record: for reads that only re-encode it (a Range
+/// answer), without copying key and value into a [`KeyValue`] first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KvRef<'a> {
+    pub key: &'a [u8],
+    pub create_revision: i64,
+    pub mod_revision: i64,
+    pub version: i64,
+    pub value: &'a [u8],
+    pub lease: i64,
+}
+
+impl<'a> KvRef<'a> {
+    /// Borrows an owned key-value.
+    pub fn of(kv: &'a KeyValue) -> Self {
+        Self {
+            key: &kv.key,
+            create_revision: kv.create_revision,
+            mod_revision: kv.mod_revision,
+            version: kv.version,
+            value: &kv.value,
+            lease: kv.lease,
+        }
+    }
+
+    /// An owned copy.
+    pub fn to_owned(&self) -> KeyValue {
+        KeyValue {
+            key: Bytes::copy_from_slice(self.key),
+            create_revision: self.create_revision,
+            mod_revision: self.mod_revision,
+            version: self.version,
+            value: Bytes::copy_from_slice(self.value),
+            lease: self.lease,
+        }
+    }
+}
+
+/// Calls `f` with the key-value stored in `buf` (any supported format), borrowed from `buf`
+/// where the format allows (format 2, and format 1 in the layout [`encode_v1`] writes);
+/// otherwise decoded first.
+pub fn with_ref<T>(buf: &[u8], f: impl FnOnce(KvRef<'_>) -> T) -> Result<T, CodecError> {
+    let max = MAX_FORMAT.load(Ordering::Relaxed);
+    match buf.first() {
+        Some(&FORMAT_V2) if supported_under(FORMAT_V2, max) => Ok(f(parse_v2(&buf[1..])?)),
+        Some(&FORMAT_V1) if supported_under(FORMAT_V1, max) => match canonical_v1(&buf[1..]) {
+            Some(r) => Ok(f(KvRef {
+                key: r.key,
+                create_revision: r.create_revision,
+                mod_revision: r.mod_revision,
+                version: r.version,
+                value: r.value,
+                lease: r.lease,
+            })),
+            None => decode(buf).map(|kv| f(KvRef::of(&kv))),
+        },
+        _ => decode(buf).map(|kv| f(KvRef::of(&kv))),
+    }
 }
 
 #[cfg(test)]
@@ -685,6 +750,21 @@ mod tests {
             prop_assert_eq!(out[0], FORMAT_V1);
             prop_assert_eq!(peek_mod_version(&out), Ok((kv.mod_revision, kv.version)));
             prop_assert_eq!(decode(&out), Ok(kv));
+        }
+
+        #[test]
+        fn a_borrowed_read_sees_what_decode_sees_in_either_format(kv in arb_kv()) {
+            for format in [FORMAT_V1, FORMAT_V2] {
+                let mut out = Vec::new();
+                encode(format, &kv, &mut out).expect("encode");
+                prop_assert_eq!(with_ref(&out, |r| r.to_owned()), Ok(kv.clone()));
+                prop_assert_eq!(with_ref(&out, |r| r == KvRef::of(&kv)), Ok(true));
+            }
+            // A damaged record is refused as decode refuses it.
+            let mut two = Vec::new();
+            encode_v2(&kv, &mut two);
+            two.pop();
+            prop_assert_eq!(with_ref(&two, |r| r.to_owned()), decode(&two));
         }
 
         #[test]

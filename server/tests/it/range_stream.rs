@@ -41,11 +41,13 @@ async fn range(kv: &mut KvClient<Channel>, r: RangeRequest) -> Result<RangeRespo
 }
 
 /// A history with several versions, deletions, keys outside the prefix and values large
-/// enough that a full range takes several stream messages. Returns a revision in the middle.
+/// enough that a full range takes several stream messages and is read twice by a unary Range
+/// (past `KEEP_BYTES`, 512 KiB), while the narrower ranges are read once. Returns a revision
+/// in the middle.
 async fn load(c: &mut etcd_client::Client) -> anyhow::Result<i64> {
     for i in 0..60u32 {
         let size = if i % 5 == 0 {
-            24 * 1024
+            48 * 1024
         } else {
             (i as usize * 37) % 300
         };
