@@ -247,21 +247,11 @@ fn from_cbor<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, CodecErro
     Ok(v)
 }
 
-/// Format 1's fields as written by [`encode_v1`] (borrowed from the record).
-struct CanonicalV1<'a> {
-    key: &'a [u8],
-    lease: i64,
-    value: &'a [u8],
-    version: i64,
-    mod_revision: i64,
-    create_revision: i64,
-}
-
 /// Parses the exact layout [`encode_v1`] writes (six entries in the documented order, each
 /// argument in any length form) without the general CBOR decoder: several times faster. Any
 /// deviation gives `None` and the general decoder decides, so both accept the same records
 /// and agree on their values (a property test checks it).
-fn canonical_v1(body: &[u8]) -> Option<CanonicalV1<'_>> {
+fn canonical_v1(body: &[u8]) -> Option<KvRef<'_>> {
     struct Cursor<'a> {
         buf: &'a [u8],
         at: usize,
@@ -322,26 +312,19 @@ fn canonical_v1(body: &[u8]) -> Option<CanonicalV1<'_>> {
     let mod_revision = c.int()?;
     c.name(b"create_revision")?;
     let create_revision = c.int()?;
-    (c.at == body.len()).then_some(CanonicalV1 {
+    (c.at == body.len()).then_some(KvRef {
         key,
-        lease,
-        value,
-        version,
-        mod_revision,
         create_revision,
+        mod_revision,
+        version,
+        value,
+        lease,
     })
 }
 
 fn decode_v1(body: &[u8]) -> Result<KeyValue, CodecError> {
     if let Some(r) = canonical_v1(body) {
-        return Ok(KeyValue {
-            key: Bytes::copy_from_slice(r.key),
-            create_revision: r.create_revision,
-            mod_revision: r.mod_revision,
-            version: r.version,
-            value: Bytes::copy_from_slice(r.value),
-            lease: r.lease,
-        });
+        return Ok(r.to_owned());
     }
     let r: RecordV1 = from_cbor(body)?;
     Ok(KeyValue {
@@ -527,14 +510,7 @@ pub fn with_ref<T>(buf: &[u8], f: impl FnOnce(KvRef<'_>) -> T) -> Result<T, Code
     match buf.first() {
         Some(&FORMAT_V2) if supported_under(FORMAT_V2, max) => Ok(f(parse_v2(&buf[1..])?)),
         Some(&FORMAT_V1) if supported_under(FORMAT_V1, max) => match canonical_v1(&buf[1..]) {
-            Some(r) => Ok(f(KvRef {
-                key: r.key,
-                create_revision: r.create_revision,
-                mod_revision: r.mod_revision,
-                version: r.version,
-                value: r.value,
-                lease: r.lease,
-            })),
+            Some(r) => Ok(f(r)),
             None => decode(buf).map(|kv| f(KvRef::of(&kv))),
         },
         _ => decode(buf).map(|kv| f(KvRef::of(&kv))),

@@ -70,7 +70,6 @@ impl RocksEngine {
         block.set_partition_filters(true);
         block.set_metadata_block_size(4096);
         block.set_pin_top_level_index_and_filter(true);
-        block.set_cache_index_and_filter_blocks_with_high_priority(true);
 
         let cf_opts = |table: Table| {
             let mut o = Options::default();
