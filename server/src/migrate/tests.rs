@@ -20,7 +20,7 @@ use crate::apply::{apply, Command, CommandResult, LeaseLookup};
 use crate::mvcc::store::META_STORAGE_FORMAT;
 use crate::mvcc::{KeyRange, RangeOptions, Store, StoreOptions};
 use crate::storage::data_dir::{read_stamp, Stamp, LAYOUT_VERSION};
-use crate::storage::{MemoryEngine, Snapshot};
+use crate::storage::{EngineHook, HookedEngine, MemoryEngine};
 
 /// Leases the apply step sees as existing: those granted and not revoked.
 #[derive(Default)]
@@ -431,48 +431,25 @@ fn a_store_refuses_a_record_of_an_unknown_format() {
     assert_eq!(store.current_revision(), rev, "nothing written");
 }
 
-/// An engine whose writes fail after a number of them, like a process killed mid-run.
+/// Writes fail after a number of them, like a process killed mid-run.
 struct FailAfter {
-    inner: MemoryEngine,
     writes_left: AtomicUsize,
 }
 
-impl Engine for FailAfter {
-    fn name(&self) -> &'static str {
-        "fail-after"
-    }
-    fn get(&self, table: Table, key: &[u8]) -> crate::storage::Result<Option<Vec<u8>>> {
-        self.inner.get(table, key)
-    }
-    fn snapshot(&self) -> Box<dyn Snapshot + '_> {
-        self.inner.snapshot()
-    }
-    fn write(&self, batch: WriteBatch, sync: bool) -> crate::storage::Result<()> {
+impl EngineHook for FailAfter {
+    fn write(&self, _sync: bool) -> crate::storage::Result<()> {
         let left = self.writes_left.load(Ordering::SeqCst);
         if left == 0 {
             return Err(crate::storage::Error::Engine("killed".into()));
         }
         self.writes_left.store(left - 1, Ordering::SeqCst);
-        self.inner.write(batch, sync)
-    }
-    fn sync(&self) -> crate::storage::Result<()> {
-        self.inner.sync()
-    }
-    fn size_bytes(&self) -> u64 {
-        self.inner.size_bytes()
-    }
-    fn size_in_use_bytes(&self) -> u64 {
-        self.inner.size_in_use_bytes()
-    }
-    fn defragment(&self) -> crate::storage::Result<()> {
-        self.inner.defragment()
+        Ok(())
     }
 }
 
 #[test]
 fn an_interrupted_rewrite_is_readable_and_resumes() {
-    let engine = Arc::new(FailAfter {
-        inner: MemoryEngine::new(),
+    let engine = HookedEngine::new(FailAfter {
         writes_left: AtomicUsize::new(usize::MAX),
     });
     let want = {
@@ -486,7 +463,7 @@ fn an_interrupted_rewrite_is_readable_and_resumes() {
         bytes: 1 << 20,
     };
     for crash_after in [3usize, 1, 4, 2] {
-        engine.writes_left.store(crash_after, Ordering::SeqCst);
+        engine.hook.writes_left.store(crash_after, Ordering::SeqCst);
         let e = rewrite(engine.as_ref(), 2, limits, &mut |_, _| {})
             .map(|_| ())
             .expect_err("killed");
@@ -494,7 +471,7 @@ fn an_interrupted_rewrite_is_readable_and_resumes() {
         // Mixed formats, every read the same.
         let counts = formats(engine.as_ref());
         assert!(counts.by_format.len() == 2, "{counts}");
-        engine.writes_left.store(usize::MAX, Ordering::SeqCst);
+        engine.hook.writes_left.store(usize::MAX, Ordering::SeqCst);
         assert_eq!(dump(&open_store(engine.clone(), 1)), want);
         assert_eq!(
             engine.get(Table::Meta, META_MIGRATE_TO).expect("meta"),

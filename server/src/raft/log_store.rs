@@ -1,11 +1,12 @@
 //! The Raft log and vote, in the engine's `RaftLog` and `RaftState` tables.
 //!
 //! Entries are keyed by `be64(index)` and stored as `raftpb.Entry`. [`append`](LogStore::append)
-//! writes at once (readers see the entries immediately) but does not wait for the disk: a
-//! flusher thread makes everything written so far durable with one fsync and only then tells
-//! openraft the entries are flushed, which is when they count toward a commit. Appends that
-//! arrive while an fsync runs share the next one (group commit). The vote is written with
-//! fsync before it is acknowledged.
+//! writes and syncs the entries in one step, on the calling task, and only then tells openraft
+//! they are flushed, which is when they count toward a commit. openraft's core waits for that
+//! before it goes on (`append_to_log`), so an append has nothing to overlap with: a flusher
+//! thread that grouped syncs (until 2026-12-03) only added two cross-thread wake-ups to every
+//! write, and handing the worker's other tasks away for the sync (`block_in_place`) one more
+//! (docs/PERFORMANCE.md). The vote is written with fsync before it is acknowledged.
 
 use std::fmt::Debug;
 use std::ops::{Bound, RangeBounds};
@@ -19,7 +20,6 @@ use prost::Message;
 use super::codec;
 use super::{Entry, LogId, StorageError, TypeConfig, Vote};
 use crate::storage::{Engine, Table, WriteBatch};
-use crate::worker::ChannelWorker;
 
 const KEY_VOTE: &[u8] = b"vote";
 const KEY_PURGED: &[u8] = b"purged";
@@ -47,9 +47,9 @@ struct Inner {
     engine: Arc<dyn Engine>,
     fsync: bool,
     bounds: Mutex<Bounds>,
-    /// Stopped and joined when the last handle drops, so that its engine handle is gone with
-    /// the log store's ([`ChannelWorker`]).
-    flusher: ChannelWorker<LogFlushed<TypeConfig>>,
+    /// The last committed id openraft reported, written with the next append rather than on
+    /// its own (see [`save_committed`](RaftLogStorage::save_committed)).
+    committed: Mutex<Option<Option<LogId>>>,
 }
 
 /// The log store; clones share it (openraft uses one as the reader).
@@ -59,7 +59,7 @@ pub struct LogStore {
 }
 
 impl LogStore {
-    /// Opens the log kept in `engine`, starting its flusher thread.
+    /// Opens the log kept in `engine`.
     pub fn open(engine: Arc<dyn Engine>, fsync: bool) -> Result<Self, StorageError> {
         let last_purged = read_log_id(engine.as_ref(), KEY_PURGED)?;
         let mut last_log = None;
@@ -81,10 +81,6 @@ impl LogStore {
         if last_log.is_none() {
             last_log = last_purged;
         }
-        let flush_engine = engine.clone();
-        let worker =
-            ChannelWorker::spawn("raft-log-flush", move |rx| flusher(flush_engine, fsync, rx))
-                .map_err(write_err)?;
         Ok(Self {
             inner: Arc::new(Inner {
                 engine,
@@ -93,7 +89,7 @@ impl LogStore {
                     last_purged,
                     last_log,
                 }),
-                flusher: worker,
+                committed: Mutex::new(None),
             }),
         })
     }
@@ -163,27 +159,6 @@ fn read_log_id(engine: &dyn Engine, key: &[u8]) -> Result<Option<LogId>, Storage
     }
 }
 
-fn flusher(
-    engine: Arc<dyn Engine>,
-    fsync: bool,
-    rx: std::sync::mpsc::Receiver<LogFlushed<TypeConfig>>,
-) {
-    while let Ok(first) = rx.recv() {
-        let mut waiting = vec![first];
-        while let Ok(more) = rx.try_recv() {
-            waiting.push(more);
-        }
-        let r = if fsync { engine.sync() } else { Ok(()) };
-        for cb in waiting {
-            cb.log_io_completed(
-                r.as_ref()
-                    .map(|_| ())
-                    .map_err(|e| std::io::Error::other(e.to_string())),
-            );
-        }
-    }
-}
-
 impl RaftLogReader<TypeConfig> for LogStore {
     async fn try_get_log_entries<RB: RangeBounds<u64> + Clone + Debug + Send>(
         &mut self,
@@ -247,21 +222,28 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn save_committed(&mut self, committed: Option<LogId>) -> Result<(), StorageError> {
-        let mut b = WriteBatch::new();
-        match committed {
-            Some(c) => b.put(
-                Table::RaftState,
-                KEY_COMMITTED.to_vec(),
-                codec::log_id_to_pb(&c).encode_to_vec(),
-            ),
-            None => b.delete(Table::RaftState, KEY_COMMITTED.to_vec()),
-        }
-        // Not synced: losing it only means re-applying from the last applied entry.
-        self.inner.engine.write(b, false).map_err(write_err)
+        // Kept in memory and written with the next append: a write of its own sat between
+        // every log fsync and the apply that followed. The stored id is a hint that may
+        // trail (openraft re-applies from the last applied entry up to it on a restart), never
+        // one ahead of what was committed.
+        *self
+            .inner
+            .committed
+            .lock()
+            .map_err(|_| write_err("log state lock poisoned"))? = Some(committed);
+        Ok(())
     }
 
     async fn read_committed(&mut self) -> Result<Option<LogId>, StorageError> {
-        read_log_id(self.inner.engine.as_ref(), KEY_COMMITTED)
+        let pending = *self
+            .inner
+            .committed
+            .lock()
+            .map_err(|_| read_err("log state lock poisoned"))?;
+        match pending {
+            Some(c) => Ok(c),
+            None => read_log_id(self.inner.engine.as_ref(), KEY_COMMITTED),
+        }
     }
 
     async fn append<I>(
@@ -283,17 +265,44 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             );
             last = Some(e.log_id);
         }
-        if !b.is_empty() {
-            self.inner.engine.write(b, false).map_err(write_err)?;
+        if last.is_some() {
+            let committed = self
+                .inner
+                .committed
+                .lock()
+                .map_err(|_| write_err("log state lock poisoned"))?
+                .take();
+            match committed {
+                Some(Some(c)) => b.put(
+                    Table::RaftState,
+                    KEY_COMMITTED.to_vec(),
+                    codec::log_id_to_pb(&c).encode_to_vec(),
+                ),
+                Some(None) => b.delete(Table::RaftState, KEY_COMMITTED.to_vec()),
+                None => {}
+            }
         }
-        if let Some(last) = last {
+        let engine = &self.inner.engine;
+        let written = if b.is_empty() {
+            // Nothing new; still make what was written before durable, as promised.
+            if self.inner.fsync {
+                engine.sync()
+            } else {
+                Ok(())
+            }
+        } else {
+            engine.write(b, self.inner.fsync)
+        };
+        if let Some(last) = last.filter(|_| written.is_ok()) {
             self.set_bounds(|bounds| bounds.last_log = Some(last))?;
         }
-        if self.inner.flusher.send(callback) {
-            Ok(())
-        } else {
-            Err(write_err("log flusher stopped"))
-        }
+        callback.log_io_completed(
+            written
+                .as_ref()
+                .map(|_| ())
+                .map_err(|e| std::io::Error::other(e.to_string())),
+        );
+        written.map_err(write_err)
     }
 
     async fn truncate(&mut self, log_id: LogId) -> Result<(), StorageError> {

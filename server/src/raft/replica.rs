@@ -142,17 +142,22 @@ impl Replica {
 
     /// The leader this member knows of.
     pub fn leader_id(&self) -> Option<NodeId> {
-        self.raft.metrics().borrow().current_leader
+        self.raft.server_metrics().borrow().current_leader
     }
 
     pub fn is_leader(&self) -> bool {
-        let m = self.raft.metrics();
+        let m = self.raft.server_metrics();
         let m = m.borrow();
         m.state == ServerState::Leader && m.current_leader == Some(self.member_id)
     }
 
     pub fn term(&self) -> u64 {
-        self.raft.metrics().borrow().current_term
+        self.raft
+            .server_metrics()
+            .borrow()
+            .vote
+            .leader_id()
+            .get_term()
     }
 
     /// Last log index, last applied index.
@@ -179,7 +184,7 @@ impl Replica {
 
     pub fn membership(&self) -> Membership {
         self.raft
-            .metrics()
+            .server_metrics()
             .borrow()
             .membership_config
             .membership()
@@ -195,7 +200,7 @@ impl Replica {
     /// Waits (up to [`Timing::leader_wait`]) for a leader; returns it and its node.
     pub async fn wait_leader(&self) -> Result<(NodeId, MemberNode), ApplyError> {
         let deadline = Instant::now() + self.timing.leader_wait();
-        let mut rx = self.raft.metrics();
+        let mut rx = self.raft.server_metrics();
         loop {
             {
                 let m = rx.borrow_and_update();

@@ -449,20 +449,12 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
     {
         let entries: Vec<Entry> = entries.into_iter().collect();
         let n = entries.len();
-        // Apply on this thread, handing its other tasks to another worker meanwhile
-        // (`block_in_place`): a `spawn_blocking` hop to a pool thread and back put ~100 µs
-        // between a log fsync and its apply (docs/PERFORMANCE.md). A current-thread runtime
-        // (tests) cannot do that and keeps the hop.
-        if tokio::runtime::Handle::current().runtime_flavor()
-            == tokio::runtime::RuntimeFlavor::MultiThread
-        {
-            tokio::task::block_in_place(|| self.ctx.apply_entries(entries))?;
-        } else {
-            let ctx = self.ctx.clone();
-            tokio::task::spawn_blocking(move || ctx.apply_entries(entries))
-                .await
-                .map_err(sm_err)??;
-        }
+        // Applied right here, on openraft's state-machine task: the apply is CPU work (tens of
+        // microseconds for a small group, milliseconds for a full one) that nothing else may
+        // run beside, and a hop to a blocking thread (`spawn_blocking`) or handing this
+        // worker's other tasks away (`block_in_place`) cost more in thread wake-ups than it
+        // spared (docs/PERFORMANCE.md).
+        self.ctx.apply_entries(entries)?;
         Ok(vec![(); n])
     }
 

@@ -144,7 +144,10 @@ impl Server {
             let (Some(raft), Some(me)) = (raft, me) else {
                 return std::future::pending().await;
             };
-            let mut rx = raft.metrics();
+            // Server metrics change with the vote, the role, the leader or the membership
+            // only; the full metrics change with every log entry, and this future runs on
+            // the main thread: it was woken twice per write (docs/PERFORMANCE.md).
+            let mut rx = raft.server_metrics();
             let mut member = false;
             loop {
                 {
@@ -856,7 +859,8 @@ async fn count_leader_changes(
     metrics: Arc<metrics::Metrics>,
     mut stop: watch::Receiver<bool>,
 ) {
-    let mut rx = raft.metrics();
+    // Server metrics only change with the vote, the role, the leader or the membership.
+    let mut rx = raft.server_metrics();
     let mut leader = rx.borrow().current_leader;
     loop {
         tokio::select! {

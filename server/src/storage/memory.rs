@@ -181,3 +181,64 @@ impl EngineIter for MemoryIter<'_> {
         Ok(())
     }
 }
+
+/// What a [`HookedEngine`] shows its writes and syncs to before it makes them; an error fails
+/// the write or sync. For tests of what callers ask of an engine.
+#[cfg(test)]
+pub(crate) trait EngineHook: Send + Sync + 'static {
+    /// Before each write; `sync` tells whether it was asked to be durable.
+    fn write(&self, _sync: bool) -> Result<()> {
+        Ok(())
+    }
+    /// Before each [`Engine::sync`].
+    fn sync(&self) -> Result<()> {
+        Ok(())
+    }
+}
+
+/// A [`MemoryEngine`] whose writes and syncs first go through `hook`.
+#[cfg(test)]
+pub(crate) struct HookedEngine<H> {
+    pub inner: MemoryEngine,
+    pub hook: H,
+}
+
+#[cfg(test)]
+impl<H: EngineHook> HookedEngine<H> {
+    pub fn new(hook: H) -> std::sync::Arc<Self> {
+        std::sync::Arc::new(Self {
+            inner: MemoryEngine::new(),
+            hook,
+        })
+    }
+}
+
+#[cfg(test)]
+impl<H: EngineHook> Engine for HookedEngine<H> {
+    fn name(&self) -> &'static str {
+        "hooked"
+    }
+    fn get(&self, table: Table, key: &[u8]) -> Result<Option<Vec<u8>>> {
+        self.inner.get(table, key)
+    }
+    fn snapshot(&self) -> Box<dyn Snapshot + '_> {
+        self.inner.snapshot()
+    }
+    fn write(&self, batch: WriteBatch, sync: bool) -> Result<()> {
+        self.hook.write(sync)?;
+        self.inner.write(batch, sync)
+    }
+    fn sync(&self) -> Result<()> {
+        self.hook.sync()?;
+        self.inner.sync()
+    }
+    fn size_bytes(&self) -> u64 {
+        self.inner.size_bytes()
+    }
+    fn size_in_use_bytes(&self) -> u64 {
+        self.inner.size_in_use_bytes()
+    }
+    fn defragment(&self) -> Result<()> {
+        self.inner.defragment()
+    }
+}

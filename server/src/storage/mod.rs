@@ -25,6 +25,8 @@ pub mod snapshot;
 pub use engine::{Engine, EngineIter, Snapshot, Table, WriteBatch};
 pub use error::{Error, Result};
 pub use memory::MemoryEngine;
+#[cfg(test)]
+pub(crate) use memory::{EngineHook, HookedEngine};
 pub use rocks::RocksEngine;
 
 #[cfg(test)]

@@ -163,12 +163,14 @@ fn select(spec: &WatchSpec, events: &[Event], from: i64) -> Vec<Event> {
     events
         .iter()
         .filter(|e| event_rev(e) >= from && matches(spec, e))
-        .map(|e| {
-            let mut e = e.clone();
-            if !spec.prev_kv {
-                e.prev_kv = None;
-            }
-            e
+        .map(|e| Event {
+            r#type: e.r#type,
+            kv: e.kv.clone(),
+            prev_kv: if spec.prev_kv {
+                e.prev_kv.clone()
+            } else {
+                None
+            },
         })
         .collect()
 }

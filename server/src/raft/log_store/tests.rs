@@ -5,7 +5,7 @@ use openraft::{CommittedLeaderId, EntryPayload, RaftLogReader};
 
 use super::*;
 use crate::raft::Batch;
-use crate::storage::{MemoryEngine, RocksEngine};
+use crate::storage::{EngineHook, HookedEngine, MemoryEngine, RocksEngine};
 
 fn entry(term: u64, index: u64) -> Entry {
     Entry {
@@ -15,7 +15,7 @@ fn entry(term: u64, index: u64) -> Entry {
 }
 
 async fn append(s: &mut LogStore, entries: Vec<Entry>) {
-    // Returns once the flusher reported the entries durable.
+    // Returns once the log store reported the entries durable.
     s.blocking_append(entries).await.expect("append");
 }
 
@@ -91,4 +91,76 @@ async fn purging_everything_leaves_the_purged_id_as_last() {
     let st = s.get_log_state().await.expect("state");
     assert_eq!(st.last_purged_log_id, Some(entry(1, 3).log_id));
     assert_eq!(st.last_log_id, Some(entry(1, 3).log_id));
+}
+
+/// Records the writes and syncs the log store asks of the engine.
+#[derive(Default)]
+struct Recording {
+    calls: std::sync::Mutex<Vec<&'static str>>,
+}
+
+impl Recording {
+    fn take(&self) -> Vec<&'static str> {
+        std::mem::take(&mut *self.calls.lock().expect("lock"))
+    }
+}
+
+impl EngineHook for Recording {
+    fn write(&self, sync: bool) -> crate::storage::Result<()> {
+        let call = if sync { "synced write" } else { "write" };
+        self.calls.lock().expect("lock").push(call);
+        Ok(())
+    }
+    fn sync(&self) -> crate::storage::Result<()> {
+        self.calls.lock().expect("lock").push("sync");
+        Ok(())
+    }
+}
+
+#[tokio::test]
+async fn entries_are_written_and_synced_in_one_step_before_they_count() {
+    let engine = HookedEngine::new(Recording::default());
+    let mut s = LogStore::open(engine.clone(), true).expect("open");
+    append(&mut s, (1..=3).map(|i| entry(1, i)).collect()).await;
+    assert_eq!(engine.hook.take(), ["synced write"]);
+    // An append of nothing still makes what was written before it durable.
+    append(&mut s, Vec::new()).await;
+    assert_eq!(engine.hook.take(), ["sync"]);
+}
+
+#[tokio::test]
+async fn without_fsync_nothing_is_synced() {
+    let engine = HookedEngine::new(Recording::default());
+    let mut s = LogStore::open(engine.clone(), false).expect("open");
+    append(&mut s, (1..=3).map(|i| entry(1, i)).collect()).await;
+    assert_eq!(engine.hook.take(), ["write"]);
+}
+
+#[tokio::test]
+async fn the_committed_id_is_written_with_the_next_append_and_may_trail_after_a_restart() {
+    let engine = HookedEngine::new(Recording::default());
+    let mut s = LogStore::open(engine.clone(), true).expect("open");
+    append(&mut s, (1..=3).map(|i| entry(1, i)).collect()).await;
+    s.save_committed(Some(entry(1, 3).log_id))
+        .await
+        .expect("save");
+    // No write of its own: it waits for the next append.
+    assert_eq!(engine.hook.take(), ["synced write"]);
+    assert_eq!(
+        s.read_committed().await.expect("read"),
+        Some(entry(1, 3).log_id)
+    );
+    append(&mut s, vec![entry(1, 4)]).await;
+    assert_eq!(engine.hook.take(), ["synced write"]);
+    s.save_committed(Some(entry(1, 4).log_id))
+        .await
+        .expect("save");
+    drop(s);
+
+    // Reopened: the id that went with the last append, one behind what was reported last.
+    let mut s = LogStore::open(engine.clone(), true).expect("reopen");
+    assert_eq!(
+        s.read_committed().await.expect("read"),
+        Some(entry(1, 3).log_id)
+    );
 }
