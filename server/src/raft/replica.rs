@@ -62,6 +62,9 @@ pub struct Replica {
     pub member_id: NodeId,
     pub timing: Timing,
     applied: watch::Receiver<u64>,
+    /// openraft's server metrics (vote, role, leader, membership), kept rather than asked
+    /// for on every call: each response header reads the term from it.
+    server: watch::Receiver<openraft::metrics::RaftServerMetrics<NodeId, MemberNode>>,
     reads: Arc<ReadBatcher>,
     changing: tokio::sync::Mutex<()>,
     /// True while this leader hands leadership over (MoveLeader): new proposals and
@@ -123,6 +126,7 @@ impl Replica {
                 })
             });
             Replica {
+                server: raft.server_metrics(),
                 raft,
                 peers,
                 member_id,
@@ -142,22 +146,16 @@ impl Replica {
 
     /// The leader this member knows of.
     pub fn leader_id(&self) -> Option<NodeId> {
-        self.raft.server_metrics().borrow().current_leader
+        self.server.borrow().current_leader
     }
 
     pub fn is_leader(&self) -> bool {
-        let m = self.raft.server_metrics();
-        let m = m.borrow();
+        let m = self.server.borrow();
         m.state == ServerState::Leader && m.current_leader == Some(self.member_id)
     }
 
     pub fn term(&self) -> u64 {
-        self.raft
-            .server_metrics()
-            .borrow()
-            .vote
-            .leader_id()
-            .get_term()
+        self.server.borrow().vote.leader_id().get_term()
     }
 
     /// Last log index, last applied index.
@@ -183,12 +181,7 @@ impl Replica {
     }
 
     pub fn membership(&self) -> Membership {
-        self.raft
-            .server_metrics()
-            .borrow()
-            .membership_config
-            .membership()
-            .clone()
+        self.server.borrow().membership_config.membership().clone()
     }
 
     pub fn is_learner(&self) -> bool {
