@@ -14,7 +14,7 @@ the same checks (`final_checks`):
 
 Service resumption after a fault is measured by a probe put retried through
 the surviving members and asserted against RESUME_BOUND (generous: a few
-election timeouts); the timings are printed (`pytest -s`) and attached to a
+election timeouts; twice that for etcd, the reference, see REFERENCE_RESUME_BOUND); the timings are printed (`pytest -s`) and attached to a
 failure. Partitions need network namespaces (root, iproute2); without them
 the partition scenario is skipped.
 """
@@ -97,12 +97,24 @@ class Report:
         return "\n".join(self.lines)
 
 
+# etcd runs these scenarios to show the harness and the scenario are sound, and gets a wider
+# bound: etcd 3.4 elects without pre-vote, and on a loaded 2-core CI machine a 5-member
+# cluster once split its votes over five terms and took 5.97 s to take a write after the
+# leader was isolated (CI, 2026-12-03). MetaStore's liveness is what the tight bound checks.
+REFERENCE_RESUME_BOUND = 2 * RESUME_BOUND
+
+
+def resume_bound(c) -> float:
+    return REFERENCE_RESUME_BOUND if c.kind == "etcd" else RESUME_BOUND
+
+
 def resumed(c, since: float, rep: Report, what: str, members=None) -> float:
-    took = c.wait_writable(since, timeout=max(30.0, RESUME_BOUND * 3), members=members)
+    bound = resume_bound(c)
+    took = c.wait_writable(since, timeout=max(30.0, bound * 3), members=members)
     rep(f"{what}: writes resumed after {took:.2f} s")
-    assert took <= RESUME_BOUND, (
+    assert took <= bound, (
         f"{what}: first write acknowledged {took:.2f} s after the fault "
-        f"(bound {RESUME_BOUND:.1f} s)\n{rep.text()}\n{c.timeline(rep.t0)}")
+        f"(bound {bound:.1f} s)\n{rep.text()}\n{c.timeline(rep.t0)}")
     return took
 
 
@@ -150,7 +162,7 @@ def test_kill_leader(make_cluster, workload_for, tmp_path):
         time.sleep(1.5)
     gap = wl.max_ack_gap(rep.t0 + 2, time.monotonic())
     rep(f"longest stretch without an acknowledged workload write: {gap:.2f} s")
-    assert gap <= RESUME_BOUND + 2 * CLIENT_TIMEOUT, rep.text()
+    assert gap <= resume_bound(c) + 2 * CLIENT_TIMEOUT, rep.text()
     final_checks(c, wl, rep, tmp_path)
 
 
@@ -384,5 +396,5 @@ def test_move_leader(make_cluster, workload_for, tmp_path, etcdctl_bin):
         time.sleep(1)
     gap = wl.max_ack_gap(rep.t0 + 1.5, time.monotonic())
     rep(f"longest stretch without an acknowledged workload write: {gap:.2f} s")
-    assert gap <= RESUME_BOUND, rep.text()
+    assert gap <= resume_bound(c), rep.text()
     final_checks(c, wl, rep, tmp_path)
