@@ -14,9 +14,10 @@ the same checks (`final_checks`):
 
 Service resumption after a fault is measured by a probe put retried through
 the surviving members and asserted against RESUME_BOUND (generous: a few
-election timeouts; twice that for etcd, the reference, see REFERENCE_RESUME_BOUND); the timings are printed (`pytest -s`) and attached to a
-failure. Partitions need network namespaces (root, iproute2); without them
-the partition scenario is skipped.
+election timeouts; twice that for etcd, the reference: REFERENCE_RESUME_BOUND);
+the timings are printed (`pytest -s`) and attached to a failure. Partitions
+need network namespaces (root, iproute2); without them the partition scenario
+is skipped.
 """
 
 from __future__ import annotations

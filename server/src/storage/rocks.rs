@@ -520,8 +520,8 @@ mod tests {
         // Flushes the bound triggered run in the background; what it governs is what is held
         // once they are done. A flush can be decided by the last write and still be unscheduled
         // when the flush counters are read, so wait on what is held itself (unbounded, it stays
-        // at 48 MiB: nothing ever flushes it).
-        // The bound, plus the memtable being filled when a flush was decided and arena slack.
+        // at 48 MiB: nothing ever flushes it). The limit: the bound, plus the memtable being
+        // filled when a flush was decided and arena slack.
         let limit = 16 * MIB as u64;
         let mut held = memtable_bytes(&e);
         for _ in 0..500 {

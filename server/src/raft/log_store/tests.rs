@@ -117,11 +117,17 @@ impl EngineHook for Recording {
     }
 }
 
+/// A log store over a recording engine, holding entries 1..=3 of term 1.
+async fn recorded(fsync: bool) -> (Arc<HookedEngine<Recording>>, LogStore) {
+    let engine = HookedEngine::new(Recording::default());
+    let mut s = LogStore::open(engine.clone(), fsync).expect("open");
+    append(&mut s, (1..=3).map(|i| entry(1, i)).collect()).await;
+    (engine, s)
+}
+
 #[tokio::test]
 async fn entries_are_written_and_synced_in_one_step_before_they_count() {
-    let engine = HookedEngine::new(Recording::default());
-    let mut s = LogStore::open(engine.clone(), true).expect("open");
-    append(&mut s, (1..=3).map(|i| entry(1, i)).collect()).await;
+    let (engine, mut s) = recorded(true).await;
     assert_eq!(engine.hook.take(), ["synced write"]);
     // An append of nothing still makes what was written before it durable.
     append(&mut s, Vec::new()).await;
@@ -130,17 +136,13 @@ async fn entries_are_written_and_synced_in_one_step_before_they_count() {
 
 #[tokio::test]
 async fn without_fsync_nothing_is_synced() {
-    let engine = HookedEngine::new(Recording::default());
-    let mut s = LogStore::open(engine.clone(), false).expect("open");
-    append(&mut s, (1..=3).map(|i| entry(1, i)).collect()).await;
+    let (engine, _s) = recorded(false).await;
     assert_eq!(engine.hook.take(), ["write"]);
 }
 
 #[tokio::test]
 async fn the_committed_id_is_written_with_the_next_append_and_may_trail_after_a_restart() {
-    let engine = HookedEngine::new(Recording::default());
-    let mut s = LogStore::open(engine.clone(), true).expect("open");
-    append(&mut s, (1..=3).map(|i| entry(1, i)).collect()).await;
+    let (engine, mut s) = recorded(true).await;
     s.save_committed(Some(entry(1, 3).log_id))
         .await
         .expect("save");
