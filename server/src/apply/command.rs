@@ -10,6 +10,7 @@ use metastore_proto::mvccpb::Event;
 use super::txn::{self, header};
 use super::{ApplyError, LeaseLookup, Result};
 use crate::auth::AuthStore;
+use crate::mvcc;
 use crate::mvcc::compactor::CompactTicket;
 use crate::mvcc::store::Applying;
 
@@ -90,7 +91,13 @@ pub fn apply(
     leases: &dyn LeaseLookup,
     auth: &AuthStore,
 ) -> Result<Applied> {
-    let r = apply_inner(applying, index, cmd, leases, auth);
+    let mut r = apply_inner(applying, index, cmd, leases, auth);
+    if let Err(ApplyError::Mvcc(mvcc::Error::Regroup)) = r {
+        // The command read what earlier commands of the group changed in a way the group's
+        // view cannot answer: write them, then run it again (it changed nothing yet).
+        applying.flush()?;
+        r = apply_inner(applying, index, cmd, leases, auth);
+    }
     if r.is_err() {
         applying.skip(index)?;
     }
@@ -104,7 +111,7 @@ fn apply_inner(
     leases: &dyn LeaseLookup,
     auth: &AuthStore,
 ) -> Result<Applied> {
-    let mut t = applying.begin();
+    let mut t = applying.begin()?;
     let result = match cmd {
         Command::Put(p) => {
             txn::check_put(&t, p, leases)?;

@@ -19,6 +19,11 @@ pub enum Error {
          (upgrade it)"
     )]
     UnsupportedFormat(u8),
+    /// A write transaction read what its apply group changed in a way the group's view
+    /// cannot answer exactly ([`crate::mvcc::WriteTxn`]): the applier writes the group and
+    /// runs the command again. Never leaves the apply step.
+    #[error("mvcc: the apply group must be written before this read")]
+    Regroup,
 }
 
 impl From<crate::storage::codec::CodecError> for Error {

@@ -8,7 +8,7 @@ use metastore_proto::mvccpb::{event::EventType, Event, KeyValue};
 
 use super::compactor::{CompactTicket, Compactor};
 use super::key_codec::{kv_key, kv_prefix, lease_key, rev_key, split_kv_key, split_rev_key};
-use super::write_txn::{WriteOutcome, WriteTxn};
+use super::write_txn::{Group, WriteOutcome, WriteTxn};
 use super::{Error, KeyRange, Result};
 use crate::storage::codec::{self, DEFAULT_FORMAT};
 use crate::storage::{Engine, Snapshot, Table, WriteBatch};
@@ -71,9 +71,9 @@ pub struct RangeResult {
 /// The MVCC store.
 ///
 /// Readers and the single writer never block each other. The writer applies commands through
-/// [`Applying`] (one at a time: it holds the writer lock), writing each command's batch to the
-/// engine without fsync; [`Applying::publish`] then syncs once for the whole group and only
-/// then moves `current_rev` forward. Readers read at `current_rev`, so they never observe a
+/// [`Applying`] (one at a time: it holds the writer lock), collecting a group of commands'
+/// writes in one batch written to the engine without fsync; [`Applying::publish`] then
+/// syncs once for the whole group and only then moves `current_rev` forward. Readers read at `current_rev`, so they never observe a
 /// revision that is not yet durable, even though its entries may already sit in the engine.
 pub struct Store {
     engine: Arc<dyn Engine>,
@@ -445,6 +445,8 @@ impl Store {
         Ok(Applying {
             store: self,
             state,
+            pending: WriteBatch::new(),
+            group: None,
             dirty: false,
         })
     }
@@ -616,17 +618,69 @@ pub(crate) fn is_tombstone(record: &[u8]) -> Result<bool> {
     Ok(codec::peek_mod_version(record)?.1 == 0)
 }
 
+/// Pending writes of an apply group are written once they hold this many bytes of keys and
+/// values (or when the group is published).
+pub(crate) const PENDING_BYTES: usize = 4 << 20;
+
 /// The writer's handle: applies commands one after another, then publishes them together.
+///
+/// The key-space writes of consecutive commands (and their apply positions) collect in one
+/// batch, written to the engine in one write when [`publish`](Self::publish) is called (or
+/// once the batch holds 4 MiB, or before a command that reads or writes the engine
+/// directly); meanwhile write transactions read the group's changes on top of one engine
+/// snapshot (a `Group`). The writes are atomic with the apply position either way: a crash
+/// leaves the engine at the end of a command.
 pub struct Applying<'a> {
     store: &'a Store,
     state: MutexGuard<'a, WriterState>,
+    /// Writes of the commands applied since the last engine write.
+    pending: WriteBatch,
+    /// The view of the engine plus `pending` that write transactions read; `None` after a
+    /// transaction was dropped without a commit (the view went with it) or once `pending` is
+    /// written.
+    group: Option<Group<'a>>,
     dirty: bool,
 }
 
 impl<'a> Applying<'a> {
     /// Begins a write transaction on top of everything applied so far.
-    pub fn begin(&self) -> WriteTxn<'a> {
-        WriteTxn::new(self.store, self.state.applied_rev)
+    pub fn begin(&mut self) -> Result<WriteTxn<'a>> {
+        let group = match self.group.take() {
+            Some(g) => g,
+            None => {
+                self.flush()?;
+                Group::new(self.store, self.state.applied_rev)
+            }
+        };
+        Ok(WriteTxn::new(self.store, group, self.state.applied_rev))
+    }
+
+    /// Writes the pending batch to the engine (not yet durable) and drops the group's view.
+    pub fn flush(&mut self) -> Result<()> {
+        self.group = None;
+        if self.pending.is_empty() {
+            return Ok(());
+        }
+        let mut batch = std::mem::take(&mut self.pending);
+        put_meta_i64(&mut batch, META_CURRENT_REV, self.state.applied_rev);
+        put_meta_i64(
+            &mut batch,
+            META_APPLIED_INDEX,
+            self.state.applied_index as i64,
+        );
+        self.store.engine.write(batch, false)?;
+        Ok(())
+    }
+
+    /// Adds `batch` to the pending writes as command number `index`.
+    fn add(&mut self, batch: WriteBatch, index: u64) -> Result<()> {
+        self.pending.append(batch);
+        self.state.applied_index = index;
+        self.dirty = true;
+        if self.pending.size_bytes() >= PENDING_BYTES {
+            self.flush()?;
+        }
+        Ok(())
     }
 
     /// The newest applied (not necessarily published) revision.
@@ -636,12 +690,10 @@ impl<'a> Applying<'a> {
 
     /// Writes the transaction as command number `index` (the apply index). Not yet durable.
     pub fn commit(&mut self, txn: WriteTxn<'a>, index: u64) -> Result<WriteOutcome> {
-        let (mut batch, outcome) = txn.finish()?;
-        put_meta_i64(&mut batch, META_APPLIED_INDEX, index as i64);
-        self.store.engine.write(batch, false)?;
+        let (batch, outcome, group) = txn.finish();
         self.state.applied_rev = outcome.rev;
-        self.state.applied_index = index;
-        self.dirty = true;
+        self.group = Some(group);
+        self.add(batch, index)?;
         Ok(outcome)
     }
 
@@ -659,11 +711,8 @@ impl<'a> Applying<'a> {
         }
         let mut batch = WriteBatch::new();
         put_meta_i64(&mut batch, META_COMPACT_SCHEDULED, rev);
-        put_meta_i64(&mut batch, META_APPLIED_INDEX, index as i64);
-        self.store.engine.write(batch, false)?;
+        self.add(batch, index)?;
         self.store.compact_rev.store(rev, Ordering::SeqCst);
-        self.state.applied_index = index;
-        self.dirty = true;
         let ticket = CompactTicket::new(rev);
         self.state.pending_compactions.push(ticket.clone());
         Ok(ticket)
@@ -684,10 +733,7 @@ impl<'a> Applying<'a> {
         } else {
             batch.delete(Table::Meta, key);
         }
-        put_meta_i64(&mut batch, META_APPLIED_INDEX, index as i64);
-        self.store.engine.write(batch, false)?;
-        self.state.applied_index = index;
-        self.dirty = true;
+        self.add(batch, index)?;
         let mut alarms = self.store.alarms.lock().map_err(|_| Error::Closed)?;
         if active {
             alarms.insert((member, alarm));
@@ -709,6 +755,8 @@ impl<'a> Applying<'a> {
         if !codec::is_supported(to) {
             return Err(Error::UnsupportedFormat(to));
         }
+        // Reads meta below, and records in the old format go out before the switch.
+        self.flush()?;
         // Excludes a re-encoder batch: it must not finish a migration to another target
         // after this switch (its last batch rewrites `migrate/to` and `storage_format`).
         let _background = self.store.background.lock().map_err(|_| Error::Closed)?;
@@ -756,17 +804,14 @@ impl<'a> Applying<'a> {
 
     /// Writes `batch` (writes outside the key space, e.g. the auth table) as command
     /// `index`, atomically with its apply position. Not yet durable.
-    pub fn write(&mut self, mut batch: WriteBatch, index: u64) -> Result<()> {
-        put_meta_i64(&mut batch, META_APPLIED_INDEX, index as i64);
-        self.store.engine.write(batch, false)?;
-        self.state.applied_index = index;
-        self.dirty = true;
-        Ok(())
+    pub fn write(&mut self, batch: WriteBatch, index: u64) -> Result<()> {
+        self.add(batch, index)
     }
 
     /// Makes everything applied durable (one fsync for the whole group), then lets readers see
     /// it and starts scheduled compactions.
     pub fn publish(mut self) -> Result<i64> {
+        self.flush()?;
         if self.dirty && self.store.opts.fsync {
             self.store.engine.sync()?;
         }

@@ -1,26 +1,68 @@
 //! [`WriteTxn`]: the changes of one command, all at one new revision.
+//!
+//! A transaction reads an apply *group*: one engine snapshot taken when the group began,
+//! plus the newest version of every key the group's earlier commands changed (their writes
+//! reach the engine together, in one batch, when the group is written). A read the group
+//! cannot answer exactly (a range over keys the group changed, an older revision the group
+//! wrote, the lease table after the group changed it) fails with [`Error::Regroup`]: the
+//! applier then writes the group and runs the command again on a fresh one.
 
 use bytes::Bytes;
 use metastore_proto::mvccpb::{event::EventType, Event, KeyValue};
 
 use super::key_codec::{kv_key, lease_key, rev_key};
-use super::store::{
-    lease_keys, put_meta_i64, range_snapshot, scan, Overlay, RangeOptions, RangeResult, Store,
-    META_CURRENT_REV,
-};
-use super::{KeyRange, Result};
+use super::store::{lease_keys, range_snapshot, scan, Overlay, RangeOptions, RangeResult, Store};
+use super::{Error, KeyRange, Result};
 use crate::storage::{codec, Snapshot, Table, WriteBatch};
 
 /// A write transaction: reads see the state before it plus its own changes; every change gets
 /// the revision `begin + 1` with increasing sub-revisions (the order events are delivered in).
 pub struct WriteTxn<'a> {
     store: &'a Store,
-    snap: Box<dyn Snapshot + 'a>,
+    group: Group<'a>,
     begin_rev: i64,
     sub: i64,
     batch: WriteBatch,
     changes: Overlay,
+    /// Whether this transaction changed the lease table.
+    leases_changed: bool,
     events: Vec<Event>,
+}
+
+/// What the commands of an apply group changed before the engine has it: see the module
+/// documentation.
+pub(crate) struct Group<'a> {
+    snap: Box<dyn Snapshot + 'a>,
+    /// The applied revision when `snap` was taken: the snapshot holds every revision up to it.
+    base_rev: i64,
+    /// The newest version of each key the group changed since (`None`: deleted).
+    changes: Overlay,
+    /// Whether the group changed the lease table since.
+    leases_changed: bool,
+}
+
+impl<'a> Group<'a> {
+    /// A group on top of everything the engine holds, which is revision `rev`.
+    pub(crate) fn new(store: &'a Store, rev: i64) -> Self {
+        Self {
+            snap: store.engine().snapshot(),
+            base_rev: rev,
+            changes: Overlay::new(),
+            leases_changed: false,
+        }
+    }
+}
+
+/// Whether `changes` holds a key in `range`.
+fn touches(changes: &Overlay, range: &KeyRange) -> bool {
+    use std::ops::Bound;
+    match range {
+        KeyRange::Single(k) => changes.contains_key(k),
+        _ => changes
+            .range::<[u8], _>((Bound::Included(range.start()), Bound::Unbounded))
+            .next()
+            .is_some_and(|(k, _)| range.contains(k)),
+    }
 }
 
 /// What a committed write transaction did.
@@ -33,14 +75,15 @@ pub struct WriteOutcome {
 }
 
 impl<'a> WriteTxn<'a> {
-    pub(crate) fn new(store: &'a Store, begin_rev: i64) -> Self {
+    pub(crate) fn new(store: &'a Store, group: Group<'a>, begin_rev: i64) -> Self {
         Self {
             store,
-            snap: store.engine().snapshot(),
+            group,
             begin_rev,
             sub: 0,
             batch: WriteBatch::new(),
             changes: Overlay::new(),
+            leases_changed: false,
             events: Vec::new(),
         }
     }
@@ -76,12 +119,16 @@ impl<'a> WriteTxn<'a> {
 
     /// The newest version of `key` as this transaction sees it.
     pub fn get(&self, key: &[u8]) -> Result<Option<KeyValue>> {
-        if let Some(c) = self.changes.get(key) {
+        if let Some(c) = self
+            .changes
+            .get(key)
+            .or_else(|| self.group.changes.get(key))
+        {
             return Ok(c.clone());
         }
         let mut out = None;
         scan(
-            self.snap.as_ref(),
+            self.group.snap.as_ref(),
             &KeyRange::Single(key.to_vec()),
             self.begin_rev,
             |r| {
@@ -97,15 +144,35 @@ impl<'a> WriteTxn<'a> {
     pub fn range(&self, range: &KeyRange, opts: RangeOptions) -> Result<RangeResult> {
         let cur = self.rev();
         let rev = self.store.check_rev(opts.rev, cur)?;
-        let touched = self.changes.keys().any(|k| range.contains(k));
+        if rev > self.group.base_rev && touches(&self.group.changes, range) {
+            // The group changed a key of the range after the snapshot. The newest version of
+            // a single key is known; anything else needs the group written first.
+            return match range {
+                KeyRange::Single(key) if rev >= self.begin_rev => {
+                    // At `begin_rev` (before this transaction's own changes) or after them.
+                    let kv = match self.changes.get(key) {
+                        Some(own) if rev == cur => own.clone(),
+                        _ => self.group.changes.get(key).cloned().flatten(),
+                    };
+                    Ok(RangeResult {
+                        count: usize::from(kv.is_some()),
+                        kvs: kv.into_iter().filter(|_| !opts.count_only).collect(),
+                        rev: cur,
+                    })
+                }
+                _ => Err(Error::Regroup),
+            };
+        }
+        let touched = touches(&self.changes, range);
         if rev <= self.begin_rev || !touched {
-            let mut r = range_snapshot(self.snap.as_ref(), range, rev.min(self.begin_rev), opts)?;
+            let snap = self.group.snap.as_ref();
+            let mut r = range_snapshot(snap, range, rev.min(self.begin_rev), opts)?;
             r.rev = cur;
             return Ok(r);
         }
         // Merge the snapshot at `begin_rev` with this transaction's changes.
         let mut merged = std::collections::BTreeMap::new();
-        scan(self.snap.as_ref(), range, self.begin_rev, |r| {
+        scan(self.group.snap.as_ref(), range, self.begin_rev, |r| {
             let kv = codec::decode(r)?;
             merged.insert(kv.key.to_vec(), kv);
             Ok(true)
@@ -136,6 +203,7 @@ impl<'a> WriteTxn<'a> {
         let prev = self.get(&key)?;
         let old_lease = prev.as_ref().map_or(0, |p| p.lease);
         if old_lease != lease {
+            self.leases_changed = true;
             if old_lease != 0 {
                 self.batch.delete(Table::Lease, lease_key(old_lease, &key));
             }
@@ -169,6 +237,7 @@ impl<'a> WriteTxn<'a> {
         let rev = self.write_rev();
         for prev in &live.kvs {
             if prev.lease != 0 {
+                self.leases_changed = true;
                 self.batch
                     .delete(Table::Lease, lease_key(prev.lease, &prev.key));
             }
@@ -184,6 +253,7 @@ impl<'a> WriteTxn<'a> {
 
     /// Records a granted lease.
     pub fn lease_grant(&mut self, id: i64, ttl: i64) {
+        self.leases_changed = true;
         self.batch
             .put(Table::Lease, lease_key(id, &[]), ttl.to_le_bytes().to_vec());
     }
@@ -191,11 +261,15 @@ impl<'a> WriteTxn<'a> {
     /// Revokes a lease: deletes every key attached to it (all at this transaction's revision)
     /// and the lease itself. Returns the deleted keys' previous values.
     pub fn lease_revoke(&mut self, id: i64) -> Result<Vec<KeyValue>> {
-        let keys = lease_keys(self.snap.as_ref(), id)?;
+        if self.group.leases_changed {
+            return Err(Error::Regroup);
+        }
+        let keys = lease_keys(self.group.snap.as_ref(), id)?;
         let mut deleted = Vec::new();
         for k in keys {
             deleted.extend(self.delete_range(&KeyRange::Single(k))?);
         }
+        self.leases_changed = true;
         self.batch.delete(Table::Lease, lease_key(id, &[]));
         Ok(deleted)
     }
@@ -218,19 +292,21 @@ impl<'a> WriteTxn<'a> {
         Ok(())
     }
 
-    /// Ends the transaction: the batch to write and what it did.
-    pub(crate) fn finish(mut self) -> Result<(WriteBatch, WriteOutcome)> {
+    /// Ends the transaction: the batch to write, what it did, and the group with this
+    /// transaction's changes added (as if the batch were written).
+    pub(crate) fn finish(self) -> (WriteBatch, WriteOutcome, Group<'a>) {
         let rev = self.rev();
-        if self.has_changes() {
-            put_meta_i64(&mut self.batch, META_CURRENT_REV, rev);
-        }
-        Ok((
+        let mut group = self.group;
+        group.changes.extend(self.changes);
+        group.leases_changed |= self.leases_changed;
+        (
             self.batch,
             WriteOutcome {
                 rev,
                 events: self.events,
             },
-        ))
+            group,
+        )
     }
 }
 

@@ -105,6 +105,12 @@ impl WriteBatch {
         self.delete_range(table, Vec::new(), None);
     }
 
+    /// Appends `other`'s operations after this batch's, in order.
+    pub fn append(&mut self, mut other: WriteBatch) {
+        self.bytes += other.bytes;
+        self.ops.append(&mut other.ops);
+    }
+
     pub fn is_empty(&self) -> bool {
         self.ops.is_empty()
     }

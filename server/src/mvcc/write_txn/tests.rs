@@ -26,7 +26,7 @@ fn stores() -> Vec<(Arc<Store>, Option<tempfile::TempDir>)> {
 
 fn put(s: &Store, k: &str, v: &str) -> i64 {
     let mut a = s.applier().expect("applier");
-    let mut t = a.begin();
+    let mut t = a.begin().expect("begin");
     t.put(Bytes::from(k.to_string()), Bytes::from(v.to_string()), 0)
         .expect("put");
     let index = s.applied_index() + 1;
@@ -37,7 +37,7 @@ fn put(s: &Store, k: &str, v: &str) -> i64 {
 
 fn del(s: &Store, range: KeyRange) -> usize {
     let mut a = s.applier().expect("applier");
-    let mut t = a.begin();
+    let mut t = a.begin().expect("begin");
     let n = t.delete_range(&range).expect("delete").len();
     let index = s.applied_index() + 1;
     a.commit(t, index).expect("commit");
@@ -160,7 +160,7 @@ fn txn_reads_see_own_writes_and_share_one_revision() {
     for (s, _d) in stores() {
         put(&s, "x", "0");
         let mut a = s.applier().expect("applier");
-        let mut t = a.begin();
+        let mut t = a.begin().expect("begin");
         assert_eq!(t.rev(), 2);
         t.put(Bytes::from("y"), Bytes::from("1"), 0).expect("put");
         t.delete_range(&KeyRange::Single(b"x".to_vec()))
@@ -264,7 +264,7 @@ async fn history_replays_events_in_order_and_respects_compaction() {
         put(&s, "a", "1"); // 2
         {
             let mut a = s.applier().expect("applier");
-            let mut t = a.begin();
+            let mut t = a.begin().expect("begin");
             t.put(Bytes::from("c"), Bytes::from("x"), 0).expect("put");
             t.put(Bytes::from("b"), Bytes::from("y"), 0).expect("put");
             a.commit(t, 2).expect("commit"); // 3: c then b
