@@ -73,8 +73,9 @@ pub struct RangeResult {
 /// Readers and the single writer never block each other. The writer applies commands through
 /// [`Applying`] (one at a time: it holds the writer lock), collecting a group of commands'
 /// writes in one batch written to the engine without fsync; [`Applying::publish`] then
-/// syncs once for the whole group and only then moves `current_rev` forward. Readers read at `current_rev`, so they never observe a
-/// revision that is not yet durable, even though its entries may already sit in the engine.
+/// syncs once for the whole group and only then moves `current_rev` forward. Readers read at
+/// `current_rev`, so they never observe a revision that is not yet durable, even though its
+/// entries may already sit in the engine.
 pub struct Store {
     engine: Arc<dyn Engine>,
     opts: StoreOptions,
@@ -672,17 +673,6 @@ impl<'a> Applying<'a> {
         Ok(())
     }
 
-    /// Adds `batch` to the pending writes as command number `index`.
-    fn add(&mut self, batch: WriteBatch, index: u64) -> Result<()> {
-        self.pending.append(batch);
-        self.state.applied_index = index;
-        self.dirty = true;
-        if self.pending.size_bytes() >= PENDING_BYTES {
-            self.flush()?;
-        }
-        Ok(())
-    }
-
     /// The newest applied (not necessarily published) revision.
     pub fn applied_rev(&self) -> i64 {
         self.state.applied_rev
@@ -693,7 +683,7 @@ impl<'a> Applying<'a> {
         let (batch, outcome, group) = txn.finish();
         self.state.applied_rev = outcome.rev;
         self.group = Some(group);
-        self.add(batch, index)?;
+        self.write(batch, index)?;
         Ok(outcome)
     }
 
@@ -711,7 +701,7 @@ impl<'a> Applying<'a> {
         }
         let mut batch = WriteBatch::new();
         put_meta_i64(&mut batch, META_COMPACT_SCHEDULED, rev);
-        self.add(batch, index)?;
+        self.write(batch, index)?;
         self.store.compact_rev.store(rev, Ordering::SeqCst);
         let ticket = CompactTicket::new(rev);
         self.state.pending_compactions.push(ticket.clone());
@@ -733,7 +723,7 @@ impl<'a> Applying<'a> {
         } else {
             batch.delete(Table::Meta, key);
         }
-        self.add(batch, index)?;
+        self.write(batch, index)?;
         let mut alarms = self.store.alarms.lock().map_err(|_| Error::Closed)?;
         if active {
             alarms.insert((member, alarm));
@@ -779,11 +769,10 @@ impl<'a> Applying<'a> {
             let highest = stored.max(to).max(migrating.unwrap_or(0));
             batch.put(Table::Meta, META_STORAGE_FORMAT.to_vec(), vec![highest]);
         }
-        put_meta_i64(&mut batch, META_APPLIED_INDEX, index as i64);
-        self.store.engine.write(batch, false)?;
+        // Written at once, under the background lock.
+        self.write(batch, index)?;
+        self.flush()?;
         self.store.write_format.store(to, Ordering::SeqCst);
-        self.state.applied_index = index;
-        self.dirty = true;
         Ok(pending)
     }
 
@@ -802,10 +791,17 @@ impl<'a> Applying<'a> {
         self.write(WriteBatch::new(), index)
     }
 
-    /// Writes `batch` (writes outside the key space, e.g. the auth table) as command
-    /// `index`, atomically with its apply position. Not yet durable.
+    /// Adds `batch` (e.g. auth-table writes) to the group's pending writes as command
+    /// `index`: it reaches the engine with that apply position, at the next flush. Not yet
+    /// durable.
     pub fn write(&mut self, batch: WriteBatch, index: u64) -> Result<()> {
-        self.add(batch, index)
+        self.pending.append(batch);
+        self.state.applied_index = index;
+        self.dirty = true;
+        if self.pending.size_bytes() >= PENDING_BYTES {
+            self.flush()?;
+        }
+        Ok(())
     }
 
     /// Makes everything applied durable (one fsync for the whole group), then lets readers see

@@ -11,9 +11,10 @@
 //! to a task of its own under a semaphore of one; submitting in place spared a spawn and a
 //! wake-up per entry, ~0.04 ms of a lone put, docs/PERFORMANCE.md.) With eight in flight,
 //! three apply rounds in four carried a single command and 16 clients got 6,500 puts/s
-//! against 10,700 with one (docs/PERFORMANCE.md, 2026-12-02). The larger groups first exposed a watch-hub bug (a
-//! replay round that also cancelled a compacted watcher marked a lagging one caught up,
-//! skipping a whole group's events), fixed in `watch/hub.rs` with a regression test.
+//! against 10,700 with one (docs/PERFORMANCE.md, 2026-12-02). The larger groups first
+//! exposed a watch-hub bug (a replay round that also cancelled a compacted watcher marked a
+//! lagging one caught up, skipping a whole group's events), fixed in `watch/hub.rs` with a
+//! regression test.
 
 use std::sync::Arc;
 
