@@ -194,7 +194,7 @@ impl Context {
         }
         let rev = applying.publish().map_err(sm_err)?;
         if !events.is_empty() {
-            self.watch.notify(&events, rev);
+            self.watch.notify(events, rev);
         }
         // Publish the applied index before answering, so a client that got its answer and
         // asks a linearizable read or Status next sees at least its own entry.

@@ -569,7 +569,7 @@ async fn watch(State(g): State<Gateway>, headers: HeaderMap, body: Body) -> Resp
             async move { failure.lock().ok().and_then(|mut s| s.take()).map(Err) },
         )
         .filter_map(futures::future::ready);
-    stream_response(out.map(Ok).chain(tail)).await
+    stream_response(out.map(|o| Ok(o.into_response())).chain(tail)).await
 }
 
 async fn lease_keep_alive(State(g): State<Gateway>, body: Body) -> Response {

@@ -270,7 +270,7 @@ impl HubWatch {
                     rev,
                     events,
                     ..
-                }) => return Ok((watch_id, rev, events)),
+                }) => return Ok((watch_id, rev, events.to_vec())),
                 Some(Delivery::Compacted { .. }) => {
                     return Err(Status::unknown(super::status::MSG_COMPACTED))
                 }

@@ -50,7 +50,6 @@ use metastore_proto::etcdserverpb::cluster_server::ClusterServer;
 use metastore_proto::etcdserverpb::kv_server::KvServer;
 use metastore_proto::etcdserverpb::lease_server::LeaseServer;
 use metastore_proto::etcdserverpb::maintenance_server::MaintenanceServer;
-use metastore_proto::etcdserverpb::watch_server::WatchServer;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
@@ -618,11 +617,7 @@ pub async fn start(config: &Config) -> Result<Server, ServerError> {
         LeaseServer::new(lease_service::LeaseService::new(weak.clone()))
             .max_decoding_message_size(max_msg),
     )
-    .add_service(
-        WatchServer::new(watch_service::WatchService::new(weak.clone()))
-            .max_decoding_message_size(max_msg)
-            .max_encoding_message_size(usize::MAX),
-    )
+    .add_service(watch_service::WatchService::new(weak.clone(), max_msg))
     .add_service(
         metastore_proto::v3lockpb::lock_server::LockServer::new(lock_service::LockService::new(
             weak.clone(),

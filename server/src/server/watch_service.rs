@@ -9,15 +9,21 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
+use std::convert::Infallible;
+use std::future::Future;
+use std::task::{Context, Poll};
+
+use bytes::BufMut;
 use futures::{Stream, StreamExt};
 use metastore_proto::etcdserverpb::watch_request::RequestUnion;
-use metastore_proto::etcdserverpb::watch_server::Watch;
 use metastore_proto::etcdserverpb::{
-    watch_create_request::FilterType, WatchCreateRequest, WatchRequest, WatchResponse,
+    watch_create_request::FilterType, ResponseHeader, WatchCreateRequest, WatchRequest,
+    WatchResponse,
 };
 use prost::Message;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
+use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
 use tonic::{Request, Response, Status, Streaming};
 
 use super::node::{Node, NodeRef};
@@ -25,22 +31,197 @@ use super::status::to_status;
 use crate::apply::ApplyError;
 use crate::auth::Credentials;
 use crate::mvcc::KeyRange;
-use crate::watch::{Delivery, StreamId, WatchSpec};
+use crate::watch::{Delivery, Events, StreamId, WatchSpec};
 
 /// Messages buffered per stream before its watchers fall back to history replay.
 pub const STREAM_BUFFER: usize = 256;
 
+/// The `etcdserverpb.Watch` service: tonic's generated server, except that responses carrying
+/// events are written from the events' shared encodings ([`WatchCodec`]) instead of being
+/// encoded again for every watcher that gets them.
+#[derive(Clone)]
 pub struct WatchService {
     node: NodeRef,
+    /// The largest request message accepted.
+    max_decoding: usize,
 }
 
 impl WatchService {
-    pub fn new(node: NodeRef) -> Self {
-        Self { node }
+    pub fn new(node: NodeRef, max_decoding: usize) -> Self {
+        Self { node, max_decoding }
     }
 }
 
-type WatchStream = Pin<Box<dyn Stream<Item = Result<WatchResponse, Status>> + Send>>;
+/// The gRPC path of the service's one method.
+pub const WATCH_PATH: &str = "/etcdserverpb.Watch/Watch";
+
+impl tonic::server::NamedService for WatchService {
+    const NAME: &'static str = "etcdserverpb.Watch";
+}
+
+type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
+
+impl tower::Service<http::Request<tonic::body::Body>> for WatchService {
+    type Response = http::Response<tonic::body::Body>;
+    type Error = Infallible;
+    type Future = BoxFuture<Result<Self::Response, Infallible>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: http::Request<tonic::body::Body>) -> Self::Future {
+        if req.uri().path() != WATCH_PATH {
+            // As tonic's generated servers answer an unknown method of their service.
+            return Box::pin(async { Ok(Status::unimplemented("").into_http()) });
+        }
+        let method = WatchMethod(self.node.clone());
+        let max = self.max_decoding;
+        Box::pin(async move {
+            let mut grpc = tonic::server::Grpc::new(WatchCodec)
+                .apply_max_message_size_config(Some(max), Some(usize::MAX));
+            Ok(grpc.streaming(method, req).await)
+        })
+    }
+}
+
+/// One message of a watch stream for the client.
+#[derive(Debug, Clone, PartialEq)]
+pub enum WatchOut {
+    /// Any response without events.
+    Response(WatchResponse),
+    /// A response carrying events, written from their shared encodings.
+    Events(EventResponse),
+}
+
+/// A `WatchResponse` carrying events, whose encoding copies the events' shared encodings.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EventResponse {
+    pub header: ResponseHeader,
+    pub watch_id: i64,
+    pub fragment: bool,
+    pub events: Events,
+}
+
+impl EventResponse {
+    fn encoded_len(&self) -> usize {
+        use prost::encoding::{bool, int64, message};
+        let watch_id = if self.watch_id != 0 {
+            int64::encoded_len(2, &self.watch_id)
+        } else {
+            0
+        };
+        let fragment = if self.fragment {
+            bool::encoded_len(7, &self.fragment)
+        } else {
+            0
+        };
+        message::encoded_len(1, &self.header) + watch_id + fragment + self.events.encoded_len()
+    }
+
+    /// Fields in prost's order, as it would write them.
+    fn encode(&self, buf: &mut impl BufMut) {
+        use prost::encoding::{bool, int64, message};
+        message::encode(1, &self.header, buf);
+        if self.watch_id != 0 {
+            int64::encode(2, &self.watch_id, buf);
+        }
+        if self.fragment {
+            bool::encode(7, &self.fragment, buf);
+        }
+        self.events.encode(buf);
+    }
+}
+
+impl WatchOut {
+    /// The message as prost's type (the JSON gateway writes it).
+    pub fn into_response(self) -> WatchResponse {
+        match self {
+            WatchOut::Response(r) => r,
+            WatchOut::Events(e) => WatchResponse {
+                header: Some(e.header),
+                watch_id: e.watch_id,
+                fragment: e.fragment,
+                events: e.events.to_vec(),
+                ..Default::default()
+            },
+        }
+    }
+
+    /// Bytes of the encoded message.
+    pub fn encoded_len(&self) -> usize {
+        match self {
+            WatchOut::Response(r) => r.encoded_len(),
+            WatchOut::Events(e) => e.encoded_len(),
+        }
+    }
+
+    /// Writes the message as a `WatchResponse`.
+    pub fn encode(&self, buf: &mut impl BufMut) {
+        match self {
+            WatchOut::Response(r) => r.encode_raw(buf),
+            WatchOut::Events(e) => e.encode(buf),
+        }
+    }
+}
+
+/// The Watch method's codec: requests decoded by prost, responses written by [`WatchOut`].
+#[derive(Debug, Clone, Copy, Default)]
+pub struct WatchCodec;
+
+impl Codec for WatchCodec {
+    type Encode = WatchOut;
+    type Decode = WatchRequest;
+    type Encoder = WatchCodec;
+    type Decoder = WatchCodec;
+
+    fn encoder(&mut self) -> Self::Encoder {
+        WatchCodec
+    }
+
+    fn decoder(&mut self) -> Self::Decoder {
+        WatchCodec
+    }
+}
+
+impl Encoder for WatchCodec {
+    type Item = WatchOut;
+    type Error = Status;
+
+    fn encode(&mut self, item: WatchOut, dst: &mut EncodeBuf<'_>) -> Result<(), Status> {
+        dst.reserve(item.encoded_len());
+        item.encode(dst);
+        Ok(())
+    }
+}
+
+impl Decoder for WatchCodec {
+    type Item = WatchRequest;
+    type Error = Status;
+
+    fn decode(&mut self, src: &mut DecodeBuf<'_>) -> Result<Option<WatchRequest>, Status> {
+        // tonic's prost codec answers a malformed message the same way.
+        WatchRequest::decode(src)
+            .map(Some)
+            .map_err(|e| Status::internal(e.to_string()))
+    }
+}
+
+type WatchStream = Pin<Box<dyn Stream<Item = Result<WatchOut, Status>> + Send>>;
+
+/// The method behind [`WatchService`], as tonic's generated code has one per method.
+struct WatchMethod(NodeRef);
+
+impl tonic::server::StreamingService<WatchRequest> for WatchMethod {
+    type Response = WatchOut;
+    type ResponseStream = WatchStream;
+    type Future = BoxFuture<Result<Response<WatchStream>, Status>>;
+
+    fn call(&mut self, req: Request<Streaming<WatchRequest>>) -> Self::Future {
+        let node = self.0.clone();
+        Box::pin(async move { watch(node, req).await })
+    }
+}
 
 /// What a watch stream does when its client stops sending requests.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -61,7 +242,7 @@ pub fn open<S>(
     inbound: S,
     on_end: InboundEnd,
     creds: Credentials,
-) -> Result<impl Stream<Item = WatchResponse> + Send + 'static, Status>
+) -> Result<impl Stream<Item = WatchOut> + Send + 'static, Status>
 where
     S: Stream<Item = Result<WatchRequest, Status>> + Send + Unpin + 'static,
 {
@@ -87,44 +268,41 @@ where
     }))
 }
 
-#[tonic::async_trait]
-impl Watch for WatchService {
-    async fn watch(
-        &self,
-        req: Request<Streaming<WatchRequest>>,
-    ) -> Result<Response<WatchStream>, Status> {
-        // etcd's `hasleader` metadata: such a stream is refused without a leader, and ended
-        // with "no leader" once the leader has been gone for three election timeouts.
-        let require_leader = req
-            .metadata()
-            .get(REQUIRE_LEADER_KEY)
-            .and_then(|v| v.to_str().ok())
-            == Some("true");
-        // As etcd, a client that half-closes its side keeps getting events: the stream ends
-        // when the client goes away (or the node stops).
-        if !require_leader {
-            let creds = Credentials::of(&req);
-            let out = open(&self.node, req.into_inner(), InboundEnd::KeepOpen, creds)?;
-            return Ok(Response::new(Box::pin(out.map(Ok))));
-        }
-        let node = self.node.get()?;
-        if node.replica.leader_id().is_none() {
-            return Err(to_status(&ApplyError::NoLeader));
-        }
-        let election = node.replica.timing.election;
-        drop(node);
+async fn watch(
+    node_ref: NodeRef,
+    req: Request<Streaming<WatchRequest>>,
+) -> Result<Response<WatchStream>, Status> {
+    // etcd's `hasleader` metadata: such a stream is refused without a leader, and ended
+    // with "no leader" once the leader has been gone for three election timeouts.
+    let require_leader = req
+        .metadata()
+        .get(REQUIRE_LEADER_KEY)
+        .and_then(|v| v.to_str().ok())
+        == Some("true");
+    // As etcd, a client that half-closes its side keeps getting events: the stream ends
+    // when the client goes away (or the node stops).
+    if !require_leader {
         let creds = Credentials::of(&req);
-        let out = open(&self.node, req.into_inner(), InboundEnd::KeepOpen, creds)?;
-        let lost = Arc::new(AtomicBool::new(false));
-        let monitor = leader_lost(self.node.clone(), election, lost.clone());
-        let ending =
-            futures::stream::once(async move { lost.load(Ordering::SeqCst) }).filter_map(|lost| {
-                futures::future::ready(lost.then(|| Err(to_status(&ApplyError::NoLeader))))
-            });
-        Ok(Response::new(Box::pin(
-            out.map(Ok).take_until(monitor).chain(ending),
-        )))
+        let out = open(&node_ref, req.into_inner(), InboundEnd::KeepOpen, creds)?;
+        return Ok(Response::new(Box::pin(out.map(Ok))));
     }
+    let node = node_ref.get()?;
+    if node.replica.leader_id().is_none() {
+        return Err(to_status(&ApplyError::NoLeader));
+    }
+    let election = node.replica.timing.election;
+    drop(node);
+    let creds = Credentials::of(&req);
+    let out = open(&node_ref, req.into_inner(), InboundEnd::KeepOpen, creds)?;
+    let lost = Arc::new(AtomicBool::new(false));
+    let monitor = leader_lost(node_ref.clone(), election, lost.clone());
+    let ending =
+        futures::stream::once(async move { lost.load(Ordering::SeqCst) }).filter_map(|lost| {
+            futures::future::ready(lost.then(|| Err(to_status(&ApplyError::NoLeader))))
+        });
+    Ok(Response::new(Box::pin(
+        out.map(Ok).take_until(monitor).chain(ending),
+    )))
 }
 
 /// The gRPC metadata key etcd clients set (`WithRequireLeader`) on streams that must end
@@ -273,69 +451,145 @@ async fn create(
 
 /// The wire responses for one delivery: one, or several fragments when the watcher asked for
 /// `fragment` and the events exceed `--max-request-bytes`.
-fn to_responses(node: &Node, d: Delivery, max_bytes: usize) -> Vec<WatchResponse> {
+fn to_responses(node: &Node, d: Delivery, max_bytes: usize) -> Vec<WatchOut> {
     let base = |watch_id, rev| WatchResponse {
         header: Some(node.header(rev)),
         watch_id,
         ..Default::default()
     };
+    let one = |r| vec![WatchOut::Response(r)];
     match d {
-        Delivery::Created { watch_id, rev } => vec![WatchResponse {
+        Delivery::Created { watch_id, rev } => one(WatchResponse {
             created: true,
             ..base(watch_id, rev)
-        }],
+        }),
         Delivery::Refused {
             watch_id,
             rev,
             reason,
-        } => vec![WatchResponse {
+        } => one(WatchResponse {
             created: true,
             canceled: true,
             cancel_reason: reason,
             ..base(watch_id, rev)
-        }],
-        Delivery::Canceled { watch_id, rev } => vec![WatchResponse {
+        }),
+        Delivery::Canceled { watch_id, rev } => one(WatchResponse {
             canceled: true,
             ..base(watch_id, rev)
-        }],
+        }),
         Delivery::Compacted {
             watch_id,
             compact_rev,
             rev,
-        } => vec![WatchResponse {
+        } => one(WatchResponse {
             canceled: true,
             compact_revision: compact_rev,
             ..base(watch_id, rev)
-        }],
-        Delivery::Progress { watch_id, rev } => vec![base(watch_id, rev)],
+        }),
+        Delivery::Progress { watch_id, rev } => one(base(watch_id, rev)),
         Delivery::Events {
             watch_id,
             rev,
             events,
             fragment,
         } => {
-            let whole = WatchResponse {
-                events,
-                ..base(watch_id, rev)
+            let header = node.header(rev);
+            let whole = |events| {
+                WatchOut::Events(EventResponse {
+                    header,
+                    watch_id,
+                    fragment: false,
+                    events,
+                })
             };
-            if !fragment || whole.encoded_len() <= max_bytes {
-                return vec![whole];
+            if !fragment {
+                return vec![whole(events)];
             }
-            let mut out: Vec<WatchResponse> = Vec::new();
-            let mut cur = base(watch_id, rev);
-            let mut size = 0;
-            for e in whole.events {
-                let n = e.encoded_len();
-                if !cur.events.is_empty() && size + n > max_bytes {
-                    cur.fragment = true;
-                    out.push(std::mem::replace(&mut cur, base(watch_id, rev)));
-                    size = 0;
-                }
-                size += n;
-                cur.events.push(e);
+            let one = whole(events.clone());
+            if one.encoded_len() <= max_bytes {
+                return vec![one];
             }
-            out.push(cur);
-            out
+            let parts = events.split(max_bytes);
+            let last = parts.len() - 1;
+            parts
+                .into_iter()
+                .enumerate()
+                .map(|(i, events)| {
+                    WatchOut::Events(EventResponse {
+                        header,
+                        watch_id,
+                        fragment: i < last,
+                        events,
+                    })
+                })
+                .collect()
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::Bytes;
+    use metastore_proto::mvccpb::{Event, KeyValue};
+
+    fn kv(key: &str, rev: i64) -> KeyValue {
+        KeyValue {
+            key: Bytes::from(key.to_string()),
+            value: Bytes::from(format!("value of {key} at {rev}")),
+            create_revision: 2,
+            mod_revision: rev,
+            version: 1,
+            lease: 9,
+        }
+    }
+
+    #[test]
+    fn event_responses_are_the_bytes_prost_writes() {
+        let batch = crate::watch::events::batch(
+            (0..5)
+                .map(|i| Event {
+                    r#type: i % 2,
+                    kv: Some(kv(&format!("k{i}"), 10 + i as i64)),
+                    prev_kv: Some(kv(&format!("k{i}"), 5)),
+                })
+                .collect(),
+        );
+        let header = ResponseHeader {
+            cluster_id: 11,
+            member_id: 12,
+            revision: 14,
+            raft_term: 3,
+        };
+        for (watch_id, fragment, prev_kv) in [(0, false, false), (7, true, true), (-1, false, true)]
+        {
+            let out = WatchOut::Events(EventResponse {
+                header,
+                watch_id,
+                fragment,
+                events: Events::all(&batch, prev_kv),
+            });
+            let mut buf = Vec::new();
+            out.encode(&mut buf);
+            let expect = out.clone().into_response();
+            assert_eq!(expect.events.len(), 5);
+            assert_eq!(expect.events[0].prev_kv.is_some(), prev_kv);
+            assert_eq!(
+                buf,
+                expect.encode_to_vec(),
+                "{watch_id} {fragment} {prev_kv}"
+            );
+            assert_eq!(out.encoded_len(), buf.len());
+        }
+        let plain = WatchOut::Response(WatchResponse {
+            header: Some(header),
+            created: true,
+            cancel_reason: "x".into(),
+            ..Default::default()
+        });
+        let mut buf = Vec::new();
+        plain.encode(&mut buf);
+        assert_eq!(buf, plain.clone().into_response().encode_to_vec());
+        assert_eq!(plain.encoded_len(), buf.len());
     }
 }

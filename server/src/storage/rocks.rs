@@ -518,20 +518,39 @@ mod tests {
         let e = RocksEngine::open(dir.path(), &bounded).expect("open");
         write(&e);
         // Flushes the bound triggered run in the background; what it governs is what is held
-        // once they are done. A flush can be decided by the last write and still be unscheduled
-        // when the flush counters are read, so wait on what is held itself (unbounded, it stays
-        // at 48 MiB: nothing ever flushes it). The limit: the bound, plus the memtable being
-        // filled when a flush was decided and arena slack.
+        // once they are done. They queue behind one another (one flush thread) and each ends
+        // in an fsync, so on a busy disk they can take seconds: wait on what is held itself
+        // (unbounded, it stays at 48 MiB: nothing ever flushes it). RocksDB checks the bound
+        // when a write arrives, so a flush the bound calls for after the last write of the
+        // loop waits for the next one: each wait writes one small key. The limit: the bound,
+        // plus the memtable being filled when a flush was decided and arena slack.
         let limit = 16 * MIB as u64;
         let mut held = memtable_bytes(&e);
-        for _ in 0..500 {
+        for i in 0..600u32 {
             if held <= limit {
                 break;
             }
-            std::thread::sleep(std::time::Duration::from_millis(10));
+            std::thread::sleep(std::time::Duration::from_millis(100));
+            let mut b = WriteBatch::new();
+            b.put(
+                Table::Kv,
+                [b"tick".as_slice(), &i.to_be_bytes()].concat(),
+                vec![0],
+            );
+            e.write(b, false).expect("write");
             held = memtable_bytes(&e);
         }
-        assert!(held <= limit, "{held} bytes in memtables");
+        let pending: Vec<_> = [
+            "rocksdb.num-immutable-mem-table",
+            "rocksdb.num-running-flushes",
+        ]
+        .iter()
+        .map(|p| (*p, e.int_property(e.cf(Table::Kv).expect("cf"), p)))
+        .collect();
+        assert!(
+            held <= limit,
+            "{held} bytes in memtables after 60 s; {pending:?}"
+        );
         drop(e);
 
         // Without the total bound, each family's own 64 MiB lets it all stay in memory.

@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use metastore_proto::mvccpb::{event::EventType, Event};
 use tokio::sync::mpsc;
 
+use super::events::{self, Batch, Events};
 use crate::mvcc::{self, KeyRange, RangeOptions, Store};
 
 pub type StreamId = u64;
@@ -52,7 +53,7 @@ pub enum Delivery {
     Events {
         watch_id: WatchId,
         rev: i64,
-        events: Vec<Event>,
+        events: Events,
         fragment: bool,
     },
     /// The watcher's history is compacted away: it is canceled.
@@ -158,21 +159,11 @@ fn event_rev(ev: &Event) -> i64 {
     ev.kv.as_ref().map_or(0, |kv| kv.mod_revision)
 }
 
-/// The events of `events` a watcher should get, from revision `from` on.
-fn select(spec: &WatchSpec, events: &[Event], from: i64) -> Vec<Event> {
-    events
-        .iter()
-        .filter(|e| event_rev(e) >= from && matches(spec, e))
-        .map(|e| Event {
-            r#type: e.r#type,
-            kv: e.kv.clone(),
-            prev_kv: if spec.prev_kv {
-                e.prev_kv.clone()
-            } else {
-                None
-            },
-        })
-        .collect()
+/// The events of `batch` a watcher should get, from revision `from` on.
+fn select(spec: &WatchSpec, batch: &Batch, from: i64) -> Events {
+    Events::select(batch, spec.prev_kv, |e| {
+        event_rev(e) >= from && matches(spec, e)
+    })
 }
 
 impl WatchHub {
@@ -320,7 +311,8 @@ impl WatchHub {
 
     /// Hands the events of newly published revisions (up to `rev`) to synced watchers.
     /// Called by the apply pipeline after each durable group, with the events in order.
-    pub fn notify(&self, events: &[Event], rev: i64) {
+    pub fn notify(&self, events: Vec<Event>, rev: i64) {
+        let batch = events::batch(events);
         let mut st = self.lock();
         let mut lagging = false;
         let mut closed = Vec::new();
@@ -333,9 +325,9 @@ impl WatchHub {
                     // watcher skipped here would never get them. Leave it to the syncer,
                     // which replays them once `activate` wakes it.
                     if w.synced
-                        && events
-                            .iter()
-                            .any(|e| event_rev(e) >= w.next_rev && matches(&w.spec, e))
+                        && batch.iter().any(|e| {
+                            event_rev(e.event()) >= w.next_rev && matches(&w.spec, e.event())
+                        })
                     {
                         w.synced = false;
                     } else if w.synced {
@@ -349,12 +341,12 @@ impl WatchHub {
                 if stream_closed {
                     break;
                 }
-                let evs = select(&w.spec, events, w.next_rev);
+                let evs = select(&w.spec, &batch, w.next_rev);
                 if evs.is_empty() {
                     w.next_rev = w.next_rev.max(rev + 1);
                     continue;
                 }
-                let first = evs.first().map(event_rev).unwrap_or(rev);
+                let first = evs.first().map_or(rev, |e| event_rev(e.event()));
                 match s.tx.try_send(Delivery::Events {
                     watch_id: *id,
                     rev,
@@ -504,7 +496,7 @@ impl Inner {
         // replays nothing (a compaction raced the read; the next round sees it).
         let replay = if from > target {
             // Nothing published yet that these watchers want: they are caught up.
-            Some((Vec::new(), target))
+            Some((events::batch(Vec::new()), target))
         } else {
             match self.store.history(from, target, REPLAY_BATCH) {
                 Ok(mut events) => {
@@ -519,7 +511,7 @@ impl Inner {
                     } else {
                         target
                     };
-                    Some((events, upto))
+                    Some((events::batch(events), upto))
                 }
                 Err(mvcc::Error::Compacted) => None,
                 Err(e) => return Err(e),

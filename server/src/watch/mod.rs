@@ -3,6 +3,8 @@
 //! # Layout
 //! - [`hub`]: [`WatchHub`], the registry of streams and watchers, the fan-out of every
 //!   published group of revisions, and the syncer thread that replays history.
+//! - [`events`]: the events a delivery carries, shared by all the watchers that get them and
+//!   encoded for the wire once.
 //!
 //! # How events flow
 //! Every watcher is either *synced* (it has received every event up to the hub's notified
@@ -17,6 +19,8 @@
 //! Memory per stream is bounded by its buffer (messages) and each message by the replay batch
 //! size; a slow reader costs history reads later, not memory now.
 
+pub mod events;
 pub mod hub;
 
+pub use events::Events;
 pub use hub::{Delivery, StreamId, WatchError, WatchHub, WatchId, WatchSpec};

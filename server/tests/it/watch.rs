@@ -121,3 +121,83 @@ async fn a_half_closed_stream_keeps_delivering_events() -> anyhow::Result<()> {
     assert_eq!(ev.events.len(), 1);
     Ok(())
 }
+
+/// `fragment`: events over `--max-request-bytes` come in several responses, each but the last
+/// marked `fragment`, each within the limit; a watcher that did not ask gets them in one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fragmented_watchers_get_large_deliveries_in_pieces() -> anyhow::Result<()> {
+    use metastore_proto::etcdserverpb::watch_client::WatchClient;
+    use metastore_proto::etcdserverpb::{watch_request::RequestUnion, WatchCreateRequest};
+    use prost::Message;
+    const LIMIT: usize = 4096;
+    let s = TestServer::start(&["--max-request-bytes", &LIMIT.to_string()]).await?;
+    let mut c = s.client().await?;
+    for i in 0..20 {
+        c.put(format!("f/{i:02}"), "a".repeat(1000), None).await?; // 2..=21
+    }
+    c.put("f/00", "b".repeat(1000), None).await?; // 22, prev_kv "a..."
+    let mut raw = WatchClient::connect(format!("http://{}", s.addr())).await?;
+    let create = |watch_id, fragment| metastore_proto::etcdserverpb::WatchRequest {
+        request_union: Some(RequestUnion::CreateRequest(WatchCreateRequest {
+            key: "f/".into(),
+            range_end: "f0".into(),
+            start_revision: 2,
+            watch_id,
+            fragment,
+            prev_kv: fragment,
+            ..Default::default()
+        })),
+    };
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    tx.send(create(1, true)).await?;
+    tx.send(create(2, false)).await?;
+    let mut stream = raw
+        .watch(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await?
+        .into_inner();
+    let mut pieces: std::collections::HashMap<i64, Vec<_>> = Default::default();
+    let done =
+        |p: &std::collections::HashMap<i64, Vec<metastore_proto::etcdserverpb::WatchResponse>>| {
+            [1, 2].iter().all(|id| {
+                p.get(id)
+                    .is_some_and(|v| v.iter().map(|r| r.events.len()).sum::<usize>() == 21)
+            })
+        };
+    while !done(&pieces) {
+        let r = tokio::time::timeout(Duration::from_secs(5), stream.message())
+            .await??
+            .expect("stream open");
+        if !r.events.is_empty() {
+            pieces.entry(r.watch_id).or_default().push(r);
+        }
+    }
+    let fragmented = &pieces[&1];
+    assert!(fragmented.len() >= 5, "{} pieces", fragmented.len());
+    for (i, r) in fragmented.iter().enumerate() {
+        assert_eq!(r.fragment, i + 1 < fragmented.len(), "piece {i}");
+        let events: usize = r.events.iter().map(|e| e.encoded_len() + 3).sum();
+        assert!(events <= LIMIT, "piece {i}: {events} bytes");
+    }
+    let revs = |rs: &[metastore_proto::etcdserverpb::WatchResponse]| -> Vec<i64> {
+        rs.iter()
+            .flat_map(|r| &r.events)
+            .map(|e| e.kv.as_ref().map_or(0, |kv| kv.mod_revision))
+            .collect()
+    };
+    assert_eq!(revs(fragmented), (2..=22).collect::<Vec<_>>());
+    let last = fragmented
+        .last()
+        .and_then(|r| r.events.last())
+        .expect("event");
+    assert_eq!(
+        last.prev_kv.as_ref().map(|p| p.value.len()),
+        Some(1000),
+        "prev_kv where asked"
+    );
+    let whole = &pieces[&2];
+    assert_eq!(whole.len(), 1, "no fragments unless asked");
+    assert!(!whole[0].fragment);
+    assert_eq!(revs(whole), (2..=22).collect::<Vec<_>>());
+    assert!(whole[0].events.iter().all(|e| e.prev_kv.is_none()));
+    Ok(())
+}

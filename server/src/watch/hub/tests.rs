@@ -31,7 +31,7 @@ fn write(store: &Store, hub: &WatchHub, cmds: Vec<Command>) {
         events.append(&mut r.events);
     }
     let rev = a.publish().expect("publish");
-    hub.notify(&events, rev);
+    hub.notify(events, rev);
 }
 
 fn a_index(store: &Store) -> u64 {
@@ -92,6 +92,7 @@ fn flat(ds: &[Delivery]) -> Vec<(WatchId, String, i64, bool, Option<String>)> {
             Delivery::Events {
                 watch_id, events, ..
             } => events
+                .to_vec()
                 .iter()
                 .map(|e| {
                     let kv = e.kv.as_ref().expect("kv");
@@ -281,7 +282,7 @@ async fn ten_thousand_watchers_get_every_event_once_and_a_stuck_one_blocks_nobod
                         total += events.len();
                         per.entry(watch_id)
                             .or_default()
-                            .extend(events.iter().map(event_rev));
+                            .extend(events.iter().map(|e| event_rev(e.event())));
                     }
                     Ok(Some(_)) => {}
                     _ => break,
