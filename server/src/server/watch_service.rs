@@ -505,9 +505,9 @@ fn to_responses(node: &Node, d: Delivery, max_bytes: usize) -> Vec<WatchOut> {
             if !fragment {
                 return vec![whole(events)];
             }
-            let one = whole(events.clone());
-            if one.encoded_len() <= max_bytes {
-                return vec![one];
+            let unsplit = whole(events.clone());
+            if unsplit.encoded_len() <= max_bytes {
+                return vec![unsplit];
             }
             let parts = events.split(max_bytes);
             let last = parts.len() - 1;

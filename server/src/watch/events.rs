@@ -19,8 +19,10 @@ use prost::Message;
 #[derive(Debug)]
 pub struct SharedEvent {
     event: Event,
+    /// The encoding without `prev_kv`, when the event has one.
     bare: OnceLock<Vec<u8>>,
-    with_prev: OnceLock<Vec<u8>>,
+    /// The encoding of the whole event.
+    full: OnceLock<Vec<u8>>,
 }
 
 impl SharedEvent {
@@ -28,7 +30,7 @@ impl SharedEvent {
         Self {
             event,
             bare: OnceLock::new(),
-            with_prev: OnceLock::new(),
+            full: OnceLock::new(),
         }
     }
 
@@ -40,7 +42,7 @@ impl SharedEvent {
     /// The event's `mvccpb.Event` encoding, with its `prev_kv` or without.
     pub fn wire(&self, prev_kv: bool) -> &[u8] {
         if prev_kv || self.event.prev_kv.is_none() {
-            self.with_prev.get_or_init(|| self.event.encode_to_vec())
+            self.full.get_or_init(|| self.event.encode_to_vec())
         } else {
             self.bare
                 .get_or_init(|| self.to_event(false).encode_to_vec())
@@ -121,7 +123,8 @@ impl Events {
     }
 
     /// Every event of `batch`.
-    pub fn all(batch: &Batch, prev_kv: bool) -> Self {
+    #[cfg(test)]
+    pub(crate) fn all(batch: &Batch, prev_kv: bool) -> Self {
         Self::select(batch, prev_kv, |_| true)
     }
 
@@ -134,11 +137,6 @@ impl Events {
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
-    }
-
-    /// Whether the events carry their `prev_kv`.
-    pub fn prev_kv(&self) -> bool {
-        self.prev_kv
     }
 
     /// The events, in order.

@@ -159,11 +159,14 @@ fn event_rev(ev: &Event) -> i64 {
     ev.kv.as_ref().map_or(0, |kv| kv.mod_revision)
 }
 
+/// Whether a watcher whose next revision is `from` should get `ev`.
+fn wants(spec: &WatchSpec, ev: &Event, from: i64) -> bool {
+    event_rev(ev) >= from && matches(spec, ev)
+}
+
 /// The events of `batch` a watcher should get, from revision `from` on.
 fn select(spec: &WatchSpec, batch: &Batch, from: i64) -> Events {
-    Events::select(batch, spec.prev_kv, |e| {
-        event_rev(e) >= from && matches(spec, e)
-    })
+    Events::select(batch, spec.prev_kv, |e| wants(spec, e, from))
 }
 
 impl WatchHub {
@@ -324,11 +327,7 @@ impl WatchHub {
                     // stream yet; but `notified_rev` moves past these revisions, so a synced
                     // watcher skipped here would never get them. Leave it to the syncer,
                     // which replays them once `activate` wakes it.
-                    if w.synced
-                        && batch.iter().any(|e| {
-                            event_rev(e.event()) >= w.next_rev && matches(&w.spec, e.event())
-                        })
-                    {
+                    if w.synced && batch.iter().any(|e| wants(&w.spec, e.event(), w.next_rev)) {
                         w.synced = false;
                     } else if w.synced {
                         w.next_rev = w.next_rev.max(rev + 1);
