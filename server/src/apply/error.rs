@@ -59,6 +59,9 @@ pub enum ApplyError {
     /// A unary Range response would not fit one gRPC message (4 GiB).
     #[error("etcdserver: range response of {0} bytes exceeds 4 GiB; use limit or RangeStream")]
     ResponseTooLarge(u64),
+    /// A txn with a write was given to the read-only path (a server bug, never a client's).
+    #[error("etcdserver: txn with writes on the read-only path")]
+    NotReadOnly,
     /// A replication failure with no etcd equivalent; the message says what happened.
     #[error("etcdserver: {0}")]
     Raft(String),

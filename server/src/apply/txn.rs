@@ -9,13 +9,14 @@ use metastore_proto::etcdserverpb::{
     compare::{CompareResult, CompareTarget, TargetUnion},
     request_op::Request,
     response_op::Response,
-    Compare, DeleteRangeResponse, PutResponse, ResponseHeader, ResponseOp, TxnRequest, TxnResponse,
+    Compare, DeleteRangeResponse, PutResponse, RangeRequest, ResponseHeader, ResponseOp,
+    TxnRequest, TxnResponse,
 };
 use metastore_proto::mvccpb::KeyValue;
 
 use super::range::{range, ReadView};
 use super::{ApplyError, LeaseLookup, Result};
-use crate::mvcc::{self, KeyRange, RangeOptions, WriteTxn};
+use crate::mvcc::{self, KeyRange, RangeOptions, Store, WriteTxn};
 
 /// Whether every key in the compare's range satisfies it. A range with no keys compares as
 /// one key with zero fields, except on VALUE, which then always fails (etcd's rule).
@@ -77,14 +78,18 @@ pub fn path(view: &dyn ReadView, t: &TxnRequest) -> Result<Vec<bool>> {
     Ok(out)
 }
 
-fn walk_path(view: &dyn ReadView, t: &TxnRequest, out: &mut Vec<bool>) -> Result<()> {
-    let mut ok = true;
+/// Whether every compare of `t` (not of its nested txns) holds; stops at the first that fails.
+fn compares_hold(view: &dyn ReadView, t: &TxnRequest) -> Result<bool> {
     for c in &t.compare {
         if !compare(view, c)? {
-            ok = false;
-            break;
+            return Ok(false);
         }
     }
+    Ok(true)
+}
+
+fn walk_path(view: &dyn ReadView, t: &TxnRequest, out: &mut Vec<bool>) -> Result<()> {
+    let ok = compares_hold(view, t)?;
     out.push(ok);
     for op in if ok { &t.success } else { &t.failure } {
         if let Some(Request::RequestTxn(inner)) = &op.request {
@@ -92,6 +97,62 @@ fn walk_path(view: &dyn ReadView, t: &TxnRequest, out: &mut Vec<bool>) -> Result
         }
     }
     Ok(())
+}
+
+/// Every operation of `t`, both branches.
+fn ops(t: &TxnRequest) -> impl Iterator<Item = Option<&Request>> {
+    t.success
+        .iter()
+        .chain(&t.failure)
+        .map(|op| op.request.as_ref())
+}
+
+/// Whether every operation of `t`, in both branches, is a Range (etcd's `isTxnReadonly`; a
+/// nested txn counts as a write there too). Such a txn changes nothing, so it is answered
+/// without the log ([`execute_read_only`]).
+pub fn is_read_only(t: &TxnRequest) -> bool {
+    ops(t).all(|op| matches!(op, Some(Request::RequestRange(_))))
+}
+
+/// Whether `t` is read-only and every Range in it is serializable (etcd's
+/// `isTxnSerializable`): it may then be answered without the ReadIndex wait.
+pub fn is_serializable(t: &TxnRequest) -> bool {
+    ops(t).all(|op| matches!(op, Some(Request::RequestRange(r)) if r.serializable))
+}
+
+/// Whether `t` reads single keys only, in its compares and its ranges: cheap enough to
+/// answer on an async worker.
+pub fn is_point_read(t: &TxnRequest) -> bool {
+    t.compare.iter().all(|c| c.range_end.is_empty())
+        && ops(t).all(|op| matches!(op, Some(Request::RequestRange(r)) if r.range_end.is_empty()))
+}
+
+/// Answers a read-only txn ([`is_read_only`]) from one snapshot of `store`: its compares and
+/// ranges all see the same state, and the header carries that state's revision, exactly what
+/// the txn would have answered through the log at that point (etcd's read-only txn path).
+pub fn execute_read_only(store: &Store, t: &TxnRequest) -> Result<TxnResponse> {
+    let view = store.pin(0)?;
+    let ok = compares_hold(&view, t)?;
+    let mut ranges = Vec::new();
+    for op in if ok { &t.success } else { &t.failure } {
+        let Some(Request::RequestRange(r)) = &op.request else {
+            return Err(ApplyError::NotReadOnly);
+        };
+        // As on the log path: every Range is checked before any is read.
+        check_range(r, view.current(), store.compact_revision())?;
+        ranges.push(r);
+    }
+    let mut responses = Vec::with_capacity(ranges.len());
+    for r in ranges {
+        responses.push(ResponseOp {
+            response: Some(Response::ResponseRange(range(&view, r)?)),
+        });
+    }
+    Ok(TxnResponse {
+        header: Some(header(view.current())),
+        succeeded: ok,
+        responses,
+    })
 }
 
 /// Checks the puts and ranges on the chosen path against the pre-transaction state.
@@ -117,17 +178,25 @@ fn check_walk(
     for op in if ok { &t.success } else { &t.failure } {
         match &op.request {
             Some(Request::RequestPut(p)) => check_put(view, p, leases)?,
-            Some(Request::RequestRange(r)) if r.revision != 0 => {
-                if r.revision > view.rev() {
-                    return Err(mvcc::Error::FutureRev.into());
-                }
-                if r.revision < view.compact_revision() {
-                    return Err(mvcc::Error::Compacted.into());
-                }
-            }
+            Some(Request::RequestRange(r)) => check_range(r, view.rev(), view.compact_revision())?,
             Some(Request::RequestTxn(inner)) => check_walk(view, inner, path, i, leases)?,
             _ => {}
         }
+    }
+    Ok(())
+}
+
+/// etcd's `checkRequestRange`: a Range at a revision above `rev` fails with `FutureRev`,
+/// one below `compacted` with `Compacted`; revision 0 always passes.
+fn check_range(r: &RangeRequest, rev: i64, compacted: i64) -> Result<()> {
+    if r.revision == 0 {
+        return Ok(());
+    }
+    if r.revision > rev {
+        return Err(mvcc::Error::FutureRev.into());
+    }
+    if r.revision < compacted {
+        return Err(mvcc::Error::Compacted.into());
     }
     Ok(())
 }

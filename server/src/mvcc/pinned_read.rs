@@ -70,10 +70,17 @@ impl<'a> PinnedRead<'a> {
         })
     }
 
-    /// Reads `range` like [`Store::range`], at the pinned revision (`opts.rev` is ignored):
-    /// every key-value in memory at once.
+    /// Reads `range` like [`Store::range`], every key-value in memory at once, from the
+    /// snapshot: at the pinned revision when `opts.rev` is 0 or that revision, otherwise at
+    /// `opts.rev`, with `Store::range`'s errors (`FutureRev` above the revision current when
+    /// pinned, `Compacted` below the compacted one).
     pub fn range(&self, range: &KeyRange, opts: RangeOptions) -> Result<RangeResult> {
-        let mut r = range_snapshot(self.snap.as_ref(), range, self.rev, opts)?;
+        let rev = if opts.rev <= 0 || opts.rev == self.rev {
+            self.rev
+        } else {
+            self.store.check_rev(opts.rev, self.current)?
+        };
+        let mut r = range_snapshot(self.snap.as_ref(), range, rev, opts)?;
         r.rev = self.current;
         Ok(r)
     }

@@ -65,6 +65,8 @@ pub struct Replica {
     /// openraft's server metrics (vote, role, leader, membership), kept rather than asked
     /// for on every call: each response header reads the term from it.
     server: watch::Receiver<openraft::metrics::RaftServerMetrics<NodeId, MemberNode>>,
+    /// openraft's full metrics, for the one consistent snapshot [`sole_voter_read`] needs.
+    raft_metrics: watch::Receiver<openraft::RaftMetrics<NodeId, MemberNode>>,
     reads: Arc<ReadBatcher>,
     changing: tokio::sync::Mutex<()>,
     /// True while this leader hands leadership over (MoveLeader): new proposals and
@@ -106,6 +108,26 @@ fn retryable(s: &tonic::Status) -> bool {
     }
 }
 
+/// Whether a linearizable read may skip the ReadIndex round, from one snapshot of openraft's
+/// metrics: this member leads, it is the only voter of the effective membership (every
+/// config of a joint one), so no other member can commit anything; and it has applied an
+/// entry of its own term, so everything committed before it became leader is applied too.
+/// A write is acknowledged only once applied, so the applied state then holds every
+/// acknowledged write. etcd's raft answers a single voter's ReadIndex at once the same way.
+fn sole_voter_read(m: &openraft::RaftMetrics<NodeId, MemberNode>, me: NodeId) -> bool {
+    m.state == ServerState::Leader
+        && m.current_leader == Some(me)
+        && {
+            let configs = m.membership_config.membership().get_joint_config();
+            !configs.is_empty()
+                && configs
+                    .iter()
+                    .all(|voters| voters.len() == 1 && voters.contains(&me))
+        }
+        && m.last_applied
+            .is_some_and(|l| l.leader_id.term == m.current_term)
+}
+
 impl Replica {
     pub fn new(
         raft: Raft,
@@ -127,6 +149,7 @@ impl Replica {
             });
             Replica {
                 server: raft.server_metrics(),
+                raft_metrics: raft.metrics(),
                 raft,
                 peers,
                 member_id,
@@ -279,6 +302,10 @@ impl Replica {
     /// Waits until this member has applied everything committed before the call: after it,
     /// a local read is linearizable.
     pub async fn linearizable_read(&self) -> Result<(), ApplyError> {
+        if sole_voter_read(&self.raft_metrics.borrow(), self.member_id) {
+            // Nothing another member could have committed: what is applied is current.
+            return Ok(());
+        }
         let index = self.reads.read_index().await.map_err(|e| match e {
             ReadError::NoLeader => ApplyError::NoLeader,
             ReadError::Timeout => ApplyError::Timeout,
@@ -743,4 +770,66 @@ pub fn forwarded_error(s: &tonic::Status) -> ApplyError {
         return ApplyError::NoLeader;
     }
     ApplyError::Raft(msg.trim_start_matches("etcdserver: ").to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::{BTreeMap, BTreeSet};
+    use std::sync::Arc;
+
+    use openraft::{
+        CommittedLeaderId, LogId, Membership, RaftMetrics, ServerState, StoredMembership,
+    };
+
+    use super::sole_voter_read;
+    use crate::raft::{MemberNode, NodeId};
+
+    /// Metrics of a leader `me` in term 3 that applied an entry of term `applied_term`, with
+    /// the voter configs `configs` (more than one: a joint membership).
+    fn metrics(
+        me: NodeId,
+        configs: &[&[NodeId]],
+        applied_term: u64,
+    ) -> RaftMetrics<NodeId, MemberNode> {
+        let mut m = RaftMetrics::new_initial(me);
+        m.state = ServerState::Leader;
+        m.current_leader = Some(me);
+        m.current_term = 3;
+        m.last_applied = Some(LogId::new(CommittedLeaderId::new(applied_term, me), 7));
+        let configs: Vec<BTreeSet<NodeId>> = configs
+            .iter()
+            .map(|c| c.iter().copied().collect())
+            .collect();
+        let nodes: BTreeMap<NodeId, MemberNode> = configs
+            .iter()
+            .flatten()
+            .map(|&id| (id, MemberNode::default()))
+            .collect();
+        m.membership_config =
+            Arc::new(StoredMembership::new(None, Membership::new(configs, nodes)));
+        m
+    }
+
+    #[test]
+    fn only_a_sole_voter_leader_that_applied_its_own_term_skips_read_index() {
+        assert!(sole_voter_read(&metrics(1, &[&[1]], 3), 1));
+        // Not yet applied an entry of its term: earlier committed entries may be unapplied.
+        assert!(!sole_voter_read(&metrics(1, &[&[1]], 2), 1));
+        // Other voters, alone or in a joint membership being entered or left.
+        assert!(!sole_voter_read(&metrics(1, &[&[1, 2, 3]], 3), 1));
+        assert!(!sole_voter_read(&metrics(1, &[&[1], &[1, 2]], 3), 1));
+        assert!(!sole_voter_read(&metrics(1, &[&[1, 2], &[1]], 3), 1));
+        // Another member is the only voter (this one a learner).
+        assert!(!sole_voter_read(&metrics(1, &[&[2]], 3), 1));
+        // Not the leader, or not knowing itself as leader.
+        let mut follower = metrics(1, &[&[1]], 3);
+        follower.state = ServerState::Follower;
+        assert!(!sole_voter_read(&follower, 1));
+        let mut other_leader = metrics(1, &[&[1]], 3);
+        other_leader.current_leader = Some(2);
+        assert!(!sole_voter_read(&other_leader, 1));
+        let mut nothing_applied = metrics(1, &[&[1]], 3);
+        nothing_applied.last_applied = None;
+        assert!(!sole_voter_read(&nothing_applied, 1));
+    }
 }

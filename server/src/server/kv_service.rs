@@ -48,12 +48,44 @@ impl KvService {
         Ok(())
     }
 
+    /// A txn whose every operation is a Range ([`apply::txn::is_read_only`]), answered like a
+    /// Range (etcd's read-only txn path): the ReadIndex wait unless every Range is
+    /// serializable, then one snapshot read. It changes nothing, so it needs no log entry.
+    async fn read_only_txn(node: &Node, r: TxnRequest) -> Result<TxnResponse, Status> {
+        if !apply::txn::is_serializable(&r) {
+            node.linearizable_read().await.map_err(err)?;
+        }
+        let point = apply::txn::is_point_read(&r);
+        let mut resp =
+            read_store(node, point, move |s| apply::txn::execute_read_only(s, &r)).await?;
+        node.fill(&mut resp.header);
+        Ok(resp)
+    }
+
     async fn propose(node: &Node, cmd: Command) -> Result<CommandResult, Status> {
         node.propose(cmd)
             .await
             .map(|a| a.result)
             .map_err(|e| to_status(&e))
     }
+}
+
+/// Runs `read` on the store: on the async worker when it is `cheap` (single-key lookups), on
+/// the blocking pool otherwise, so that a long scan does not hold up other requests.
+async fn read_store<T: Send + 'static>(
+    node: &Node,
+    cheap: bool,
+    read: impl FnOnce(&crate::mvcc::Store) -> apply::Result<T> + Send + 'static,
+) -> Result<T, Status> {
+    let r = if cheap {
+        read(node.store.as_ref())
+    } else {
+        let store = node.store.clone();
+        tokio::task::spawn_blocking(move || read(store.as_ref()))
+            .await
+            .map_err(|e| Status::internal(format!("etcdserver: read task: {e}")))?
+    };
+    r.map_err(err)
 }
 
 /// Whether a txn may write a value anywhere in it (etcd charges the quota for those only).
@@ -103,16 +135,8 @@ impl Kv for KvService {
         let access = node.auth.request(&req);
         let r = req.into_inner();
         Self::admit_read(&node, access, &r).await?;
-        let mut resp = if r.range_end.is_empty() {
-            // A single key is a point lookup: no need to leave the async worker.
-            apply::range::range(node.store.as_ref(), &r)
-        } else {
-            let store = node.store.clone();
-            tokio::task::spawn_blocking(move || apply::range::range(store.as_ref(), &r))
-                .await
-                .map_err(|e| Status::internal(format!("etcdserver: range task: {e}")))?
-        }
-        .map_err(err)?;
+        let point = r.range_end.is_empty();
+        let mut resp = read_store(&node, point, move |s| apply::range::range(s, &r)).await?;
         node.fill(&mut resp.header);
         Ok(Response::new(resp))
     }
@@ -183,6 +207,9 @@ impl Kv for KvService {
         validate::check_txn(&r, node.limits.max_txn_ops).map_err(err)?;
         node.check_size(r.encoded_len()).map_err(err)?;
         access.and_then(|a| a.txn(&r)).map_err(denied)?;
+        if apply::txn::is_read_only(&r) {
+            return Self::read_only_txn(&node, r).await.map(Response::new);
+        }
         if has_put(&r) {
             node.check_quota(r.encoded_len()).await.map_err(err)?;
         }

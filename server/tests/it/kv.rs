@@ -114,6 +114,70 @@ async fn txn_compare_and_swap() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A txn of Ranges only is answered without a log entry (as etcd's read-only txns), yet
+/// always sees the latest acknowledged write, and keeps a Range's revision rules.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn read_only_txns_skip_the_log() -> anyhow::Result<()> {
+    let s = TestServer::start(&[]).await?;
+    let mut c = s.client().await?;
+    for i in 0..5 {
+        c.put("k", format!("v{i}"), None).await?;
+    }
+    let before = c.status().await?.raft_index();
+    let mut last = 0;
+    for i in 5..25 {
+        last = c
+            .put("k", format!("v{i}"), None)
+            .await?
+            .header()
+            .map_or(0, |h| h.revision());
+        let get = if i % 2 == 0 {
+            GetOptions::new().with_serializable()
+        } else {
+            GetOptions::new()
+        };
+        let r = c
+            .txn(
+                Txn::new()
+                    .when([Compare::version("k", CompareOp::Greater, 0)])
+                    .and_then([
+                        TxnOp::get("k", Some(get)),
+                        TxnOp::get("k", Some(GetOptions::new().with_revision(last - 5))),
+                    ])
+                    .or_else([TxnOp::get("other", None)]),
+            )
+            .await?;
+        assert!(r.succeeded());
+        assert_eq!(r.header().map(|h| h.revision()), Some(last));
+        let values: Vec<_> = r
+            .op_responses()
+            .iter()
+            .map(|op| match op {
+                TxnOpResponse::Get(g) => g.kvs().first().map(|kv| kv.value().to_vec()),
+                _ => None,
+            })
+            .collect();
+        let (now, older) = (format!("v{i}"), format!("v{}", i - 5));
+        assert_eq!(values, [Some(now.into_bytes()), Some(older.into_bytes())]);
+    }
+    let after = c.status().await?.raft_index();
+    // The 20 puts; the member may publish its client URLs once meanwhile.
+    assert!((20..=21).contains(&(after - before)), "{before} -> {after}");
+    let future = Txn::new().and_then([TxnOp::get(
+        "k",
+        Some(GetOptions::new().with_revision(last + 1)),
+    )]);
+    let e = c.txn(future).await.expect_err("must fail");
+    assert_eq!(
+        status(e),
+        (
+            Code::OutOfRange,
+            "etcdserver: mvcc: required revision is a future revision".into()
+        )
+    );
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn errors_use_etcd_codes_and_messages() -> anyhow::Result<()> {
     let s = TestServer::start(&[]).await?;

@@ -505,3 +505,192 @@ fn a_group_applies_as_its_commands_one_by_one() {
         );
     }
 }
+
+/// A random read-only txn over keys `a`..`e`: compares on one key or a range, and ranges in
+/// both branches at the current, an older, a compacted, a negative or a future revision, with
+/// limits, sorts, counts and filters.
+fn random_read_only_txn(rng: &mut impl rand::Rng, rev: i64) -> TxnRequest {
+    let key =
+        |rng: &mut dyn rand::RngCore| ["a", "b", "c", "d", "e"][(rng.next_u32() % 5) as usize];
+    let range = |rng: &mut dyn rand::RngCore| {
+        let n = rng.next_u32();
+        RequestOp {
+            request: Some(Request::RequestRange(RangeRequest {
+                key: key(rng).as_bytes().to_vec().into(),
+                range_end: if n.is_multiple_of(2) {
+                    b"e".to_vec().into()
+                } else {
+                    Default::default()
+                },
+                revision: match n % 7 {
+                    0 => rev - i64::from(rng.next_u32() % 6),
+                    1 => rev + 1,
+                    2 => -1,
+                    _ => 0,
+                },
+                limit: i64::from(n % 3),
+                sort_order: (n / 7 % 3) as i32,
+                sort_target: (n / 21 % 5) as i32,
+                count_only: n.is_multiple_of(11),
+                keys_only: n.is_multiple_of(13),
+                min_mod_revision: if n.is_multiple_of(17) { rev / 2 } else { 0 },
+                serializable: n.is_multiple_of(5),
+                ..Default::default()
+            })),
+        }
+    };
+    let compare = |rng: &mut dyn rand::RngCore| {
+        let mut c = cmp(
+            key(rng),
+            [
+                CompareTarget::Version,
+                CompareTarget::Mod,
+                CompareTarget::Value,
+            ][(rng.next_u32() % 3) as usize],
+            [
+                CompareResult::Greater,
+                CompareResult::Less,
+                CompareResult::Equal,
+            ][(rng.next_u32() % 3) as usize],
+            TargetUnion::Version(i64::from(rng.next_u32() % 3)),
+        );
+        if c.target == CompareTarget::Mod as i32 {
+            c.target_union = Some(TargetUnion::ModRevision(
+                rev - i64::from(rng.next_u32() % 4),
+            ));
+        } else if c.target == CompareTarget::Value as i32 {
+            c.target_union = Some(TargetUnion::Value(
+                ["t", "f", "1"][(rng.next_u32() % 3) as usize]
+                    .as_bytes()
+                    .to_vec()
+                    .into(),
+            ));
+        }
+        if rng.next_u32().is_multiple_of(4) {
+            c.range_end = b"d".to_vec().into();
+        }
+        c
+    };
+    TxnRequest {
+        compare: (0..rng.gen_range(0..3)).map(|_| compare(rng)).collect(),
+        success: (0..rng.gen_range(0..4)).map(|_| range(rng)).collect(),
+        failure: (0..rng.gen_range(0..4)).map(|_| range(rng)).collect(),
+    }
+}
+
+/// A read-only txn answered from a snapshot, without the log, gives exactly what it gives
+/// through the log (results and errors), and changes nothing.
+#[test]
+fn a_read_only_txn_reads_as_the_applied_one() {
+    use rand::SeedableRng;
+    let mut checked = (0, 0, 0);
+    for seed in 0..20 {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        let s = store();
+        let leases = LiveLeases::default();
+        for step in 0..30 {
+            for _ in 0..3 {
+                let cmd = random_command(&mut rng, s.current_revision());
+                let _ = run_with(&s, cmd, &leases);
+            }
+            if step == 20 {
+                let to = s.current_revision() - 3;
+                let compact = Command::Compact(CompactionRequest {
+                    revision: to,
+                    physical: true,
+                });
+                let Ok(CommandResult::Compact(_, ticket)) = run(&s, compact) else {
+                    panic!("compact")
+                };
+                // Physically done, so that the store's hash only changes if a read writes.
+                futures::executor::block_on(s.compactor().wait(&ticket));
+            }
+            let t = random_read_only_txn(&mut rng, s.current_revision());
+            assert!(crate::apply::txn::is_read_only(&t));
+            let (rev, hash) = (s.current_revision(), s.hash().expect("hash"));
+            let snapshot = crate::apply::txn::execute_read_only(&s, &t);
+            assert_eq!((s.current_revision(), s.hash().expect("hash")), (rev, hash));
+            let logged = run_with(&s, Command::Txn(t.clone()), &leases);
+            let show_s = match &snapshot {
+                Ok(r) => format!("{r:?}"),
+                Err(e) => format!("error {e}"),
+            };
+            let show_l = match &logged {
+                Ok(CommandResult::Txn(r)) => format!("{r:?}"),
+                Ok(other) => format!("{other:?}"),
+                Err(e) => format!("error {e}"),
+            };
+            assert_eq!(show_s, show_l, "seed {seed}, step {step}: {t:?}");
+            assert_eq!(s.current_revision(), rev, "a read-only txn writes nothing");
+            match &snapshot {
+                Ok(r) if r.succeeded => checked.0 += 1,
+                Ok(_) => checked.1 += 1,
+                Err(_) => checked.2 += 1,
+            }
+        }
+    }
+    // Every outcome was exercised: success branch, failure branch, error.
+    assert!(
+        checked.0 > 30 && checked.1 > 30 && checked.2 > 30,
+        "{checked:?}"
+    );
+}
+
+#[test]
+fn which_txns_are_read_only_serializable_or_point_reads() {
+    use crate::apply::txn::{is_point_read, is_read_only, is_serializable};
+    let ranged = |serializable: bool, end: &str| RequestOp {
+        request: Some(Request::RequestRange(RangeRequest {
+            key: b"a".to_vec().into(),
+            range_end: end.as_bytes().to_vec().into(),
+            serializable,
+            ..Default::default()
+        })),
+    };
+    let empty = TxnRequest::default();
+    assert!(is_read_only(&empty) && is_serializable(&empty) && is_point_read(&empty));
+    let gets = TxnRequest {
+        compare: vec![cmp(
+            "a",
+            CompareTarget::Version,
+            CompareResult::Equal,
+            TargetUnion::Version(1),
+        )],
+        success: vec![op_get("a")],
+        failure: vec![ranged(true, "")],
+    };
+    assert!(is_read_only(&gets) && is_point_read(&gets));
+    assert!(
+        !is_serializable(&gets),
+        "one linearizable Range makes it linearizable"
+    );
+    let all_serializable = TxnRequest {
+        success: vec![ranged(true, "")],
+        failure: vec![ranged(true, "z")],
+        ..Default::default()
+    };
+    assert!(is_serializable(&all_serializable) && !is_point_read(&all_serializable));
+    let mut range_compare = gets.clone();
+    range_compare.compare[0].range_end = b"z".to_vec().into();
+    assert!(is_read_only(&range_compare) && !is_point_read(&range_compare));
+    let with_put = TxnRequest {
+        failure: vec![op_put("a", "v")],
+        ..gets.clone()
+    };
+    assert!(!is_read_only(&with_put) && !is_serializable(&with_put));
+    let nested = TxnRequest {
+        success: vec![RequestOp {
+            request: Some(Request::RequestTxn(all_serializable)),
+        }],
+        ..Default::default()
+    };
+    assert!(
+        !is_read_only(&nested),
+        "a nested txn counts as a write, as in etcd"
+    );
+    let no_op = TxnRequest {
+        success: vec![RequestOp { request: None }],
+        ..Default::default()
+    };
+    assert!(!is_read_only(&no_op));
+}
