@@ -37,7 +37,11 @@ from harness import start_servers
 # etcd is the reference run of the tool itself, opt-in (E2E_KUBE_TARGETS=metastore,etcd): on
 # 2026-12-03 the tool twice did not finish against Debian's etcd 3.4.23 after the leader kill
 # (every watcher silent after the writes ended, the tool still running at 400 s), once passing
-# in between; until that is understood it is run by hand, not in CI.
+# in between. Since then a watch stream is opened with a progress request (etcd sends a stream's
+# headers only with its first message, so a stream of parked watchers got no answer and never
+# reached the loop that unparks them) and a deadline that also heeds the stop. The hang did not
+# come back in 15 runs on a faster machine, but it did not show there with the old tool either,
+# so the cause is not confirmed; until it is, this run is by hand, not in CI.
 TARGETS = [t for t in os.environ.get("E2E_KUBE_TARGETS", "metastore").split(",") if t]
 OBJECTS = {"metastore": int(os.environ.get("KUBE_OBJECTS", "100000")),
            "etcd": int(os.environ.get("KUBE_ETCD_OBJECTS", "60000"))}

@@ -183,18 +183,35 @@ pub async fn run_stream(
                 st.start_watch(i, &tx);
             }
         }
+        // etcd (grpc-go) sends a stream's response headers with its first message, and
+        // `watch` below waits for them: a stream whose watchers are all parked would get no
+        // answer and never reach the loop that unparks them. A progress request is always
+        // answered.
+        st.request_progress(&tx);
         let mut req = tonic::Request::new(ReceiverStream::new(rx));
         // kube-apiserver's watches require a leader (clientv3.WithRequireLeader).
         req.metadata_mut().insert(
             "hasleader",
             tonic::metadata::MetadataValue::from_static("true"),
         );
-        let mut stream = match WatchClient::new(conn.channel_in(&shared.watch_channels))
-            .watch(req)
-            .await
-        {
-            Ok(s) => s.into_inner(),
-            Err(e) => {
+        let mut client = WatchClient::new(conn.channel_in(&shared.watch_channels));
+        let open = client.watch(req);
+        let opened = tokio::select! {
+            r = tokio::time::timeout(super::REQUEST_TIMEOUT, open) => r,
+            _ = stop.changed() => break 'streams,
+        };
+        let mut stream = match opened {
+            Ok(Ok(s)) => s.into_inner(),
+            Err(_) => {
+                st.out.rec.error(format!(
+                    "watch stream: no response headers in {} s",
+                    super::REQUEST_TIMEOUT.as_secs()
+                ));
+                st.rewatch_all();
+                conn.rotate();
+                continue;
+            }
+            Ok(Err(e)) => {
                 st.out
                     .rec
                     .error(format!("watch stream: {}", status_text(&e)));
