@@ -114,6 +114,16 @@ pub fn is_read_only(t: &TxnRequest) -> bool {
     ops(t).all(|op| matches!(op, Some(Request::RequestRange(_))))
 }
 
+/// Whether a txn may write a value anywhere in it, nested txns included (etcd charges the
+/// quota for those only).
+pub fn has_put(t: &TxnRequest) -> bool {
+    ops(t).any(|op| match op {
+        Some(Request::RequestPut(_)) => true,
+        Some(Request::RequestTxn(inner)) => has_put(inner),
+        _ => false,
+    })
+}
+
 /// Whether `t` is read-only and every Range in it is serializable (etcd's
 /// `isTxnSerializable`): it may then be answered without the ReadIndex wait.
 pub fn is_serializable(t: &TxnRequest) -> bool {

@@ -65,7 +65,8 @@ pub struct Replica {
     /// openraft's server metrics (vote, role, leader, membership), kept rather than asked
     /// for on every call: each response header reads the term from it.
     server: watch::Receiver<openraft::metrics::RaftServerMetrics<NodeId, MemberNode>>,
-    /// openraft's full metrics, for the one consistent snapshot [`sole_voter_read`] needs.
+    /// openraft's full metrics, kept like `server`: one consistent snapshot of role,
+    /// membership and log positions ([`sole_voter_read`], status, replication).
     raft_metrics: watch::Receiver<openraft::RaftMetrics<NodeId, MemberNode>>,
     reads: Arc<ReadBatcher>,
     changing: tokio::sync::Mutex<()>,
@@ -164,7 +165,7 @@ impl Replica {
     }
 
     fn metrics(&self) -> openraft::RaftMetrics<NodeId, MemberNode> {
-        self.raft.metrics().borrow().clone()
+        self.raft_metrics.borrow().clone()
     }
 
     /// The leader this member knows of.
@@ -185,14 +186,13 @@ impl Replica {
     pub fn indexes(&self) -> (u64, u64) {
         // The state machine's own applied index is exact (openraft's metrics trail it).
         let applied = *self.applied.borrow();
-        let last = self.raft.metrics().borrow().last_log_index.unwrap_or(0);
+        let last = self.raft_metrics.borrow().last_log_index.unwrap_or(0);
         (last.max(applied), applied)
     }
 
     /// On the leader: each member's matched log index.
     pub fn replication(&self) -> Vec<(NodeId, u64)> {
-        let m = self.raft.metrics();
-        let m = m.borrow();
+        let m = self.raft_metrics.borrow();
         m.replication
             .as_ref()
             .map(|r| {

@@ -88,19 +88,6 @@ async fn read_store<T: Send + 'static>(
     r.map_err(err)
 }
 
-/// Whether a txn may write a value anywhere in it (etcd charges the quota for those only).
-fn has_put(t: &TxnRequest) -> bool {
-    use metastore_proto::etcdserverpb::request_op::Request as R;
-    t.success
-        .iter()
-        .chain(&t.failure)
-        .any(|op| match &op.request {
-            Some(R::RequestPut(_)) => true,
-            Some(R::RequestTxn(inner)) => has_put(inner),
-            _ => false,
-        })
-}
-
 fn unexpected() -> Status {
     Status::internal("etcdserver: unexpected apply result")
 }
@@ -210,7 +197,7 @@ impl Kv for KvService {
         if apply::txn::is_read_only(&r) {
             return Self::read_only_txn(&node, r).await.map(Response::new);
         }
-        if has_put(&r) {
+        if apply::txn::has_put(&r) {
             node.check_quota(r.encoded_len()).await.map_err(err)?;
         }
         match Self::propose(&node, Command::Txn(r)).await? {

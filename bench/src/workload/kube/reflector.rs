@@ -200,21 +200,18 @@ pub async fn run_stream(
             r = tokio::time::timeout(super::REQUEST_TIMEOUT, open) => r,
             _ = stop.changed() => break 'streams,
         };
-        let mut stream = match opened {
-            Ok(Ok(s)) => s.into_inner(),
-            Err(_) => {
-                st.out.rec.error(format!(
-                    "watch stream: no response headers in {} s",
-                    super::REQUEST_TIMEOUT.as_secs()
-                ));
-                st.rewatch_all();
-                conn.rotate();
-                continue;
-            }
-            Ok(Err(e)) => {
-                st.out
-                    .rec
-                    .error(format!("watch stream: {}", status_text(&e)));
+        let outcome = match opened {
+            Ok(Ok(s)) => Ok(s.into_inner()),
+            Ok(Err(e)) => Err(status_text(&e)),
+            Err(_) => Err(format!(
+                "no response headers in {} s",
+                super::REQUEST_TIMEOUT.as_secs()
+            )),
+        };
+        let mut stream = match outcome {
+            Ok(s) => s,
+            Err(e) => {
+                st.out.rec.error(format!("watch stream: {e}"));
                 st.rewatch_all();
                 conn.rotate();
                 tokio::time::sleep(Duration::from_millis(200)).await;
