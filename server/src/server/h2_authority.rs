@@ -69,6 +69,8 @@ use loona_hpack::Decoder;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tonic::transport::server::Connected;
 
+use super::coalesce::Coalescer;
+
 /// What an HTTP/2 client sends first (RFC 9113 §3.4).
 const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 const FRAME_HEADER_LEN: usize = 9;
@@ -104,6 +106,9 @@ const MAX_HEADER_LIST_SIZE: usize = 64 * 1024;
 pub struct H2AuthorityStream<T> {
     inner: T,
     mode: Mode,
+    /// The write side once the connection is known to be HTTP/2 (fewer, larger writes; see
+    /// [`super::coalesce`]). HTTP/1.1 connections write straight through.
+    coalesce: Option<Coalescer>,
 }
 
 enum Mode {
@@ -121,6 +126,7 @@ impl<T> H2AuthorityStream<T> {
         Self {
             inner,
             mode: Mode::Detect(0),
+            coalesce: None,
         }
     }
 }
@@ -147,6 +153,7 @@ impl<T: AsyncRead + Unpin> H2AuthorityStream<T> {
             return Poll::Ready(Ok(()));
         }
         // The preface is complete; whatever follows it in this read is the first frames.
+        self.coalesce = Some(Coalescer::default());
         let mut rewriter = Box::new(Rewriter::new());
         rewriter.take_in_place(buf, start + n);
         self.mode = Mode::Http2(rewriter);
@@ -185,15 +192,27 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for H2AuthorityStream<T> {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
+        let this = self.get_mut();
+        match &mut this.coalesce {
+            Some(c) => c.poll_write_vectored(&mut this.inner, cx, &[io::IoSlice::new(buf)]),
+            None => Pin::new(&mut this.inner).poll_write(cx, buf),
+        }
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+        let this = self.get_mut();
+        match &mut this.coalesce {
+            Some(c) => c.poll_flush(&mut this.inner, cx),
+            None => Pin::new(&mut this.inner).poll_flush(cx),
+        }
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+        let this = self.get_mut();
+        match &mut this.coalesce {
+            Some(c) => c.poll_shutdown(&mut this.inner, cx),
+            None => Pin::new(&mut this.inner).poll_shutdown(cx),
+        }
     }
 
     fn poll_write_vectored(
@@ -201,10 +220,15 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for H2AuthorityStream<T> {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().inner).poll_write_vectored(cx, bufs)
+        let this = self.get_mut();
+        match &mut this.coalesce {
+            Some(c) => c.poll_write_vectored(&mut this.inner, cx, bufs),
+            None => Pin::new(&mut this.inner).poll_write_vectored(cx, bufs),
+        }
     }
 
     fn is_write_vectored(&self) -> bool {
+        // h2 asks once, before the preface is read; the coalescer takes slices either way.
         self.inner.is_write_vectored()
     }
 }

@@ -21,6 +21,7 @@
 pub mod auth_service;
 pub mod auto_compaction;
 pub mod cluster_service;
+pub mod coalesce;
 pub mod config;
 pub mod election_service;
 pub mod gateway;
