@@ -102,7 +102,8 @@ const MAX_FIRST_BLOCK_FRAMES: usize = 2 * MAX_HEADER_BLOCK;
 const MAX_HEADER_LIST_SIZE: usize = 64 * 1024;
 
 /// An accepted connection whose HTTP/2 request headers get a usable `:authority` (see the module
-/// docs). Everything else it reads and writes is unchanged.
+/// docs). Everything else it reads is unchanged; once the connection has sent the HTTP/2
+/// preface, what it writes goes through a `Coalescer` (fewer, larger writes, the same bytes).
 pub struct H2AuthorityStream<T> {
     inner: T,
     mode: Mode,
