@@ -601,9 +601,11 @@ mod tests {
                 grown += 1;
                 last_cap = kept.capacity();
                 if kept.len() <= KEEP_GROW_AT_ONCE_FROM {
+                    // Doubling: at most twice what the result needs.
                     assert!(
-                        last_cap <= KEEP_GROW_AT_ONCE_FROM,
-                        "small results stay small"
+                        last_cap <= 2 * KEEP_GROW_AT_ONCE_FROM,
+                        "small results stay small: {last_cap} bytes for {}",
+                        kept.len()
                     );
                 } else {
                     assert!(last_cap >= KEEP_BYTES, "past the threshold, one step");
@@ -612,8 +614,8 @@ mod tests {
         }
         assert_eq!(kept, plain, "the same bytes as encoding one by one");
         assert!(kept.capacity() >= KEEP_BYTES);
-        // Doubling from 8 bytes to 64 KiB, then one step.
-        assert!(grown <= 15, "{grown} reallocations");
+        // Doubling from one key-value to about 64 KiB, then one step.
+        assert!(grown <= 12, "{grown} reallocations");
     }
 
     #[test]
