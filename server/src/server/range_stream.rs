@@ -146,10 +146,11 @@ pub fn encode_kv_field(kv: &KvRef<'_>, buf: &mut impl BufMut) {
 /// Appends `kv` (as [`encode_kv_field`] writes it; `field_len` is its [`kv_field_len`]) to a
 /// result kept during the sizing pass, which must stay within [`KEEP_BYTES`] with it. The
 /// buffer doubles while small; once it must grow past [`KEEP_GROW_AT_ONCE_FROM`] it takes its
-/// final size in one step instead of being copied through buffers of 128, 256 and 512 KiB:
-/// a 1,000-key answer of 256 B values (~290 KB) encodes in 46 µs instead of 62 µs
-/// (`cargo bench --bench codec -- range_keep`, docs/PERFORMANCE.md). The whole buffer lies
-/// within the window charged for the response.
+/// final size in one step instead of being copied through buffers of 128, 256 and 512 KiB.
+/// What that saves depends on the allocator's `realloc`: a 1,000-key answer of 256 B values
+/// (~290 KB) encoded in 46 µs instead of 62 µs on one machine and in about the same time on
+/// another (`cargo bench --bench codec -- range_keep`, docs/PERFORMANCE.md). The whole
+/// buffer lies within the window charged for the response.
 pub fn keep_encoded(kept: &mut BytesMut, kv: &KvRef<'_>, field_len: usize) {
     let need = kept.len() + field_len;
     if need > kept.capacity() && need > KEEP_GROW_AT_ONCE_FROM {
