@@ -71,6 +71,7 @@ fn store(dir: &std::path::Path, format: u8) -> Arc<Store> {
         StoreOptions {
             write_format: format,
             fsync: false,
+            ..Default::default()
         },
     )
     .expect("store");

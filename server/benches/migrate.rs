@@ -38,6 +38,7 @@ fn build(path: &Path, keys: usize) -> anyhow::Result<()> {
         StoreOptions {
             write_format: 1,
             fsync: false,
+            ..Default::default()
         },
     )?;
     let auth = AuthStore::open_default(store.engine().clone())?;

@@ -213,6 +213,7 @@ pub(super) fn open_store(engine: Arc<dyn Engine>, format: u8) -> Arc<Store> {
         StoreOptions {
             write_format: format,
             fsync: true,
+            ..Default::default()
         },
     )
     .expect("open store")

@@ -59,6 +59,7 @@ pub fn fingerprint(engine: Arc<dyn Engine>, format: u8) -> Result<Fingerprint> {
         StoreOptions {
             write_format: format,
             fsync: true,
+            ..Default::default()
         },
     )?;
     let current_rev = store.current_revision();

@@ -7,8 +7,11 @@
 //! - [`pinned_read`]: [`PinnedRead`]: one snapshot at one revision, read in several passes.
 //! - [`write_txn`]: [`WriteTxn`]: one write transaction = one new revision.
 //! - [`compactor`]: history removal below a revision, in the background, resumable.
+//! - `latest`: the newest versions of recently written keys, kept by the apply step (bounded
+//!   by `--apply-cache-bytes`) so that a put need not seek its key in the engine.
 //!
-//! Nothing here holds the history in memory: a read at an old revision seeks straight to the
+//! Nothing here holds the history in memory (`latest` holds only recent keys' newest versions,
+//! within its budget): a read at an old revision seeks straight to the
 //! version it needs, a range scans only its keys, and compaction walks only the revisions it
 //! removes.
 //!
@@ -23,6 +26,7 @@ pub mod compactor;
 mod error;
 pub mod key_codec;
 pub mod key_range;
+mod latest;
 pub mod pinned_read;
 pub mod store;
 pub mod write_txn;

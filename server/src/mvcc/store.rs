@@ -8,6 +8,7 @@ use metastore_proto::mvccpb::{event::EventType, Event, KeyValue};
 
 use super::compactor::{CompactTicket, Compactor};
 use super::key_codec::{kv_key, kv_prefix, lease_key, rev_key, split_kv_key, split_rev_key};
+use super::latest::Latest;
 use super::write_txn::{Group, WriteOutcome, WriteTxn};
 use super::{Error, KeyRange, Result};
 use crate::storage::codec::{self, DEFAULT_FORMAT};
@@ -36,13 +37,20 @@ pub struct StoreOptions {
     pub write_format: u8,
     /// fsync before a write is acknowledged (`--unsafe-no-fsync` turns it off).
     pub fsync: bool,
+    /// Most bytes the apply step keeps of recently written keys' newest versions, so that a
+    /// put need not look its key up in the engine ([`DEFAULT_LATEST_CACHE_BYTES`]; 0: off).
+    pub latest_cache_bytes: usize,
 }
+
+/// The default of [`StoreOptions::latest_cache_bytes`].
+pub const DEFAULT_LATEST_CACHE_BYTES: usize = 8 << 20;
 
 impl Default for StoreOptions {
     fn default() -> Self {
         Self {
             write_format: DEFAULT_FORMAT,
             fsync: true,
+            latest_cache_bytes: DEFAULT_LATEST_CACHE_BYTES,
         }
     }
 }
@@ -97,6 +105,9 @@ pub struct Store {
     alarms: Mutex<std::collections::BTreeSet<(u64, i32)>>,
     /// Writer-side state. Lock order: this lock, then the engine's internal locks.
     writer: Mutex<WriterState>,
+    /// Recently written keys' newest versions; only the apply step (holding the writer lock)
+    /// reads or changes it. Lock order: the writer lock, then this one.
+    latest: Mutex<Latest>,
     compactor: Compactor,
 }
 
@@ -146,6 +157,7 @@ impl Store {
         let background = Arc::new(Mutex::new(()));
         let compactor = Compactor::start(engine.clone(), finished, background.clone())?;
         let alarms = load_alarms(engine.as_ref())?;
+        let latest = Mutex::new(Latest::new(opts.latest_cache_bytes));
         let store = Arc::new(Self {
             engine,
             opts,
@@ -160,6 +172,7 @@ impl Store {
                 applied_index: index as u64,
                 pending_compactions: Vec::new(),
             }),
+            latest,
             compactor,
         });
         if scheduled > finished {
@@ -213,6 +226,7 @@ impl Store {
         *self.alarms.lock().map_err(|_| Error::Closed)? = load_alarms(engine)?;
         w.applied_rev = current;
         w.applied_index = index;
+        self.forget_latest();
         self.current_rev.store(current, Ordering::SeqCst);
         self.compact_rev.store(scheduled, Ordering::SeqCst);
         self.applied_index.store(index, Ordering::SeqCst);
@@ -220,6 +234,27 @@ impl Store {
             self.compactor.schedule(CompactTicket::new(scheduled));
         }
         Ok(())
+    }
+
+    /// The newest version of `key`, if the apply step kept it.
+    pub(crate) fn latest(&self, key: &[u8]) -> Option<KeyValue> {
+        self.latest.lock().ok()?.get(key)
+    }
+
+    /// Records a committed transaction's changes as their keys' newest versions.
+    pub(crate) fn remember_latest(&self, changes: &Overlay) {
+        if let Ok(mut l) = self.latest.lock() {
+            for (k, kv) in changes {
+                l.set(k, kv.as_ref());
+            }
+        }
+    }
+
+    /// Forgets every key's newest version (the engine no longer holds what was recorded).
+    fn forget_latest(&self) {
+        if let Ok(mut l) = self.latest.lock() {
+            l.clear();
+        }
     }
 
     /// A value of the Meta table (where the apply step may keep its own records).
@@ -669,7 +704,11 @@ impl<'a> Applying<'a> {
             META_APPLIED_INDEX,
             self.state.applied_index as i64,
         );
-        self.store.engine.write(batch, false)?;
+        if let Err(e) = self.store.engine.write(batch, false) {
+            // What was remembered of the lost batch's writes is not in the engine.
+            self.store.forget_latest();
+            return Err(e.into());
+        }
         Ok(())
     }
 

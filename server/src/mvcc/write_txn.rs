@@ -126,6 +126,9 @@ impl<'a> WriteTxn<'a> {
         {
             return Ok(c.clone());
         }
+        if let Some(kv) = self.store.latest(key) {
+            return Ok(Some(kv));
+        }
         let mut out = None;
         scan(
             self.group.snap.as_ref(),
@@ -296,6 +299,7 @@ impl<'a> WriteTxn<'a> {
     /// transaction's changes added (as if the batch were written).
     pub(crate) fn finish(self) -> (WriteBatch, WriteOutcome, Group<'a>) {
         let rev = self.rev();
+        self.store.remember_latest(&self.changes);
         let mut group = self.group;
         group.changes.extend(self.changes);
         group.leases_changed |= self.leases_changed;

@@ -182,6 +182,12 @@ pub struct Config {
           value_parser = clap::value_parser!(u64).range(1024..))]
     pub max_range_memory_bytes: u64,
 
+    /// Memory, in bytes, the apply step keeps of recently written keys' newest versions, so
+    /// that a put or a txn's put need not look its key up in the storage engine (MetaStore's
+    /// own; 0: off). Values larger than an eighth of it are not kept.
+    #[arg(long, env = "METASTORE_APPLY_CACHE_BYTES", default_value_t = crate::mvcc::store::DEFAULT_LATEST_CACHE_BYTES as u64)]
+    pub apply_cache_bytes: u64,
+
     /// Extra URLs to serve /metrics and /health on (plain HTTP).
     #[arg(long, env = "METASTORE_LISTEN_METRICS_URLS", value_delimiter = ',')]
     pub listen_metrics_urls: Vec<Url>,
@@ -636,6 +642,7 @@ mod tests {
         assert_eq!(c.max_request_bytes, 1536 * 1024);
         assert_eq!(c.max_txn_ops, 128);
         assert_eq!(c.max_range_memory_bytes, 256 << 20);
+        assert_eq!(c.apply_cache_bytes, 8 << 20);
         assert_eq!(c.max_watchers_per_stream, DEFAULT_MAX_WATCHERS_PER_STREAM);
         assert_eq!(c.max_concurrent_streams, u32::MAX, "etcd's default");
         assert_eq!(c.max_concurrent_requests, DEFAULT_MAX_CONCURRENT_REQUESTS);

@@ -449,6 +449,7 @@ pub async fn start(config: &Config) -> Result<Server, ServerError> {
         StoreOptions {
             write_format: config.storage_format,
             fsync: false,
+            latest_cache_bytes: usize::try_from(config.apply_cache_bytes).unwrap_or(usize::MAX),
         },
     )?;
     if config.unsafe_no_fsync {

@@ -414,6 +414,7 @@ fn server_refuses_a_record_of_an_unknown_format() -> anyhow::Result<()> {
         StoreOptions {
             write_format: 1,
             fsync: true,
+            ..Default::default()
         },
     )?
     .range(
