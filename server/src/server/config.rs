@@ -658,7 +658,7 @@ mod tests {
         std::fs::write(
             &file,
             "name: fromfile\nmax-txn-ops: 7\nengine: memory\nunsafe-no-fsync: true\n\
-             max-range-memory-bytes: 1048576\n\
+             max-range-memory-bytes: 1048576\napply-cache-bytes: 0\n\
              listen-client-urls: [http://127.0.0.1:1, http://127.0.0.1:2]\n\
              initial-cluster: fromfile=http://127.0.0.1:2380\n",
         )?;
@@ -674,6 +674,7 @@ mod tests {
         assert_eq!(c.engine, EngineKind::Memory);
         assert!(c.unsafe_no_fsync);
         assert_eq!(c.max_range_memory_bytes, 1 << 20);
+        assert_eq!(c.apply_cache_bytes, 0, "the cache can be switched off");
         assert_eq!(c.listen_client_urls.len(), 2);
         Ok(())
     }
