@@ -65,9 +65,7 @@ impl Latest {
 
     /// Records `kv` as the newest version of `key` (`None`: deleted).
     pub(crate) fn set(&mut self, key: &[u8], kv: Option<&KeyValue>) {
-        let keep = kv.filter(|kv| {
-            kv.version > 1 && key.len() + kv.value.len() + ENTRY_OVERHEAD <= self.budget / 8
-        });
+        let keep = kv.filter(|kv| kv.version > 1 && cost(key, kv) <= self.budget / 8);
         let Some(kv) = keep else {
             // Created, deleted, too large to keep, or the cache is off: forget any older
             // version, so that a lookup goes to the engine.

@@ -459,6 +459,14 @@ fn a_group_writes_its_batch_once_it_holds_the_bound() {
     assert_eq!(get(&s, "k9").map(|v| v.len()), Some(value.len()));
 }
 
+/// An apply outcome as text, to compare what two stores answered.
+fn show(r: &Result<crate::apply::command::Applied, ApplyError>) -> String {
+    match r {
+        Ok(a) => format!("{:?} {:?} {}", a.result, a.events, a.revision),
+        Err(e) => format!("error {e}"),
+    }
+}
+
 /// Applying commands together in one group (one engine write for all of them) gives exactly
 /// what applying each alone gives: the same results, events and final state.
 #[test]
@@ -483,10 +491,6 @@ fn a_group_applies_as_its_commands_one_by_one() {
             let mut a = single.applier().expect("applier");
             let s = apply(&mut a, index, cmd, &leases_s, &auth);
             a.publish().expect("publish");
-            let show = |r: &Result<crate::apply::command::Applied, ApplyError>| match r {
-                Ok(a) => format!("{:?} {:?} {}", a.result, a.events, a.revision),
-                Err(e) => format!("error {e}"),
-            };
             assert_eq!(show(&g), show(&s), "seed {seed}, command {i}: {cmd:?}");
         }
         group.publish().expect("publish");
@@ -725,10 +729,6 @@ fn the_latest_version_cache_answers_as_the_engine_would() {
                 })
             } else {
                 random_command(&mut rng, 1 + i as i64 / 2)
-            };
-            let show = |r: &Result<crate::apply::command::Applied, ApplyError>| match r {
-                Ok(a) => format!("{:?} {:?} {}", a.result, a.events, a.revision),
-                Err(e) => format!("error {e}"),
             };
             let mut answers = Vec::new();
             for (s, live) in stores.iter().zip(&leases) {
