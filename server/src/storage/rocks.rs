@@ -24,6 +24,13 @@ pub struct RocksOptions {
     /// largest (its write buffer manager). Bounds the memory a write burst takes, and the
     /// write-ahead log a restart replays (0: no bound but each family's own).
     pub total_write_buffer_bytes: usize,
+    /// Write-ahead log files together, in bytes: past it RocksDB flushes the column families
+    /// whose memtables keep the oldest log file alive. Every write touches the small `meta`
+    /// and `raft_state` families, whose memtables never fill, so without this bound no log
+    /// file would become obsolete before RocksDB's own limit (four times every memtable
+    /// together, 4 GiB here), and the logs count toward the backend quota (0: RocksDB's own
+    /// limit).
+    pub total_wal_bytes: u64,
 }
 
 impl Default for RocksOptions {
@@ -32,6 +39,7 @@ impl Default for RocksOptions {
             block_cache_bytes: 128 << 20,
             write_buffer_bytes: 64 << 20,
             total_write_buffer_bytes: 128 << 20,
+            total_wal_bytes: 128 << 20,
         }
     }
 }
@@ -87,6 +95,7 @@ impl RocksEngine {
         db_opts.set_max_background_jobs(2);
         db_opts.set_keep_log_file_num(4);
         db_opts.set_db_write_buffer_size(opts.total_write_buffer_bytes);
+        db_opts.set_max_total_wal_size(opts.total_wal_bytes);
         let cfs: Vec<_> = Table::ALL.iter().map(|t| cf_opts(*t)).collect();
         let db = DB::open_cf_descriptors(&db_opts, path, cfs)?;
         Ok(Self {
@@ -563,5 +572,87 @@ mod tests {
         write(&e);
         let held = memtable_bytes(&e);
         assert!(held >= 40 * MIB as u64, "{held} bytes in memtables");
+    }
+
+    /// The directory's write-ahead log files: (number, length), in number order.
+    fn log_files(dir: &Path) -> Vec<(u64, u64)> {
+        let mut logs: Vec<_> = std::fs::read_dir(dir)
+            .expect("read dir")
+            .filter_map(|e| e.ok())
+            .filter_map(|e| {
+                let name = e.file_name().to_string_lossy().into_owned();
+                let number = name.strip_suffix(".log")?.parse().ok()?;
+                Some((number, e.metadata().ok()?.len()))
+            })
+            .collect();
+        logs.sort_unstable();
+        logs
+    }
+
+    /// 1 MiB batches into `Kv`, each with one small key in `Meta` as every apply writes.
+    fn write_with_small_table(e: &RocksEngine, batches: u32) {
+        for batch in 0..batches {
+            let mut b = WriteBatch::new();
+            for i in 0..64u32 {
+                let key = (batch * 64 + i).to_be_bytes().to_vec();
+                b.put(Table::Kv, key, vec![(i % 251) as u8; 16 << 10]);
+            }
+            b.put(
+                Table::Meta,
+                b"applied".to_vec(),
+                batch.to_be_bytes().to_vec(),
+            );
+            e.write(b, false).expect("write");
+        }
+    }
+
+    #[test]
+    fn write_ahead_logs_stay_within_their_bound_though_a_small_table_is_never_full() {
+        const MIB: u64 = 1 << 20;
+        let dir = tempfile::tempdir().expect("tempdir");
+        // `Kv` flushes each time its 1 MiB memtable fills (with no total bound, as in the
+        // server once the memtables of the large tables fill on their own).
+        let bounded = RocksOptions {
+            write_buffer_bytes: 1 << 20,
+            total_write_buffer_bytes: 0,
+            total_wal_bytes: 8 * MIB,
+            ..RocksOptions::default()
+        };
+        let e = RocksEngine::open(dir.path(), &bounded).expect("open");
+        write_with_small_table(&e, 48);
+        // RocksDB checks the bound when a write arrives and flushes in the background: keep
+        // writing one small batch until the flushes it called for are done. The limit: the
+        // bound and the log being written.
+        let limit = 24 * MIB;
+        let logs = |dir: &Path| log_files(dir).iter().map(|(_, len)| len).sum::<u64>();
+        let mut held = logs(dir.path());
+        for _ in 0..600 {
+            if held <= limit {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
+            write_with_small_table(&e, 1);
+            held = logs(dir.path());
+        }
+        let files = log_files(dir.path());
+        assert!(
+            held <= limit,
+            "{held} bytes of logs after 60 s, in {} files from log {:?}",
+            files.len(),
+            files.first()
+        );
+        drop(e);
+
+        // Without the bound, `Meta`'s memtable keeps every log alive (RocksDB's own limit is
+        // 64 MiB here).
+        let dir = tempfile::tempdir().expect("tempdir");
+        let unbounded = RocksOptions {
+            total_wal_bytes: 0,
+            ..bounded
+        };
+        let e = RocksEngine::open(dir.path(), &unbounded).expect("open");
+        write_with_small_table(&e, 48);
+        let held = logs(dir.path());
+        assert!(held >= 40 * MIB, "{held} bytes of logs");
     }
 }
