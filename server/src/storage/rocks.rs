@@ -21,8 +21,9 @@ pub struct RocksOptions {
     /// Memtable size per column family in bytes.
     pub write_buffer_bytes: usize,
     /// Memtables of all column families together, in bytes: past it RocksDB flushes the
-    /// largest (its write buffer manager). Bounds the memory a write burst takes, and the
-    /// write-ahead log a restart replays (0: no bound but each family's own).
+    /// largest (its write buffer manager). Bounds the memory a write burst takes (0: no
+    /// bound but each family's own); the write-ahead log a restart replays is bounded by
+    /// `total_wal_bytes`.
     pub total_write_buffer_bytes: usize,
     /// Write-ahead log files together, in bytes: past it RocksDB flushes the column families
     /// whose memtables keep the oldest log file alive. Every write touches the small `meta`
