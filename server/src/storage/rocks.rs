@@ -501,6 +501,29 @@ mod tests {
             .sum()
     }
 
+    /// Waits, up to 60 s, until `held()` is at most `limit`; returns its last value. RocksDB
+    /// checks its bounds when a write arrives and flushes in the background, so a flush a
+    /// bound calls for after the test's last write waits for the next one: each wait writes
+    /// one small key.
+    fn settle(e: &RocksEngine, limit: u64, held: impl Fn() -> u64) -> u64 {
+        let mut now = held();
+        for i in 0..600u32 {
+            if now <= limit {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
+            let mut b = WriteBatch::new();
+            b.put(
+                Table::Kv,
+                [b"tick".as_slice(), &i.to_be_bytes()].concat(),
+                vec![0],
+            );
+            e.write(b, false).expect("write");
+            now = held();
+        }
+        now
+    }
+
     #[test]
     fn memtables_together_stay_within_the_total_bound() {
         const MIB: usize = 1 << 20;
@@ -530,26 +553,10 @@ mod tests {
         // Flushes the bound triggered run in the background; what it governs is what is held
         // once they are done. They queue behind one another (one flush thread) and each ends
         // in an fsync, so on a busy disk they can take seconds: wait on what is held itself
-        // (unbounded, it stays at 48 MiB: nothing ever flushes it). RocksDB checks the bound
-        // when a write arrives, so a flush the bound calls for after the last write of the
-        // loop waits for the next one: each wait writes one small key. The limit: the bound,
+        // (unbounded, it stays at 48 MiB: nothing ever flushes it). The limit: the bound,
         // plus the memtable being filled when a flush was decided and arena slack.
         let limit = 16 * MIB as u64;
-        let mut held = memtable_bytes(&e);
-        for i in 0..600u32 {
-            if held <= limit {
-                break;
-            }
-            std::thread::sleep(std::time::Duration::from_millis(100));
-            let mut b = WriteBatch::new();
-            b.put(
-                Table::Kv,
-                [b"tick".as_slice(), &i.to_be_bytes()].concat(),
-                vec![0],
-            );
-            e.write(b, false).expect("write");
-            held = memtable_bytes(&e);
-        }
+        let held = settle(&e, limit, || memtable_bytes(&e));
         let pending: Vec<_> = [
             "rocksdb.num-immutable-mem-table",
             "rocksdb.num-running-flushes",
@@ -621,20 +628,10 @@ mod tests {
         };
         let e = RocksEngine::open(dir.path(), &bounded).expect("open");
         write_with_small_table(&e, 48);
-        // RocksDB checks the bound when a write arrives and flushes in the background: keep
-        // writing one small batch until the flushes it called for are done. The limit: the
-        // bound and the log being written.
+        // The limit: the bound and the log being written.
         let limit = 24 * MIB;
         let logs = |dir: &Path| log_files(dir).iter().map(|(_, len)| len).sum::<u64>();
-        let mut held = logs(dir.path());
-        for _ in 0..600 {
-            if held <= limit {
-                break;
-            }
-            std::thread::sleep(std::time::Duration::from_millis(100));
-            write_with_small_table(&e, 1);
-            held = logs(dir.path());
-        }
+        let held = settle(&e, limit, || logs(dir.path()));
         let files = log_files(dir.path());
         assert!(
             held <= limit,
