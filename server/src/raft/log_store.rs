@@ -331,7 +331,14 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             KEY_PURGED.to_vec(),
             codec::log_id_to_pb(&log_id).encode_to_vec(),
         );
-        self.delete_range(from, log_id.index + 1, &mut b)?;
+        // One range deletion, not a delete per entry: openraft's core waits for the purge, and
+        // deleting the 95,000 entries a snapshot releases one by one held every put for the
+        // iteration and a ~2 MB write (docs/PERFORMANCE.md, session 27).
+        b.delete_range(
+            Table::RaftLog,
+            index_key(from),
+            Some(index_key(log_id.index + 1)),
+        );
         self.inner.engine.write(b, false).map_err(write_err)?;
         self.set_bounds(|bounds| {
             bounds.last_purged = Some(log_id);

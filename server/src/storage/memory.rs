@@ -194,6 +194,8 @@ pub(crate) trait EngineHook: Send + Sync + 'static {
     fn sync(&self) -> Result<()> {
         Ok(())
     }
+    /// Before each write, after [`write`](Self::write) let it through: the batch itself.
+    fn batch(&self, _batch: &WriteBatch) {}
 }
 
 /// A [`MemoryEngine`] whose writes and syncs first go through `hook`.
@@ -226,6 +228,7 @@ impl<H: EngineHook> Engine for HookedEngine<H> {
     }
     fn write(&self, batch: WriteBatch, sync: bool) -> Result<()> {
         self.hook.write(sync)?;
+        self.hook.batch(&batch);
         self.inner.write(batch, sync)
     }
     fn sync(&self) -> Result<()> {

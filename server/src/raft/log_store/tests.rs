@@ -97,6 +97,8 @@ async fn purging_everything_leaves_the_purged_id_as_last() {
 #[derive(Default)]
 struct Recording {
     calls: std::sync::Mutex<Vec<&'static str>>,
+    /// The operations of each write, in order.
+    ops: std::sync::Mutex<Vec<Vec<crate::storage::engine::WriteOp>>>,
 }
 
 impl Recording {
@@ -114,6 +116,9 @@ impl EngineHook for Recording {
     fn sync(&self) -> crate::storage::Result<()> {
         self.calls.lock().expect("lock").push("sync");
         Ok(())
+    }
+    fn batch(&self, batch: &WriteBatch) {
+        self.ops.lock().expect("lock").push(batch.ops().to_vec());
     }
 }
 
@@ -164,5 +169,40 @@ async fn the_committed_id_is_written_with_the_next_append_and_may_trail_after_a_
     assert_eq!(
         s.read_committed().await.expect("read"),
         Some(entry(1, 3).log_id)
+    );
+}
+
+#[tokio::test]
+async fn a_purge_is_one_range_deletion_however_many_entries_it_drops() {
+    let engine = HookedEngine::new(Recording::default());
+    let mut s = LogStore::open(engine.clone(), true).expect("open");
+    append(&mut s, (1..=1000).map(|i| entry(1, i)).collect()).await;
+    engine.hook.ops.lock().expect("lock").clear();
+    s.purge(entry(1, 900).log_id).await.expect("purge");
+    let writes = std::mem::take(&mut *engine.hook.ops.lock().expect("lock"));
+    assert_eq!(writes.len(), 1, "one write");
+    let deletions: Vec<_> = writes[0]
+        .iter()
+        .filter(|op| !matches!(op, crate::storage::engine::WriteOp::Put { .. }))
+        .collect();
+    assert_eq!(deletions.len(), 1, "{deletions:?}");
+    assert!(
+        matches!(
+            deletions[0],
+            crate::storage::engine::WriteOp::DeleteRange { table: Table::RaftLog, start, end: Some(end) }
+                if start == &index_key(0) && end == &index_key(901)
+        ),
+        "{deletions:?}"
+    );
+    // What it covers is gone and the rest is still there.
+    assert!(s
+        .try_get_log_entries(1..=900)
+        .await
+        .expect("read")
+        .is_empty());
+    let rest = s.try_get_log_entries(..).await.expect("read");
+    assert_eq!(
+        rest.iter().map(|e| e.log_id.index).collect::<Vec<_>>(),
+        (901..=1000).collect::<Vec<_>>()
     );
 }
