@@ -13,7 +13,9 @@
 //! # Snapshots
 //! A snapshot is the backup snapshot format ([`crate::storage::snapshot`]) of the
 //! state-machine tables, in a file under the snapshot directory; the Meta table inside it
-//! says which entry it ends at. Installing one replaces the tables, after marking the
+//! says which entry it ends at. A member alone in the membership records its snapshots
+//! without the file and builds one only when a member that joined needs it
+//! ([`RaftStateMachine::get_current_snapshot`]). Installing one replaces the tables, after marking the
 //! install in the `RaftState` table, so a crash half-way redoes it at start-up
 //! ([`recover_install`]).
 
@@ -211,8 +213,15 @@ impl Context {
         Ok(())
     }
 
-    /// Writes a snapshot of everything applied so far; returns its meta and file.
-    fn build_snapshot(&self) -> Result<(SnapshotMeta, PathBuf), StorageError> {
+    /// Records a snapshot of everything applied so far and returns its meta, with its file.
+    /// The file is written only when another member could need it (`shared_only`), or
+    /// always: a member alone in the membership records the meta only, which is all the log
+    /// purge that follows needs, and no follower will ever ask it for the data. A member that
+    /// joins later gets a file built then ([`RaftStateMachine::get_current_snapshot`]).
+    fn build_snapshot(
+        &self,
+        shared_only: bool,
+    ) -> Result<(SnapshotMeta, Option<PathBuf>), StorageError> {
         let engine = self.store.engine();
         // Make the applied state durable: the log up to the snapshot may be purged after this.
         engine.sync().map_err(sm_err)?;
@@ -244,6 +253,13 @@ impl Context {
             last_membership,
             snapshot_id,
         };
+        if shared_only && alone(&meta.last_membership, self.member_id) {
+            drop(snap);
+            // Also removes the files of earlier snapshots: the current one has none.
+            self.set_current(&meta)?;
+            tracing::info!(snapshot = %meta.snapshot_id, "recorded a Raft snapshot (no file: no other member)");
+            return Ok((meta, None));
+        }
         let tmp = self.snap_dir.join(format!("{}.tmp", meta.snapshot_id));
         let path = self.snapshot_path(&meta);
         {
@@ -255,7 +271,7 @@ impl Context {
         std::fs::rename(&tmp, &path).map_err(sm_err)?;
         self.set_current(&meta)?;
         tracing::info!(snapshot = %meta.snapshot_id, "built a Raft snapshot");
-        Ok((meta, path))
+        Ok((meta, Some(path)))
     }
 
     fn snapshot_path(&self, meta: &SnapshotMeta) -> PathBuf {
@@ -445,12 +461,43 @@ pub fn recover_install(engine: &dyn Engine, snap_dir: &Path) -> Result<(), Stora
 /// The state machine openraft drives.
 pub struct StateMachine {
     ctx: Arc<Context>,
+    /// Whether openraft asked for the current snapshot before (see
+    /// [`get_current_snapshot`](RaftStateMachine::get_current_snapshot)).
+    asked_before: bool,
 }
 
 impl StateMachine {
     pub fn new(ctx: Arc<Context>) -> Self {
-        Self { ctx }
+        Self {
+            ctx,
+            asked_before: false,
+        }
     }
+}
+
+/// Whether `member` is the only member of `membership`, voter or learner: then no other
+/// member can ask it for a snapshot.
+fn alone(membership: &StoredMembership, member: u64) -> bool {
+    let m = membership.membership();
+    m.voter_ids().all(|id| id == member) && m.learner_ids().next().is_none()
+}
+
+/// Runs `build` on a thread of its own at the lowest CPU priority: building reads and
+/// hashes the whole store, and on a busy machine it must take the cores' idle time, not the
+/// request path's (docs/PERFORMANCE.md, session 27).
+async fn build_in_background(
+    ctx: Arc<Context>,
+    shared_only: bool,
+) -> Result<(SnapshotMeta, Option<PathBuf>), StorageError> {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    std::thread::Builder::new()
+        .name("snapshot-build".into())
+        .spawn(move || {
+            lower_thread_priority();
+            let _ = tx.send(ctx.build_snapshot(shared_only));
+        })
+        .map_err(sm_err)?;
+    rx.await.map_err(sm_err)?
 }
 
 /// Builds snapshots off the apply path.
@@ -460,20 +507,17 @@ pub struct SnapshotBuilder {
 
 impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
     async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, StorageError> {
-        let ctx = self.ctx.clone();
-        // A thread of its own at the lowest CPU priority: building reads and hashes the
-        // whole store, and on a busy machine it must take the cores' idle time, not the
-        // request path's (docs/PERFORMANCE.md, session 27).
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        std::thread::Builder::new()
-            .name("snapshot-build".into())
-            .spawn(move || {
-                lower_thread_priority();
-                let _ = tx.send(ctx.build_snapshot());
-            })
-            .map_err(sm_err)?;
-        let (meta, path) = rx.await.map_err(sm_err)??;
-        let file = tokio::fs::File::open(&path).await.map_err(snap_err)?;
+        let (meta, path) = build_in_background(self.ctx.clone(), true).await?;
+        let file = match path {
+            Some(path) => tokio::fs::File::open(&path).await.map_err(snap_err)?,
+            // openraft 0.9 keeps only the meta of a snapshot it had built (its state-machine
+            // worker and its start-up); what it sends a follower always comes from
+            // `get_current_snapshot`, which never returns this. An empty file, so that even
+            // sent it would fail the follower's verification rather than install anything.
+            None => tokio::fs::File::from_std(
+                tempfile::tempfile_in(&self.ctx.snap_dir).map_err(sm_err)?,
+            ),
+        };
         Ok(Snapshot {
             meta,
             snapshot: Box::new(file),
@@ -559,19 +603,38 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             .map_err(sm_err)?
     }
 
+    /// The current snapshot with its file. openraft asks at start-up, for the meta alone,
+    /// and then whenever a follower needs the data. A snapshot recorded while this member was
+    /// alone has no file: at start-up that is answered with none (openraft then records one
+    /// again, cheaply, if the log was purged), afterwards by building the file now, from
+    /// what is applied now. The apply waits for that build (openraft runs this between
+    /// applies), once, when a member joined after the last snapshot; openraft accepts a
+    /// snapshot newer than the one it picked.
     async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot<TypeConfig>>, StorageError> {
+        let at_start = !std::mem::replace(&mut self.asked_before, true);
         let Some(meta) = self.ctx.current()? else {
             return Ok(None);
         };
-        let path = self.ctx.snapshot_path(&meta);
-        match tokio::fs::File::open(&path).await {
-            Ok(file) => Ok(Some(Snapshot {
-                meta,
-                snapshot: Box::new(file),
-            })),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(snap_err(e)),
-        }
+        let (meta, path) = match tokio::fs::File::open(self.ctx.snapshot_path(&meta)).await {
+            Ok(file) => {
+                return Ok(Some(Snapshot {
+                    meta,
+                    snapshot: Box::new(file),
+                }))
+            }
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(snap_err(e)),
+            Err(_) if at_start => return Ok(None),
+            Err(_) => {
+                tracing::info!(snapshot = %meta.snapshot_id, "a follower needs a snapshot: building its file");
+                build_in_background(self.ctx.clone(), false).await?
+            }
+        };
+        let path = path.ok_or_else(|| snap_err("a snapshot was built without its file"))?;
+        let file = tokio::fs::File::open(&path).await.map_err(snap_err)?;
+        Ok(Some(Snapshot {
+            meta,
+            snapshot: Box::new(file),
+        }))
     }
 }
 

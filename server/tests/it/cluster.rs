@@ -717,3 +717,104 @@ async fn auth_state_replicates_and_comes_with_snapshots() -> anyhow::Result<()> 
     assert_eq!(root.user_list().await?.users(), ["alice", "root"]);
     Ok(())
 }
+
+/// The `.snap` files in a member's snapshot directory.
+fn snapshot_files(member: &Member) -> Vec<std::path::PathBuf> {
+    std::fs::read_dir(member.dir.join("snap"))
+        .map(|d| {
+            d.flatten()
+                .map(|e| e.path())
+                .filter(|p| p.extension().is_some_and(|e| e == "snap"))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// A member alone records its Raft snapshots without writing the store to a file (no member
+/// could ask it for one), starts again from its purged log, and builds the file when a member
+/// that joins later needs it; that member catches up from it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_member_alone_writes_no_snapshot_file_until_a_joining_member_needs_one(
+) -> anyhow::Result<()> {
+    let mut c = Cluster::start(1, &["--snapshot-count", "50"]).await?;
+    let mut cl = c.client(0).await?;
+    for i in 0..400 {
+        cl.put(format!("a{i:04}"), format!("v{i}"), None).await?;
+    }
+    let raft_state = |c: &Cluster| {
+        let node = c.members[0].server.as_ref().and_then(|s| s.node());
+        let m = node.expect("node").replica.raft.metrics().borrow().clone();
+        (
+            m.snapshot.map_or(0, |l| l.index),
+            m.purged.map_or(0, |l| l.index),
+        )
+    };
+    let start = Instant::now();
+    while raft_state(&c).1 < 300 {
+        anyhow::ensure!(
+            start.elapsed() < Duration::from_secs(10),
+            "the log was never purged: {:?}",
+            raft_state(&c)
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        snapshot_files(&c.members[0]),
+        Vec::<std::path::PathBuf>::new()
+    );
+
+    // A restart opens the purged log without a snapshot file.
+    c.stop(0).await;
+    c.restart(0).await?;
+    c.wait_leader().await?;
+    let mut cl = c.client(0).await?;
+    assert_eq!(get(&mut cl, "a0007", false).await?.as_deref(), Some("v7"));
+    let rev = cl
+        .put("last", "1", None)
+        .await?
+        .header()
+        .map_or(0, |h| h.revision());
+    assert_eq!(
+        snapshot_files(&c.members[0]),
+        Vec::<std::path::PathBuf>::new()
+    );
+
+    // A learner joins: the entries it needs were purged, so it needs a snapshot.
+    let peer = free_port()?;
+    let added = cl
+        .member_add(
+            [format!("http://127.0.0.1:{peer}")],
+            Some(MemberAddOptions::new().with_is_learner()),
+        )
+        .await?;
+    assert!(added.member().is_some());
+    c.members.push(Member {
+        name: "m1".into(),
+        peer,
+        client: free_port()?,
+        dir: c._dir.path().join("m1"),
+        server: None,
+    });
+    let ic = c.initial_cluster();
+    let config = Config::load(c.members[1].args(&ic, "existing", &[]))?;
+    c.members[1].server = Some(metastore::server::start(&config).await?);
+    let start = Instant::now();
+    loop {
+        let node = c.members[1].server.as_ref().and_then(|s| s.node());
+        if node.is_some_and(|n| n.store.current_revision() >= rev) {
+            break;
+        }
+        anyhow::ensure!(start.elapsed() < Duration::from_secs(15), "never caught up");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(snapshot_files(&c.members[0]).len(), 1, "built when needed");
+    let mut learner = c.client(1).await?;
+    for i in [0, 7, 399] {
+        assert_eq!(
+            get(&mut learner, &format!("a{i:04}"), true).await?,
+            Some(format!("v{i}"))
+        );
+    }
+    assert_eq!(get(&mut learner, "last", true).await?.as_deref(), Some("1"));
+    Ok(())
+}
