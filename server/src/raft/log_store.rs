@@ -132,22 +132,14 @@ impl LogStore {
         it.status().map_err(read_err)?;
         Ok(out)
     }
+}
 
-    /// Deletes the entries with index in `[from, to)`.
-    fn delete_range(&self, from: u64, to: u64, batch: &mut WriteBatch) -> Result<(), StorageError> {
-        let snap = self.inner.engine.snapshot();
-        let mut it = snap.iter(Table::RaftLog);
-        it.seek(&index_key(from));
-        while it.valid() {
-            let key: [u8; 8] = it.key().try_into().map_err(|_| read_err("bad log key"))?;
-            if u64::from_be_bytes(key) >= to {
-                break;
-            }
-            batch.delete(Table::RaftLog, key.to_vec());
-            it.next();
-        }
-        it.status().map_err(read_err)
-    }
+/// Deletes the entries with index in `[from, to)`: one range deletion, not a delete per
+/// entry. openraft's core waits for a purge, and deleting the 95,000 entries a snapshot
+/// releases one by one held every put for the iteration and a ~2 MB write
+/// (docs/PERFORMANCE.md, session 27).
+fn delete_entries(batch: &mut WriteBatch, from: u64, to: u64) {
+    batch.delete_range(Table::RaftLog, index_key(from), Some(index_key(to)));
 }
 
 fn read_log_id(engine: &dyn Engine, key: &[u8]) -> Result<Option<LogId>, StorageError> {
@@ -307,7 +299,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 
     async fn truncate(&mut self, log_id: LogId) -> Result<(), StorageError> {
         let mut b = WriteBatch::new();
-        self.delete_range(log_id.index, u64::MAX, &mut b)?;
+        delete_entries(&mut b, log_id.index, u64::MAX);
         self.inner
             .engine
             .write(b, self.inner.fsync)
@@ -331,14 +323,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             KEY_PURGED.to_vec(),
             codec::log_id_to_pb(&log_id).encode_to_vec(),
         );
-        // One range deletion, not a delete per entry: openraft's core waits for the purge, and
-        // deleting the 95,000 entries a snapshot releases one by one held every put for the
-        // iteration and a ~2 MB write (docs/PERFORMANCE.md, session 27).
-        b.delete_range(
-            Table::RaftLog,
-            index_key(from),
-            Some(index_key(log_id.index + 1)),
-        );
+        delete_entries(&mut b, from, log_id.index + 1);
         self.inner.engine.write(b, false).map_err(write_err)?;
         self.set_bounds(|bounds| {
             bounds.last_purged = Some(log_id);
