@@ -15,8 +15,8 @@
 //! state-machine tables, in a file under the snapshot directory; the Meta table inside it
 //! says which entry it ends at. A member alone in the membership records its snapshots
 //! without the file and builds one only when a member that joined needs it
-//! ([`RaftStateMachine::get_current_snapshot`]). Installing one replaces the tables, after marking the
-//! install in the `RaftState` table, so a crash half-way redoes it at start-up
+//! ([`RaftStateMachine::get_current_snapshot`]). Installing one replaces the tables, after
+//! marking the install in the `RaftState` table, so a crash half-way redoes it at start-up
 //! ([`recover_install`]).
 
 use std::io::{Seek, SeekFrom};
@@ -93,6 +93,7 @@ impl Context {
         auth: Arc<AuthStore>,
     ) -> Result<Arc<Self>, StorageError> {
         std::fs::create_dir_all(&snap_dir).map_err(sm_err)?;
+        remove_unfinished(&snap_dir)?;
         let applied = read_applied(&store)?.map_or(0, |l| l.index);
         Ok(Arc::new(Self {
             store,
@@ -398,6 +399,20 @@ impl std::io::Write for SyncEvery {
     fn flush(&mut self) -> std::io::Result<()> {
         self.file.flush()
     }
+}
+
+/// Removes the `.tmp` files in `snap_dir`: snapshots a build or a receive did not finish
+/// (a crash, or an exit while a build was still writing: the build's thread is not waited
+/// for beyond the shutdown's bound). Nothing reads them; a finished file is renamed first.
+fn remove_unfinished(snap_dir: &Path) -> Result<(), StorageError> {
+    for entry in std::fs::read_dir(snap_dir).map_err(sm_err)?.flatten() {
+        let path = entry.path();
+        if path.extension().is_some_and(|e| e == "tmp") {
+            tracing::info!(path = %path.display(), "removing an unfinished snapshot file");
+            std::fs::remove_file(&path).map_err(sm_err)?;
+        }
+    }
+    Ok(())
 }
 
 /// The file of snapshot `meta` in `snap_dir` (ids come from peers: only safe characters).

@@ -763,9 +763,13 @@ async fn a_member_alone_writes_no_snapshot_file_until_a_joining_member_needs_one
         Vec::<std::path::PathBuf>::new()
     );
 
-    // A restart opens the purged log without a snapshot file.
+    // A restart opens the purged log without a snapshot file, and removes what a build cut
+    // short left.
     c.stop(0).await;
+    let unfinished = c.members[0].dir.join("snap").join("1-1-350-1.tmp");
+    std::fs::write(&unfinished, b"cut short")?;
     c.restart(0).await?;
+    assert!(!unfinished.exists());
     c.wait_leader().await?;
     let mut cl = c.client(0).await?;
     assert_eq!(get(&mut cl, "a0007", false).await?.as_deref(), Some("v7"));
