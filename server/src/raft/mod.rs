@@ -11,7 +11,8 @@
 //! - [`codec`]: openraft's types ⇄ `raftpb` protobuf (the log on disk and the peer messages).
 //! - [`log_store`]: the durable log and vote in the engine's `RaftLog`/`RaftState` tables, with
 //!   group fsync.
-//! - [`state_machine`]: applying entries, snapshots for lagging followers.
+//! - [`state_machine`]: applying entries, snapshots for lagging followers;
+//!   [`snapshot_data`]: what a snapshot is sent from and received into.
 //! - [`network`]: the peer client (tonic), [`peer_service`]: the peer server.
 //! - [`read_index`]: batched ReadIndex for linearizable reads on any member.
 //! - [`waiters`]: results travelling from the apply step back to the waiting client.
@@ -26,6 +27,7 @@ pub mod network;
 pub mod peer_service;
 pub mod read_index;
 pub mod replica;
+pub mod snapshot_data;
 pub mod state_machine;
 pub mod waiters;
 
@@ -75,7 +77,7 @@ openraft::declare_raft_types!(
         NodeId = NodeId,
         Node = MemberNode,
         Entry = openraft::Entry<TypeConfig>,
-        SnapshotData = tokio::fs::File,
+        SnapshotData = snapshot_data::SnapshotData,
         AsyncRuntime = openraft::TokioRuntime,
         Responder = openraft::impls::OneshotResponder<TypeConfig>,
 );

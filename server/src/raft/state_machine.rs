@@ -13,11 +13,14 @@
 //! # Snapshots
 //! A snapshot is the backup snapshot format ([`crate::storage::snapshot`]) of the
 //! state-machine tables, in a file under the snapshot directory; the Meta table inside it
-//! says which entry it ends at. A member alone in the membership records its snapshots
-//! without the file and builds one only when a member that joined needs it
-//! ([`RaftStateMachine::get_current_snapshot`]). Installing one replaces the tables, after
-//! marking the install in the `RaftState` table, so a crash half-way redoes it at start-up
-//! ([`recover_install`]).
+//! says which entry it ends at. The snapshots openraft takes every `--snapshot-count`
+//! entries, which let it purge the log, are recorded without a file: the engine is synced and
+//! the snapshot's log id and membership are written down. A file is built only when a
+//! follower needs one (it is behind the purged log), from what is applied then, on a thread
+//! of its own while applies go on ([`RaftStateMachine::get_current_snapshot`],
+//! [`snapshot_data`](super::snapshot_data)); as etcd sends its live database only to a
+//! follower that needs it. Installing one replaces the tables, after marking the install in
+//! the `RaftState` table, so a crash half-way redoes it at start-up ([`recover_install`]).
 
 use std::io::{Seek, SeekFrom};
 use std::path::{Path, PathBuf};
@@ -30,6 +33,7 @@ use prost::Message;
 use tokio::sync::watch;
 
 use super::codec;
+use super::snapshot_data::{Build, Finisher, SnapshotData};
 use super::waiters::Waiters;
 use super::{
     command_position, entry_done_position, Entry, LogId, SnapshotMeta, StorageError,
@@ -41,7 +45,7 @@ use crate::lease::Lessor;
 use crate::migrate::online::Reencoder;
 use crate::mvcc::{self, Store};
 use crate::server::proposer::ApplyObserver;
-use crate::storage::{snapshot as snapfile, Engine, Table, WriteBatch};
+use crate::storage::{snapshot as snapfile, Engine, Snapshot as EngineSnapshot, Table, WriteBatch};
 use crate::watch::WatchHub;
 
 /// Meta-table keys (the `raft/` prefix is dropped by `metastore snapshot restore`).
@@ -77,6 +81,12 @@ pub struct Context {
     pub auth: Arc<AuthStore>,
     /// The file a snapshot is being received into.
     receiving: Mutex<Option<PathBuf>>,
+    /// Held while the current snapshot changes (recorded, built, installed), so that one
+    /// change never removes the file another is about to record.
+    snapshot_lock: Mutex<()>,
+    /// The last snapshot built for a follower, finished or not, shared by the followers
+    /// that need one while it is recent enough.
+    for_followers: Mutex<Option<(SnapshotMeta, Arc<Build>)>>,
 }
 
 impl Context {
@@ -107,6 +117,8 @@ impl Context {
             reencoder,
             auth,
             receiving: Mutex::new(None),
+            snapshot_lock: Mutex::new(()),
+            for_followers: Mutex::new(None),
         }))
     }
 
@@ -214,73 +226,121 @@ impl Context {
         Ok(())
     }
 
-    /// Records a snapshot of everything applied so far and returns its meta, with its file.
-    /// The file is written only when another member could need it (`shared_only`), or
-    /// always: a member alone in the membership records the meta only, which is all the log
-    /// purge that follows needs, and no follower will ever ask it for the data. A member that
-    /// joins later gets a file built then ([`RaftStateMachine::get_current_snapshot`]).
-    fn build_snapshot(
-        &self,
-        shared_only: bool,
-    ) -> Result<(SnapshotMeta, Option<PathBuf>), StorageError> {
+    /// Records a snapshot of everything applied so far, without a file, and returns its
+    /// meta: the engine is made durable (the log up to the snapshot may be purged after
+    /// this) and the snapshot's log id and membership are written down. A follower that
+    /// needs the data gets a file built then ([`Context::build_for_followers`]).
+    fn record_snapshot(&self) -> Result<SnapshotMeta, StorageError> {
         let engine = self.store.engine();
-        // Make the applied state durable: the log up to the snapshot may be purged after this.
         engine.sync().map_err(sm_err)?;
-        let snap = engine.snapshot();
-        let last_log_id = match snap.get(Table::Meta, META_APPLIED).map_err(sm_err)? {
-            Some(v) => Some(codec::log_id_from_pb(
-                &pb::LogId::decode(v.as_slice()).map_err(sm_err)?,
-            )),
-            None => None,
-        };
-        let last_membership = match snap.get(Table::Meta, META_MEMBERSHIP).map_err(sm_err)? {
-            Some(v) => codec::stored_membership_from_pb(
-                &pb::StoredMembership::decode(v.as_slice()).map_err(sm_err)?,
-            ),
-            None => StoredMembership::default(),
-        };
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_nanos());
-        let snapshot_id = match &last_log_id {
-            Some(l) => format!(
-                "{}-{}-{}-{nanos}",
-                l.leader_id.term, l.leader_id.node_id, l.index
-            ),
-            None => format!("0-0-0-{nanos}"),
-        };
-        let meta = SnapshotMeta {
-            last_log_id,
-            last_membership,
-            snapshot_id,
-        };
-        if shared_only && alone(&meta.last_membership, self.member_id) {
-            drop(snap);
-            // Also removes the files of earlier snapshots: the current one has none.
+        let meta = meta_of(engine.snapshot().as_ref())?;
+        let _changing = self.snapshot_lock.lock().map_err(sm_err)?;
+        // A file built for a follower meanwhile may be newer: then it stays the current one.
+        if self
+            .current()?
+            .is_none_or(|c| meta.last_log_id > c.last_log_id)
+        {
             self.set_current(&meta)?;
-            tracing::info!(snapshot = %meta.snapshot_id, "recorded a Raft snapshot (no file: no other member)");
-            return Ok((meta, None));
         }
+        tracing::info!(snapshot = %meta.snapshot_id, "recorded a Raft snapshot");
+        Ok(meta)
+    }
+
+    /// Starts building a snapshot file of what is applied now, on a thread of its own at the
+    /// lowest CPU priority, and returns as soon as the engine snapshot it is built from is
+    /// taken: with its meta and the build, which readers wait for. Building reads, encodes
+    /// and hashes the whole store; openraft asks for a snapshot between applies, which would
+    /// otherwise wait for all of it.
+    async fn build_for_followers(
+        self: &Arc<Self>,
+    ) -> Result<(SnapshotMeta, Arc<Build>), StorageError> {
+        let build = Build::new();
+        let (taken, meta) = tokio::sync::oneshot::channel();
+        let (ctx, finisher) = (self.clone(), Finisher(build.clone()));
+        std::thread::Builder::new()
+            .name("snapshot-build".into())
+            .spawn(move || {
+                lower_thread_priority();
+                ctx.write_for_followers(taken, finisher);
+            })
+            .map_err(sm_err)?;
+        let meta = meta.await.map_err(sm_err)??;
+        Ok((meta, build))
+    }
+
+    /// The build thread of [`build_for_followers`](Self::build_for_followers).
+    fn write_for_followers(
+        &self,
+        taken: tokio::sync::oneshot::Sender<Result<SnapshotMeta, StorageError>>,
+        build: Finisher,
+    ) {
+        let engine = self.store.engine();
+        let snap = match engine.sync().map_err(sm_err).map(|()| engine.snapshot()) {
+            Ok(snap) => snap,
+            Err(e) => {
+                let _ = taken.send(Err(e));
+                return;
+            }
+        };
+        let meta = match meta_of(snap.as_ref()) {
+            Ok(meta) => meta,
+            Err(e) => {
+                let _ = taken.send(Err(e));
+                return;
+            }
+        };
+        let _ = taken.send(Ok(meta.clone()));
+        let result = self.write_file(snap.as_ref(), &meta);
+        drop(snap);
+        build.0.finish(result.map_err(|e| e.to_string()));
+    }
+
+    /// Writes the snapshot file of `snap` (whose meta is `meta`), synced as it grows, and
+    /// records it as the current snapshot unless a newer one was recorded meanwhile (then the
+    /// file is removed; readers hold it open). Returns the file, open for reading.
+    fn write_file(
+        &self,
+        snap: &dyn EngineSnapshot,
+        meta: &SnapshotMeta,
+    ) -> Result<std::fs::File, StorageError> {
         let tmp = self.snap_dir.join(format!("{}.tmp", meta.snapshot_id));
-        let path = self.snapshot_path(&meta);
+        let path = self.snapshot_path(meta);
         {
             let mut f = SyncEvery::new(std::fs::File::create(&tmp).map_err(sm_err)?);
-            snapfile::write_snapshot(snap.as_ref(), &mut f, &mut |_| {}).map_err(sm_err)?;
+            snapfile::write_snapshot(snap, &mut f, &mut |_| {}).map_err(sm_err)?;
             f.file.sync_all().map_err(sm_err)?;
         }
-        drop(snap);
+        let file = std::fs::File::open(&tmp).map_err(sm_err)?;
+        let _changing = self.snapshot_lock.lock().map_err(sm_err)?;
         std::fs::rename(&tmp, &path).map_err(sm_err)?;
-        self.set_current(&meta)?;
-        tracing::info!(snapshot = %meta.snapshot_id, "built a Raft snapshot");
-        Ok((meta, Some(path)))
+        if self
+            .current()?
+            .is_none_or(|c| meta.last_log_id >= c.last_log_id)
+        {
+            self.set_current(meta)?;
+            tracing::info!(snapshot = %meta.snapshot_id, "built a Raft snapshot file for a follower");
+        } else {
+            let _ = std::fs::remove_file(&path);
+            tracing::info!(snapshot = %meta.snapshot_id, "built a Raft snapshot file for a follower (a newer snapshot was recorded meanwhile)");
+        }
+        Ok(file)
     }
 
     fn snapshot_path(&self, meta: &SnapshotMeta) -> PathBuf {
         snapshot_file(&self.snap_dir, meta)
     }
 
-    /// Records `meta` as the current snapshot and removes older snapshot files.
+    /// Records `meta` as the current snapshot and removes older snapshot files, and forgets an
+    /// older build for followers (whose open file would otherwise keep its disk space).
     fn set_current(&self, meta: &SnapshotMeta) -> Result<(), StorageError> {
+        if let Ok(mut shared) = self.for_followers.lock() {
+            if shared
+                .as_ref()
+                .is_some_and(|(m, _)| m.last_log_id < meta.last_log_id)
+            {
+                *shared = None;
+            }
+        }
         let mut b = WriteBatch::new();
         b.put(
             Table::RaftState,
@@ -311,6 +371,7 @@ impl Context {
         let info =
             snapfile::verify(std::fs::File::open(received).map_err(snap_err)?).map_err(snap_err)?;
         let path = self.snapshot_path(meta);
+        let _changing = self.snapshot_lock.lock().map_err(sm_err)?;
         std::fs::rename(received, &path).map_err(sm_err)?;
         let engine = self.store.engine();
         let mut b = WriteBatch::new();
@@ -415,6 +476,38 @@ fn remove_unfinished(snap_dir: &Path) -> Result<(), StorageError> {
     Ok(())
 }
 
+/// The meta of a snapshot of `snap`: the log id and membership of the last entry applied
+/// in it (recorded with that entry's writes), and a new id.
+fn meta_of(snap: &dyn EngineSnapshot) -> Result<SnapshotMeta, StorageError> {
+    let last_log_id = match snap.get(Table::Meta, META_APPLIED).map_err(sm_err)? {
+        Some(v) => Some(codec::log_id_from_pb(
+            &pb::LogId::decode(v.as_slice()).map_err(sm_err)?,
+        )),
+        None => None,
+    };
+    let last_membership = match snap.get(Table::Meta, META_MEMBERSHIP).map_err(sm_err)? {
+        Some(v) => codec::stored_membership_from_pb(
+            &pb::StoredMembership::decode(v.as_slice()).map_err(sm_err)?,
+        ),
+        None => StoredMembership::default(),
+    };
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    let snapshot_id = match &last_log_id {
+        Some(l) => format!(
+            "{}-{}-{}-{nanos}",
+            l.leader_id.term, l.leader_id.node_id, l.index
+        ),
+        None => format!("0-0-0-{nanos}"),
+    };
+    Ok(SnapshotMeta {
+        last_log_id,
+        last_membership,
+        snapshot_id,
+    })
+}
+
 /// The file of snapshot `meta` in `snap_dir` (ids come from peers: only safe characters).
 fn snapshot_file(snap_dir: &Path, meta: &SnapshotMeta) -> PathBuf {
     let safe: String = meta
@@ -490,31 +583,6 @@ impl StateMachine {
     }
 }
 
-/// Whether `member` is the only member of `membership`, voter or learner: then no other
-/// member can ask it for a snapshot.
-fn alone(membership: &StoredMembership, member: u64) -> bool {
-    let m = membership.membership();
-    m.voter_ids().all(|id| id == member) && m.learner_ids().next().is_none()
-}
-
-/// Runs `build` on a thread of its own at the lowest CPU priority: building reads and
-/// hashes the whole store, and on a busy machine it must take the cores' idle time, not the
-/// request path's (docs/PERFORMANCE.md, session 27).
-async fn build_in_background(
-    ctx: Arc<Context>,
-    shared_only: bool,
-) -> Result<(SnapshotMeta, Option<PathBuf>), StorageError> {
-    let (tx, rx) = tokio::sync::oneshot::channel();
-    std::thread::Builder::new()
-        .name("snapshot-build".into())
-        .spawn(move || {
-            lower_thread_priority();
-            let _ = tx.send(ctx.build_snapshot(shared_only));
-        })
-        .map_err(sm_err)?;
-    rx.await.map_err(sm_err)?
-}
-
 /// Builds snapshots off the apply path.
 pub struct SnapshotBuilder {
     ctx: Arc<Context>,
@@ -522,20 +590,18 @@ pub struct SnapshotBuilder {
 
 impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
     async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, StorageError> {
-        let (meta, path) = build_in_background(self.ctx.clone(), true).await?;
-        let file = match path {
-            Some(path) => tokio::fs::File::open(&path).await.map_err(snap_err)?,
-            // openraft 0.9 keeps only the meta of a snapshot it had built (its state-machine
-            // worker and its start-up); what it sends a follower always comes from
-            // `get_current_snapshot`, which never returns this. An empty file, so that even
-            // sent it would fail the follower's verification rather than install anything.
-            None => tokio::fs::File::from_std(
-                tempfile::tempfile_in(&self.ctx.snap_dir).map_err(sm_err)?,
-            ),
-        };
+        let ctx = self.ctx.clone();
+        let meta = tokio::task::spawn_blocking(move || ctx.record_snapshot())
+            .await
+            .map_err(sm_err)??;
+        // openraft 0.9 keeps only the meta of a snapshot it had built (its state-machine
+        // worker and its start-up); what it sends a follower always comes from
+        // `get_current_snapshot`, which never returns this. An empty file, so that even sent
+        // it would fail the follower's verification rather than install anything.
+        let placeholder = tempfile::tempfile_in(&self.ctx.snap_dir).map_err(sm_err)?;
         Ok(Snapshot {
             meta,
-            snapshot: Box::new(file),
+            snapshot: Box::new(SnapshotData::file(tokio::fs::File::from_std(placeholder))),
         })
     }
 }
@@ -576,7 +642,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         }
     }
 
-    async fn begin_receiving_snapshot(&mut self) -> Result<Box<tokio::fs::File>, StorageError> {
+    async fn begin_receiving_snapshot(&mut self) -> Result<Box<SnapshotData>, StorageError> {
         let nanos = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_nanos());
@@ -594,16 +660,19 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                 let _ = std::fs::remove_file(old);
             }
         }
-        Ok(Box::new(file))
+        Ok(Box::new(SnapshotData::file(file)))
     }
 
     async fn install_snapshot(
         &mut self,
         meta: &SnapshotMeta,
-        snapshot: Box<tokio::fs::File>,
+        snapshot: Box<SnapshotData>,
     ) -> Result<(), StorageError> {
-        snapshot.sync_all().await.map_err(sm_err)?;
-        drop(snapshot);
+        let file = snapshot
+            .into_file()
+            .ok_or_else(|| sm_err("a snapshot can only be installed from a received file"))?;
+        file.sync_all().await.map_err(sm_err)?;
+        drop(file);
         let path = self
             .ctx
             .receiving
@@ -618,37 +687,47 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             .map_err(sm_err)?
     }
 
-    /// The current snapshot with its file. openraft asks at start-up, for the meta alone,
-    /// and then whenever a follower needs the data. A snapshot recorded while this member was
-    /// alone has no file: at start-up that is answered with none (openraft then records one
-    /// again, cheaply, if the log was purged), afterwards by building the file now, from
-    /// what is applied now. The apply waits for that build (openraft runs this between
-    /// applies), once, when a member joined after the last snapshot; openraft accepts a
-    /// snapshot newer than the one it picked.
+    /// The current snapshot with its data. openraft asks at start-up, for the meta alone,
+    /// and then whenever a follower needs the data. The snapshots openraft records have no
+    /// file: at start-up that is answered with none (openraft then records one again,
+    /// cheaply, if the log was purged). For a follower, the current snapshot's file if it has
+    /// one (one built for another follower, or received), otherwise the build of a file of
+    /// what is applied now: one already started if it is at least as new as the current
+    /// snapshot, or a new one. This returns once the build's engine snapshot is taken, and
+    /// the follower's sender waits for the file; openraft accepts a snapshot newer than the
+    /// one it picked.
     async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot<TypeConfig>>, StorageError> {
         let at_start = !std::mem::replace(&mut self.asked_before, true);
-        let Some(meta) = self.ctx.current()? else {
+        let Some(current) = self.ctx.current()? else {
             return Ok(None);
         };
-        let (meta, path) = match tokio::fs::File::open(self.ctx.snapshot_path(&meta)).await {
+        match tokio::fs::File::open(self.ctx.snapshot_path(&current)).await {
             Ok(file) => {
                 return Ok(Some(Snapshot {
-                    meta,
-                    snapshot: Box::new(file),
+                    meta: current,
+                    snapshot: Box::new(SnapshotData::file(file)),
                 }))
             }
             Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(snap_err(e)),
             Err(_) if at_start => return Ok(None),
-            Err(_) => {
-                tracing::info!(snapshot = %meta.snapshot_id, "a follower needs a snapshot: building its file");
-                build_in_background(self.ctx.clone(), false).await?
+            Err(_) => {}
+        }
+        let shared = self.ctx.for_followers.lock().map_err(sm_err)?.clone();
+        let (meta, build) = match shared {
+            Some((meta, build)) if meta.last_log_id >= current.last_log_id && !build.failed() => {
+                (meta, build)
+            }
+            _ => {
+                tracing::info!(snapshot = %current.snapshot_id, "a follower needs a snapshot: building a file of what is applied now");
+                let (meta, build) = self.ctx.build_for_followers().await?;
+                *self.ctx.for_followers.lock().map_err(sm_err)? =
+                    Some((meta.clone(), build.clone()));
+                (meta, build)
             }
         };
-        let path = path.ok_or_else(|| snap_err("a snapshot was built without its file"))?;
-        let file = tokio::fs::File::open(&path).await.map_err(snap_err)?;
         Ok(Some(Snapshot {
             meta,
-            snapshot: Box::new(file),
+            snapshot: Box::new(build.reader()),
         }))
     }
 }

@@ -416,6 +416,27 @@ async fn a_follower_behind_the_compacted_log_catches_up_from_a_snapshot() -> any
         .await?
         .header()
         .map_or(0, |h| h.revision());
+    // Every running member purged its log behind a snapshot recorded without a file: the
+    // store is written to a file only for a follower that needs it.
+    let purged = |c: &Cluster, i: usize| {
+        let node = c.members[i].server.as_ref().and_then(|s| s.node());
+        node.and_then(|n| n.replica.raft.metrics().borrow().purged)
+            .map_or(0, |l| l.index)
+    };
+    let start = Instant::now();
+    while purged(&c, leader) < 300 || purged(&c, writer) < 300 {
+        anyhow::ensure!(
+            start.elapsed() < Duration::from_secs(10),
+            "the logs were never purged"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    for i in [leader, writer] {
+        assert_eq!(
+            snapshot_files(&c.members[i]),
+            Vec::<std::path::PathBuf>::new()
+        );
+    }
     c.restart(lagging).await?;
     let mut back = c.client(lagging).await?;
     let start = Instant::now();
@@ -437,6 +458,16 @@ async fn a_follower_behind_the_compacted_log_catches_up_from_a_snapshot() -> any
     // Leases came with the snapshot.
     let leases = back.leases().await?;
     assert!(leases.leases().iter().any(|l| l.id() == lease));
+    // The leader built one file, for the follower; the follower keeps the one it installed.
+    let files: Vec<usize> = [leader, writer, lagging]
+        .iter()
+        .map(|&i| snapshot_files(&c.members[i]).len())
+        .collect();
+    assert_eq!(
+        files,
+        [1, 0, 1],
+        "snapshot files of leader, other follower, lagging"
+    );
     Ok(())
 }
 
@@ -730,9 +761,9 @@ fn snapshot_files(member: &Member) -> Vec<std::path::PathBuf> {
         .unwrap_or_default()
 }
 
-/// A member alone records its Raft snapshots without writing the store to a file (no member
-/// could ask it for one), starts again from its purged log, and builds the file when a member
-/// that joins later needs it; that member catches up from it.
+/// A member alone records its Raft snapshots without writing the store to a file (as every
+/// member does), starts again from its purged log, and builds the file when a member that
+/// joins later needs it; that member catches up from it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_member_alone_writes_no_snapshot_file_until_a_joining_member_needs_one(
 ) -> anyhow::Result<()> {
