@@ -735,8 +735,172 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
 #[cfg(test)]
 mod tests {
     use std::io::Write;
+    use std::sync::Condvar;
+    use std::time::Duration;
+
+    use bytes::Bytes;
+    use metastore_proto::etcdserverpb::PutRequest;
+    use tokio::io::{AsyncReadExt, AsyncSeekExt};
 
     use super::*;
+    use crate::apply::{Command, NoLeases};
+    use crate::storage::{EngineHook, HookedEngine, MemoryEngine};
+
+    /// Holds the snapshot cursors of the build thread up while `held` is set: a build cannot
+    /// get past its first table. (Applies read through snapshot cursors too: they go on.)
+    #[derive(Default)]
+    struct HoldCursors {
+        held: Mutex<bool>,
+        released: Condvar,
+    }
+
+    impl HoldCursors {
+        fn hold(&self, held: bool) {
+            *self.held.lock().expect("lock") = held;
+            self.released.notify_all();
+        }
+    }
+
+    impl EngineHook for HoldCursors {
+        fn snapshot_iter(&self, _table: Table) {
+            if std::thread::current().name() != Some("snapshot-build") {
+                return;
+            }
+            let mut held = self.held.lock().expect("lock");
+            while *held {
+                held = self.released.wait(held).expect("wait");
+            }
+        }
+    }
+
+    struct NoObserver;
+
+    impl ApplyObserver for NoObserver {
+        fn group_applied(&self, _n: usize) {}
+    }
+
+    /// A state machine over an engine whose snapshot cursors can be held up.
+    fn machine(
+        engine: Arc<HookedEngine<HoldCursors>>,
+        snap_dir: &Path,
+    ) -> anyhow::Result<StateMachine> {
+        let store = Store::open(engine.clone(), mvcc::StoreOptions::default())?;
+        let auth = Arc::new(AuthStore::open_default(engine.clone())?);
+        let watch = WatchHub::start(store.clone(), Duration::from_millis(200), usize::MAX)?;
+        let reencoder = Reencoder::start(
+            engine.clone(),
+            store.background_lock().clone(),
+            Default::default(),
+        )?;
+        let ctx = Context::new(
+            store,
+            Arc::new(Lessor::new(1)),
+            watch,
+            Arc::new(Waiters::new()),
+            1,
+            snap_dir.to_path_buf(),
+            Arc::new(NoObserver),
+            reencoder,
+            auth,
+        )
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+        Ok(StateMachine::new(ctx))
+    }
+
+    /// Puts `key` as the entry at `index` would (its writes, then the entry's log id in the
+    /// Meta table); returns the revision.
+    fn put(ctx: &Context, key: &str, index: u64) -> anyhow::Result<i64> {
+        let mut a = ctx.store.applier()?;
+        let cmd = Command::Put(PutRequest {
+            key: Bytes::from(key.to_string()),
+            value: Bytes::from_static(b"v"),
+            ..Default::default()
+        });
+        apply::apply(&mut a, index << 20 | 1, &cmd, &NoLeases, &ctx.auth)?;
+        let rev = a.publish()?;
+        let id = LogId::new(openraft::CommittedLeaderId::new(1, 1), index);
+        let mut b = WriteBatch::new();
+        b.put(
+            Table::Meta,
+            META_APPLIED.to_vec(),
+            codec::log_id_to_pb(&id).encode_to_vec(),
+        );
+        ctx.store.engine().write(b, false)?;
+        Ok(rev)
+    }
+
+    /// The snapshot openraft takes is recorded without a file; a follower that needs one gets
+    /// the build of a file of what is applied then, which is started and returned while the
+    /// build is still held up, and applies go on meanwhile; a second follower shares it, the
+    /// file is whole once the build ends, and it becomes the current snapshot.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_follower_gets_a_file_built_while_applies_go_on() -> anyhow::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let engine = HookedEngine::new(HoldCursors::default());
+        let mut sm = machine(engine.clone(), dir.path())?;
+        let ctx = sm.ctx.clone();
+        for i in 1..=20 {
+            put(&ctx, &format!("k{i:02}"), i)?;
+        }
+        let recorded = sm.get_snapshot_builder().await.build_snapshot().await?.meta;
+        assert_eq!(recorded.last_log_id.map(|l| l.index), Some(20));
+        let files = |d: &Path| -> anyhow::Result<usize> {
+            Ok(std::fs::read_dir(d)?
+                .flatten()
+                .filter(|e| e.path().extension().is_some_and(|x| x == "snap"))
+                .count())
+        };
+        assert_eq!(files(dir.path())?, 0, "recorded without a file");
+        // At start-up openraft asks for the meta: none, as there is no file.
+        assert!(sm.get_current_snapshot().await?.is_none());
+        let at_build = put(&ctx, "k21", 21)?;
+
+        engine.hook.hold(true);
+        let first = tokio::time::timeout(Duration::from_secs(5), sm.get_current_snapshot())
+            .await
+            .map_err(|_| anyhow::anyhow!("waited for the build"))??
+            .ok_or_else(|| anyhow::anyhow!("no snapshot for a follower"))?;
+        assert_eq!(first.meta.last_log_id.map(|l| l.index), Some(21));
+        // Applies go on while the file is being written.
+        let later = put(&ctx, "k22", 22)?;
+        let second = sm
+            .get_current_snapshot()
+            .await?
+            .ok_or_else(|| anyhow::anyhow!("no snapshot"))?;
+        assert_eq!(second.meta.snapshot_id, first.meta.snapshot_id, "shared");
+        let mut data = first.snapshot;
+        let reading = tokio::spawn(async move {
+            let end = data.seek(SeekFrom::End(0)).await?;
+            let mut all = Vec::new();
+            data.seek(SeekFrom::Start(0)).await?;
+            data.read_to_end(&mut all).await?;
+            anyhow::ensure!(all.len() as u64 == end, "{} of {end} bytes", all.len());
+            Ok(all)
+        });
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(!reading.is_finished(), "read before the build ended");
+        engine.hook.hold(false);
+        let bytes = reading.await??;
+        let info = snapfile::verify(std::io::Cursor::new(&bytes))?;
+        assert_eq!(info.header.revision, at_build);
+        assert!(later > at_build);
+        // The whole file loads into a store that has every key up to the snapshot.
+        let copy = Arc::new(MemoryEngine::new());
+        snapfile::load(std::io::Cursor::new(&bytes), copy.as_ref(), &mut |_| {})?;
+        let copy = Store::open(copy, mvcc::StoreOptions::default())?;
+        assert_eq!(copy.current_revision(), at_build);
+
+        assert_eq!(
+            ctx.current()?.map(|m| m.snapshot_id),
+            Some(first.meta.snapshot_id)
+        );
+        assert_eq!(files(dir.path())?, 1);
+        // The next snapshot openraft records is newer: it replaces the file.
+        put(&ctx, "k23", 23)?;
+        sm.get_snapshot_builder().await.build_snapshot().await?;
+        assert_eq!(files(dir.path())?, 0);
+        Ok(())
+    }
 
     #[test]
     fn a_snapshot_file_is_synced_every_step_and_holds_every_byte() {

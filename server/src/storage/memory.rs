@@ -196,6 +196,26 @@ pub(crate) trait EngineHook: Send + Sync + 'static {
     }
     /// Before each write, after [`write`](Self::write) let it through: the batch itself.
     fn batch(&self, _batch: &WriteBatch) {}
+    /// Before a snapshot's cursor over `table` is made (it may wait: a reader held up).
+    fn snapshot_iter(&self, _table: Table) {}
+}
+
+/// A [`HookedEngine`]'s snapshot: its cursors are made after [`EngineHook::snapshot_iter`].
+#[cfg(test)]
+struct HookedSnapshot<'a, H> {
+    inner: Box<dyn Snapshot + 'a>,
+    hook: &'a H,
+}
+
+#[cfg(test)]
+impl<H: EngineHook> Snapshot for HookedSnapshot<'_, H> {
+    fn get(&self, table: Table, key: &[u8]) -> Result<Option<Vec<u8>>> {
+        self.inner.get(table, key)
+    }
+    fn iter(&self, table: Table) -> Box<dyn EngineIter + '_> {
+        self.hook.snapshot_iter(table);
+        self.inner.iter(table)
+    }
 }
 
 /// A [`MemoryEngine`] whose writes and syncs first go through `hook`.
@@ -224,7 +244,10 @@ impl<H: EngineHook> Engine for HookedEngine<H> {
         self.inner.get(table, key)
     }
     fn snapshot(&self) -> Box<dyn Snapshot + '_> {
-        self.inner.snapshot()
+        Box::new(HookedSnapshot {
+            inner: self.inner.snapshot(),
+            hook: &self.hook,
+        })
     }
     fn write(&self, batch: WriteBatch, sync: bool) -> Result<()> {
         self.hook.write(sync)?;
