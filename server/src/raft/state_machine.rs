@@ -321,6 +321,15 @@ impl Context {
             tracing::info!(snapshot = %meta.snapshot_id, "built a Raft snapshot file for a follower");
         } else {
             let _ = std::fs::remove_file(&path);
+            // Nothing shares it any more: its open file must not outlive the readers it has.
+            if let Ok(mut shared) = self.for_followers.lock() {
+                if shared
+                    .as_ref()
+                    .is_some_and(|(m, _)| m.snapshot_id == meta.snapshot_id)
+                {
+                    *shared = None;
+                }
+            }
             tracing::info!(snapshot = %meta.snapshot_id, "built a Raft snapshot file for a follower (a newer snapshot was recorded meanwhile)");
         }
         Ok(file)
@@ -899,6 +908,56 @@ mod tests {
         put(&ctx, "k23", 23)?;
         sm.get_snapshot_builder().await.build_snapshot().await?;
         assert_eq!(files(dir.path())?, 0);
+        Ok(())
+    }
+
+    /// A build that a newer recorded snapshot overtakes still gives its reader the whole file,
+    /// then leaves no file behind, and is not shared any more.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_build_overtaken_by_a_newer_snapshot_is_sent_and_then_dropped() -> anyhow::Result<()>
+    {
+        let dir = tempfile::tempdir()?;
+        let engine = HookedEngine::new(HoldCursors::default());
+        let mut sm = machine(engine.clone(), dir.path())?;
+        let ctx = sm.ctx.clone();
+        for i in 1..=5 {
+            put(&ctx, &format!("k{i}"), i)?;
+        }
+        sm.get_snapshot_builder().await.build_snapshot().await?;
+        assert!(
+            sm.get_current_snapshot().await?.is_none(),
+            "start-up, no file"
+        );
+        engine.hook.hold(true);
+        let sent = sm
+            .get_current_snapshot()
+            .await?
+            .ok_or_else(|| anyhow::anyhow!("no snapshot for a follower"))?;
+        put(&ctx, "k6", 6)?;
+        let newer = sm.get_snapshot_builder().await.build_snapshot().await?.meta;
+        assert!(
+            ctx.for_followers.lock().expect("lock").is_none(),
+            "forgotten"
+        );
+        let mut data = sent.snapshot;
+        let reading = tokio::spawn(async move {
+            let mut all = Vec::new();
+            data.read_to_end(&mut all).await?;
+            anyhow::Ok(all)
+        });
+        engine.hook.hold(false);
+        let bytes = reading.await??;
+        let info = snapfile::verify(std::io::Cursor::new(&bytes))?;
+        assert!(info.header.revision < ctx.store.current_revision());
+        assert_eq!(
+            ctx.current()?.map(|m| m.snapshot_id),
+            Some(newer.snapshot_id)
+        );
+        let left: Vec<_> = std::fs::read_dir(dir.path())?
+            .flatten()
+            .map(|e| e.path())
+            .collect();
+        assert!(left.is_empty(), "{left:?}");
         Ok(())
     }
 
