@@ -275,15 +275,12 @@ impl Context {
         build: Finisher,
     ) {
         let engine = self.store.engine();
-        let snap = match engine.sync().map_err(sm_err).map(|()| engine.snapshot()) {
-            Ok(snap) => snap,
-            Err(e) => {
-                let _ = taken.send(Err(e));
-                return;
-            }
-        };
-        let meta = match meta_of(snap.as_ref()) {
-            Ok(meta) => meta,
+        let snap_and_meta = engine.sync().map_err(sm_err).and_then(|()| {
+            let snap = engine.snapshot();
+            Ok((meta_of(snap.as_ref())?, snap))
+        });
+        let (meta, snap) = match snap_and_meta {
+            Ok(taken_now) => taken_now,
             Err(e) => {
                 let _ = taken.send(Err(e));
                 return;
@@ -322,17 +319,17 @@ impl Context {
         } else {
             let _ = std::fs::remove_file(&path);
             // Nothing shares it any more: its open file must not outlive the readers it has.
-            if let Ok(mut shared) = self.for_followers.lock() {
-                if shared
-                    .as_ref()
-                    .is_some_and(|(m, _)| m.snapshot_id == meta.snapshot_id)
-                {
-                    *shared = None;
-                }
-            }
+            self.forget_build_if(|m| m.snapshot_id == meta.snapshot_id);
             tracing::info!(snapshot = %meta.snapshot_id, "built a Raft snapshot file for a follower (a newer snapshot was recorded meanwhile)");
         }
         Ok(file)
+    }
+
+    /// Stops sharing the build for followers if `stale` says so of its meta.
+    fn forget_build_if(&self, stale: impl FnOnce(&SnapshotMeta) -> bool) {
+        if let Ok(mut shared) = self.for_followers.lock() {
+            shared.take_if(|(m, _)| stale(m));
+        }
     }
 
     fn snapshot_path(&self, meta: &SnapshotMeta) -> PathBuf {
@@ -342,14 +339,7 @@ impl Context {
     /// Records `meta` as the current snapshot and removes older snapshot files, and forgets an
     /// older build for followers (whose open file would otherwise keep its disk space).
     fn set_current(&self, meta: &SnapshotMeta) -> Result<(), StorageError> {
-        if let Ok(mut shared) = self.for_followers.lock() {
-            if shared
-                .as_ref()
-                .is_some_and(|(m, _)| m.last_log_id < meta.last_log_id)
-            {
-                *shared = None;
-            }
-        }
+        self.forget_build_if(|m| m.last_log_id < meta.last_log_id);
         let mut b = WriteBatch::new();
         b.put(
             Table::RaftState,
