@@ -478,18 +478,9 @@ fn remove_unfinished(snap_dir: &Path) -> Result<(), StorageError> {
 /// The meta of a snapshot of `snap`: the log id and membership of the last entry applied
 /// in it (recorded with that entry's writes), and a new id.
 fn meta_of(snap: &dyn EngineSnapshot) -> Result<SnapshotMeta, StorageError> {
-    let last_log_id = match snap.get(Table::Meta, META_APPLIED).map_err(sm_err)? {
-        Some(v) => Some(codec::log_id_from_pb(
-            &pb::LogId::decode(v.as_slice()).map_err(sm_err)?,
-        )),
-        None => None,
-    };
-    let last_membership = match snap.get(Table::Meta, META_MEMBERSHIP).map_err(sm_err)? {
-        Some(v) => codec::stored_membership_from_pb(
-            &pb::StoredMembership::decode(v.as_slice()).map_err(sm_err)?,
-        ),
-        None => StoredMembership::default(),
-    };
+    let last_log_id = decode_applied(snap.get(Table::Meta, META_APPLIED).map_err(sm_err)?)?;
+    let last_membership =
+        decode_membership(snap.get(Table::Meta, META_MEMBERSHIP).map_err(sm_err)?)?;
     let nanos = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_nanos());
@@ -540,11 +531,26 @@ fn read_state_meta(engine: &dyn Engine, key: &[u8]) -> Result<Option<SnapshotMet
 }
 
 fn read_applied(store: &Store) -> Result<Option<LogId>, StorageError> {
-    match store.meta(META_APPLIED).map_err(sm_err)? {
-        None => Ok(None),
-        Some(v) => Ok(Some(codec::log_id_from_pb(
-            &pb::LogId::decode(v.as_slice()).map_err(sm_err)?,
-        ))),
+    decode_applied(store.meta(META_APPLIED).map_err(sm_err)?)
+}
+
+/// The log id recorded under [`META_APPLIED`], if any.
+fn decode_applied(v: Option<Vec<u8>>) -> Result<Option<LogId>, StorageError> {
+    v.map(|v| {
+        pb::LogId::decode(v.as_slice())
+            .map(|l| codec::log_id_from_pb(&l))
+            .map_err(sm_err)
+    })
+    .transpose()
+}
+
+/// The membership recorded under [`META_MEMBERSHIP`] (the default one if none).
+fn decode_membership(v: Option<Vec<u8>>) -> Result<StoredMembership, StorageError> {
+    match v {
+        Some(v) => Ok(codec::stored_membership_from_pb(
+            &pb::StoredMembership::decode(v.as_slice()).map_err(sm_err)?,
+        )),
+        None => Ok(StoredMembership::default()),
     }
 }
 
@@ -610,12 +616,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
 
     async fn applied_state(&mut self) -> Result<(Option<LogId>, StoredMembership), StorageError> {
         let applied = read_applied(&self.ctx.store)?;
-        let membership = match self.ctx.store.meta(META_MEMBERSHIP).map_err(sm_err)? {
-            Some(v) => codec::stored_membership_from_pb(
-                &pb::StoredMembership::decode(v.as_slice()).map_err(sm_err)?,
-            ),
-            None => StoredMembership::default(),
-        };
+        let membership = decode_membership(self.ctx.store.meta(META_MEMBERSHIP).map_err(sm_err)?)?;
         Ok((applied, membership))
     }
 
