@@ -418,19 +418,7 @@ async fn a_follower_behind_the_compacted_log_catches_up_from_a_snapshot() -> any
         .map_or(0, |h| h.revision());
     // Every running member purged its log behind a snapshot recorded without a file: the
     // store is written to a file only for a follower that needs it.
-    let purged = |c: &Cluster, i: usize| {
-        let node = c.members[i].server.as_ref().and_then(|s| s.node());
-        node.and_then(|n| n.replica.raft.metrics().borrow().purged)
-            .map_or(0, |l| l.index)
-    };
-    let start = Instant::now();
-    while purged(&c, leader) < 300 || purged(&c, writer) < 300 {
-        anyhow::ensure!(
-            start.elapsed() < Duration::from_secs(10),
-            "the logs were never purged"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_purged(&c, &[leader, writer], 300).await?;
     for i in [leader, writer] {
         assert_eq!(
             snapshot_files(&c.members[i]),
@@ -749,6 +737,36 @@ async fn auth_state_replicates_and_comes_with_snapshots() -> anyhow::Result<()> 
     Ok(())
 }
 
+/// Waits (up to 10 s) until each of `members` has purged its log up to at least `index`.
+async fn wait_purged(c: &Cluster, members: &[usize], index: u64) -> anyhow::Result<()> {
+    // (snapshot index, purged index) of each member, as openraft reports them.
+    let state = || -> Vec<(u64, u64)> {
+        members
+            .iter()
+            .map(|&i| {
+                let node = c.members[i].server.as_ref().and_then(|s| s.node());
+                node.map_or((0, 0), |n| {
+                    let m = n.replica.raft.metrics().borrow().clone();
+                    (
+                        m.snapshot.map_or(0, |l| l.index),
+                        m.purged.map_or(0, |l| l.index),
+                    )
+                })
+            })
+            .collect()
+    };
+    let start = Instant::now();
+    while state().iter().any(|&(_, purged)| purged < index) {
+        anyhow::ensure!(
+            start.elapsed() < Duration::from_secs(10),
+            "the log was never purged: (snapshot, purged) {:?}",
+            state()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    Ok(())
+}
+
 /// The `.snap` files in a member's snapshot directory.
 fn snapshot_files(member: &Member) -> Vec<std::path::PathBuf> {
     std::fs::read_dir(member.dir.join("snap"))
@@ -772,23 +790,7 @@ async fn a_member_alone_writes_no_snapshot_file_until_a_joining_member_needs_one
     for i in 0..400 {
         cl.put(format!("a{i:04}"), format!("v{i}"), None).await?;
     }
-    let raft_state = |c: &Cluster| {
-        let node = c.members[0].server.as_ref().and_then(|s| s.node());
-        let m = node.expect("node").replica.raft.metrics().borrow().clone();
-        (
-            m.snapshot.map_or(0, |l| l.index),
-            m.purged.map_or(0, |l| l.index),
-        )
-    };
-    let start = Instant::now();
-    while raft_state(&c).1 < 300 {
-        anyhow::ensure!(
-            start.elapsed() < Duration::from_secs(10),
-            "the log was never purged: {:?}",
-            raft_state(&c)
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_purged(&c, &[0], 300).await?;
     assert_eq!(
         snapshot_files(&c.members[0]),
         Vec::<std::path::PathBuf>::new()
