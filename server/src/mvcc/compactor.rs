@@ -131,7 +131,7 @@ fn compact_locked(
         let mut batch = WriteBatch::new();
         for key in &keys {
             let prefix = kv_prefix(key);
-            let mut kit = snap.iter(Table::Kv);
+            let mut kit = snap.versions_iter();
             kit.seek(&kv_key(key, to));
             let mut newest = true;
             while kit.valid()

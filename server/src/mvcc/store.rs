@@ -545,9 +545,9 @@ pub(crate) fn scan(
     rev: i64,
     mut visit: impl FnMut(&[u8]) -> Result<bool>,
 ) -> Result<()> {
-    let mut it = snap.iter(Table::Kv);
     if let KeyRange::Single(key) = range {
         let prefix = kv_prefix(key);
+        let mut it = snap.versions_iter();
         it.seek(&kv_key(key, rev));
         if it.valid() && it.key().len() == prefix.len() + 8 && it.key().starts_with(&prefix) {
             let record = it.value();
@@ -563,6 +563,7 @@ pub(crate) fn scan(
         }
     }
     let end = range.end().map(kv_prefix);
+    let mut it = snap.iter(Table::Kv);
     it.seek(&kv_prefix(range.start()));
     let mut target = Vec::new();
     while it.valid() {
@@ -640,7 +641,7 @@ fn load_alarms(engine: &dyn Engine) -> Result<std::collections::BTreeSet<(u64, i
 /// newest version at or below `compact`, and only if it is not a tombstone.
 fn survives(snap: &dyn Snapshot, key: &[u8], main: i64, compact: i64) -> Result<bool> {
     let prefix = kv_prefix(key);
-    let mut it = snap.iter(Table::Kv);
+    let mut it = snap.versions_iter();
     it.seek(&kv_key(key, compact));
     if !(it.valid() && it.key().len() == prefix.len() + 8 && it.key().starts_with(&prefix)) {
         it.status()?;

@@ -5,7 +5,9 @@ use super::Result;
 /// The tables (RocksDB column families) MetaStore keeps.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Table {
-    /// Versions of user keys: `enc(key) ++ !rev` → record (see `mvcc::key_codec`).
+    /// Versions of user keys: `enc(key) ++ !rev` → record (see `mvcc::key_codec`). Every key
+    /// ends in an 8-byte suffix ([`KV_SUFFIX`]); what comes before it is shared by the versions
+    /// of one user key and by no other key (see [`Snapshot::versions_iter`]).
     Kv,
     /// Revision log: `main ++ sub` (big endian) → user key. Drives watch replay, compaction
     /// and HashKV in revision order.
@@ -21,6 +23,9 @@ pub enum Table {
     /// Users, roles, permissions, the auth switch and the auth revision (see `auth::store`).
     Auth,
 }
+
+/// Bytes at the end of every [`Table::Kv`] key that tell its versions apart (the revision).
+pub const KV_SUFFIX: usize = 8;
 
 impl Table {
     pub const ALL: [Table; 7] = [
@@ -156,6 +161,15 @@ pub trait Snapshot: Send {
     fn get(&self, table: Table, key: &[u8]) -> Result<Option<Vec<u8>>>;
     /// A cursor over `table`. It starts unpositioned: call `seek` first.
     fn iter(&self, table: Table) -> Box<dyn EngineIter + '_>;
+    /// A cursor over the versions of one user key in [`Table::Kv`]: after a seek it is only
+    /// guaranteed correct while it stays on keys with the seek target's prefix (the key without
+    /// its [`KV_SUFFIX`]). It may turn invalid instead of moving to another prefix, and it may
+    /// answer a seek for a prefix the table does not hold without searching (RocksDB checks
+    /// its prefix Bloom filters). Callers compare the prefix of what it lands on, as they would
+    /// with [`iter`](Snapshot::iter), which is what engines without filters return.
+    fn versions_iter(&self) -> Box<dyn EngineIter + '_> {
+        self.iter(Table::Kv)
+    }
 }
 
 /// An ordered key-value engine.

@@ -7,10 +7,10 @@ use std::time::{Duration, Instant};
 use rocksdb::{
     BlockBasedIndexType, BlockBasedOptions, BottommostLevelCompaction, Cache, ColumnFamily,
     ColumnFamilyDescriptor, CompactOptions, DBCompressionType, DBRawIteratorWithThreadMode,
-    Options, WriteOptions, DB,
+    Options, ReadOptions, SliceTransform, WriteOptions, DB,
 };
 
-use super::engine::{Engine, EngineIter, Snapshot, Table, WriteBatch, WriteOp};
+use super::engine::{Engine, EngineIter, Snapshot, Table, WriteBatch, WriteOp, KV_SUFFIX};
 use super::{Error, Result};
 
 /// Tuning knobs for [`RocksEngine::open`].
@@ -61,28 +61,74 @@ pub struct RocksEngine {
 /// How long an on-disk size measurement is reused (the quota check runs on every write).
 const SIZE_CACHE: Duration = Duration::from_millis(250);
 
+/// The name under which RocksDB records [`kv_prefix`] in the `kv` table's files. A table
+/// file whose filters were built by another extractor (or none) is searched without them, so
+/// a different prefix function needs a new name.
+const KV_PREFIX_EXTRACTOR: &str = "metastore.kv-versions.1";
+
+/// Bits of the `kv` memtable's prefix Bloom filter, as a share of the memtable's bytes: 2 %
+/// of 64 MiB is ~10 bits per version at ~300 bytes each (a 1 % false positive rate).
+const KV_MEMTABLE_BLOOM_RATIO: f64 = 0.02;
+
+/// The prefix RocksDB filters `kv` keys by: the key without its revision, shared by the
+/// versions of one user key. A create looks up a key that has no version yet; the filters
+/// answer it without searching the memtable's skip list or a table file's index.
+fn kv_prefix(key: &[u8]) -> &[u8] {
+    &key[..key.len().saturating_sub(KV_SUFFIX)]
+}
+
+/// Whether [`kv_prefix`] applies to `key` (RocksDB only filters keys it is in the domain of).
+fn kv_prefix_applies(key: &[u8]) -> bool {
+    key.len() > KV_SUFFIX
+}
+
+/// Read options for a cursor over a whole table, in key order. The `kv` table has a prefix
+/// extractor, under which RocksDB's default is a cursor that only keeps to one prefix.
+fn ordered_reads() -> ReadOptions {
+    let mut o = ReadOptions::default();
+    o.set_total_order_seek(true);
+    o
+}
+
 impl RocksEngine {
     /// Opens (creating if needed) the database at `path`.
     pub fn open(path: &Path, opts: &RocksOptions) -> Result<Self> {
         let cache = Cache::new_lru_cache(opts.block_cache_bytes);
-        let mut block = BlockBasedOptions::default();
-        block.set_block_cache(&cache);
-        block.set_bloom_filter(10.0, false);
-        block.set_cache_index_and_filter_blocks(true);
-        // Partitioned index and filters: a table's index is cut into ~4 KiB partitions under
-        // a small top-level index (kept pinned), so a point lookup or a seek loads one
-        // partition. With one index block per table, a large table's index (megabytes once
-        // it holds ~500,000 keys) outgrew a block-cache shard (capacity / 64), was dropped
-        // after every use and read and decompressed again on every seek: loading 1,000,000
-        // keys of 1 KiB took 318 s instead of ~20 (docs/PERFORMANCE.md).
-        block.set_index_type(BlockBasedIndexType::TwoLevelIndexSearch);
-        block.set_partition_filters(true);
-        block.set_metadata_block_size(4096);
-        block.set_pin_top_level_index_and_filter(true);
+        // The `kv` table filters by prefix alone: its point reads look up versions by prefix
+        // (`Snapshot::versions_iter`), and whole keys would double its filters' size.
+        let table_format = |whole_keys: bool| {
+            let mut block = BlockBasedOptions::default();
+            block.set_block_cache(&cache);
+            block.set_bloom_filter(10.0, false);
+            block.set_whole_key_filtering(whole_keys);
+            block.set_cache_index_and_filter_blocks(true);
+            // Partitioned index and filters: a table's index is cut into ~4 KiB partitions
+            // under a small top-level index (kept pinned), so a point lookup or a seek loads
+            // one partition. With one index block per table, a large table's index (megabytes
+            // once it holds ~500,000 keys) outgrew a block-cache shard (capacity / 64), was
+            // dropped after every use and read and decompressed again on every seek: loading
+            // 1,000,000 keys of 1 KiB took 318 s instead of ~20 (docs/PERFORMANCE.md).
+            block.set_index_type(BlockBasedIndexType::TwoLevelIndexSearch);
+            block.set_partition_filters(true);
+            block.set_metadata_block_size(4096);
+            block.set_pin_top_level_index_and_filter(true);
+            block
+        };
+        let (block, kv_block) = (table_format(true), table_format(false));
 
         let cf_opts = |table: Table| {
             let mut o = Options::default();
-            o.set_block_based_table_factory(&block);
+            if table == Table::Kv {
+                o.set_block_based_table_factory(&kv_block);
+                o.set_prefix_extractor(SliceTransform::create(
+                    KV_PREFIX_EXTRACTOR,
+                    kv_prefix,
+                    Some(kv_prefix_applies),
+                ));
+                o.set_memtable_prefix_bloom_ratio(KV_MEMTABLE_BLOOM_RATIO);
+            } else {
+                o.set_block_based_table_factory(&block);
+            }
             o.set_write_buffer_size(opts.write_buffer_bytes);
             o.set_compression_type(match table {
                 Table::Meta | Table::Lease | Table::Auth => DBCompressionType::None,
@@ -226,7 +272,7 @@ impl Engine for RocksEngine {
                     end: None,
                 } => {
                     let cf = self.cf(*table)?;
-                    let mut it = self.db.raw_iterator_cf(cf);
+                    let mut it = self.db.raw_iterator_cf_opt(cf, ordered_reads());
                     it.seek_to_last();
                     it.status()?;
                     let last = match (it.key(), batch_max[table.index()]) {
@@ -369,8 +415,22 @@ impl Snapshot for RocksSnapshot<'_> {
     }
 
     fn iter(&self, table: Table) -> Box<dyn EngineIter + '_> {
+        self.iter_opt(table, ordered_reads())
+    }
+
+    /// A cursor in RocksDB's prefix mode: a seek checks the memtables' and table files' prefix
+    /// Bloom filters first, and the cursor turns invalid when it leaves the prefix.
+    fn versions_iter(&self) -> Box<dyn EngineIter + '_> {
+        let mut o = ReadOptions::default();
+        o.set_prefix_same_as_start(true);
+        self.iter_opt(Table::Kv, o)
+    }
+}
+
+impl RocksSnapshot<'_> {
+    fn iter_opt(&self, table: Table, opts: ReadOptions) -> Box<dyn EngineIter + '_> {
         match self.engine.cf(table) {
-            Ok(cf) => Box::new(RocksIter(Ok(self.snap.raw_iterator_cf(cf)))),
+            Ok(cf) => Box::new(RocksIter(Ok(self.snap.raw_iterator_cf_opt(cf, opts)))),
             Err(e) => Box::new(RocksIter(Err(e.to_string()))),
         }
     }
@@ -491,6 +551,118 @@ mod tests {
         e.defragment().expect("compact into one table");
         let per_seek = bytes_read_per_seek(&e, KEYS);
         assert!(per_seek < 16 << 10, "{per_seek} bytes read per seek");
+    }
+
+    /// `(memtable, table file)` prefix filter misses over `lookups` version lookups of absent
+    /// keys: each miss is a lookup answered without searching.
+    fn filter_misses(e: &RocksEngine, lookups: u32) -> (u64, u64) {
+        use rocksdb::perf::{set_perf_stats, PerfContext, PerfMetric, PerfStatsLevel};
+        set_perf_stats(PerfStatsLevel::EnableCount);
+        let mut ctx = PerfContext::default();
+        ctx.reset();
+        let snap = e.snapshot();
+        for i in 0..lookups {
+            // Odd numbers: never written.
+            let key = large_table_key(2 * i + 1);
+            let mut it = snap.versions_iter();
+            it.seek(&key);
+            assert!(!it.valid() || it.key()[..20] != key[..20], "lookup {i}");
+        }
+        let misses = (
+            ctx.metric(PerfMetric::BloomMemtableMissCount),
+            ctx.metric(PerfMetric::BloomSstMissCount),
+        );
+        set_perf_stats(PerfStatsLevel::Disable);
+        misses
+    }
+
+    #[test]
+    fn a_lookup_of_an_absent_key_is_answered_by_the_prefix_filters() {
+        // A create looks up a key with no version yet: the filters answer, in the memtable
+        // and in a table file, without searching either.
+        let dir = tempfile::tempdir().expect("tempdir");
+        let e = RocksEngine::open(dir.path(), &RocksOptions::default()).expect("open");
+        let write_even = |from: u32| {
+            let mut b = WriteBatch::new();
+            for k in (from..from + 2000).step_by(2) {
+                b.put(Table::Kv, large_table_key(k), vec![b'v'; 100]);
+            }
+            e.write(b, false).expect("write");
+        };
+        write_even(0);
+        let (memtable, _) = filter_misses(&e, 1000);
+        // A Bloom filter has false positives: ~1 % at this size.
+        assert!(
+            memtable >= 950,
+            "{memtable} of 1000 answered by the memtable's filter"
+        );
+        e.defragment().expect("into a table file");
+        let (_, table) = filter_misses(&e, 1000);
+        assert!(
+            table >= 950,
+            "{table} of 1000 answered by the table file's filter"
+        );
+    }
+
+    /// Opens `path` as builds before the prefix filters did: whole-key filters in every
+    /// table, no prefix extractor.
+    fn open_without_prefix_filters(path: &Path) -> DB {
+        let mut block = BlockBasedOptions::default();
+        block.set_bloom_filter(10.0, false);
+        block.set_index_type(BlockBasedIndexType::TwoLevelIndexSearch);
+        block.set_partition_filters(true);
+        let cfs = Table::ALL.iter().map(|t| {
+            let mut o = Options::default();
+            o.set_block_based_table_factory(&block);
+            ColumnFamilyDescriptor::new(t.name(), o)
+        });
+        let mut db_opts = Options::default();
+        db_opts.create_if_missing(true);
+        db_opts.create_missing_column_families(true);
+        DB::open_cf_descriptors(&db_opts, path, cfs).expect("open without prefix filters")
+    }
+
+    #[test]
+    fn table_files_with_and_without_prefix_filters_read_both_ways() {
+        // Upgrade: table files written without prefix filters, read with them.
+        let dir = tempfile::tempdir().expect("tempdir");
+        {
+            let db = open_without_prefix_filters(dir.path());
+            let cf = db.cf_handle(Table::Kv.name()).expect("kv");
+            for k in 0..100 {
+                db.put_cf(cf, large_table_key(k), b"before").expect("put");
+            }
+            db.flush_cf(cf).expect("flush");
+        }
+        {
+            let e = RocksEngine::open(dir.path(), &RocksOptions::default()).expect("open");
+            let snap = e.snapshot();
+            for k in 0..100 {
+                let key = large_table_key(k);
+                let mut it = snap.versions_iter();
+                it.seek(&key);
+                assert!(it.valid() && it.key() == key, "version of {k} lost");
+            }
+            drop(snap);
+            let mut b = WriteBatch::new();
+            for k in 100..200 {
+                b.put(Table::Kv, large_table_key(k), b"after".to_vec());
+            }
+            e.write(b, true).expect("write");
+            e.defragment().expect("one table file with prefix filters");
+        }
+        // Downgrade: a table file with prefix filters only (no whole keys), read by a build
+        // that checks whole-key filters: RocksDB records which filters a file has.
+        let db = open_without_prefix_filters(dir.path());
+        let cf = db.cf_handle(Table::Kv.name()).expect("kv");
+        for k in 0..200 {
+            let want: &[u8] = if k < 100 { b"before" } else { b"after" };
+            assert_eq!(
+                db.get_cf(cf, large_table_key(k)).expect("get").as_deref(),
+                Some(want),
+                "key {k}"
+            );
+        }
     }
 
     /// Bytes held by every column family's memtables.
