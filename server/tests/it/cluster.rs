@@ -446,15 +446,29 @@ async fn a_follower_behind_the_compacted_log_catches_up_from_a_snapshot() -> any
     // Leases came with the snapshot.
     let leases = back.leases().await?;
     assert!(leases.leases().iter().any(|l| l.id() == lease));
-    // The leader built one file, for the follower; the follower keeps the one it installed.
+    // The lagging follower installed a snapshot: nothing else gets it past the purged log.
+    let installed = c.members[lagging]
+        .server
+        .as_ref()
+        .and_then(|s| s.node())
+        .and_then(|n| n.replica.raft.metrics().borrow().snapshot)
+        .map_or(0, |l| l.index);
+    assert!(
+        installed >= 300,
+        "lagging follower's snapshot at {installed}"
+    );
+    // Only the leader built a file, for the follower; the other follower has none. The
+    // leader's is gone again if it was built while the follower was down (openraft's
+    // replication keeps asking) and a newer recorded snapshot replaced it: the send in flight
+    // still reads it, and the follower then catches up from the log. The follower's own file
+    // goes the same way once it records a newer snapshot.
     let files: Vec<usize> = [leader, writer, lagging]
         .iter()
         .map(|&i| snapshot_files(&c.members[i]).len())
         .collect();
-    assert_eq!(
-        files,
-        [1, 0, 1],
-        "snapshot files of leader, other follower, lagging"
+    assert!(
+        files[0] <= 1 && files[1] == 0 && files[2] <= 1,
+        "snapshot files of leader, other follower, lagging: {files:?}"
     );
     Ok(())
 }
