@@ -829,6 +829,26 @@ mod tests {
         Ok(rev)
     }
 
+    /// A state machine over a holdable engine, with entries 1..=`entries` applied and
+    /// openraft's snapshot of them recorded (without a file), and openraft's start-up call for
+    /// the current snapshot made: none, as there is no file. Returns the recorded meta too.
+    async fn recorded_machine(
+        snap_dir: &Path,
+        entries: u64,
+    ) -> anyhow::Result<(Arc<HookedEngine<HoldCursors>>, StateMachine, SnapshotMeta)> {
+        let engine = HookedEngine::new(HoldCursors::default());
+        let mut sm = machine(engine.clone(), snap_dir)?;
+        for i in 1..=entries {
+            put(&sm.ctx, &format!("k{i:02}"), i)?;
+        }
+        let recorded = sm.get_snapshot_builder().await.build_snapshot().await?.meta;
+        anyhow::ensure!(
+            sm.get_current_snapshot().await?.is_none(),
+            "start-up: a snapshot without a file"
+        );
+        Ok((engine, sm, recorded))
+    }
+
     /// The snapshot openraft takes is recorded without a file; a follower that needs one gets
     /// the build of a file of what is applied then, which is started and returned while the
     /// build is still held up, and applies go on meanwhile; a second follower shares it, the
@@ -836,13 +856,8 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_follower_gets_a_file_built_while_applies_go_on() -> anyhow::Result<()> {
         let dir = tempfile::tempdir()?;
-        let engine = HookedEngine::new(HoldCursors::default());
-        let mut sm = machine(engine.clone(), dir.path())?;
+        let (engine, mut sm, recorded) = recorded_machine(dir.path(), 20).await?;
         let ctx = sm.ctx.clone();
-        for i in 1..=20 {
-            put(&ctx, &format!("k{i:02}"), i)?;
-        }
-        let recorded = sm.get_snapshot_builder().await.build_snapshot().await?.meta;
         assert_eq!(recorded.last_log_id.map(|l| l.index), Some(20));
         let files = |d: &Path| -> anyhow::Result<usize> {
             Ok(std::fs::read_dir(d)?
@@ -851,8 +866,6 @@ mod tests {
                 .count())
         };
         assert_eq!(files(dir.path())?, 0, "recorded without a file");
-        // At start-up openraft asks for the meta: none, as there is no file.
-        assert!(sm.get_current_snapshot().await?.is_none());
         let at_build = put(&ctx, "k21", 21)?;
 
         engine.hook.hold(true);
@@ -908,17 +921,8 @@ mod tests {
     async fn a_build_overtaken_by_a_newer_snapshot_is_sent_and_then_dropped() -> anyhow::Result<()>
     {
         let dir = tempfile::tempdir()?;
-        let engine = HookedEngine::new(HoldCursors::default());
-        let mut sm = machine(engine.clone(), dir.path())?;
+        let (engine, mut sm, _) = recorded_machine(dir.path(), 5).await?;
         let ctx = sm.ctx.clone();
-        for i in 1..=5 {
-            put(&ctx, &format!("k{i}"), i)?;
-        }
-        sm.get_snapshot_builder().await.build_snapshot().await?;
-        assert!(
-            sm.get_current_snapshot().await?.is_none(),
-            "start-up, no file"
-        );
         engine.hook.hold(true);
         let sent = sm
             .get_current_snapshot()

@@ -447,12 +447,7 @@ async fn a_follower_behind_the_compacted_log_catches_up_from_a_snapshot() -> any
     let leases = back.leases().await?;
     assert!(leases.leases().iter().any(|l| l.id() == lease));
     // The lagging follower installed a snapshot: nothing else gets it past the purged log.
-    let installed = c.members[lagging]
-        .server
-        .as_ref()
-        .and_then(|s| s.node())
-        .and_then(|n| n.replica.raft.metrics().borrow().snapshot)
-        .map_or(0, |l| l.index);
+    let (installed, _) = raft_indexes(&c, lagging);
     assert!(
         installed >= 300,
         "lagging follower's snapshot at {installed}"
@@ -751,24 +746,22 @@ async fn auth_state_replicates_and_comes_with_snapshots() -> anyhow::Result<()> 
     Ok(())
 }
 
+/// (snapshot index, purged index) of member `i`, as openraft reports them (0: none, or the
+/// member is down).
+fn raft_indexes(c: &Cluster, i: usize) -> (u64, u64) {
+    let node = c.members[i].server.as_ref().and_then(|s| s.node());
+    node.map_or((0, 0), |n| {
+        let m = n.replica.raft.metrics().borrow().clone();
+        (
+            m.snapshot.map_or(0, |l| l.index),
+            m.purged.map_or(0, |l| l.index),
+        )
+    })
+}
+
 /// Waits (up to 10 s) until each of `members` has purged its log up to at least `index`.
 async fn wait_purged(c: &Cluster, members: &[usize], index: u64) -> anyhow::Result<()> {
-    // (snapshot index, purged index) of each member, as openraft reports them.
-    let state = || -> Vec<(u64, u64)> {
-        members
-            .iter()
-            .map(|&i| {
-                let node = c.members[i].server.as_ref().and_then(|s| s.node());
-                node.map_or((0, 0), |n| {
-                    let m = n.replica.raft.metrics().borrow().clone();
-                    (
-                        m.snapshot.map_or(0, |l| l.index),
-                        m.purged.map_or(0, |l| l.index),
-                    )
-                })
-            })
-            .collect()
-    };
+    let state = || -> Vec<(u64, u64)> { members.iter().map(|&i| raft_indexes(c, i)).collect() };
     let start = Instant::now();
     while state().iter().any(|&(_, purged)| purged < index) {
         anyhow::ensure!(
