@@ -13,8 +13,9 @@ use std::sync::{Arc, Mutex};
 
 use tokio::sync::watch;
 
-use super::key_codec::{kv_key, kv_prefix, rev_key, split_kv_key, split_rev_key};
+use super::key_codec::{rev_key, split_rev_key};
 use super::store::{is_tombstone, put_meta_i64, META_COMPACT_FINISHED};
+use super::versions::Versions;
 use super::{Error, Result};
 use crate::storage::{Engine, Table, WriteBatch};
 use crate::worker::ChannelWorker;
@@ -130,28 +131,20 @@ fn compact_locked(
 
         let mut batch = WriteBatch::new();
         for key in &keys {
-            let prefix = kv_prefix(key);
-            let mut kit = snap.versions_iter();
-            kit.seek(&kv_key(key, to));
+            let mut versions = Versions::at(snap.as_ref(), key, to);
             let mut newest = true;
-            while kit.valid()
-                && kit.key().len() == prefix.len() + 8
-                && kit.key().starts_with(&prefix)
-            {
-                let (_, rev) =
-                    split_kv_key(kit.key()).ok_or_else(|| Error::Corrupt("kv key".into()))?;
-                let remove = !newest || is_tombstone(kit.value())?;
+            while let Some(version) = versions.current()? {
+                let remove = !newest || is_tombstone(version.record)?;
                 newest = false;
                 if remove {
-                    batch.delete(Table::Kv, kit.key().to_vec());
-                    if let Some(rk) = find_rev_entry(snap.as_ref(), rev, key)? {
+                    batch.delete(Table::Kv, version.raw_key.to_vec());
+                    if let Some(rk) = find_rev_entry(snap.as_ref(), version.rev, key)? {
                         batch.delete(Table::Rev, rk);
                     }
                     removed += 1;
                 }
-                kit.next();
+                versions.next();
             }
-            kit.status()?;
         }
         if !more {
             put_meta_i64(&mut batch, META_COMPACT_FINISHED, to);

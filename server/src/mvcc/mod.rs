@@ -29,6 +29,7 @@ pub mod key_range;
 mod latest;
 pub mod pinned_read;
 pub mod store;
+mod versions;
 pub mod write_txn;
 
 pub use error::{Error, Result};

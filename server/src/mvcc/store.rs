@@ -9,6 +9,7 @@ use metastore_proto::mvccpb::{event::EventType, Event, KeyValue};
 use super::compactor::{CompactTicket, Compactor};
 use super::key_codec::{kv_key, kv_prefix, lease_key, rev_key, split_kv_key, split_rev_key};
 use super::latest::Latest;
+use super::versions::Versions;
 use super::write_txn::{Group, WriteOutcome, WriteTxn};
 use super::{Error, KeyRange, Result};
 use crate::storage::codec::{self, DEFAULT_FORMAT};
@@ -346,9 +347,9 @@ impl Store {
     /// compaction, in revision order, each as its revision (`be64(main) ++ be64(sub)`) and its
     /// protobuf `KeyValue` encoding. Returns `(hash, compact revision, hashed revision)`.
     ///
-    /// Deterministic: versions at or below the compacted revision are hashed only if compaction keeps
-    /// them, so the result does not depend on how far physical compaction has progressed, and
-    /// the protobuf encoding makes it independent of the storage format records are in. The
+    /// Deterministic: versions at or below the compacted revision are hashed only if compaction
+    /// keeps them, so the result does not depend on how far physical compaction has progressed,
+    /// and the protobuf encoding makes it independent of the storage format records are in. The
     /// same data gives the same hash on every member and after a restart.
     pub fn hash_kv(&self, rev: i64) -> Result<(u32, i64, i64)> {
         let current = self.current_revision();
@@ -546,16 +547,12 @@ pub(crate) fn scan(
     mut visit: impl FnMut(&[u8]) -> Result<bool>,
 ) -> Result<()> {
     if let KeyRange::Single(key) = range {
-        let prefix = kv_prefix(key);
-        let mut it = snap.versions_iter();
-        it.seek(&kv_key(key, rev));
-        if it.valid() && it.key().len() == prefix.len() + 8 && it.key().starts_with(&prefix) {
-            let record = it.value();
-            if !is_tombstone(record)? {
-                visit(record)?;
+        if let Some(newest) = Versions::at(snap, key, rev).current()? {
+            if !is_tombstone(newest.record)? {
+                visit(newest.record)?;
             }
         }
-        return it.status().map_err(Error::from);
+        return Ok(());
     }
     if let KeyRange::Between(s, e) = range {
         if e <= s {
@@ -640,15 +637,10 @@ fn load_alarms(engine: &dyn Engine) -> Result<std::collections::BTreeSet<(u64, i
 /// Whether compaction at `compact` keeps `key`'s version at `main` (`main <= compact`): only the
 /// newest version at or below `compact`, and only if it is not a tombstone.
 fn survives(snap: &dyn Snapshot, key: &[u8], main: i64, compact: i64) -> Result<bool> {
-    let prefix = kv_prefix(key);
-    let mut it = snap.versions_iter();
-    it.seek(&kv_key(key, compact));
-    if !(it.valid() && it.key().len() == prefix.len() + 8 && it.key().starts_with(&prefix)) {
-        it.status()?;
-        return Ok(false);
+    match Versions::at(snap, key, compact).current()? {
+        Some(newest) => Ok(newest.rev == main && !is_tombstone(newest.record)?),
+        None => Ok(false),
     }
-    let (_, newest) = split_kv_key(it.key()).ok_or_else(|| Error::Corrupt("kv key".into()))?;
-    Ok(newest == main && !is_tombstone(it.value())?)
 }
 
 pub(crate) fn is_tombstone(record: &[u8]) -> Result<bool> {

@@ -61,9 +61,9 @@ pub struct RocksEngine {
 /// How long an on-disk size measurement is reused (the quota check runs on every write).
 const SIZE_CACHE: Duration = Duration::from_millis(250);
 
-/// The name under which RocksDB records [`kv_prefix`] in the `kv` table's files. A table
-/// file whose filters were built by another extractor (or none) is searched without them, so
-/// a different prefix function needs a new name.
+/// The name under which RocksDB records [`kv_filter_prefix`] in the `kv` table's files. A
+/// table file whose filters were built by another extractor (or none) is searched without
+/// them, so a different prefix function needs a new name.
 const KV_PREFIX_EXTRACTOR: &str = "metastore.kv-versions.1";
 
 /// Bits of the `kv` memtable's prefix Bloom filter, as a share of the memtable's bytes: 2 %
@@ -73,12 +73,12 @@ const KV_MEMTABLE_BLOOM_RATIO: f64 = 0.02;
 /// The prefix RocksDB filters `kv` keys by: the key without its revision, shared by the
 /// versions of one user key. A create looks up a key that has no version yet; the filters
 /// answer it without searching the memtable's skip list or a table file's index.
-fn kv_prefix(key: &[u8]) -> &[u8] {
+fn kv_filter_prefix(key: &[u8]) -> &[u8] {
     &key[..key.len().saturating_sub(KV_SUFFIX)]
 }
 
-/// Whether [`kv_prefix`] applies to `key` (RocksDB only filters keys it is in the domain of).
-fn kv_prefix_applies(key: &[u8]) -> bool {
+/// Whether [`kv_filter_prefix`] applies to `key` (RocksDB only filters keys in its domain).
+fn kv_filter_prefix_applies(key: &[u8]) -> bool {
     key.len() > KV_SUFFIX
 }
 
@@ -122,8 +122,8 @@ impl RocksEngine {
                 o.set_block_based_table_factory(&kv_block);
                 o.set_prefix_extractor(SliceTransform::create(
                     KV_PREFIX_EXTRACTOR,
-                    kv_prefix,
-                    Some(kv_prefix_applies),
+                    kv_filter_prefix,
+                    Some(kv_filter_prefix_applies),
                 ));
                 o.set_memtable_prefix_bloom_ratio(KV_MEMTABLE_BLOOM_RATIO);
             } else {
