@@ -29,6 +29,7 @@ pub mod read_index;
 pub mod replica;
 pub mod snapshot_data;
 pub mod state_machine;
+pub mod thread;
 pub mod waiters;
 
 use std::fmt;

@@ -23,6 +23,7 @@ use openraft::raft::{
 };
 use openraft::SnapshotSegmentId;
 use rustls::ClientConfig;
+use tokio::runtime::Handle;
 use tonic::transport::{Channel, Endpoint};
 use tonic::Code;
 
@@ -34,13 +35,19 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 
 pub type Client = RaftClient<Channel>;
 
-/// A lazily connecting client for `url`; `tls` is used for an `https://` URL.
+/// A lazily connecting client for `url`; `tls` is used for an `https://` URL. The
+/// connection's tasks are spawned on `spawn_on` when given (else on the caller's runtime).
 pub fn client(
     url: &str,
     connect_timeout: Duration,
     tls: Option<&Arc<ClientConfig>>,
+    spawn_on: Option<&Handle>,
 ) -> Result<Client, String> {
     let configure = |endpoint: Endpoint| {
+        let endpoint = match spawn_on {
+            Some(h) => endpoint.executor(OnRuntime(h.clone())),
+            None => endpoint,
+        };
         endpoint
             .connect_timeout(connect_timeout)
             .tcp_nodelay(true)
@@ -54,6 +61,20 @@ pub fn client(
         .max_encoding_message_size(usize::MAX))
 }
 
+/// Spawns a connection's tasks on one runtime, whichever runtime made the connection.
+#[derive(Clone)]
+struct OnRuntime(Handle);
+
+impl<F> hyper::rt::Executor<F> for OnRuntime
+where
+    F: std::future::Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    fn execute(&self, fut: F) {
+        self.0.spawn(fut);
+    }
+}
+
 /// Clients by peer URL, shared by everything that talks to peers outside openraft.
 #[derive(Clone)]
 pub struct Peers {
@@ -61,6 +82,8 @@ pub struct Peers {
     connect_timeout: Duration,
     /// For `https://` peer URLs.
     tls: Option<Arc<ClientConfig>>,
+    /// Where connections run (see [`spawning_on`](Peers::spawning_on)).
+    spawn_on: Option<Handle>,
 }
 
 impl Default for Peers {
@@ -78,7 +101,16 @@ impl Peers {
             clients: Arc::default(),
             connect_timeout,
             tls,
+            spawn_on: None,
         }
+    }
+
+    /// Runs every connection's tasks (HTTP/2 framing, reads and writes) on `handle`'s
+    /// runtime, even when openraft, on a [`RaftThread`](super::thread::RaftThread), makes
+    /// the connection: that thread then only hands each request over.
+    pub fn spawning_on(mut self, handle: Handle) -> Self {
+        self.spawn_on = Some(handle);
+        self
     }
 
     /// A client for `node` (its first peer URL).
@@ -98,7 +130,12 @@ impl Peers {
         if let Some(c) = clients.get(url) {
             return Ok(c.clone());
         }
-        let c = client(url, self.connect_timeout, self.tls.as_ref())?;
+        let c = client(
+            url,
+            self.connect_timeout,
+            self.tls.as_ref(),
+            self.spawn_on.as_ref(),
+        )?;
         clients.insert(url.to_string(), c.clone());
         Ok(c)
     }

@@ -99,6 +99,8 @@ pub enum ServerError {
 pub struct Server {
     node: Option<Arc<Node>>,
     raft: Option<crate::raft::Raft>,
+    /// Where Raft runs in a cluster that started with one member; dropped once Raft stopped.
+    raft_thread: Option<crate::raft::thread::RaftThread>,
     /// The engine, to wait for it to close on shutdown.
     engine: std::sync::Weak<dyn Engine>,
     client_addrs: Vec<SocketAddr>,
@@ -188,6 +190,7 @@ impl Server {
             }
         }
         self.node.take();
+        self.raft_thread.take();
         Stopped {
             engine: std::mem::replace(&mut self.engine, std::sync::Weak::<MemoryEngine>::new()),
         }
@@ -204,6 +207,7 @@ impl Drop for Server {
         self.tasks.abort_all();
         let raft = self.raft.take();
         self.node.take();
+        let raft_thread = self.raft_thread.take();
         let engine = std::mem::replace(&mut self.engine, std::sync::Weak::<MemoryEngine>::new());
         match tokio::runtime::Handle::try_current() {
             Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
@@ -214,16 +218,21 @@ impl Drop for Server {
                         })
                     });
                 }
+                drop(raft_thread);
                 tokio::task::block_in_place(|| Stopped { engine }.wait());
             }
             Ok(h) => {
                 if let Some(raft) = raft {
                     h.spawn(async move {
                         let _ = raft.shutdown().await;
+                        drop(raft_thread);
                     });
                 }
             }
-            Err(_) => Stopped { engine }.wait(),
+            Err(_) => {
+                drop(raft_thread);
+                Stopped { engine }.wait()
+            }
         }
     }
 }
@@ -521,14 +530,24 @@ pub async fn start(config: &Config) -> Result<Server, ServerError> {
     }
     .validate()
     .map_err(|e| ServerError::Other(format!("raft configuration: {e}")))?;
-    let peers = crate::raft::network::Peers::new(
+    let mut peers = crate::raft::network::Peers::new(
         timing.election.clamp(
             std::time::Duration::from_millis(200),
             crate::raft::network::CONNECT_TIMEOUT,
         ),
         tls.peer_client.clone(),
     );
-    let raft = crate::raft::Raft::new(
+    // A cluster that starts with one member runs Raft on a thread of its own (raft::thread).
+    let raft_thread = if id.initial.len() == 1 {
+        peers = peers.spawning_on(tokio::runtime::Handle::current());
+        Some(
+            crate::raft::thread::RaftThread::start()
+                .map_err(|e| ServerError::Other(format!("cannot start the raft thread: {e}")))?,
+        )
+    } else {
+        None
+    };
+    let new_raft = crate::raft::Raft::new(
         member_id,
         Arc::new(raft_config),
         crate::raft::network::Network {
@@ -536,8 +555,16 @@ pub async fn start(config: &Config) -> Result<Server, ServerError> {
         },
         log_store,
         crate::raft::state_machine::StateMachine::new(ctx),
-    )
-    .await
+    );
+    let raft = match &raft_thread {
+        // openraft spawns its core, state-machine worker and replication tasks where it
+        // is created.
+        Some(thread) => thread
+            .run(new_raft)
+            .await
+            .map_err(|e| ServerError::Other(format!("cannot start raft: {e}")))?,
+        None => new_raft.await,
+    }
     .map_err(|e| ServerError::Other(format!("cannot start raft: {e}")))?;
     let replica =
         crate::raft::replica::Replica::new(raft.clone(), peers, member_id, timing, applied);
@@ -550,7 +577,12 @@ pub async fn start(config: &Config) -> Result<Server, ServerError> {
         }
         _ => crate::storage::disk_guard::DiskGuard::disabled(),
     };
-    let proposer = proposer::Proposer::start(replica.clone(), waiters, disk);
+    let proposer = proposer::Proposer::start(
+        replica.clone(),
+        waiters,
+        disk,
+        raft_thread.as_ref().map(|t| t.handle()),
+    );
     let node = Arc::new(Node {
         store,
         watch,
@@ -796,6 +828,7 @@ pub async fn start(config: &Config) -> Result<Server, ServerError> {
     Ok(Server {
         engine: Arc::downgrade(&engine),
         raft: Some(raft),
+        raft_thread,
         node: Some(node),
         client_addrs,
         peer_addrs,

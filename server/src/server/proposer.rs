@@ -49,12 +49,25 @@ pub struct Proposer {
 }
 
 impl Proposer {
-    /// Starts the batching task. It ends once every `Proposer` clone is dropped.
-    /// Every command is refused while `disk` finds the data directory's disk (nearly) full.
-    pub fn start(replica: Arc<Replica>, waiters: Arc<Waiters>, disk: Arc<DiskGuard>) -> Self {
+    /// Starts the batching task, on `spawn_on` when given (the [`RaftThread`] that runs
+    /// openraft's core, so that handing it an entry is no hop between threads). It ends once
+    /// every `Proposer` clone is dropped. Every command is refused while `disk` finds the
+    /// data directory's disk (nearly) full.
+    ///
+    /// [`RaftThread`]: crate::raft::thread::RaftThread
+    pub fn start(
+        replica: Arc<Replica>,
+        waiters: Arc<Waiters>,
+        disk: Arc<DiskGuard>,
+        spawn_on: Option<&tokio::runtime::Handle>,
+    ) -> Self {
         let (tx, rx) = mpsc::channel(QUEUE);
         let timeout = replica.timing.request_timeout();
-        tokio::spawn(run(replica, waiters.clone(), rx));
+        let batching = run(replica, waiters.clone(), rx);
+        match spawn_on {
+            Some(h) => drop(h.spawn(batching)),
+            None => drop(tokio::spawn(batching)),
+        }
         Self {
             tx,
             waiters,
