@@ -137,6 +137,14 @@ impl Server {
         self.node.as_ref()
     }
 
+    /// Whether Raft runs on a thread of its own ([`RaftThread`]): in a cluster that started
+    /// with one member.
+    ///
+    /// [`RaftThread`]: crate::raft::thread::RaftThread
+    pub fn raft_on_own_thread(&self) -> bool {
+        self.raft_thread.is_some()
+    }
+
     /// Resolves once this member has been removed from the cluster (`member remove`); the
     /// daemon then exits, as etcd does.
     pub fn removed(&self) -> impl std::future::Future<Output = ()> + Send + 'static {

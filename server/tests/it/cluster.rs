@@ -862,3 +862,43 @@ async fn a_member_alone_writes_no_snapshot_file_until_a_joining_member_needs_one
     assert_eq!(get(&mut learner, "last", true).await?.as_deref(), Some("1"));
     Ok(())
 }
+
+/// A cluster that starts with one member runs Raft on a thread of its own (`raft::thread`),
+/// and serves, stops and restarts on it as before; the members of a larger cluster share the
+/// server's workers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn only_a_cluster_started_with_one_member_runs_raft_on_its_own_thread() -> anyhow::Result<()>
+{
+    let own_thread = |c: &Cluster| -> Vec<bool> {
+        c.members
+            .iter()
+            .map(|m| m.server.as_ref().is_some_and(|s| s.raft_on_own_thread()))
+            .collect()
+    };
+    let three = Cluster::start(3, &[]).await?;
+    assert_eq!(own_thread(&three), [false, false, false]);
+    drop(three);
+
+    let mut one = Cluster::start(1, &[]).await?;
+    assert_eq!(own_thread(&one), [true]);
+    let mut cl = one.client(0).await?;
+    let mut rev = 0;
+    for i in 0..50 {
+        let put = cl.put(format!("k{i:02}"), format!("v{i}"), None).await?;
+        rev = put.header().map_or(0, |h| h.revision());
+    }
+    assert_eq!(rev, 51);
+    one.stop(0).await;
+    one.restart(0).await?;
+    one.wait_leader().await?;
+    assert_eq!(own_thread(&one), [true]);
+    let mut cl = one.client(0).await?;
+    let all = cl
+        .get("k", Some(GetOptions::new().with_prefix().with_count_only()))
+        .await?;
+    assert_eq!(all.count(), 50);
+    assert_eq!(get(&mut cl, "k49", false).await?.as_deref(), Some("v49"));
+    let put = cl.put("after", "restart", None).await?;
+    assert_eq!(put.header().map_or(0, |h| h.revision()), 52);
+    Ok(())
+}
