@@ -7,8 +7,9 @@
 //! prefix filters; such a cursor is only correct while it stays on the key's own prefix,
 //! which is the one thing this type checks for its callers.
 
-use super::key_codec::{kv_key, kv_prefix, split_kv_key};
+use super::key_codec::{kv_key, split_kv_key};
 use super::{Error, Result};
+use crate::storage::engine::KV_SUFFIX;
 use crate::storage::{EngineIter, Snapshot};
 
 /// One version the cursor is on.
@@ -31,18 +32,19 @@ impl<'s> Versions<'s> {
     /// Positions at `key`'s newest version at or below `rev`.
     pub fn at(snap: &'s dyn Snapshot, key: &[u8], rev: i64) -> Self {
         let mut it = snap.versions_iter();
-        it.seek(&kv_key(key, rev));
-        Self {
-            it,
-            prefix: kv_prefix(key),
-        }
+        let mut prefix = kv_key(key, rev);
+        it.seek(&prefix);
+        // The seek target without its revision: the prefix every version of `key` shares
+        // (`kv_prefix(key)`, without encoding the key a second time).
+        prefix.truncate(prefix.len() - KV_SUFFIX);
+        Self { it, prefix }
     }
 
     /// The version the cursor is on; `None` once past the oldest one (or when the key has
     /// none at or below the revision).
     pub fn current(&self) -> Result<Option<Version<'_>>> {
         let on_key = self.it.valid()
-            && self.it.key().len() == self.prefix.len() + 8
+            && self.it.key().len() == self.prefix.len() + KV_SUFFIX
             && self.it.key().starts_with(&self.prefix);
         if !on_key {
             self.it.status()?;
@@ -78,6 +80,7 @@ mod tests {
 
     fn walk(snap: &dyn Snapshot, key: &[u8], rev: i64) -> anyhow::Result<Vec<(i64, Vec<u8>)>> {
         let mut v = Versions::at(snap, key, rev);
+        assert_eq!(v.prefix, crate::mvcc::key_codec::kv_prefix(key));
         let mut out = Vec::new();
         while let Some(version) = v.current()? {
             assert_eq!(version.raw_key, kv_key(key, version.rev).as_slice());
