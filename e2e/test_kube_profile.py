@@ -49,10 +49,14 @@ TYPES = 10
 WATCHERS = 100
 # etcd's and MetaStore's per-watcher progress notifications (default every 10 minutes).
 SERVER_ARGS = ["--experimental-watch-progress-notify-interval", "1s"]
+# A watch times out after 4-8 s and every third time-out re-watches from a stale revision, so
+# the first refusals as compacted come within about 15 s (compactions every 5 s, each to the
+# revision of the round before), well inside a run of 20 s on a fast machine (with an 8 s
+# time-out, a 21 s run once ended before any stale re-watch was refused).
 KUBE_FLAGS = [
     "--types", str(TYPES), "--watchers", str(WATCHERS), "--watchers-per-stream", "10",
     "--updates-per-object", "0.2", "--delete-fraction", "0.05",
-    "--compact-interval", "5", "--watch-timeout", "8", "--stale-every", "3",
+    "--compact-interval", "5", "--watch-timeout", "4", "--stale-every", "3",
     "--list-interval-ms", "300", "--page-size", "1000", "--drain-timeout", "60",
 ]
 COMMON_FLAGS = ["--clients", "64", "--val-size", "128"]
