@@ -36,7 +36,7 @@ pub struct RocksOptions {
     /// `recycle_log_file_num`; 0: every log is a new file). A sync after an append that
     /// stays inside the file's length and its written blocks changes no file metadata, so
     /// the file system commits no journal transaction: on ext4 here, a put's `fdatasync`
-    /// went from 0.25 to 0.19 ms and 16 clients got +18 % puts/s (docs/PERFORMANCE.md,
+    /// went from 0.25 to 0.19 ms, put-16c +10 % and txn-put +18 % (docs/PERFORMANCE.md,
     /// session 31). A process's first log is always a new file. A spare file is not
     /// counted in [`size_bytes`](Engine::size_bytes), nor a reused one's old length.
     pub recycled_wals: usize,
