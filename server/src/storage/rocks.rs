@@ -185,6 +185,25 @@ impl RocksEngine {
             .unwrap_or(0)
     }
 
+    /// The number of the oldest write-ahead log RocksDB still needs; a lower-numbered log
+    /// file is a spare kept for reuse or one about to be deleted.
+    fn oldest_live_wal(&self) -> Option<u64> {
+        self.db
+            .property_int_value("rocksdb.min-log-number-to-keep")
+            .ok()
+            .flatten()
+    }
+
+    /// What the memtables of every table hold (RocksDB's allocations, active and not yet
+    /// flushed).
+    fn memtable_bytes(&self) -> u64 {
+        Table::ALL
+            .iter()
+            .filter_map(|t| self.cf(*t).ok())
+            .map(|cf| self.int_property(cf, "rocksdb.cur-size-all-mem-tables"))
+            .sum()
+    }
+
     /// The directory's usage, measured again when the last measurement is older than
     /// [`SIZE_CACHE`].
     ///
@@ -201,12 +220,7 @@ impl RocksEngine {
             return DiskUsage::default();
         };
         if disk.measured.is_none_or(|t| t.elapsed() > SIZE_CACHE) {
-            let oldest_live_wal = self
-                .db
-                .property_int_value("rocksdb.min-log-number-to-keep")
-                .ok()
-                .flatten()
-                .unwrap_or(0);
+            let oldest_live_wal = self.oldest_live_wal().unwrap_or(0);
             if let Ok(dir) = std::fs::read_dir(&self.path) {
                 let (mut tables, mut logs, mut other) = (0, 0, 0);
                 for entry in dir.filter_map(|e| e.ok()) {
@@ -223,12 +237,7 @@ impl RocksEngine {
                         None => other += meta.len(),
                     }
                 }
-                let memtables: u64 = Table::ALL
-                    .iter()
-                    .filter_map(|t| self.cf(*t).ok())
-                    .map(|cf| self.int_property(cf, "rocksdb.cur-size-all-mem-tables"))
-                    .sum();
-                disk.total = tables + other + logs.min(memtables);
+                disk.total = tables + other + logs.min(self.memtable_bytes());
                 disk.other = other;
             }
             disk.measured = Some(Instant::now());
@@ -705,14 +714,6 @@ mod tests {
         }
     }
 
-    /// Bytes held by every column family's memtables.
-    fn memtable_bytes(e: &RocksEngine) -> u64 {
-        Table::ALL
-            .iter()
-            .map(|t| e.int_property(e.cf(*t).expect("cf"), "rocksdb.cur-size-all-mem-tables"))
-            .sum()
-    }
-
     /// Waits, up to 60 s, until `held()` is at most `limit`; returns its last value. RocksDB
     /// checks its bounds when a write arrives and flushes in the background, so a flush a
     /// bound calls for after the test's last write waits for the next one: each wait writes
@@ -768,7 +769,7 @@ mod tests {
         // (unbounded, it stays at 48 MiB: nothing ever flushes it). The limit: the bound,
         // plus the memtable being filled when a flush was decided and arena slack.
         let limit = 16 * MIB as u64;
-        let held = settle(&e, limit, || memtable_bytes(&e));
+        let held = settle(&e, limit, || e.memtable_bytes());
         let pending: Vec<_> = [
             "rocksdb.num-immutable-mem-table",
             "rocksdb.num-running-flushes",
@@ -790,7 +791,7 @@ mod tests {
         };
         let e = RocksEngine::open(dir.path(), &per_family_only).expect("open");
         write(&e);
-        let held = memtable_bytes(&e);
+        let held = e.memtable_bytes();
         assert!(held >= 40 * MIB as u64, "{held} bytes in memtables");
     }
 
@@ -808,19 +809,22 @@ mod tests {
         logs
     }
 
-    /// 1 MiB batches into `Kv`, each with one small key in `Meta` as every apply writes.
-    fn write_with_small_table(e: &RocksEngine, batches: u32) {
+    /// 1 MiB batches into `Kv`, each with one small key in `Meta` as every apply writes
+    /// when `with_meta` (without it, each flush of `Kv` makes the previous log obsolete).
+    fn write_kv(e: &RocksEngine, batches: u32, with_meta: bool) {
         for batch in 0..batches {
             let mut b = WriteBatch::new();
             for i in 0..64u32 {
                 let key = (batch * 64 + i).to_be_bytes().to_vec();
                 b.put(Table::Kv, key, vec![(i % 251) as u8; 16 << 10]);
             }
-            b.put(
-                Table::Meta,
-                b"applied".to_vec(),
-                batch.to_be_bytes().to_vec(),
-            );
+            if with_meta {
+                b.put(
+                    Table::Meta,
+                    b"applied".to_vec(),
+                    batch.to_be_bytes().to_vec(),
+                );
+            }
             e.write(b, false).expect("write");
         }
     }
@@ -838,7 +842,7 @@ mod tests {
             ..RocksOptions::default()
         };
         let e = RocksEngine::open(dir.path(), &bounded).expect("open");
-        write_with_small_table(&e, 48);
+        write_kv(&e, 48, true);
         // The limit: the bound and the log being written.
         let limit = 24 * MIB;
         let logs = |dir: &Path| log_files(dir).iter().map(|(_, len)| len).sum::<u64>();
@@ -860,22 +864,9 @@ mod tests {
             ..bounded
         };
         let e = RocksEngine::open(dir.path(), &unbounded).expect("open");
-        write_with_small_table(&e, 48);
+        write_kv(&e, 48, true);
         let held = logs(dir.path());
         assert!(held >= 40 * MIB, "{held} bytes of logs");
-    }
-
-    /// `batches` of 1 MiB into `Kv` alone (so each flush of its 1 MiB memtable makes the
-    /// previous log obsolete), every value `fill`.
-    fn write_kv(e: &RocksEngine, batches: u32, fill: u8) {
-        for batch in 0..batches {
-            let mut b = WriteBatch::new();
-            for i in 0..64u32 {
-                let key = (batch * 64 + i).to_be_bytes().to_vec();
-                b.put(Table::Kv, key, vec![fill; 16 << 10]);
-            }
-            e.write(b, false).expect("write");
-        }
     }
 
     #[test]
@@ -888,17 +879,12 @@ mod tests {
         };
         assert_eq!(opts.recycled_wals, 1);
         let e = RocksEngine::open(dir.path(), &opts).expect("open");
-        let oldest_live = |e: &RocksEngine| {
-            e.db.property_int_value("rocksdb.min-log-number-to-keep")
-                .expect("property")
-                .expect("reported")
-        };
         // Log files roll with each flush; once one is obsolete it is kept, and the next log
         // is that file renamed: right after the roll, before anything is written to it, it
         // still has the old log's length (a new file would be empty).
         let mut reused = Vec::new();
         for _ in 0..12 {
-            write_kv(&e, 2, b'a');
+            write_kv(&e, 2, false);
             e.db.flush_cf(e.cf(Table::Kv).expect("cf")).expect("flush");
             let newest = log_files(dir.path()).last().copied().expect("a log");
             reused.push(newest.1 >= 1 << 20);
@@ -910,7 +896,7 @@ mod tests {
 
         // Neither the spare file nor the reused log's old length counts toward the size:
         // right after a flush the memtables are all but empty, and so is the live log.
-        let live = oldest_live(&e);
+        let live = e.oldest_live_wal().expect("reported");
         let (mut spare, mut live_logs, mut rest) = (0, 0, 0);
         for entry in std::fs::read_dir(dir.path()).expect("read dir") {
             let entry = entry.expect("entry");
@@ -946,8 +932,8 @@ mod tests {
         let get = |k: u32| snap.get(Table::Kv, &k.to_be_bytes()).expect("get");
         assert_eq!(get(0).as_deref(), Some(&b"new"[..]));
         assert_eq!(get(1), None);
-        assert_eq!(get(2).as_deref(), Some(&[b'a'; 16 << 10][..]));
-        assert_eq!(get(127).as_deref(), Some(&[b'a'; 16 << 10][..]));
+        assert_eq!(get(2).as_deref(), Some(&[2u8; 16 << 10][..]));
+        assert_eq!(get(127).as_deref(), Some(&[63u8; 16 << 10][..]));
         assert_eq!(get(128), None);
     }
 }
