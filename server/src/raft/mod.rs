@@ -9,7 +9,8 @@
 //!
 //! # Layout
 //! - [`codec`]: openraft's types ⇄ `raftpb` protobuf (the log on disk and the peer messages).
-//! - [`log_store`]: the durable log and vote in the engine's `RaftLog`/`RaftState` tables, with
+//! - [`log_store`]: the durable log and vote; [`wal`]: the log's own segment files, where the
+//!   entries are kept on RocksDB (the memory engine keeps them in its `RaftLog` table), with
 //!   group fsync.
 //! - [`state_machine`]: applying entries, snapshots for lagging followers;
 //!   [`snapshot_data`]: what a snapshot is sent from and received into.
@@ -31,6 +32,7 @@ pub mod snapshot_data;
 pub mod state_machine;
 pub mod thread;
 pub mod waiters;
+pub mod wal;
 
 use std::fmt;
 

@@ -7,8 +7,11 @@
 //! position `index << 20 | 0xfffff` is recorded together with the entry's log id (and, for a
 //! membership entry, the membership) in the Meta table. So after a crash in the middle of an
 //! entry, openraft re-delivers it and the commands already applied are skipped: none is lost
-//! or applied twice. The store is not fsynced per group: the Raft log is, and it shares the
-//! engine's write-ahead log, so a durable log entry implies every earlier apply write.
+//! or applied twice. The store is not fsynced per group: the Raft log is. A crash (of the
+//! machine) may lose the last apply writes, and openraft applies their entries again from the
+//! log, which keeps everything after the last snapshot: a snapshot syncs the engine before the
+//! log before it may be purged. (With `--raft-log-store engine` the log shares the engine's
+//! write-ahead log, so a durable entry also implies every earlier apply write.)
 //!
 //! # Snapshots
 //! A snapshot is the backup snapshot format ([`crate::storage::snapshot`]) of the

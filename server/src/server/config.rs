@@ -38,6 +38,19 @@ pub enum EngineKind {
     Memory,
 }
 
+/// Where a RocksDB member keeps its Raft log's entries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RaftLogStore {
+    /// Segment files of its own in `<data-dir>/wal`, preallocated and written in place (the
+    /// default).
+    Wal,
+    /// RocksDB's `raft_log` column family (how MetaStore kept it before), sharing RocksDB's
+    /// write-ahead log. Starting with it moves a `wal` log back into RocksDB, after which a
+    /// binary without segment logs can open the directory.
+    Engine,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum ClusterState {
@@ -187,6 +200,22 @@ pub struct Config {
     /// own; 0: off). Values larger than an eighth of it are not kept.
     #[arg(long, env = "METASTORE_APPLY_CACHE_BYTES", default_value_t = crate::mvcc::store::DEFAULT_LATEST_CACHE_BYTES as u64)]
     pub apply_cache_bytes: u64,
+
+    /// Where the Raft log's entries are kept on RocksDB (MetaStore's own; the memory engine
+    /// keeps them in memory). A restart with the other choice moves the log over.
+    #[arg(
+        long,
+        env = "METASTORE_RAFT_LOG_STORE",
+        value_enum,
+        default_value = "wal"
+    )]
+    pub raft_log_store: RaftLogStore,
+
+    /// The length, in bytes, each Raft log segment file is made with (etcd's WAL: 64 MiB).
+    /// A larger entry gets a segment of its own that grows to hold it.
+    #[arg(long, env = "METASTORE_RAFT_LOG_SEGMENT_BYTES", default_value_t = 64 << 20,
+          value_parser = clap::value_parser!(u64).range(4096..))]
+    pub raft_log_segment_bytes: u64,
 
     /// Extra URLs to serve /metrics and /health on (plain HTTP).
     #[arg(long, env = "METASTORE_LISTEN_METRICS_URLS", value_delimiter = ',')]
@@ -643,6 +672,8 @@ mod tests {
         assert_eq!(c.max_txn_ops, 128);
         assert_eq!(c.max_range_memory_bytes, 256 << 20);
         assert_eq!(c.apply_cache_bytes, 8 << 20);
+        assert_eq!(c.raft_log_store, RaftLogStore::Wal);
+        assert_eq!(c.raft_log_segment_bytes, 64 << 20);
         assert_eq!(c.max_watchers_per_stream, DEFAULT_MAX_WATCHERS_PER_STREAM);
         assert_eq!(c.max_concurrent_streams, u32::MAX, "etcd's default");
         assert_eq!(c.max_concurrent_requests, DEFAULT_MAX_CONCURRENT_REQUESTS);

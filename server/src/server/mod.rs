@@ -406,6 +406,41 @@ async fn discover(
     }
 }
 
+/// Opens the Raft log where `--raft-log-store` says (in memory with the memory engine),
+/// stamping the data directory with the layout it is left in: the newer layout before the log
+/// moves into segments of its own, the older one only after it has moved back into RocksDB,
+/// so that a binary that knows no segment log never opens a directory whose log is in them.
+fn open_log_store(
+    config: &Config,
+    dir: Option<DataDir>,
+    engine: Arc<dyn Engine>,
+    fsync: bool,
+) -> Result<crate::raft::log_store::LogStore, ServerError> {
+    use crate::raft::log_store::{LogStore, Placement};
+    let raft_err = |e: crate::raft::StorageError| ServerError::Other(format!("raft storage: {e}"));
+    let Some(mut dir) = dir else {
+        return LogStore::open(engine, fsync).map_err(raft_err);
+    };
+    match config.raft_log_store {
+        config::RaftLogStore::Wal => {
+            dir.set_layout_version(LAYOUT_VERSION)?;
+            let placement = Placement::Wal {
+                dir: dir.wal_path(),
+                segment_bytes: config.raft_log_segment_bytes,
+            };
+            LogStore::open_at(engine, fsync, placement).map_err(raft_err)
+        }
+        config::RaftLogStore::Engine => {
+            let placement = Placement::Engine {
+                wal_dir: Some(dir.wal_path()),
+            };
+            let store = LogStore::open_at(engine, fsync, placement).map_err(raft_err)?;
+            dir.set_layout_version(crate::storage::data_dir::LAYOUT_LOG_IN_ENGINE)?;
+            Ok(store)
+        }
+    }
+}
+
 /// How long a joining member looks for the cluster.
 const JOIN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
 
@@ -422,6 +457,7 @@ pub async fn start(config: &Config) -> Result<Server, ServerError> {
     let mut cluster_id = id.cluster_id;
 
     let mut temp_dir = None;
+    let mut opened_dir = None;
     let (engine, snap_dir): (Arc<dyn Engine>, std::path::PathBuf) = match config.engine {
         EngineKind::Memory => {
             let t = tempfile::Builder::new()
@@ -450,16 +486,18 @@ pub async fn start(config: &Config) -> Result<Server, ServerError> {
             member_id = parse(&dir.stamp().member_id).unwrap_or(member_id);
             cluster_id = parse(&dir.stamp().cluster_id).unwrap_or(cluster_id);
             tracing::info!(path = %dir.path().display(), format = dir.stamp().storage_format, "opening data directory");
-            (
+            let opened: (Arc<dyn Engine>, std::path::PathBuf) = (
                 Arc::new(RocksEngine::open(&dir.db_path(), &Default::default())?),
                 dir.path().join("snap"),
-            )
+            );
+            opened_dir = Some(dir);
+            opened
         }
     };
     let raft_err = |e: crate::raft::StorageError| ServerError::Other(format!("raft storage: {e}"));
     crate::raft::state_machine::recover_install(engine.as_ref(), &snap_dir).map_err(raft_err)?;
     let fsync = !config.unsafe_no_fsync;
-    // The Raft log is fsynced; the store's writes share its write-ahead log (see
+    // The Raft log is fsynced and the store's writes are replayed from it after a crash (see
     // raft::state_machine), so the store itself does not sync.
     let store = Store::open(
         engine.clone(),
@@ -517,8 +555,11 @@ pub async fn start(config: &Config) -> Result<Server, ServerError> {
     )
     .map_err(raft_err)?;
     let applied = ctx.applied.subscribe();
-    let log_store =
-        crate::raft::log_store::LogStore::open(engine.clone(), fsync).map_err(raft_err)?;
+    let log_store = open_log_store(config, opened_dir, engine.clone(), fsync)?;
+    let fsync_metric = metrics.wal_fsync.clone();
+    log_store.on_sync(Arc::new(move |took| {
+        fsync_metric.observe(took.as_secs_f64())
+    }));
     let timing = crate::raft::replica::Timing {
         heartbeat: std::time::Duration::from_millis(config.heartbeat_interval),
         election: std::time::Duration::from_millis(config.election_timeout),

@@ -30,8 +30,15 @@ use serde::{Deserialize, Serialize};
 use super::codec;
 use super::{Error, Result};
 
-/// The directory layout this binary writes and understands.
-pub const LAYOUT_VERSION: u32 = 1;
+/// The directory layout this binary writes and understands: 2, the Raft log's entries in
+/// segment files of their own under [`WAL_DIR`] (since session 32). A directory whose log is
+/// in RocksDB is stamped [`LAYOUT_LOG_IN_ENGINE`], which binaries from before can open too;
+/// the server stamps the layout it leaves the directory in.
+pub const LAYOUT_VERSION: u32 = 2;
+/// The layout with the Raft log in RocksDB's `raft_log` column family.
+pub const LAYOUT_LOG_IN_ENGINE: u32 = 1;
+/// The Raft log's own segments, under the data directory.
+pub const WAL_DIR: &str = "wal";
 /// The stamp's file name: a directory holding it is initialized.
 pub const STAMP_FILE: &str = "metastore.json";
 const MIGRATION_FILE: &str = "migration.json";
@@ -236,6 +243,26 @@ impl DataDir {
     pub fn db_path(&self) -> PathBuf {
         self.path.join("db")
     }
+
+    /// Where the Raft log's own segments are.
+    pub fn wal_path(&self) -> PathBuf {
+        self.path.join(WAL_DIR)
+    }
+
+    /// Stamps the directory with layout `version` (if it has another).
+    pub fn set_layout_version(&mut self, version: u32) -> Result<()> {
+        if self.stamp.layout_version == version {
+            return Ok(());
+        }
+        let mut stamp = self.stamp.clone();
+        stamp.layout_version = version;
+        write_atomically(&self.path.join(STAMP_FILE), &stamp).map_err(|source| Error::Io {
+            path: self.path.clone(),
+            source,
+        })?;
+        self.stamp = stamp;
+        Ok(())
+    }
 }
 
 /// Sets the stamp's storage format of the directory at `path` (which must have a stamp) to
@@ -328,6 +355,19 @@ mod tests {
         other.member_id = "99".into();
         let b = DataDir::open_or_create(dir.path(), other)?;
         assert_eq!(a.stamp(), b.stamp());
+        Ok(())
+    }
+
+    #[test]
+    fn the_layout_stamp_follows_where_the_log_is() -> anyhow::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let mut d = DataDir::open_or_create(dir.path(), stamp(2))?;
+        d.set_layout_version(LAYOUT_LOG_IN_ENGINE)?;
+        assert_eq!(read_stamp(dir.path())?.map(|s| s.layout_version), Some(1));
+        d.set_layout_version(LAYOUT_VERSION)?;
+        let again = DataDir::open_or_create(dir.path(), stamp(2))?;
+        assert_eq!(again.stamp().layout_version, LAYOUT_VERSION);
+        assert_eq!(again.stamp().member_id, d.stamp().member_id);
         Ok(())
     }
 

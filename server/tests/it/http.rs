@@ -32,6 +32,12 @@ async fn health_version_metrics() -> anyhow::Result<()> {
         "{metrics}"
     );
     assert!(metrics.contains("metastore_mvcc_db_total_size_in_bytes"));
+    // The put's log append was synced, and timed.
+    let syncs = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("metastore_disk_wal_fsync_duration_seconds_count "))
+        .and_then(|n| n.trim().parse::<u64>().ok());
+    assert!(syncs.is_some_and(|n| n >= 1), "{metrics}");
     // Raft: a single member leads, has a leader, saw one leader change, applied the put.
     assert!(
         metrics.contains("metastore_server_is_leader 1"),

@@ -20,6 +20,62 @@ async fn write_some(p: &Proc, prefix: &str) -> anyhow::Result<i64> {
     Ok(rev + 1)
 }
 
+/// The layout the data directory's stamp says, and whether it has segment logs.
+fn layout(dir: &std::path::Path) -> anyhow::Result<(u64, bool)> {
+    let stamp: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("metastore.json"))?)?;
+    let version = stamp["layout_version"]
+        .as_u64()
+        .ok_or_else(|| anyhow::anyhow!("no layout_version in {stamp}"))?;
+    Ok((version, dir.join("wal").exists()))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_raft_log_moves_between_its_stores_across_crashes_without_losing_a_write(
+) -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let port = free_port()?;
+    // Small segments and snapshots every 50 entries: segments roll and are deleted.
+    let small = [
+        ("METASTORE_RAFT_LOG_SEGMENT_BYTES", "8192"),
+        ("METASTORE_SNAPSHOT_COUNT", "50"),
+    ];
+    let mut p = Proc::spawn(dir.path(), port, &small)?;
+    for round in 0..8 {
+        write_some(&p, &format!("w{round}")).await?;
+    }
+    assert_eq!(layout(dir.path())?, (2, true), "segments by default");
+    let segments = std::fs::read_dir(dir.path().join("wal"))?.count();
+    assert!(segments >= 2, "{segments} segment files");
+    let before = snapshot(&p).await?;
+    p.signal("KILL")?;
+
+    // Back into RocksDB: a binary from before segment logs could open it now.
+    let mut with_engine = small.to_vec();
+    with_engine.push(("METASTORE_RAFT_LOG_STORE", "engine"));
+    let mut p = Proc::spawn(dir.path(), port, &with_engine)?;
+    assert_eq!(
+        snapshot(&p).await?,
+        before,
+        "after the move into the engine"
+    );
+    assert_eq!(layout(dir.path())?, (1, false));
+    write_some(&p, "e").await?;
+    let before = snapshot(&p).await?;
+    p.signal("KILL")?;
+
+    // And into segments again.
+    let mut p = Proc::spawn(dir.path(), port, &small)?;
+    assert_eq!(snapshot(&p).await?, before, "after the move into segments");
+    assert_eq!(layout(dir.path())?, (2, true));
+    write_some(&p, "s").await?;
+    let before = snapshot(&p).await?;
+    p.signal("KILL")?;
+    let p = Proc::spawn(dir.path(), port, &small)?;
+    assert_eq!(snapshot(&p).await?, before, "after a crash on segments");
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn data_survives_sigterm_and_sigkill() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;

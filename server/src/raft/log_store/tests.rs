@@ -1,3 +1,4 @@
+use std::path::Path;
 use std::sync::Arc;
 
 use openraft::storage::{RaftLogStorage, RaftLogStorageExt};
@@ -20,7 +21,11 @@ async fn append(s: &mut LogStore, entries: Vec<Entry>) {
 }
 
 async fn exercise(engine: Arc<dyn Engine>) {
-    let mut s = LogStore::open(engine.clone(), true).expect("open");
+    exercise_with(|| LogStore::open(engine.clone(), true).expect("open")).await
+}
+
+async fn exercise_with(open: impl Fn() -> LogStore) {
+    let mut s = open();
     let st = s.get_log_state().await.expect("state");
     assert_eq!((st.last_purged_log_id, st.last_log_id), (None, None));
     append(&mut s, (1..=10).map(|i| entry(1, i)).collect()).await;
@@ -53,7 +58,7 @@ async fn exercise(engine: Arc<dyn Engine>) {
     drop(s);
 
     // Everything survives reopening.
-    let mut s = LogStore::open(engine, true).expect("reopen");
+    let mut s = open();
     let st = s.get_log_state().await.expect("state");
     assert_eq!(st.last_purged_log_id, Some(entry(1, 4).log_id));
     assert_eq!(st.last_log_id, Some(entry(2, 8).log_id));
@@ -81,6 +86,155 @@ async fn log_store_on_rocksdb_survives_reopen() {
     let engine: Arc<dyn Engine> =
         Arc::new(RocksEngine::open(dir.path(), &Default::default()).expect("open"));
     exercise(engine).await;
+}
+
+fn rocks(dir: &Path) -> Arc<dyn Engine> {
+    Arc::new(RocksEngine::open(&dir.join("db"), &Default::default()).expect("open"))
+}
+
+fn in_wal(dir: &Path) -> Placement {
+    Placement::Wal {
+        dir: dir.join("wal"),
+        segment_bytes: 4096,
+    }
+}
+
+fn in_engine(dir: &Path) -> Placement {
+    Placement::Engine {
+        wal_dir: Some(dir.join("wal")),
+    }
+}
+
+#[tokio::test]
+async fn log_store_on_its_own_segments_survives_reopen() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let engine = rocks(dir.path());
+    exercise_with(|| LogStore::open_at(engine.clone(), true, in_wal(dir.path())).expect("open"))
+        .await;
+    // The entries are in the segments, not in the engine.
+    assert!(!engine_holds_log(engine.as_ref()).expect("look"));
+    assert!(dir.path().join("wal").is_dir());
+}
+
+/// What a log store holds: its bounds, committed id and every entry's id and payload.
+async fn contents(s: &mut LogStore) -> (LogState<TypeConfig>, Option<LogId>, Vec<Entry>) {
+    (
+        s.get_log_state().await.expect("state"),
+        s.read_committed().await.expect("committed"),
+        s.try_get_log_entries(..).await.expect("read"),
+    )
+}
+
+#[tokio::test]
+async fn the_log_moves_between_the_engine_and_its_own_segments_whole() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let engine = rocks(dir.path());
+    let mut s = LogStore::open_at(engine.clone(), true, in_engine(dir.path())).expect("open");
+    append(&mut s, (0..=300).map(|i| entry(1 + i / 100, i)).collect()).await;
+    s.purge(entry(1, 20).log_id).await.expect("purge");
+    s.save_committed(Some(entry(3, 250).log_id))
+        .await
+        .expect("committed");
+    append(&mut s, vec![entry(4, 301)]).await;
+    let before = contents(&mut s).await;
+    assert_eq!(before.2.len(), 281);
+    drop(s);
+
+    // Into segments of its own: the same log, and nothing left in the engine.
+    let mut s = LogStore::open_at(engine.clone(), true, in_wal(dir.path())).expect("to wal");
+    assert_eq!(contents(&mut s).await, before);
+    assert!(!engine_holds_log(engine.as_ref()).expect("look"));
+    assert!(
+        std::fs::read_dir(dir.path().join("wal"))
+            .expect("wal")
+            .count()
+            > 1,
+        "4 KiB segments"
+    );
+    append(&mut s, vec![entry(4, 302)]).await;
+    let with_302 = contents(&mut s).await;
+    drop(s);
+
+    // And back: the same again, and the segments gone.
+    let mut s = LogStore::open_at(engine.clone(), true, in_engine(dir.path())).expect("back");
+    assert_eq!(contents(&mut s).await, with_302);
+    assert!(!dir.path().join("wal").exists());
+    drop(s);
+    let mut s = LogStore::open_at(engine, true, in_engine(dir.path())).expect("again");
+    assert_eq!(contents(&mut s).await, with_302);
+}
+
+#[tokio::test]
+async fn a_move_a_crash_interrupted_is_finished_at_the_next_start() {
+    // Copied into `wal.new` but not renamed yet: the engine's log is still the log.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let engine = rocks(dir.path());
+    let mut s = LogStore::open(engine.clone(), true).expect("open");
+    append(&mut s, (1..=5).map(|i| entry(1, i)).collect()).await;
+    let before = contents(&mut s).await;
+    drop(s);
+    std::fs::create_dir_all(dir.path().join("wal.new")).expect("mkdir");
+    std::fs::write(dir.path().join("wal.new/0000000000000001.wal"), b"junk").expect("junk");
+    let mut s = LogStore::open_at(engine.clone(), true, in_wal(dir.path())).expect("to wal");
+    assert_eq!(contents(&mut s).await, before);
+    assert!(!dir.path().join("wal.new").exists());
+    drop(s);
+
+    // Renamed into place but the engine not cleared yet: the segments are the log, and what
+    // the engine still holds (here, other entries) is dropped.
+    let mut b = WriteBatch::new();
+    for i in 1..=9u64 {
+        b.put(
+            Table::RaftLog,
+            index_key(i),
+            codec::encode_entry(&entry(7, i)),
+        );
+    }
+    engine.write(b, true).expect("write");
+    let mut s = LogStore::open_at(engine.clone(), true, in_wal(dir.path())).expect("reopen");
+    assert_eq!(contents(&mut s).await, before);
+    assert!(!engine_holds_log(engine.as_ref()).expect("look"));
+    drop(s);
+
+    // Moving back, interrupted after the engine was filled but before the segments were
+    // removed: the next start with either placement has the same log.
+    std::fs::create_dir_all(dir.path().join("wal.old")).expect("mkdir");
+    let mut s = LogStore::open_at(engine.clone(), true, in_engine(dir.path())).expect("back");
+    assert_eq!(contents(&mut s).await, before);
+    assert!(!dir.path().join("wal.old").exists());
+}
+
+#[tokio::test]
+async fn entries_older_than_the_ones_kept_in_memory_come_from_the_segments() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let engine = rocks(dir.path());
+    let mut s = LogStore::open_at(engine, true, in_wal(dir.path())).expect("open");
+    let big = |i: u64| Entry {
+        log_id: LogId::new(CommittedLeaderId::new(1, 1), i),
+        payload: EntryPayload::Normal(Batch(vec![i as u8; 1 << 20].into())),
+    };
+    for i in 1..=24 {
+        append(&mut s, vec![big(i)]).await;
+    }
+    let held = s.inner.wal.as_ref().map(|w| {
+        let r = w.recent.lock().expect("lock");
+        (r.entries.len(), r.bytes)
+    });
+    assert!(
+        held.is_some_and(|(n, bytes)| n < 24 && bytes <= RECENT_BYTES),
+        "{held:?}"
+    );
+    let got = s.try_get_log_entries(1..=24).await.expect("read");
+    assert_eq!(got, (1..=24).map(big).collect::<Vec<_>>());
+    // A range that starts in the segments and ends in memory, and a truncation of both.
+    s.truncate(big(20).log_id).await.expect("truncate");
+    let got = s.try_get_log_entries(3..30).await.expect("read");
+    assert_eq!(got, (3..20).map(big).collect::<Vec<_>>());
+    append(&mut s, vec![entry(2, 20)]).await;
+    assert_eq!(
+        s.try_get_log_entries(19..).await.expect("read"),
+        vec![big(19), entry(2, 20)]
+    );
 }
 
 #[tokio::test]
