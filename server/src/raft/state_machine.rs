@@ -27,6 +27,7 @@
 
 use std::io::{Seek, SeekFrom};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use metastore_proto::raftpb as pb;
@@ -90,6 +91,12 @@ pub struct Context {
     /// The last snapshot built for a follower, finished or not, shared by the followers
     /// that need one while it is recent enough.
     for_followers: Mutex<Option<(SnapshotMeta, Arc<Build>)>>,
+    /// Commands between snapshots (`--snapshot-count`; 0: only openraft's policy, by entries).
+    snapshot_every: AtomicU64,
+    /// Commands applied since the last snapshot.
+    since_snapshot: AtomicU64,
+    /// Woken when `since_snapshot` reaches `snapshot_every` ([`Context::snapshot_due`]).
+    snapshot_due: Arc<tokio::sync::Notify>,
 }
 
 impl Context {
@@ -122,7 +129,37 @@ impl Context {
             receiving: Mutex::new(None),
             snapshot_lock: Mutex::new(()),
             for_followers: Mutex::new(None),
+            snapshot_every: AtomicU64::new(0),
+            since_snapshot: AtomicU64::new(0),
+            snapshot_due: Arc::new(tokio::sync::Notify::new()),
         }))
+    }
+
+    /// Asks for a snapshot every `commands` applied commands, as etcd's `--snapshot-count`
+    /// counts requests: an entry carries a whole group of commands (up to 1,024), so
+    /// openraft's policy, which counts entries, would let the log grow a thousand times
+    /// longer under load. [`snapshot_due`](Self::snapshot_due) tells when one is due.
+    pub fn snapshot_every(&self, commands: u64) {
+        self.snapshot_every.store(commands, Ordering::Relaxed);
+    }
+
+    /// Returns once `--snapshot-count` commands have been applied since the last snapshot
+    /// (the server then triggers one).
+    pub async fn snapshot_due(&self) {
+        self.snapshot_due.notified().await
+    }
+
+    /// What [`snapshot_due`](Self::snapshot_due) waits on, for a task that must not keep the
+    /// state machine alive.
+    pub fn snapshot_due_signal(&self) -> Arc<tokio::sync::Notify> {
+        self.snapshot_due.clone()
+    }
+
+    fn count_commands(&self, n: u64) {
+        let every = self.snapshot_every.load(Ordering::Relaxed);
+        if every > 0 && self.since_snapshot.fetch_add(n, Ordering::Relaxed) + n >= every {
+            self.snapshot_due.notify_one();
+        }
     }
 
     fn apply_entries(&self, entries: Vec<Entry>) -> Result<(), StorageError> {
@@ -226,6 +263,7 @@ impl Context {
             self.waiters.complete(seq, r);
         }
         self.observer.group_applied(commands);
+        self.count_commands(commands as u64);
         Ok(())
     }
 
@@ -235,6 +273,7 @@ impl Context {
     /// needs the data gets a file built then ([`Context::build_for_followers`]).
     fn record_snapshot(&self) -> Result<SnapshotMeta, StorageError> {
         let engine = self.store.engine();
+        self.since_snapshot.store(0, Ordering::Relaxed);
         engine.sync().map_err(sm_err)?;
         let meta = meta_of(engine.snapshot().as_ref())?;
         let _changing = self.snapshot_lock.lock().map_err(sm_err)?;
@@ -850,6 +889,35 @@ mod tests {
             "start-up: a snapshot without a file"
         );
         Ok((engine, sm, recorded))
+    }
+
+    /// `--snapshot-count` counts commands, however many an entry carries, and a snapshot
+    /// starts the count again; 0 leaves it to openraft's policy alone.
+    #[tokio::test]
+    async fn a_snapshot_is_due_after_snapshot_count_commands_however_grouped() -> anyhow::Result<()>
+    {
+        let dir = tempfile::tempdir()?;
+        let mut sm = machine(HookedEngine::new(HoldCursors::default()), dir.path())?;
+        let ctx = sm.ctx.clone();
+        let due = || async {
+            tokio::time::timeout(Duration::from_millis(50), ctx.snapshot_due())
+                .await
+                .is_ok()
+        };
+        ctx.count_commands(1_000_000);
+        assert!(!due().await, "off until set");
+        ctx.snapshot_every(10);
+        ctx.count_commands(4);
+        ctx.count_commands(4);
+        assert!(!due().await, "8 of 10");
+        ctx.count_commands(4);
+        assert!(due().await, "12 of 10, in three groups");
+        sm.get_snapshot_builder().await.build_snapshot().await?;
+        ctx.count_commands(9);
+        assert!(!due().await, "9 since the snapshot");
+        ctx.count_commands(1);
+        assert!(due().await, "10 since the snapshot");
+        Ok(())
     }
 
     /// The snapshot openraft takes is recorded without a file; a follower that needs one gets

@@ -142,8 +142,9 @@ pub struct Config {
           value_parser = clap::value_parser!(u64).range(1..))]
     pub election_timeout: u64,
 
-    /// Number of committed entries between Raft snapshots (the log before a snapshot is
-    /// then compacted).
+    /// Number of committed requests between Raft snapshots (the log before a snapshot is
+    /// then compacted, keeping 5,000 entries). Counted per request, as etcd does, although
+    /// one log entry carries a group of requests.
     #[arg(long, env = "METASTORE_SNAPSHOT_COUNT", default_value_t = 100_000,
           value_parser = clap::value_parser!(u64).range(1..))]
     pub snapshot_count: u64,

@@ -406,6 +406,27 @@ async fn discover(
     }
 }
 
+/// Triggers a Raft snapshot whenever `--snapshot-count` commands have been applied since the
+/// last one ([`Context::snapshot_every`](crate::raft::state_machine::Context::snapshot_every)),
+/// until the server stops.
+async fn trigger_snapshots(
+    due: Arc<tokio::sync::Notify>,
+    raft: crate::raft::Raft,
+    mut stop: watch::Receiver<bool>,
+) {
+    loop {
+        tokio::select! {
+            _ = due.notified() => {}
+            _ = stop.wait_for(|s| *s) => return,
+        }
+        if raft.trigger().snapshot().await.is_err() {
+            return;
+        }
+        // One at a time: openraft ignores a trigger while it builds one.
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}
+
 /// Opens the Raft log where `--raft-log-store` says (in memory with the memory engine),
 /// stamping the data directory with the layout it is left in: the newer layout before the log
 /// moves into segments of its own, the older one only after it has moved back into RocksDB,
@@ -603,7 +624,7 @@ pub async fn start(config: &Config) -> Result<Server, ServerError> {
             peers: peers.clone(),
         },
         log_store,
-        crate::raft::state_machine::StateMachine::new(ctx),
+        crate::raft::state_machine::StateMachine::new(ctx.clone()),
     );
     let raft = match &raft_thread {
         // openraft spawns its core, state-machine worker and replication tasks where it
@@ -615,6 +636,9 @@ pub async fn start(config: &Config) -> Result<Server, ServerError> {
         None => new_raft.await,
     }
     .map_err(|e| ServerError::Other(format!("cannot start raft: {e}")))?;
+    ctx.snapshot_every(config.snapshot_count);
+    let snapshot_due = ctx.snapshot_due_signal();
+    drop(ctx);
     let replica =
         crate::raft::replica::Replica::new(raft.clone(), peers, member_id, timing, applied);
     let disk = match config.engine {
@@ -825,6 +849,11 @@ pub async fn start(config: &Config) -> Result<Server, ServerError> {
         shutdown.subscribe(),
     ));
     tasks.spawn(publish(weak.clone(), shutdown.subscribe()));
+    tasks.spawn(trigger_snapshots(
+        snapshot_due,
+        raft.clone(),
+        shutdown.subscribe(),
+    ));
     let mut stop = shutdown.subscribe();
     let expiry = lease_service::expire_leases(weak.clone());
     tasks.spawn(async move {

@@ -76,6 +76,52 @@ async fn the_raft_log_moves_between_its_stores_across_crashes_without_losing_a_w
     Ok(())
 }
 
+/// `--snapshot-count` counts requests, as etcd's does, not log entries: 256 clients' puts
+/// travel in a few large entries, and still a snapshot follows every 500 of them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn snapshots_follow_the_count_of_requests_not_of_entries() -> anyhow::Result<()> {
+    let s = crate::common::TestServer::start(&["--snapshot-count", "500"]).await?;
+    let c = s.client().await?;
+    let mut tasks = tokio::task::JoinSet::new();
+    for t in 0..256 {
+        let mut c = c.clone();
+        tasks.spawn(async move {
+            for i in 0..4 {
+                c.put(format!("k{t}/{i}"), "v", None).await?;
+            }
+            anyhow::Ok(())
+        });
+    }
+    while let Some(done) = tasks.join_next().await {
+        done??;
+    }
+    let raft = &s
+        .server
+        .node()
+        .ok_or_else(|| anyhow::anyhow!("stopped"))?
+        .replica
+        .raft;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let (snapshot, last) = loop {
+        let m = raft.metrics().borrow().clone();
+        let last = m.last_log_index.unwrap_or_default();
+        if let Some(snap) = m.snapshot.filter(|_| last > 0) {
+            break (snap.index, last);
+        }
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "no snapshot after 1,024 puts in {last} entries"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    };
+    assert!(
+        last < 500,
+        "the puts took {last} entries: too few per entry to tell the counts apart"
+    );
+    assert!(snapshot > 0 && snapshot <= last, "{snapshot} of {last}");
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn data_survives_sigterm_and_sigkill() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
