@@ -401,13 +401,18 @@ fn engine_holds_log(engine: &dyn Engine) -> Result<bool, StorageError> {
     Ok(found)
 }
 
-/// Removes the log from the engine's tables (entries, purged and committed ids), synced.
-fn clear_engine_log(engine: &dyn Engine) -> Result<(), StorageError> {
+/// A batch that removes the log from the engine's tables (entries, purged and committed ids).
+fn clearing_engine_log() -> WriteBatch {
     let mut b = WriteBatch::new();
     delete_entries(&mut b, 0, u64::MAX);
     b.delete(Table::RaftState, KEY_PURGED.to_vec());
     b.delete(Table::RaftState, KEY_COMMITTED.to_vec());
-    engine.write(b, true).map_err(write_err)
+    b
+}
+
+/// Removes the log from the engine's tables, synced.
+fn clear_engine_log(engine: &dyn Engine) -> Result<(), StorageError> {
+    engine.write(clearing_engine_log(), true).map_err(write_err)
 }
 
 /// A sibling of `dir` named with `suffix` (`wal` → `wal.new`).
@@ -429,10 +434,7 @@ fn remove_dir_if_there(dir: &Path) -> Result<(), StorageError> {
 }
 
 fn sync_parent(dir: &Path) -> Result<(), StorageError> {
-    let parent = dir.parent().unwrap_or(Path::new("."));
-    std::fs::File::open(parent)
-        .and_then(|d| d.sync_all())
-        .map_err(|e| write_err(format!("{}: {e}", parent.display())))
+    super::wal::sync_dir(dir.parent().unwrap_or(Path::new("."))).map_err(write_err)
 }
 
 /// How many bytes of entries one step of a move between the two places carries.
@@ -541,10 +543,7 @@ fn move_wal_into_engine(engine: &dyn Engine, dir: &Path) -> Result<(), StorageEr
     )
     .map_err(read_err)?;
     let st = wal.state();
-    let mut b = WriteBatch::new();
-    delete_entries(&mut b, 0, u64::MAX);
-    b.delete(Table::RaftState, KEY_PURGED.to_vec());
-    b.delete(Table::RaftState, KEY_COMMITTED.to_vec());
+    let mut b = clearing_engine_log();
     if let Some((_, meta)) = &st.purged {
         b.put(Table::RaftState, KEY_PURGED.to_vec(), meta.to_vec());
     }
@@ -597,12 +596,11 @@ fn delete_entries(batch: &mut WriteBatch, from: u64, to: u64) {
 }
 
 fn read_log_id(engine: &dyn Engine, key: &[u8]) -> Result<Option<LogId>, StorageError> {
-    match engine.get(Table::RaftState, key).map_err(read_err)? {
-        None => Ok(None),
-        Some(v) => Ok(Some(codec::log_id_from_pb(
-            &pb::LogId::decode(v.as_slice()).map_err(read_err)?,
-        ))),
-    }
+    engine
+        .get(Table::RaftState, key)
+        .map_err(read_err)?
+        .map(|v| decode_log_id(&v))
+        .transpose()
 }
 
 impl RaftLogReader<TypeConfig> for LogStore {

@@ -285,7 +285,8 @@ fn segment_path(dir: &Path, seq: u64) -> PathBuf {
     dir.join(format!("{seq:016x}{SUFFIX}"))
 }
 
-fn sync_dir(dir: &Path) -> Result<()> {
+/// Syncs the directory `dir` (its entries: names made, renamed or removed).
+pub(super) fn sync_dir(dir: &Path) -> Result<()> {
     File::open(dir)
         .and_then(|d| d.sync_all())
         .map_err(io_err(dir))
