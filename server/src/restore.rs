@@ -31,7 +31,7 @@ use url::Url;
 
 use crate::server::member;
 use crate::storage::codec::{self, DEFAULT_FORMAT};
-use crate::storage::data_dir::{DataDir, Stamp, LAYOUT_VERSION, STAMP_FILE};
+use crate::storage::data_dir::{sync_dir, DataDir, Stamp, LAYOUT_VERSION, STAMP_FILE};
 use crate::storage::snapshot::{self, SnapshotInfo};
 use crate::storage::{Engine, RocksEngine, Table, WriteBatch};
 
@@ -463,9 +463,7 @@ pub fn restore(opts: &RestoreOptions, progress: &mut dyn Progress) -> Result<Res
             fs::rename(tmp.join(&name), &to).map_err(io_err(&to))?;
         }
         fs::remove_dir(&tmp).map_err(io_err(&tmp))?;
-        File::open(&data_dir)
-            .and_then(|d| d.sync_all())
-            .map_err(io_err(&data_dir))?;
+        sync_dir(&data_dir).map_err(io_err(&data_dir))?;
         return Ok(RestoreSummary {
             info,
             data_dir,
@@ -484,9 +482,7 @@ pub fn restore(opts: &RestoreOptions, progress: &mut dyn Progress) -> Result<Res
     // 3. Move it into place, durably.
     check_empty(&data_dir)?;
     fs::rename(&tmp, &data_dir).map_err(io_err(&data_dir))?;
-    File::open(&parent)
-        .and_then(|d| d.sync_all())
-        .map_err(io_err(&parent))?;
+    sync_dir(&parent).map_err(io_err(&parent))?;
     Ok(RestoreSummary {
         info,
         data_dir,

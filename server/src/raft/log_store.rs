@@ -284,12 +284,15 @@ impl LogStore {
             c.map(|id| codec::log_id_to_pb(&id).encode_to_vec())
                 .unwrap_or_default()
         });
-        let encoded: Vec<Vec<u8>> = entries.iter().map(codec::encode_entry).collect();
+        let bodies: Vec<PbEntry> = entries
+            .iter()
+            .map(|e| PbEntry(codec::entry_to_pb(e)))
+            .collect();
         let mut records = Vec::with_capacity(entries.len() + 1);
         if let Some(meta) = &committed_meta {
             records.push(Record::Committed { meta });
         }
-        for (e, data) in entries.iter().zip(&encoded) {
+        for (e, data) in entries.iter().zip(&bodies) {
             records.push(Record::Entry {
                 index: e.log_id.index,
                 data,
@@ -430,6 +433,17 @@ fn remove_dir_if_there(dir: &Path) -> Result<(), StorageError> {
         Ok(()) => Ok(()),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
         Err(e) => Err(write_err(format!("{}: {e}", dir.display()))),
+    }
+}
+
+/// An entry encoded straight into the log's write buffer, as [`codec::encode_entry`] would.
+#[derive(Debug)]
+struct PbEntry(pb::Entry);
+
+impl super::wal::EntryBody for PbEntry {
+    fn encode_into(&self, buf: &mut Vec<u8>) {
+        buf.reserve(self.0.encoded_len());
+        self.0.encode_raw(buf);
     }
 }
 

@@ -88,12 +88,30 @@ impl Default for WalOptions {
 /// `metastore_disk_wal_fsync_duration_seconds`).
 pub type SyncObserver = Arc<dyn Fn(Duration) + Send + Sync>;
 
+/// An entry's bytes, put straight into the write's buffer (no copy of its own first).
+pub trait EntryBody: std::fmt::Debug {
+    /// Appends the entry's bytes to `buf`.
+    fn encode_into(&self, buf: &mut Vec<u8>);
+}
+
+impl EntryBody for [u8] {
+    fn encode_into(&self, buf: &mut Vec<u8>) {
+        buf.extend_from_slice(self);
+    }
+}
+
+impl EntryBody for Vec<u8> {
+    fn encode_into(&self, buf: &mut Vec<u8>) {
+        buf.extend_from_slice(self);
+    }
+}
+
 /// One record to write.
 #[derive(Debug, Clone, Copy)]
 pub enum Record<'a> {
     /// Entry `index` with its bytes; it must directly follow the last entry (or the purged
     /// index when there is none).
-    Entry { index: u64, data: &'a [u8] },
+    Entry { index: u64, data: &'a dyn EntryBody },
     /// Every entry from `from` on is gone.
     Truncate { from: u64 },
     /// Every entry up to `upto` is gone; `meta` is kept as the purged id.
@@ -113,10 +131,15 @@ const BODY_PREFIX: usize = 9;
 const SUFFIX: &str = ".wal";
 const TEMP_SUFFIX: &str = ".wal.tmp";
 
+/// The write buffer kept for the next write is dropped when a batch made it larger than this.
+const KEEP_BUFFER_BYTES: usize = 8 << 20;
+
 impl Record<'_> {
+    /// The record's kind, index and payload (empty for an entry: its bytes are encoded
+    /// straight into the write).
     fn parts(&self) -> (u8, u64, &[u8]) {
         match *self {
-            Record::Entry { index, data } => (KIND_ENTRY, index, data),
+            Record::Entry { index, .. } => (KIND_ENTRY, index, &[]),
             Record::Truncate { from } => (KIND_TRUNCATE, from, &[]),
             Record::Purge { upto, meta } => (KIND_PURGE, upto, meta),
             Record::Committed { meta } => (KIND_COMMITTED, 0, meta),
@@ -126,15 +149,21 @@ impl Record<'_> {
     /// Appends the framed record to `buf`.
     fn encode(&self, buf: &mut Vec<u8>) -> Result<()> {
         let (kind, index, payload) = self.parts();
-        let body_len = BODY_PREFIX + payload.len();
-        let len = u32::try_from(body_len).map_err(|_| WalError::TooLarge(body_len))?;
         let start = buf.len();
-        buf.extend_from_slice(&len.to_le_bytes());
-        buf.extend_from_slice(&[0; 4]);
+        buf.extend_from_slice(&[0; HEADER]);
         buf.push(kind);
         buf.extend_from_slice(&index.to_le_bytes());
-        buf.extend_from_slice(payload);
+        match self {
+            Record::Entry { data, .. } => data.encode_into(buf),
+            _ => buf.extend_from_slice(payload),
+        }
+        let body_len = buf.len() - start - HEADER;
+        let Ok(len) = u32::try_from(body_len) else {
+            buf.truncate(start);
+            return Err(WalError::TooLarge(body_len));
+        };
         let crc = crc32c::crc32c(&buf[start + HEADER..]);
+        buf[start..start + 4].copy_from_slice(&len.to_le_bytes());
         buf[start + 4..start + HEADER].copy_from_slice(&crc.to_le_bytes());
         Ok(())
     }
@@ -156,78 +185,112 @@ struct Segment {
     last_index: Option<u64>,
 }
 
-/// What the records say, as far as they have been read or written.
-#[derive(Default)]
-struct Index {
-    /// The index of `locs[0]`.
+/// Which entries the log holds and what must come next: the one rule for the order of
+/// records, used both to check a write before any of it reaches the file and to index
+/// what was written or read.
+#[derive(Debug, Default, Clone, Copy)]
+struct Shape {
+    /// The first entry held (meaningless while `len` is 0).
     first: u64,
-    locs: VecDeque<Loc>,
-    purged: Option<(u64, Bytes)>,
-    committed: Option<Bytes>,
-    segments: BTreeMap<u64, Segment>,
+    len: u64,
+    /// The newest purged index.
+    purged: Option<u64>,
 }
 
-impl Index {
+impl Shape {
     fn last(&self) -> Option<u64> {
-        (!self.locs.is_empty()).then(|| self.first + self.locs.len() as u64 - 1)
+        (self.len > 0).then(|| self.first + self.len - 1)
     }
 
     /// The index the next entry must have, if it is fixed.
     fn next(&self) -> Option<u64> {
         self.last()
             .map(|l| l + 1)
-            .or_else(|| self.purged.as_ref().map(|(p, _)| p + 1))
+            .or_else(|| self.purged.map(|p| p + 1))
     }
 
-    fn truncate(&mut self, from: u64) {
-        if from <= self.first {
-            self.locs.clear();
-        } else {
-            let keep = usize::try_from(from - self.first).unwrap_or(usize::MAX);
-            self.locs.truncate(keep);
-        }
-    }
-
-    /// Applies one record found at `loc`; an entry out of order is an error.
-    fn apply(&mut self, kind: u8, index: u64, payload: Bytes, loc: Loc) -> Result<()> {
+    /// Applies one record; an entry out of order is an error and changes nothing.
+    fn step(&mut self, kind: u8, index: u64) -> Result<()> {
         match kind {
             KIND_ENTRY => {
-                if let Some(expected) = self.next() {
-                    if index != expected {
-                        return Err(WalError::OutOfOrder {
-                            expected,
-                            got: index,
-                        });
-                    }
+                if let Some(expected) = self.next().filter(|e| *e != index) {
+                    return Err(WalError::OutOfOrder {
+                        expected,
+                        got: index,
+                    });
                 }
-                if self.locs.is_empty() {
+                if self.len == 0 {
                     self.first = index;
                 }
+                self.len += 1;
+            }
+            KIND_TRUNCATE => {
+                self.len = self.len.min(index.saturating_sub(self.first));
+            }
+            KIND_PURGE => {
+                let gone = (index + 1).saturating_sub(self.first).min(self.len);
+                self.first += gone;
+                self.len -= gone;
+                if self.len == 0 {
+                    self.first = index + 1;
+                }
+                self.purged = Some(index);
+            }
+            KIND_COMMITTED => {}
+            other => {
+                return Err(WalError::Corrupt {
+                    path: PathBuf::new(),
+                    offset: 0,
+                    reason: format!("unknown record kind {other}"),
+                })
+            }
+        }
+        Ok(())
+    }
+}
+
+/// What the records say, as far as they have been read or written.
+#[derive(Default)]
+struct Index {
+    shape: Shape,
+    /// Where each held entry is, `shape.first` first.
+    locs: VecDeque<Loc>,
+    /// The newest purge's payload.
+    purged_meta: Bytes,
+    committed: Option<Bytes>,
+    segments: BTreeMap<u64, Segment>,
+}
+
+impl Index {
+    /// Applies one record found at `loc`; an entry out of order is an error.
+    fn apply(&mut self, kind: u8, index: u64, payload: Bytes, loc: Loc) -> Result<()> {
+        self.shape.step(kind, index).map_err(|e| match e {
+            WalError::Corrupt { reason, .. } => WalError::Corrupt {
+                path: PathBuf::new(),
+                offset: loc.offset,
+                reason,
+            },
+            e => e,
+        })?;
+        // The locations follow the shape: dropped at the front by a purge, at the back by a
+        // truncation, one more at the back for an entry.
+        let len = usize::try_from(self.shape.len).unwrap_or(usize::MAX);
+        match kind {
+            KIND_ENTRY => {
                 self.locs.push_back(loc);
                 if let Some(s) = self.segments.get_mut(&loc.seq) {
                     s.last_index = Some(s.last_index.map_or(index, |l| l.max(index)));
                 }
             }
-            KIND_TRUNCATE => self.truncate(index),
+            KIND_TRUNCATE => self.locs.truncate(len),
             KIND_PURGE => {
-                while !self.locs.is_empty() && self.first <= index {
-                    self.locs.pop_front();
-                    self.first += 1;
-                }
-                if self.locs.is_empty() {
-                    self.first = index + 1;
-                }
-                self.purged = Some((index, payload));
+                let gone = self.locs.len().saturating_sub(len);
+                self.locs.drain(..gone);
+                self.purged_meta = payload;
             }
-            KIND_COMMITTED => self.committed = (!payload.is_empty()).then_some(payload),
-            other => {
-                return Err(WalError::Corrupt {
-                    path: PathBuf::new(),
-                    offset: loc.offset,
-                    reason: format!("unknown record kind {other}"),
-                })
-            }
+            _ => self.committed = (!payload.is_empty()).then_some(payload),
         }
+        debug_assert_eq!(self.locs.len(), len);
         Ok(())
     }
 }
@@ -287,9 +350,7 @@ fn segment_path(dir: &Path, seq: u64) -> PathBuf {
 
 /// Syncs the directory `dir` (its entries: names made, renamed or removed).
 pub(super) fn sync_dir(dir: &Path) -> Result<()> {
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(io_err(dir))
+    crate::storage::data_dir::sync_dir(dir).map_err(io_err(dir))
 }
 
 /// Makes segment `seq`, `bytes` long and zeroed, under a temporary name first so that a
@@ -531,8 +592,8 @@ impl Wal {
     pub fn state(&self) -> WalState {
         let index = lock(&self.index);
         WalState {
-            entries: index.last().map(|l| (index.first, l)),
-            purged: index.purged.clone(),
+            entries: index.shape.last().map(|l| (index.shape.first, l)),
+            purged: index.shape.purged.map(|p| (p, index.purged_meta.clone())),
             committed: index.committed.clone(),
             segments: index.segments.len(),
         }
@@ -554,25 +615,12 @@ impl Wal {
             }
             return Ok(());
         }
-        // Entries must follow on from what the log holds, given the records before them.
-        let mut next = lock(&self.index).next();
+        // Entries must follow on from what the log holds, given the records before them:
+        // checked in full before anything is written.
+        let mut shape = lock(&self.index).shape;
         for r in records {
-            match *r {
-                Record::Entry { index, .. } => {
-                    if let Some(expected) = next.filter(|e| *e != index) {
-                        return Err(WalError::OutOfOrder {
-                            expected,
-                            got: index,
-                        });
-                    }
-                    next = Some(index + 1);
-                }
-                Record::Truncate { from } => next = next.map(|n| n.min(from)),
-                Record::Purge { upto, .. } => {
-                    next = Some(next.map_or(upto + 1, |n| n.max(upto + 1)))
-                }
-                Record::Committed { .. } => {}
-            }
+            let (kind, index, _) = r.parts();
+            shape.step(kind, index)?;
         }
         let mut buf = std::mem::take(&mut w.buf);
         buf.clear();
@@ -614,16 +662,13 @@ impl Wal {
                     offset: at + start as u64,
                     len: (end - start) as u32,
                 };
-                index.apply(
-                    kind,
-                    rec_index,
-                    Bytes::copy_from_slice(payload_if_meta(kind, payload)),
-                    loc,
-                )?;
+                index.apply(kind, rec_index, Bytes::copy_from_slice(payload), loc)?;
                 start = *end;
             }
         }
-        w.buf = buf;
+        if buf.capacity() <= KEEP_BUFFER_BYTES {
+            w.buf = buf;
+        }
         Ok(())
     }
 
@@ -700,11 +745,12 @@ impl Wal {
         let mut runs: Vec<Run> = Vec::new();
         {
             let index = lock(&self.index);
-            let Some(last) = index.last() else {
+            let Some(last) = index.shape.last() else {
                 return Ok(Vec::new());
             };
-            for i in from.max(index.first)..to.min(last + 1) {
-                let loc = index.locs[(i - index.first) as usize];
+            let first = index.shape.first;
+            for i in from.max(first)..to.min(last + 1) {
+                let loc = index.locs[(i - first) as usize];
                 match runs.last_mut() {
                     Some(run) if run.extends_to(loc) => run.entries.push((i, loc)),
                     _ => {
@@ -788,12 +834,5 @@ impl Run {
 
 /// Only a purge's and a committed record's payload is kept in the index (an entry's stays
 /// on disk).
-fn payload_if_meta(kind: u8, payload: &[u8]) -> &[u8] {
-    match kind {
-        KIND_PURGE | KIND_COMMITTED => payload,
-        _ => &[],
-    }
-}
-
 #[cfg(test)]
 mod tests;

@@ -224,9 +224,7 @@ impl DataDir {
         let marker = self.path.join(MIGRATION_FILE);
         if marker.exists() {
             fs::remove_file(&marker).map_err(io)?;
-            fs::File::open(&self.path)
-                .and_then(|d| d.sync_all())
-                .map_err(io)?;
+            sync_dir(&self.path).map_err(io)?;
         }
         self.migration = None;
         Ok(())
@@ -326,9 +324,14 @@ fn write_atomically(path: &Path, value: &impl Serialize) -> std::io::Result<()> 
     f.sync_all()?;
     fs::rename(&tmp, path)?;
     if let Some(dir) = path.parent() {
-        fs::File::open(dir)?.sync_all()?;
+        sync_dir(dir)?;
     }
     Ok(())
+}
+
+/// Syncs the directory `dir` itself: the names made, renamed or removed in it.
+pub fn sync_dir(dir: &Path) -> std::io::Result<()> {
+    fs::File::open(dir)?.sync_all()
 }
 
 #[cfg(test)]

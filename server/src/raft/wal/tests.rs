@@ -129,6 +129,71 @@ fn a_truncated_suffix_stays_gone_and_its_replacement_is_read() -> anyhow::Result
 }
 
 #[test]
+fn a_truncation_below_the_purge_point_leaves_the_next_entry_after_it() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let wal = Wal::open(dir.path(), opts(1 << 20))?;
+    append(&wal, 1..=10)?;
+    wal.purge(5, b"id 5")?;
+    wal.truncate(3)?;
+    assert_eq!(wal.state().entries, None);
+    // What was purged stays purged: the next entry is 6, whether the truncation came in
+    // an earlier write or in the same one, and a refused write leaves nothing behind.
+    match append(&wal, 3..=3) {
+        Err(WalError::OutOfOrder {
+            expected: 6,
+            got: 3,
+        }) => {}
+        other => anyhow::bail!("entry 3 after the truncation: {other:?}"),
+    }
+    let three = data(3);
+    match wal.write(
+        &[
+            Record::Truncate { from: 3 },
+            Record::Entry {
+                index: 3,
+                data: &three,
+            },
+        ],
+        true,
+    ) {
+        Err(WalError::OutOfOrder {
+            expected: 6,
+            got: 3,
+        }) => {}
+        other => anyhow::bail!("truncation and entry 3 together: {other:?}"),
+    }
+    append(&wal, 6..=7)?;
+    drop(wal);
+    let wal = Wal::open(dir.path(), opts(1 << 20))?;
+    assert_eq!(held(&wal)?, vec![6, 7]);
+    assert_eq!(
+        wal.state().purged,
+        Some((5, bytes::Bytes::from_static(b"id 5")))
+    );
+    Ok(())
+}
+
+#[test]
+fn a_very_large_write_does_not_keep_its_buffer() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let wal = Wal::open(dir.path(), opts(1 << 20))?;
+    let big = vec![7u8; KEEP_BUFFER_BYTES + 1];
+    wal.write(
+        &[Record::Entry {
+            index: 1,
+            data: &big,
+        }],
+        true,
+    )?;
+    assert_eq!(lock(&wal.writer).buf.capacity(), 0);
+    append(&wal, 2..=2)?;
+    let kept = lock(&wal.writer).buf.capacity();
+    assert!(kept > 0 && kept <= KEEP_BUFFER_BYTES, "{kept}");
+    assert_eq!(wal.read(1, 2)?[0].1.len(), big.len());
+    Ok(())
+}
+
+#[test]
 fn a_purge_deletes_the_segments_it_covers_and_survives_a_reopen() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     let wal = Wal::open(dir.path(), opts(4096))?;
@@ -191,7 +256,7 @@ fn the_committed_id_is_the_last_one_written() -> anyhow::Result<()> {
 /// The offset of the record of entry `index`.
 fn offset_of(wal: &Wal, index: u64) -> (PathBuf, u64) {
     let ix = lock(&wal.index);
-    let loc = ix.locs[(index - ix.first) as usize];
+    let loc = ix.locs[(index - ix.shape.first) as usize];
     (ix.segments[&loc.seq].path.clone(), loc.offset)
 }
 
