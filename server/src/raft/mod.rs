@@ -23,6 +23,7 @@
 #![allow(clippy::result_large_err)]
 
 pub mod codec;
+pub mod kept_log;
 pub mod log_store;
 pub mod network;
 pub mod peer_service;

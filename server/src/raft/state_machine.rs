@@ -16,9 +16,10 @@
 //! # Snapshots
 //! A snapshot is the backup snapshot format ([`crate::storage::snapshot`]) of the
 //! state-machine tables, in a file under the snapshot directory; the Meta table inside it
-//! says which entry it ends at. The snapshots openraft takes every `--snapshot-count`
-//! entries, which let it purge the log, are recorded without a file: the engine is synced and
-//! the snapshot's log id and membership are written down. A file is built only when a
+//! says which entry it ends at. The snapshots taken every `--snapshot-count` commands, which
+//! let the log be purged (up to where its newest 5,000 commands begin, [`super::kept_log`]),
+//! are recorded without a file: the engine is synced and the snapshot's log id and membership
+//! are written down. A file is built only when a
 //! follower needs one (it is behind the purged log), from what is applied then, on a thread
 //! of its own while applies go on ([`RaftStateMachine::get_current_snapshot`],
 //! [`snapshot_data`](super::snapshot_data)); as etcd sends its live database only to a
@@ -37,6 +38,7 @@ use prost::Message;
 use tokio::sync::watch;
 
 use super::codec;
+use super::kept_log::KeptLog;
 use super::snapshot_data::{Build, Finisher, SnapshotData};
 use super::waiters::Waiters;
 use super::{
@@ -97,6 +99,37 @@ pub struct Context {
     since_snapshot: AtomicU64,
     /// Woken when `since_snapshot` reaches `snapshot_every` ([`Context::snapshot_due`]).
     snapshot_due: Arc<tokio::sync::Notify>,
+    /// The newest entries' commands, for what to keep of the log after a snapshot.
+    kept: Mutex<KeptLog>,
+    /// Where the last snapshot lets the log be purged to, counted in commands.
+    purge: Arc<PurgeHint>,
+}
+
+/// Where the log may be purged to after the last snapshot, so that it keeps the newest
+/// commands ([`Context::keep_commands`]); the server's task asks openraft for the purge.
+#[derive(Debug, Default)]
+pub struct PurgeHint {
+    upto: Mutex<Option<u64>>,
+    due: tokio::sync::Notify,
+}
+
+impl PurgeHint {
+    fn offer(&self, upto: u64) {
+        if let Ok(mut u) = self.upto.lock() {
+            *u = Some(u.map_or(upto, |old| old.max(upto)));
+            self.due.notify_one();
+        }
+    }
+
+    /// Waits until a snapshot offers a purge point, and returns the newest one.
+    pub async fn next(&self) -> u64 {
+        loop {
+            if let Some(upto) = self.upto.lock().ok().and_then(|mut u| u.take()) {
+                return upto;
+            }
+            self.due.notified().await;
+        }
+    }
 }
 
 impl Context {
@@ -132,6 +165,8 @@ impl Context {
             snapshot_every: AtomicU64::new(0),
             since_snapshot: AtomicU64::new(0),
             snapshot_due: Arc::new(tokio::sync::Notify::new()),
+            kept: Mutex::new(KeptLog::new(0)),
+            purge: Arc::new(PurgeHint::default()),
         }))
     }
 
@@ -155,6 +190,19 @@ impl Context {
         self.snapshot_due.clone()
     }
 
+    /// After a snapshot, offers to purge the log up to where the newest `commands` applied
+    /// commands begin (etcd keeps its last 5,000 requests; see [`super::kept_log`]).
+    /// [`purge_hint`](Self::purge_hint) tells the point.
+    pub fn keep_commands(&self, commands: u64) -> Result<(), StorageError> {
+        *self.kept.lock().map_err(sm_err)? = KeptLog::new(commands);
+        Ok(())
+    }
+
+    /// Where snapshots let the log be purged to, for the task that asks openraft to.
+    pub fn purge_hint(&self) -> Arc<PurgeHint> {
+        self.purge.clone()
+    }
+
     fn count_commands(&self, n: u64) {
         let every = self.snapshot_every.load(Ordering::Relaxed);
         if every > 0 && self.since_snapshot.fetch_add(n, Ordering::Relaxed) + n >= every {
@@ -170,8 +218,10 @@ impl Context {
         let mut last = None;
         let mut commands = 0;
         let mut switched = false;
+        let mut kept = self.kept.lock().map_err(sm_err)?;
         for e in entries {
             let index = e.log_id.index;
+            let mut carried = 0;
             let mut meta = vec![(
                 META_APPLIED.to_vec(),
                 codec::log_id_to_pb(&e.log_id).encode_to_vec(),
@@ -180,6 +230,7 @@ impl Context {
                 EntryPayload::Blank => {}
                 EntryPayload::Normal(batch) => {
                     let batch = pb::CommandBatch::decode(batch.0).map_err(sm_err)?;
+                    carried = batch.proposals.len() as u64;
                     for (i, p) in batch.proposals.into_iter().enumerate() {
                         let pos = command_position(index, i);
                         if pos <= resume {
@@ -245,8 +296,10 @@ impl Context {
             if done > resume {
                 applying.record(done, meta).map_err(sm_err)?;
             }
+            kept.applied(index, carried);
             last = Some(index);
         }
+        drop(kept);
         let rev = applying.publish().map_err(sm_err)?;
         if !events.is_empty() {
             self.watch.notify(events, rev);
@@ -276,6 +329,12 @@ impl Context {
         self.since_snapshot.store(0, Ordering::Relaxed);
         engine.sync().map_err(sm_err)?;
         let meta = meta_of(engine.snapshot().as_ref())?;
+        if let Some(upto) = meta
+            .last_log_id
+            .and_then(|id| self.kept.lock().ok().and_then(|k| k.purge_upto(id.index)))
+        {
+            self.purge.offer(upto);
+        }
         let _changing = self.snapshot_lock.lock().map_err(sm_err)?;
         // A file built for a follower meanwhile may be newer: then it stays the current one.
         if self

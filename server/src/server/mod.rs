@@ -427,6 +427,47 @@ async fn trigger_snapshots(
     }
 }
 
+/// How many of the newest commands the Raft log keeps after a snapshot, for slow followers
+/// to catch up from (etcd's `--snapshot-catchup-entries`, 5,000 requests), or
+/// `--snapshot-count` when that is smaller.
+const KEPT_COMMANDS: u64 = 5000;
+
+/// After each snapshot, purges the Raft log up to where its newest [`KEPT_COMMANDS`]
+/// commands begin ([`crate::raft::kept_log`]). openraft keeps as many *entries*
+/// (`max_in_snapshot_log_to_keep`), each up to 1,024 commands, so under load it would keep up
+/// to a thousand times more; its count stays the bound on what is kept. openraft does not
+/// purge what a follower's replication still reads.
+async fn purge_kept_log(
+    hint: Arc<crate::raft::state_machine::PurgeHint>,
+    raft: crate::raft::Raft,
+    mut stop: watch::Receiver<bool>,
+) {
+    loop {
+        let upto = tokio::select! {
+            upto = hint.next() => upto,
+            _ = stop.wait_for(|s| *s) => return,
+        };
+        // The snapshot is recorded before openraft takes it in, and openraft purges only
+        // what a snapshot holds.
+        let wait = raft.wait(Some(std::time::Duration::from_secs(10)));
+        let taken_in = wait.metrics(
+            |m| m.snapshot.is_some_and(|s| s.index >= upto),
+            "the snapshot to purge up to",
+        );
+        let taken_in = tokio::select! {
+            r = taken_in => r.is_ok(),
+            _ = stop.wait_for(|s| *s) => return,
+        };
+        let purged = raft.metrics().borrow().purged.map(|p| p.index);
+        if taken_in
+            && purged.is_none_or(|p| p < upto)
+            && raft.trigger().purge_log(upto).await.is_err()
+        {
+            return;
+        }
+    }
+}
+
 /// Opens the Raft log where `--raft-log-store` says (in memory with the memory engine),
 /// stamping the data directory with the layout it is left in: the newer layout before the log
 /// moves into segments of its own, the older one only after it has moved back into RocksDB,
@@ -637,7 +678,10 @@ pub async fn start(config: &Config) -> Result<Server, ServerError> {
     }
     .map_err(|e| ServerError::Other(format!("cannot start raft: {e}")))?;
     ctx.snapshot_every(config.snapshot_count);
+    ctx.keep_commands(config.snapshot_count.min(KEPT_COMMANDS))
+        .map_err(|e| ServerError::Other(format!("raft: {e}")))?;
     let snapshot_due = ctx.snapshot_due_signal();
+    let purge_hint = ctx.purge_hint();
     drop(ctx);
     let replica =
         crate::raft::replica::Replica::new(raft.clone(), peers, member_id, timing, applied);
@@ -851,6 +895,11 @@ pub async fn start(config: &Config) -> Result<Server, ServerError> {
     tasks.spawn(publish(weak.clone(), shutdown.subscribe()));
     tasks.spawn(trigger_snapshots(
         snapshot_due,
+        raft.clone(),
+        shutdown.subscribe(),
+    ));
+    tasks.spawn(purge_kept_log(
+        purge_hint,
         raft.clone(),
         shutdown.subscribe(),
     ));

@@ -76,18 +76,24 @@ async fn the_raft_log_moves_between_its_stores_across_crashes_without_losing_a_w
     Ok(())
 }
 
-/// `--snapshot-count` counts requests, as etcd's does, not log entries: 256 clients' puts
-/// travel in a few large entries, and still a snapshot follows every 500 of them.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn snapshots_follow_the_count_of_requests_not_of_entries() -> anyhow::Result<()> {
-    let s = crate::common::TestServer::start(&["--snapshot-count", "500"]).await?;
+/// Puts `per_client` keys `k<t>/<i>` from each of 256 concurrent clients (so that they travel
+/// in a few large entries), then waits up to 10 s until `until` holds of the Raft metrics and
+/// returns what it returned; the last log index is in the error otherwise.
+async fn puts_from_256_clients<T>(
+    s: &crate::common::TestServer,
+    per_client: usize,
+    until: impl Fn(
+        &openraft::RaftMetrics<metastore::raft::NodeId, metastore::raft::MemberNode>,
+    ) -> Option<T>,
+) -> anyhow::Result<T> {
     let c = s.client().await?;
     let mut tasks = tokio::task::JoinSet::new();
     for t in 0..256 {
         let mut c = c.clone();
         tasks.spawn(async move {
-            for i in 0..4 {
-                c.put(format!("k{t}/{i}"), "v", None).await?;
+            for i in 0..per_client {
+                c.put(format!("k{t:03}/{i}"), format!("v{t}/{i}"), None)
+                    .await?;
             }
             anyhow::Ok(())
         });
@@ -102,23 +108,66 @@ async fn snapshots_follow_the_count_of_requests_not_of_entries() -> anyhow::Resu
         .replica
         .raft;
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    let (snapshot, last) = loop {
+    loop {
         let m = raft.metrics().borrow().clone();
-        let last = m.last_log_index.unwrap_or_default();
-        if let Some(snap) = m.snapshot.filter(|_| last > 0) {
-            break (snap.index, last);
+        if let Some(found) = until(&m) {
+            return Ok(found);
         }
         anyhow::ensure!(
             std::time::Instant::now() < deadline,
-            "no snapshot after 1,024 puts in {last} entries"
+            "not there after {} puts in {:?} entries: {m:?}",
+            256 * per_client,
+            m.last_log_index
         );
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    };
+    }
+}
+
+/// `--snapshot-count` counts requests, as etcd's does, not log entries: 256 clients' puts
+/// travel in a few large entries, and still a snapshot follows every 500 of them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn snapshots_follow_the_count_of_requests_not_of_entries() -> anyhow::Result<()> {
+    let s = crate::common::TestServer::start(&["--snapshot-count", "500"]).await?;
+    let (snapshot, last) = puts_from_256_clients(&s, 4, |m| {
+        let last = m.last_log_index.unwrap_or_default();
+        m.snapshot
+            .filter(|_| last > 0)
+            .map(|snap| (snap.index, last))
+    })
+    .await?;
     assert!(
         last < 500,
         "the puts took {last} entries: too few per entry to tell the counts apart"
     );
     assert!(snapshot > 0 && snapshot <= last, "{snapshot} of {last}");
+    Ok(())
+}
+
+/// What is kept of the log after a snapshot is counted in requests too: with
+/// `--snapshot-count 300`, the newest 300 puts, not the newest 300 entries, which here hold
+/// every put.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_log_kept_after_a_snapshot_is_counted_in_requests() -> anyhow::Result<()> {
+    let s = crate::common::TestServer::start(&["--snapshot-count", "300"]).await?;
+    let (purged, snapshot, last) = puts_from_256_clients(&s, 8, |m| {
+        let (p, snap) = (m.purged?, m.snapshot?);
+        Some((p.index, snap.index, m.last_log_index.unwrap_or_default()))
+    })
+    .await?;
+    assert!(
+        last < 300,
+        "the puts took {last} entries: too few per entry to tell the counts apart"
+    );
+    // openraft alone would keep the newest 300 entries, that is everything.
+    assert!(
+        purged < snapshot && purged + 300 > snapshot,
+        "purged up to {purged} with a snapshot at {snapshot} of {last}"
+    );
+    // Nothing was lost, and the log goes on from there.
+    let mut c = s.client().await?;
+    let all = c.get("k", Some(GetOptions::new().with_prefix())).await?;
+    assert_eq!(all.count(), 2048);
+    c.put("after", "purge", None).await?;
     Ok(())
 }
 
