@@ -10,6 +10,7 @@
 //! openraft's own count stays in force as the upper bound of what is kept.
 
 use std::collections::VecDeque;
+use std::sync::Mutex;
 
 /// The newest applied entries that hold the newest `keep` commands.
 #[derive(Debug, Default)]
@@ -60,6 +61,35 @@ impl KeptLog {
         let (first, before) = *self.entries.front()?;
         (last == snapshot && self.keep > 0 && self.total - before >= self.keep && first > 0)
             .then(|| first - 1)
+    }
+}
+
+/// Where the log may be purged to after the last snapshot, so that it keeps the newest
+/// commands ([`Context::keep_commands`](super::state_machine::Context::keep_commands)); the
+/// server's task asks openraft for the purge.
+#[derive(Debug, Default)]
+pub struct PurgeHint {
+    upto: Mutex<Option<u64>>,
+    due: tokio::sync::Notify,
+}
+
+impl PurgeHint {
+    /// A snapshot lets the log go up to `upto`.
+    pub(super) fn offer(&self, upto: u64) {
+        if let Ok(mut u) = self.upto.lock() {
+            *u = Some(u.map_or(upto, |old| old.max(upto)));
+            self.due.notify_one();
+        }
+    }
+
+    /// Waits until a snapshot offers a purge point, and returns the newest one.
+    pub async fn next(&self) -> u64 {
+        loop {
+            if let Some(upto) = self.upto.lock().ok().and_then(|mut u| u.take()) {
+                return upto;
+            }
+            self.due.notified().await;
+        }
     }
 }
 
@@ -126,5 +156,28 @@ mod tests {
         k.applied(6, 1);
         k.applied(7, 1);
         assert_eq!(k.purge_upto(7), Some(4));
+    }
+
+    #[tokio::test]
+    async fn a_purge_point_waits_to_be_offered_and_the_newest_wins() -> anyhow::Result<()> {
+        let hint = std::sync::Arc::new(PurgeHint::default());
+        let soon = std::time::Duration::from_millis(50);
+        assert!(
+            tokio::time::timeout(soon, hint.next()).await.is_err(),
+            "nothing offered yet"
+        );
+        hint.offer(0);
+        assert_eq!(tokio::time::timeout(soon, hint.next()).await?, 0);
+        hint.offer(7);
+        hint.offer(5);
+        assert_eq!(tokio::time::timeout(soon, hint.next()).await?, 7);
+        let waiting = tokio::spawn({
+            let hint = hint.clone();
+            async move { hint.next().await }
+        });
+        tokio::task::yield_now().await;
+        hint.offer(9);
+        assert_eq!(tokio::time::timeout(soon, waiting).await??, 9);
+        Ok(())
     }
 }

@@ -38,7 +38,7 @@ use prost::Message;
 use tokio::sync::watch;
 
 use super::codec;
-use super::kept_log::KeptLog;
+use super::kept_log::{KeptLog, PurgeHint};
 use super::snapshot_data::{Build, Finisher, SnapshotData};
 use super::waiters::Waiters;
 use super::{
@@ -103,33 +103,6 @@ pub struct Context {
     kept: Mutex<KeptLog>,
     /// Where the last snapshot lets the log be purged to, counted in commands.
     purge: Arc<PurgeHint>,
-}
-
-/// Where the log may be purged to after the last snapshot, so that it keeps the newest
-/// commands ([`Context::keep_commands`]); the server's task asks openraft for the purge.
-#[derive(Debug, Default)]
-pub struct PurgeHint {
-    upto: Mutex<Option<u64>>,
-    due: tokio::sync::Notify,
-}
-
-impl PurgeHint {
-    fn offer(&self, upto: u64) {
-        if let Ok(mut u) = self.upto.lock() {
-            *u = Some(u.map_or(upto, |old| old.max(upto)));
-            self.due.notify_one();
-        }
-    }
-
-    /// Waits until a snapshot offers a purge point, and returns the newest one.
-    pub async fn next(&self) -> u64 {
-        loop {
-            if let Some(upto) = self.upto.lock().ok().and_then(|mut u| u.take()) {
-                return upto;
-            }
-            self.due.notified().await;
-        }
-    }
 }
 
 impl Context {

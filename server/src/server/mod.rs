@@ -438,7 +438,7 @@ const KEPT_COMMANDS: u64 = 5000;
 /// to a thousand times more; its count stays the bound on what is kept. openraft does not
 /// purge what a follower's replication still reads.
 async fn purge_kept_log(
-    hint: Arc<crate::raft::state_machine::PurgeHint>,
+    hint: Arc<crate::raft::kept_log::PurgeHint>,
     raft: crate::raft::Raft,
     mut stop: watch::Receiver<bool>,
 ) {
