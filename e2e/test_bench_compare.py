@@ -13,6 +13,8 @@ tool (else `metastore-bench` beside the MetaStore binary).
 from __future__ import annotations
 
 import json
+import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -89,4 +91,39 @@ def test_quick_three_members(tmp_path, etcd_bin, metastore_bin, bench_bin):
 def test_bad_workload_name_is_refused():
     r = subprocess.run([sys.executable, str(COMPARE), "--workloads", "put-1c,nope"],
                        capture_output=True, text=True, timeout=30)
+    assert r.returncode == 2 and "nope" in r.stderr, r.stderr
+
+
+AB = ROOT / "bench" / "ab"
+
+
+def ab(bench_bin: str, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(AB), *args], capture_output=True, text=True,
+                          timeout=120, stdin=subprocess.DEVNULL,
+                          env={**os.environ, "BENCH": bench_bin})
+
+
+def test_ab_runs_two_builds_round_by_round(metastore_bin, bench_bin):
+    r = ab(bench_bin, metastore_bin, metastore_bin, "2", "put-1c", "txn-put")
+    assert r.returncode == 0, r.stderr[-4000:]
+    for name, unit in (("put-1c", "ms"), ("txn-put", "txn-put/s")):
+        rounds = [ln for ln in r.stdout.splitlines() if ln.startswith(f"  {name} round")]
+        assert len(rounds) == 2, r.stdout
+        summary = next(ln for ln in r.stdout.splitlines() if ln.startswith(f"{name} ({unit})"))
+        m = re.search(r"A ([\d.,]+) B ([\d.,]+) B/A ([\d.]+), B won (\d) of 2; server CPU "
+                      r"per request A ([\d.]+) µs, B ([\d.]+) µs", summary)
+        assert m, summary
+        a, b, ratio = (float(m.group(i).replace(",", "")) for i in (1, 2, 3))
+        assert a > 0 and b > 0 and abs(ratio - b / a) < 0.01 * ratio + 0.001, summary
+        assert float(m.group(5)) > 0 and float(m.group(6)) > 0, summary
+
+
+def test_ab_passes_settings_to_its_server_and_refuses_unknown_workloads(metastore_bin,
+                                                                        bench_bin):
+    # The setting reaches B's server: a value it refuses stops the run before any round.
+    r = ab(bench_bin, metastore_bin, f"METASTORE_SNAPSHOT_COUNT=lots@{metastore_bin}", "1",
+           "put-1c")
+    assert r.returncode != 0 and "round" not in r.stdout, r.stdout
+    assert "snapshot" in (r.stdout + r.stderr).lower(), r.stderr[-3000:]
+    r = ab(bench_bin, metastore_bin, metastore_bin, "1", "put-1c", "nope")
     assert r.returncode == 2 and "nope" in r.stderr, r.stderr
