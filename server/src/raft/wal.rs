@@ -59,6 +59,8 @@ pub enum WalError {
     OutOfOrder { expected: u64, got: u64 },
     #[error("raft log: a record of {0} bytes is larger than a record may be")]
     TooLarge(usize),
+    #[error("unknown record kind {0}")]
+    UnknownKind(u8),
     #[error("raft log: an earlier write failed; the log takes no more writes")]
     Failed,
 }
@@ -237,13 +239,7 @@ impl Shape {
                 self.purged = Some(index);
             }
             KIND_COMMITTED => {}
-            other => {
-                return Err(WalError::Corrupt {
-                    path: PathBuf::new(),
-                    offset: 0,
-                    reason: format!("unknown record kind {other}"),
-                })
-            }
+            other => return Err(WalError::UnknownKind(other)),
         }
         Ok(())
     }
@@ -264,14 +260,7 @@ struct Index {
 impl Index {
     /// Applies one record found at `loc`; an entry out of order is an error.
     fn apply(&mut self, kind: u8, index: u64, payload: Bytes, loc: Loc) -> Result<()> {
-        self.shape.step(kind, index).map_err(|e| match e {
-            WalError::Corrupt { reason, .. } => WalError::Corrupt {
-                path: PathBuf::new(),
-                offset: loc.offset,
-                reason,
-            },
-            e => e,
-        })?;
+        self.shape.step(kind, index)?;
         // The locations follow the shape: dropped at the front by a purge, at the back by a
         // truncation, one more at the back for an entry.
         let len = usize::try_from(self.shape.len).unwrap_or(usize::MAX);
@@ -306,6 +295,17 @@ struct Writer {
     capacity: u64,
     buf: Vec<u8>,
     failed: bool,
+}
+
+impl Writer {
+    /// The index's entry for the segment being written, with no entry in it yet.
+    fn segment(&self) -> Segment {
+        Segment {
+            file: self.file.clone(),
+            path: self.path.clone(),
+            last_index: None,
+        }
+    }
 }
 
 /// The log. Writes are serialized (openraft's core is the only writer); reads may run beside
@@ -376,6 +376,21 @@ fn create_segment(dir: &Path, seq: u64, bytes: u64, fsync: bool) -> Result<(File
     Ok((file, path))
 }
 
+/// Makes segment `seq` ([`create_segment`]) and returns the writer for it, which keeps `buf`
+/// for its writes.
+fn start_segment(dir: &Path, seq: u64, capacity: u64, fsync: bool, buf: Vec<u8>) -> Result<Writer> {
+    let (file, path) = create_segment(dir, seq, capacity, fsync)?;
+    Ok(Writer {
+        seq,
+        file: Arc::new(file),
+        path,
+        offset: 0,
+        capacity,
+        buf,
+        failed: false,
+    })
+}
+
 /// Sets the file's length to at least `offset + len`, with the new part allocated and zero.
 fn allocate(file: &File, offset: u64, len: u64) -> std::io::Result<()> {
     if len == 0 {
@@ -402,6 +417,19 @@ struct Scan {
     damage: Option<(u64, String)>,
 }
 
+/// A record's `len` and `crc`, from its first [`HEADER`] bytes.
+fn header_fields(rec: &[u8]) -> (u32, u32) {
+    let word = |at: usize| u32::from_le_bytes([rec[at], rec[at + 1], rec[at + 2], rec[at + 3]]);
+    (word(0), word(4))
+}
+
+/// A record body's `kind` and `index` (a body is at least [`BODY_PREFIX`] bytes).
+fn body_prefix(body: &[u8]) -> (u8, u64) {
+    let mut idx = [0u8; 8];
+    idx.copy_from_slice(&body[1..BODY_PREFIX]);
+    (body[0], u64::from_le_bytes(idx))
+}
+
 fn scan_segment(path: &Path, file: &File, seq: u64, index: &mut Index) -> Result<Scan> {
     let len = file.metadata().map_err(io_err(path))?.len();
     let mut reader = std::io::BufReader::with_capacity(1 << 20, file);
@@ -415,8 +443,8 @@ fn scan_segment(path: &Path, file: &File, seq: u64, index: &mut Index) -> Result
             });
         }
         reader.read_exact(&mut header).map_err(io_err(path))?;
-        let body_len = u32::from_le_bytes([header[0], header[1], header[2], header[3]]) as u64;
-        let crc = u32::from_le_bytes([header[4], header[5], header[6], header[7]]);
+        let (body_len, crc) = header_fields(&header);
+        let body_len = u64::from(body_len);
         if body_len == 0 && crc == 0 {
             // The zeroes after the last record.
             return Ok(Scan {
@@ -438,10 +466,7 @@ fn scan_segment(path: &Path, file: &File, seq: u64, index: &mut Index) -> Result
         if crc32c::crc32c(&body) != crc {
             return bad("checksum mismatch");
         }
-        let kind = body[0];
-        let mut idx = [0u8; 8];
-        idx.copy_from_slice(&body[1..BODY_PREFIX]);
-        let rec_index = u64::from_le_bytes(idx);
+        let (kind, rec_index) = body_prefix(&body);
         let payload = Bytes::from(body).slice(BODY_PREFIX..);
         let loc = Loc {
             seq,
@@ -491,15 +516,15 @@ impl Wal {
                 .write(true)
                 .open(&path)
                 .map_err(io_err(&path))?;
+            let file = Arc::new(file);
             index.segments.insert(
                 seq,
                 Segment {
-                    file: Arc::new(file),
+                    file: file.clone(),
                     path: path.clone(),
                     last_index: None,
                 },
             );
-            let file = index.segments[&seq].file.clone();
             let last = n + 1 == count;
             if count > 8 && n % 8 == 0 {
                 tracing::info!(segment = n + 1, of = count, "reading the raft log");
@@ -542,25 +567,9 @@ impl Wal {
                 }
             }
             None => {
-                let (file, path) = create_segment(dir, 1, opts.segment_bytes, opts.fsync)?;
-                let file = Arc::new(file);
-                index.segments.insert(
-                    1,
-                    Segment {
-                        file: file.clone(),
-                        path: path.clone(),
-                        last_index: None,
-                    },
-                );
-                Writer {
-                    seq: 1,
-                    file,
-                    path,
-                    offset: 0,
-                    capacity: opts.segment_bytes,
-                    buf: Vec::new(),
-                    failed: false,
-                }
+                let w = start_segment(dir, 1, opts.segment_bytes, opts.fsync, Vec::new())?;
+                index.segments.insert(w.seq, w.segment());
+                w
             }
         };
         Ok(Self {
@@ -678,28 +687,17 @@ impl Wal {
         if self.opts.fsync {
             w.file.sync_data().map_err(io_err(&w.path))?;
         }
-        let seq = w.seq + 1;
-        let capacity = need.max(self.opts.segment_bytes);
-        let (file, path) = create_segment(&self.dir, seq, capacity, self.opts.fsync)?;
-        let file = Arc::new(file);
-        lock(&self.index).segments.insert(
-            seq,
-            Segment {
-                file: file.clone(),
-                path: path.clone(),
-                last_index: None,
-            },
-        );
-        tracing::debug!(segment = %path.display(), "new raft log segment");
-        *w = Writer {
-            seq,
-            file,
-            path,
-            offset: 0,
-            capacity,
-            buf: std::mem::take(&mut w.buf),
-            failed: false,
-        };
+        // Made before the index is locked: readers go on meanwhile.
+        let next = start_segment(
+            &self.dir,
+            w.seq + 1,
+            need.max(self.opts.segment_bytes),
+            self.opts.fsync,
+            std::mem::take(&mut w.buf),
+        )?;
+        lock(&self.index).segments.insert(next.seq, next.segment());
+        tracing::debug!(segment = %next.path.display(), "new raft log segment");
+        *w = next;
         Ok(())
     }
 
@@ -815,11 +813,8 @@ impl Run {
             let at = (loc.offset - start) as usize;
             let rec = buf.slice(at..at + loc.len as usize);
             let body = rec.slice(HEADER..);
-            let crc = u32::from_le_bytes([rec[4], rec[5], rec[6], rec[7]]);
-            let mut idx = [0u8; 8];
-            idx.copy_from_slice(&body[1..BODY_PREFIX]);
-            if crc32c::crc32c(&body) != crc || body[0] != KIND_ENTRY || u64::from_le_bytes(idx) != i
-            {
+            let (_, crc) = header_fields(&rec);
+            if crc32c::crc32c(&body) != crc || body_prefix(&body) != (KIND_ENTRY, i) {
                 return Err(WalError::Corrupt {
                     path: self.path,
                     offset: loc.offset,
@@ -832,7 +827,5 @@ impl Run {
     }
 }
 
-/// Only a purge's and a committed record's payload is kept in the index (an entry's stays
-/// on disk).
 #[cfg(test)]
 mod tests;

@@ -143,8 +143,8 @@ pub struct Config {
     pub election_timeout: u64,
 
     /// Number of committed requests between Raft snapshots (the log before a snapshot is
-    /// then compacted, keeping 5,000 entries). Counted per request, as etcd does, although
-    /// one log entry carries a group of requests.
+    /// then compacted, keeping its newest 5,000 requests). Counted per request, as etcd does,
+    /// although one log entry carries a group of requests.
     #[arg(long, env = "METASTORE_SNAPSHOT_COUNT", default_value_t = 100_000,
           value_parser = clap::value_parser!(u64).range(1..))]
     pub snapshot_count: u64,

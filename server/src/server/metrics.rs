@@ -65,21 +65,21 @@ impl Metrics {
             .buckets(prometheus::exponential_buckets(0.0001, 2.0, 18)?),
             &["method"],
         )?;
-        let apply_group = Histogram::with_opts(
-            HistogramOpts::new(
-                "metastore_apply_group_size",
-                "Commands applied per fsync (group commit)",
-            )
-            .buckets(prometheus::exponential_buckets(1.0, 2.0, 11)?),
+        let histogram = |name: &str, help: &str, buckets| {
+            Histogram::with_opts(HistogramOpts::new(name, help).buckets(buckets))
+        };
+        let apply_group = histogram(
+            "metastore_apply_group_size",
+            "Commands applied per fsync (group commit)",
+            prometheus::exponential_buckets(1.0, 2.0, 11)?,
         )?;
         // etcd's buckets for its WAL fsync: 1 ms to 8 s. Ours start lower, since a sync here
         // usually takes 0.1-0.3 ms.
-        let wal_fsync = Histogram::with_opts(
-            HistogramOpts::new(
-                "metastore_disk_wal_fsync_duration_seconds",
-                "Duration of the Raft log's syncs (fdatasync of a segment; with                  --raft-log-store engine, the whole synced write)",
-            )
-            .buckets(prometheus::exponential_buckets(0.0000625, 2.0, 18)?),
+        let wal_fsync = histogram(
+            "metastore_disk_wal_fsync_duration_seconds",
+            "Duration of the Raft log's syncs (fdatasync of a segment; with \
+             --raft-log-store engine, the whole synced write)",
+            prometheus::exponential_buckets(0.0000625, 2.0, 18)?,
         )?;
         let gauge = |name: &str, help: &str| IntGauge::new(name, help);
         let m = Self {

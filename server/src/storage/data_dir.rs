@@ -203,24 +203,18 @@ impl DataDir {
             started_by: format!("metastore {}", env!("CARGO_PKG_VERSION")),
         };
         write_atomically(&self.path.join(MIGRATION_FILE), &marker).map_err(io)?;
-        let mut stamp = self.stamp.clone();
-        stamp.storage_format = stamp.storage_format.max(to);
-        write_atomically(&self.path.join(STAMP_FILE), &stamp).map_err(io)?;
-        self.stamp = stamp;
+        self.restamp(|s| s.storage_format = s.storage_format.max(to))?;
         self.migration = Some(marker);
         Ok(())
     }
 
     /// Records that every record is in format `to`: stamps it, then removes the marker.
     pub fn finish_migration(&mut self, to: u8) -> Result<()> {
+        self.restamp(|s| s.storage_format = to)?;
         let io = |source| Error::Io {
             path: self.path.clone(),
             source,
         };
-        let mut stamp = self.stamp.clone();
-        stamp.storage_format = to;
-        write_atomically(&self.path.join(STAMP_FILE), &stamp).map_err(io)?;
-        self.stamp = stamp;
         let marker = self.path.join(MIGRATION_FILE);
         if marker.exists() {
             fs::remove_file(&marker).map_err(io)?;
@@ -252,8 +246,13 @@ impl DataDir {
         if self.stamp.layout_version == version {
             return Ok(());
         }
+        self.restamp(|s| s.layout_version = version)
+    }
+
+    /// Writes the stamp changed by `change` (durably, replacing the file whole), then keeps it.
+    fn restamp(&mut self, change: impl FnOnce(&mut Stamp)) -> Result<()> {
         let mut stamp = self.stamp.clone();
-        stamp.layout_version = version;
+        change(&mut stamp);
         write_atomically(&self.path.join(STAMP_FILE), &stamp).map_err(|source| Error::Io {
             path: self.path.clone(),
             source,

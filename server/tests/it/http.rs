@@ -38,6 +38,13 @@ async fn health_version_metrics() -> anyhow::Result<()> {
         .find_map(|l| l.strip_prefix("metastore_disk_wal_fsync_duration_seconds_count "))
         .and_then(|n| n.trim().parse::<u64>().ok());
     assert!(syncs.is_some_and(|n| n >= 1), "{metrics}");
+    assert!(
+        metrics.contains(
+            "# HELP metastore_disk_wal_fsync_duration_seconds Duration of the Raft log's syncs \
+             (fdatasync of a segment; with --raft-log-store engine, the whole synced write)\n"
+        ),
+        "{metrics}"
+    );
     // Raft: a single member leads, has a leader, saw one leader change, applied the put.
     assert!(
         metrics.contains("metastore_server_is_leader 1"),
