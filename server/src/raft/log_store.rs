@@ -119,11 +119,13 @@ impl Recent {
             self.bytes += entry_bytes(e);
             self.entries.push_back(e.clone());
         }
-        while self.bytes > RECENT_BYTES && self.entries.len() > entries.len() {
-            if let Some(e) = self.entries.pop_front() {
-                self.bytes -= entry_bytes(&e);
-            }
+        let mut drop = 0;
+        let mut bytes = self.bytes;
+        while bytes > RECENT_BYTES && self.entries.len() - drop > entries.len() {
+            bytes -= entry_bytes(&self.entries[drop]);
+            drop += 1;
         }
+        self.remove(..drop);
     }
 
     fn clear(&mut self) {
@@ -131,22 +133,25 @@ impl Recent {
         self.bytes = 0;
     }
 
+    /// Where the entry at `index` is, or would go (the entries are contiguous).
+    fn position(&self, index: u64) -> usize {
+        self.entries.partition_point(|e| e.log_id.index < index)
+    }
+
+    fn remove(&mut self, range: impl std::ops::RangeBounds<usize>) {
+        for e in self.entries.drain(range) {
+            self.bytes -= entry_bytes(&e);
+        }
+    }
+
     /// Drops the entries from `from` on.
     fn truncate(&mut self, from: u64) {
-        while self.entries.back().is_some_and(|e| e.log_id.index >= from) {
-            if let Some(e) = self.entries.pop_back() {
-                self.bytes -= entry_bytes(&e);
-            }
-        }
+        self.remove(self.position(from)..);
     }
 
     /// Drops the entries up to `upto`.
     fn purge(&mut self, upto: u64) {
-        while self.entries.front().is_some_and(|e| e.log_id.index <= upto) {
-            if let Some(e) = self.entries.pop_front() {
-                self.bytes -= entry_bytes(&e);
-            }
-        }
+        self.remove(..self.position(upto.saturating_add(1)));
     }
 }
 

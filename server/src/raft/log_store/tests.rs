@@ -360,3 +360,41 @@ async fn a_purge_is_one_range_deletion_however_many_entries_it_drops() {
         (901..=1000).collect::<Vec<_>>()
     );
 }
+
+#[test]
+fn the_entries_kept_in_memory_count_their_bytes_through_every_change() {
+    let total = |r: &Recent| r.entries.iter().map(entry_bytes).sum::<usize>();
+    let indexes = |r: &Recent| r.entries.iter().map(|e| e.log_id.index).collect::<Vec<_>>();
+    let mut r = Recent::default();
+    r.push(&(1..=10).map(|i| entry(1, i)).collect::<Vec<_>>());
+    assert_eq!((r.first(), r.bytes), (Some(1), total(&r)));
+    r.truncate(8);
+    assert_eq!(indexes(&r), (1..=7).collect::<Vec<_>>());
+    assert_eq!(r.bytes, total(&r));
+    r.purge(3);
+    assert_eq!(indexes(&r), (4..=7).collect::<Vec<_>>());
+    assert_eq!(r.bytes, total(&r));
+    // Purging below what is held, or truncating above it, changes nothing.
+    r.purge(1);
+    r.truncate(100);
+    assert_eq!(indexes(&r), (4..=7).collect::<Vec<_>>());
+    // A gap starts over.
+    r.push(&[entry(2, 20)]);
+    assert_eq!(indexes(&r), vec![20]);
+    let big = |i: u64| Entry {
+        log_id: LogId::new(CommittedLeaderId::new(2, 1), i),
+        payload: EntryPayload::Normal(Batch(vec![0; RECENT_BYTES / 2 - 64].into())),
+    };
+    r.push(&[big(21), big(22)]);
+    assert_eq!(indexes(&r), vec![21, 22]);
+    assert_eq!(r.bytes, total(&r));
+    r.push(&[big(23)]);
+    assert_eq!(indexes(&r), vec![22, 23]);
+    assert_eq!(r.bytes, total(&r));
+    // An append larger than the budget is kept whole, alone.
+    r.push(&[big(24), big(25), big(26)]);
+    assert_eq!(indexes(&r), vec![24, 25, 26]);
+    assert_eq!(r.bytes, total(&r));
+    r.purge(u64::MAX);
+    assert_eq!((r.first(), r.bytes), (None, 0));
+}
