@@ -1975,11 +1975,19 @@ async fn format_migration_runs_metastore_ctl_and_records_format_2_on_every_membe
         .iter()
         .take_while(|s| s.phase == Some(Phase::Migrating))
         .collect();
+    // Format 2 is recorded only once reached: not when the Job starts, and never while a
+    // member still writes format 1. Once every member has re-encoded, it may be recorded
+    // before the Job itself is seen to end (the phase then still says Migrating).
     ensure!(
-        running_job
+        first.current_format_version == Some(1),
+        "format 1 while the Job starts: {first:#?}"
+    );
+    ensure!(
+        during[migrating..]
             .iter()
-            .all(|s| s.current_format_version == Some(1)),
-        "format 2 is recorded only once reached"
+            .all(|s| s.current_format_version == Some(1)
+                || (s.members.len() == 3 && s.members.iter().all(|m| m.format_version == Some(2)))),
+        "format 2 recorded before every member wrote it: {during:#?}"
     );
     // The members' own progress was followed: switched (writing format 2) while still
     // re-encoding, before the cluster counted as migrated.
