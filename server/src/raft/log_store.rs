@@ -119,13 +119,9 @@ impl Recent {
             self.bytes += entry_bytes(e);
             self.entries.push_back(e.clone());
         }
-        let mut drop = 0;
-        let mut bytes = self.bytes;
-        while bytes > RECENT_BYTES && self.entries.len() - drop > entries.len() {
-            bytes -= entry_bytes(&self.entries[drop]);
-            drop += 1;
+        while self.bytes > RECENT_BYTES && self.entries.len() > entries.len() {
+            self.remove(..1);
         }
-        self.remove(..drop);
     }
 
     fn clear(&mut self) {
