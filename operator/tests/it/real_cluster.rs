@@ -1982,19 +1982,19 @@ async fn format_migration_runs_metastore_ctl_and_records_format_2_on_every_membe
         first.current_format_version == Some(1),
         "format 1 while the Job starts: {first:#?}"
     );
+    let all_write_2 = |s: &MetaStoreClusterStatus| {
+        s.members.len() == 3 && s.members.iter().all(|m| m.format_version == Some(2))
+    };
     ensure!(
         during[migrating..]
             .iter()
-            .all(|s| s.current_format_version == Some(1)
-                || (s.members.len() == 3 && s.members.iter().all(|m| m.format_version == Some(2)))),
+            .all(|s| s.current_format_version == Some(1) || all_write_2(s)),
         "format 2 recorded before every member wrote it: {during:#?}"
     );
     // The members' own progress was followed: switched (writing format 2) while still
     // re-encoding, before the cluster counted as migrated.
     ensure!(
-        running_job
-            .iter()
-            .any(|s| s.members.len() == 3 && s.members.iter().all(|m| m.format_version == Some(2))),
+        running_job.iter().any(|s| all_write_2(s)),
         "no reconcile saw the members switched before the end: {running_job:#?}"
     );
     let status = op.cluster.status.clone().context("status")?;
