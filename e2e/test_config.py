@@ -3,13 +3,16 @@
 - `metastore --config-file` starts with the file as it is (only the loopback ports swapped for
   free ones and the working directory a temp dir), and serves a put/get;
 - the same with every commented-out example option switched on;
-- every flag of `metastore --help` is mentioned in the file, so a new flag cannot be left out.
+- every flag of `metastore --help` is mentioned in the file, so a new flag cannot be left out;
+- `--worker-threads`: its default (one per core less the Raft thread's) and the flag, as the
+  server's runtime has them (`metastore_server_worker_threads` on /metrics).
 
 Needs the MetaStore binary (METASTORE_BIN, see conftest.py) and etcdctl.
 """
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import time
@@ -121,3 +124,21 @@ def test_sample_config_mentions_every_flag(metastore_bin):
         k for k in re.findall(r"^(?:# )?([a-z][a-z0-9-]*):", text, re.M) if k not in flags
     )
     assert not unknown, f"config/metastore.yaml has keys that are no flags: {unknown}"
+
+
+def worker_threads(server) -> int:
+    with urllib.request.urlopen(server.client_url + "/metrics", timeout=5) as r:
+        text = r.read().decode()
+    m = re.search(r"^metastore_server_worker_threads (\d+)$", text, re.M)
+    assert m, "no metastore_server_worker_threads on /metrics"
+    return int(m.group(1))
+
+
+def test_worker_threads_default_and_flag(server_factory, metastore_bin):
+    """A one-member cluster leaves a core to its Raft thread; --worker-threads sets the count."""
+    cores = len(os.sched_getaffinity(0))
+    default = server_factory("metastore", metastore_bin).start().wait_ready()
+    assert worker_threads(default) == max(cores - 1, 1)
+    chosen = cores + 2
+    server = server_factory("metastore", metastore_bin, extra_args=["--worker-threads", str(chosen)])
+    assert worker_threads(server.start().wait_ready()) == chosen

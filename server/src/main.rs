@@ -29,12 +29,16 @@ fn main() -> anyhow::Result<()> {
     // the other handlers woken by the same apply group, so their responses leave in one
     // `writev` instead of one each (0.71 -> 0.10 per put at 256 clients; docs/PERFORMANCE.md).
     // An unstable tokio API: `.cargo/config.toml` sets `tokio_unstable`.
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let workers = config.worker_threads_for(cores)?;
     let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(workers)
         .enable_all()
         .thread_name("metastore-worker")
         .disable_lifo_slot()
         .build()
         .context("starting the runtime")?;
+    tracing::info!(workers, cores, "runtime started");
     let stopped = rt.block_on(async {
         let server = metastore::server::start(&config)
             .await

@@ -45,6 +45,8 @@ pub struct Metrics {
     pub storage_migration_pending: IntGauge,
     pub storage_migration_visited: IntGauge,
     pub storage_migration_rewritten: IntGauge,
+    /// Threads of the runtime serving requests (`--worker-threads`).
+    pub worker_threads: IntGauge,
 }
 
 impl Metrics {
@@ -159,6 +161,10 @@ impl Metrics {
                 "metastore_storage_migration_records_rewritten",
                 "Records the background re-encoder re-encoded for the current migration",
             )?,
+            worker_threads: gauge(
+                "metastore_server_worker_threads",
+                "Threads of the runtime serving requests (--worker-threads)",
+            )?,
             registry,
             requests,
             latency,
@@ -189,6 +195,7 @@ impl Metrics {
             &m.storage_migration_pending,
             &m.storage_migration_visited,
             &m.storage_migration_rewritten,
+            &m.worker_threads,
         ] {
             m.registry.register(Box::new(g.clone()))?;
         }

@@ -574,6 +574,9 @@ pub async fn start(config: &Config) -> Result<Server, ServerError> {
     }
     let metrics =
         Arc::new(metrics::Metrics::new().map_err(|e| ServerError::Other(format!("metrics: {e}")))?);
+    metrics
+        .worker_threads
+        .set(i64::try_from(tokio::runtime::Handle::current().metrics().num_workers()).unwrap_or(0));
     let watch = crate::watch::WatchHub::start(
         store.clone(),
         config.watch_progress_notify_interval,
@@ -648,7 +651,8 @@ pub async fn start(config: &Config) -> Result<Server, ServerError> {
         ),
         tls.peer_client.clone(),
     );
-    // A cluster that starts with one member runs Raft on a thread of its own (raft::thread).
+    // A cluster that starts with one member runs Raft on a thread of its own (raft::thread);
+    // `Config::worker_threads_for` left a core to it when it built the runtime.
     let raft_thread = if id.initial.len() == 1 {
         peers = peers.spawning_on(tokio::runtime::Handle::current());
         Some(
