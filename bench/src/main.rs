@@ -40,9 +40,24 @@ enum Command {
     Kube(KubeArgs),
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
-    let mut cli = Cli::parse();
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let rt = match cli.common.threads {
+        1 => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?,
+        n => {
+            let mut b = tokio::runtime::Builder::new_multi_thread();
+            if n > 0 {
+                b.worker_threads(n);
+            }
+            b.enable_all().build()?
+        }
+    };
+    rt.block_on(run(cli))
+}
+
+async fn run(mut cli: Cli) -> anyhow::Result<()> {
     if let Command::Kube(_) = &cli.command {
         // One connection per endpoint at least: the kube workload moves to the next endpoint
         // when one fails.

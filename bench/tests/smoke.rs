@@ -87,11 +87,34 @@ async fn kv_workloads_against_metastore() -> anyhow::Result<()> {
     ]
     .concat();
     expect(bench(addr, &put).await?, &[("put", 300)])?;
-    let put = [&keys[..], &["--total", "200", "--val-size", "100", "put"]].concat();
+    // The tool's own runtime on one thread (current-thread), then on three.
+    let put = [
+        &keys[..],
+        &[
+            "--total",
+            "200",
+            "--val-size",
+            "100",
+            "--threads",
+            "1",
+            "put",
+        ],
+    ]
+    .concat();
     expect(bench(addr, &put).await?, &[("put", 200)])?;
 
     // An open-loop rate: 200 requests at 1000/s take at least 0.199 s.
-    let paced = ["--total", "200", "--rate", "1000", "--clients", "4", "put"];
+    let paced = [
+        "--total",
+        "200",
+        "--rate",
+        "1000",
+        "--clients",
+        "4",
+        "--threads",
+        "3",
+        "put",
+    ];
     let report = expect(bench(addr, &paced).await?, &[("put", 200)])?;
     let secs = report["elapsed_secs"].as_f64().unwrap_or(0.0);
     ensure!(secs >= 0.199, "--rate 1000 ran 200 requests in {secs} s");
