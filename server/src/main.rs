@@ -25,12 +25,14 @@ fn main() -> anyhow::Result<()> {
         .with_env_filter(EnvFilter::try_new(&config.log_level).context("--log-level")?)
         .with_writer(std::io::stderr)
         .init();
+    // One worker per core, less the Raft thread's core in a one-member cluster
+    // (`Config::worker_threads_for`).
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let workers = config.worker_threads_for(cores)?;
     // Without the LIFO slot, a connection's task woken by a finished handler queues behind
     // the other handlers woken by the same apply group, so their responses leave in one
     // `writev` instead of one each (0.71 -> 0.10 per put at 256 clients; docs/PERFORMANCE.md).
     // An unstable tokio API: `.cargo/config.toml` sets `tokio_unstable`.
-    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let workers = config.worker_threads_for(cores)?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(workers)
         .enable_all()
