@@ -450,13 +450,11 @@ impl Config {
         Ok(cfg)
     }
 
-    /// Whether the cluster starts with this member alone: a new cluster whose
-    /// `--initial-cluster` names one member. Raft then runs on a thread of its own
-    /// ([`RaftThread`](crate::raft::thread::RaftThread)).
+    /// Whether the cluster starts with this member alone: `--initial-cluster` names one
+    /// member (a member joining an existing cluster names at least one other). Raft then runs
+    /// on a thread of its own ([`RaftThread`](crate::raft::thread::RaftThread)), which
+    /// [`server::start`](crate::server::start) decides by this too.
     pub fn starts_alone(&self) -> Result<bool, ConfigError> {
-        if self.initial_cluster_state == ClusterState::Existing {
-            return Ok(false);
-        }
         let members = self.initial_cluster_members()?;
         Ok(members.iter().all(|(name, _)| name == &members[0].0))
     }
@@ -835,7 +833,13 @@ mod tests {
         ])?;
         assert!(!three.starts_alone()?);
         assert_eq!(three.worker_threads_for(2)?, 2);
-        let joining = Config::load(["metastore", "--initial-cluster-state", "existing"])?;
+        let joining = Config::load([
+            "metastore",
+            "--initial-cluster-state",
+            "existing",
+            "--initial-cluster",
+            "default=http://127.0.0.1:2380,old=http://127.0.0.1:2381",
+        ])?;
         assert!(!joining.starts_alone()?);
         assert_eq!(joining.worker_threads_for(4)?, 4);
         // An explicit count wins either way.

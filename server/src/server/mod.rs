@@ -653,7 +653,7 @@ pub async fn start(config: &Config) -> Result<Server, ServerError> {
     );
     // A cluster that starts with one member runs Raft on a thread of its own (raft::thread);
     // `Config::worker_threads_for` left a core to it when it built the runtime.
-    let raft_thread = if id.initial.len() == 1 {
+    let raft_thread = if config.starts_alone()? {
         peers = peers.spawning_on(tokio::runtime::Handle::current());
         Some(
             crate::raft::thread::RaftThread::start()
