@@ -300,8 +300,9 @@ impl Context {
     fn record_snapshot(&self) -> Result<SnapshotMeta, StorageError> {
         let engine = self.store.engine();
         self.since_snapshot.store(0, Ordering::Relaxed);
-        engine.sync().map_err(sm_err)?;
+        // The meta first: the sync then covers everything it names (applies go on meanwhile).
         let meta = meta_of(engine.snapshot().as_ref())?;
+        engine.sync().map_err(sm_err)?;
         if let Some(upto) = meta
             .last_log_id
             .and_then(|id| self.kept.lock().ok().and_then(|k| k.purge_upto(id.index)))
@@ -349,10 +350,10 @@ impl Context {
         build: Finisher,
     ) {
         let engine = self.store.engine();
-        let snap_and_meta = engine.sync().map_err(sm_err).and_then(|()| {
-            let snap = engine.snapshot();
-            Ok((meta_of(snap.as_ref())?, snap))
-        });
+        // The snapshot first, as in `record_snapshot`: the sync then covers all it holds.
+        let snap = engine.snapshot();
+        let snap_and_meta = meta_of(snap.as_ref())
+            .and_then(|meta| engine.sync().map_err(sm_err).map(|()| (meta, snap)));
         let (meta, snap) = match snap_and_meta {
             Ok(taken_now) => taken_now,
             Err(e) => {
@@ -853,9 +854,10 @@ mod tests {
         fn group_applied(&self, _n: usize) {}
     }
 
-    /// A state machine over an engine whose snapshot cursors can be held up.
-    fn machine(
-        engine: Arc<HookedEngine<HoldCursors>>,
+    /// A state machine over an engine with a test hook (one whose snapshot cursors can be held
+    /// up, say).
+    fn machine<H: EngineHook>(
+        engine: Arc<HookedEngine<H>>,
         snap_dir: &Path,
     ) -> anyhow::Result<StateMachine> {
         let store = Store::open(engine.clone(), mvcc::StoreOptions::default())?;
@@ -921,6 +923,73 @@ mod tests {
             "start-up: a snapshot without a file"
         );
         Ok((engine, sm, recorded))
+    }
+
+    /// Follows the applied index the Meta table is given, takes what it is at each
+    /// [`Engine::sync`] as made durable (the memory engine's sync does nothing), and once
+    /// armed runs `late` from inside a sync, after that point: an apply that lands while the
+    /// sync runs, as on the Raft thread while a snapshot is recorded on another.
+    #[derive(Default)]
+    struct LateApply {
+        applied: Mutex<Option<u64>>,
+        synced: Mutex<Option<u64>>,
+        late: Mutex<Option<Box<dyn FnOnce() + Send>>>,
+    }
+
+    impl EngineHook for LateApply {
+        fn batch(&self, batch: &WriteBatch) {
+            for op in batch.ops() {
+                if let crate::storage::engine::WriteOp::Put {
+                    table: Table::Meta,
+                    key,
+                    value,
+                } = op
+                {
+                    if key.as_slice() == META_APPLIED {
+                        let id = pb::LogId::decode(value.as_slice()).expect("a log id");
+                        *self.applied.lock().expect("lock") =
+                            Some(codec::log_id_from_pb(&id).index);
+                    }
+                }
+            }
+        }
+
+        fn sync(&self) -> crate::storage::Result<()> {
+            *self.synced.lock().expect("lock") = *self.applied.lock().expect("lock");
+            let late = self.late.lock().expect("lock").take();
+            if let Some(late) = late {
+                late();
+            }
+            Ok(())
+        }
+    }
+
+    /// A recorded snapshot lets the log be purged up to it, so it may name only entries whose
+    /// applies the engine's sync covered: its meta is read before the sync, not after, when
+    /// an apply that landed meanwhile would be named without being durable.
+    #[tokio::test]
+    async fn a_recorded_snapshot_names_only_what_its_sync_made_durable() -> anyhow::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let engine = HookedEngine::new(LateApply::default());
+        let mut sm = machine(engine.clone(), dir.path())?;
+        for i in 1..=3 {
+            put(&sm.ctx, &format!("k{i}"), i)?;
+        }
+        let ctx = sm.ctx.clone();
+        *engine.hook.late.lock().expect("lock") = Some(Box::new(move || {
+            put(&ctx, "late", 4).expect("the late apply");
+        }));
+        let recorded = sm.get_snapshot_builder().await.build_snapshot().await?.meta;
+        let hook = &engine.hook;
+        assert_eq!(
+            *hook.applied.lock().expect("lock"),
+            Some(4),
+            "the late apply ran"
+        );
+        let synced = *hook.synced.lock().expect("lock");
+        assert_eq!(synced, Some(3));
+        assert_eq!(recorded.last_log_id.map(|id| id.index), synced);
+        Ok(())
     }
 
     /// `--snapshot-count` counts commands, however many an entry carries, and a snapshot
