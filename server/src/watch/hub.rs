@@ -549,6 +549,10 @@ impl Inner {
                 if w.next_rev < from || w.next_rev > upto + 1 {
                     continue; // not covered by this round's read
                 }
+                if w.spec.prev_kv && !want_prev {
+                    // Created after this round chose what to read: its events lack `prev_kv`.
+                    continue;
+                }
                 let evs = select(&w.spec, events, w.next_rev);
                 if !evs.is_empty() {
                     match s.tx.try_send(Delivery::Events {

@@ -154,6 +154,77 @@ async fn live_events_filters_and_prev_kv() {
     assert_eq!(of(single).len(), 2);
 }
 
+/// Holds the `watch-sync` thread's history reads (cursors over the revision log) while
+/// `held` is set, and tells when one is waiting.
+#[derive(Default)]
+struct HoldReplay {
+    held: std::sync::Mutex<bool>,
+    waiting: std::sync::atomic::AtomicBool,
+    released: std::sync::Condvar,
+}
+
+impl crate::storage::EngineHook for HoldReplay {
+    fn snapshot_iter(&self, table: crate::storage::Table) {
+        if table != crate::storage::Table::Rev
+            || std::thread::current().name() != Some("watch-sync")
+        {
+            return;
+        }
+        let mut held = self.held.lock().expect("lock");
+        while *held {
+            self.waiting
+                .store(true, std::sync::atomic::Ordering::SeqCst);
+            held = self.released.wait(held).expect("wait");
+        }
+    }
+}
+
+/// A watcher asking for `prev_kv` that is created while a replay round reads history for
+/// watchers that did not ask for it waits for a round of its own: the round's events carry
+/// no `prev_kv`, and etcd fills it in replayed events (seen in the differential e2e test).
+#[tokio::test]
+async fn a_prev_kv_watcher_created_during_a_replay_round_gets_prev_kv() {
+    let engine = crate::storage::HookedEngine::new(HoldReplay::default());
+    let store = Store::open(engine.clone(), StoreOptions::default()).expect("open");
+    let hub = WatchHub::start(store.clone(), Duration::from_millis(200), usize::MAX).expect("hub");
+    write(&store, &hub, vec![put("a", "1")]); // revision 2
+    write(&store, &hub, vec![put("a", "3")]); // revision 3
+    *engine.hook.held.lock().expect("lock") = true;
+    let (sid, mut rx) = open(&hub, 64);
+    let mut plain = spec("a", "");
+    plain.start_rev = 2;
+    let plain_id = watch(&hub, sid, plain);
+    // The round for `plain` (no prev_kv wanted) is now reading history.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !engine
+        .hook
+        .waiting
+        .load(std::sync::atomic::Ordering::SeqCst)
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no replay round started"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let mut with_prev = spec("a", "");
+    with_prev.start_rev = 2;
+    with_prev.prev_kv = true;
+    let prev_id = watch(&hub, sid, with_prev);
+    *engine.hook.held.lock().expect("lock") = false;
+    engine.hook.released.notify_all();
+    let got = flat(&drain(&mut rx, Duration::from_millis(500)).await);
+    let of = |id| -> Vec<(i64, Option<String>)> {
+        got.iter()
+            .filter(|e| e.0 == id)
+            .map(|e| (e.2, e.4.clone()))
+            .collect()
+    };
+    assert_eq!(of(plain_id), vec![(2, None), (3, None)]);
+    assert_eq!(of(prev_id), vec![(2, None), (3, Some("1".to_string()))]);
+    assert_eq!(hub.unsynced_count(), 0);
+}
+
 #[tokio::test]
 async fn history_replay_then_live_without_gaps_or_duplicates() {
     let (store, hub) = setup();
