@@ -145,6 +145,12 @@ impl Server {
         self.raft_thread.is_some()
     }
 
+    /// Whether that thread spins when it runs out of work (`--raft-idle-spin-us`, and this
+    /// member alone in the membership); `None` without the thread.
+    pub fn raft_idle_spin(&self) -> Option<bool> {
+        self.raft_thread.as_ref().map(|t| t.spin_switch().is_on())
+    }
+
     /// Resolves once this member has been removed from the cluster (`member remove`); the
     /// daemon then exits, as etcd does.
     pub fn removed(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
@@ -656,8 +662,10 @@ pub async fn start(config: &Config) -> Result<Server, ServerError> {
     let raft_thread = if config.starts_alone()? {
         peers = peers.spawning_on(tokio::runtime::Handle::current());
         Some(
-            crate::raft::thread::RaftThread::start()
-                .map_err(|e| ServerError::Other(format!("cannot start the raft thread: {e}")))?,
+            crate::raft::thread::RaftThread::start(std::time::Duration::from_micros(
+                config.raft_idle_spin_us,
+            ))
+            .map_err(|e| ServerError::Other(format!("cannot start the raft thread: {e}")))?,
         )
     } else {
         None
@@ -698,12 +706,7 @@ pub async fn start(config: &Config) -> Result<Server, ServerError> {
         }
         _ => crate::storage::disk_guard::DiskGuard::disabled(),
     };
-    let proposer = proposer::Proposer::start(
-        replica.clone(),
-        waiters,
-        disk,
-        raft_thread.as_ref().map(|t| t.handle()),
-    );
+    let proposer = proposer::Proposer::start(replica.clone(), waiters, disk, raft_thread.as_ref());
     let node = Arc::new(Node {
         store,
         watch,
@@ -897,6 +900,13 @@ pub async fn start(config: &Config) -> Result<Server, ServerError> {
         shutdown.subscribe(),
     ));
     tasks.spawn(publish(weak.clone(), shutdown.subscribe()));
+    if let Some(thread) = &raft_thread {
+        tasks.spawn(spin_while_alone(
+            raft.clone(),
+            thread.spin_switch(),
+            shutdown.subscribe(),
+        ));
+    }
     tasks.spawn(trigger_snapshots(
         snapshot_due,
         raft.clone(),
@@ -1034,6 +1044,35 @@ async fn count_leader_changes(
                     metrics.leader_changes.inc();
                 }
                 leader = now;
+            }
+            _ = stop.wait_for(|s| *s) => return,
+        }
+    }
+}
+
+/// Keeps the Raft thread's idle spin on only while the membership holds this member alone
+/// (voters and learners): other members' replies reach the thread without its doorbell, and
+/// a spin would hold them back.
+async fn spin_while_alone(
+    raft: crate::raft::Raft,
+    switch: crate::raft::thread::SpinSwitch,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut rx = raft.server_metrics();
+    loop {
+        let alone = rx
+            .borrow_and_update()
+            .membership_config
+            .membership()
+            .nodes()
+            .count()
+            <= 1;
+        switch.set(alone);
+        tokio::select! {
+            changed = rx.changed() => {
+                if changed.is_err() {
+                    return;
+                }
             }
             _ = stop.wait_for(|s| *s) => return,
         }

@@ -26,6 +26,7 @@ use crate::apply::command::Applied;
 use crate::apply::{ApplyError, Command};
 use crate::mvcc;
 use crate::raft::replica::Replica;
+use crate::raft::thread::{Doorbell, RaftThread};
 use crate::raft::waiters::Waiters;
 use crate::storage::disk_guard::DiskGuard;
 
@@ -46,26 +47,26 @@ pub struct Proposer {
     waiters: Arc<Waiters>,
     timeout: std::time::Duration,
     disk: Arc<DiskGuard>,
+    /// The batching task's thread's bell, when it runs on a [`RaftThread`].
+    doorbell: Option<Doorbell>,
 }
 
 impl Proposer {
-    /// Starts the batching task, on `spawn_on` when given (the [`RaftThread`] that runs
-    /// openraft's core, so that handing it an entry is no hop between threads). It ends once
-    /// every `Proposer` clone is dropped. Every command is refused while `disk` finds the
-    /// data directory's disk (nearly) full.
-    ///
-    /// [`RaftThread`]: crate::raft::thread::RaftThread
+    /// Starts the batching task, on `raft_thread` when given (the [`RaftThread`] that runs
+    /// openraft's core, so that handing it an entry is no hop between threads; each command
+    /// rings its [`Doorbell`]). It ends once every `Proposer` clone is dropped. Every command
+    /// is refused while `disk` finds the data directory's disk (nearly) full.
     pub fn start(
         replica: Arc<Replica>,
         waiters: Arc<Waiters>,
         disk: Arc<DiskGuard>,
-        spawn_on: Option<&tokio::runtime::Handle>,
+        raft_thread: Option<&RaftThread>,
     ) -> Self {
         let (tx, rx) = mpsc::channel(QUEUE);
         let timeout = replica.timing.request_timeout();
         let batching = run(replica, waiters.clone(), rx);
-        match spawn_on {
-            Some(h) => drop(h.spawn(batching)),
+        match raft_thread {
+            Some(t) => drop(t.handle().spawn(batching)),
             None => drop(tokio::spawn(batching)),
         }
         Self {
@@ -73,6 +74,7 @@ impl Proposer {
             waiters,
             timeout,
             disk,
+            doorbell: raft_thread.map(RaftThread::doorbell),
         }
     }
 
@@ -88,6 +90,9 @@ impl Proposer {
         if self.tx.send((seq, cmd)).await.is_err() {
             self.waiters.cancel(seq);
             return Err(ApplyError::Mvcc(mvcc::Error::Closed));
+        }
+        if let Some(bell) = &self.doorbell {
+            bell.ring();
         }
         match tokio::time::timeout(self.timeout, rx).await {
             Ok(Ok(r)) => r,

@@ -822,6 +822,17 @@ async fn a_member_alone_writes_no_snapshot_file_until_a_joining_member_needs_one
         snapshot_files(&c.members[0]),
         Vec::<std::path::PathBuf>::new()
     );
+    let spin = |c: &Cluster| {
+        c.members[0]
+            .server
+            .as_ref()
+            .and_then(|s| s.raft_idle_spin())
+    };
+    assert_eq!(
+        spin(&c),
+        Some(true),
+        "alone, the Raft thread spins when idle"
+    );
 
     // A learner joins: the entries it needs were purged, so it needs a snapshot.
     let peer = free_port()?;
@@ -860,6 +871,15 @@ async fn a_member_alone_writes_no_snapshot_file_until_a_joining_member_needs_one
         );
     }
     assert_eq!(get(&mut learner, "last", true).await?.as_deref(), Some("1"));
+    // With a second member, whose replies do not ring the thread's bell, the spin is off.
+    let start = Instant::now();
+    while spin(&c) != Some(false) {
+        anyhow::ensure!(
+            start.elapsed() < Duration::from_secs(10),
+            "the spin stayed on"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     Ok(())
 }
 
