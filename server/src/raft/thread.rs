@@ -14,8 +14,10 @@
 //! yielding it to any other thread that wants it) before it sleeps: a command handed to it
 //! in that time, which rings its [`Doorbell`], starts at once instead of after a wake-up,
 //! which on a virtual machine with a busy neighbour can take longer than the log's sync
-//! (docs/PERFORMANCE.md, session 37: a put at one client 0.38 -> 0.30 ms). The spin stops
-//! while the cluster has more than one member, whose replies the bell does not announce.
+//! (docs/PERFORMANCE.md, session 37: a put at one client 0.43 -> 0.33 ms). Other wake-ups
+//! (timers, openraft calls that are not proposals) wait at most the rest of a spin. The spin
+//! stops while the cluster has more than one member, whose replies the bell does not
+//! announce.
 //!
 //! Only for a cluster that starts with one member: with peers, the leader's core, apply
 //! and replication on one thread cost 3-member clusters ~5 % of their put rate, so there
