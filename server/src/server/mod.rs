@@ -1024,30 +1024,46 @@ async fn bootstrap(
     Ok(())
 }
 
-/// Counts the leader changes this member sees (`metastore_server_leader_changes_seen_total`).
-async fn count_leader_changes(
-    raft: crate::raft::Raft,
-    metrics: Arc<metrics::Metrics>,
+/// Calls `f` with openraft's server metrics now and after each change, until `stop` or
+/// until Raft ends. They change only with the vote, the role, the leader or the membership;
+/// the full metrics change with every log entry.
+async fn follow_server_metrics(
+    raft: &crate::raft::Raft,
     mut stop: watch::Receiver<bool>,
+    mut f: impl FnMut(&openraft::metrics::RaftServerMetrics<crate::raft::NodeId, MemberNode>),
 ) {
-    // Server metrics only change with the vote, the role, the leader or the membership.
     let mut rx = raft.server_metrics();
-    let mut leader = rx.borrow().current_leader;
     loop {
+        f(&rx.borrow_and_update());
         tokio::select! {
             changed = rx.changed() => {
                 if changed.is_err() {
                     return;
                 }
-                let now = rx.borrow_and_update().current_leader;
-                if now.is_some() && now != leader {
-                    metrics.leader_changes.inc();
-                }
-                leader = now;
             }
             _ = stop.wait_for(|s| *s) => return,
         }
     }
+}
+
+/// Counts the leader changes this member sees (`metastore_server_leader_changes_seen_total`).
+async fn count_leader_changes(
+    raft: crate::raft::Raft,
+    metrics: Arc<metrics::Metrics>,
+    stop: watch::Receiver<bool>,
+) {
+    // The leader when this starts is not a change.
+    let mut leader = None;
+    follow_server_metrics(&raft, stop, |m| {
+        let now = m.current_leader;
+        if let Some(before) = leader {
+            if now.is_some() && now != before {
+                metrics.leader_changes.inc();
+            }
+        }
+        leader = Some(now);
+    })
+    .await;
 }
 
 /// Keeps the Raft thread's idle spin on only while the membership holds this member alone
@@ -1056,27 +1072,12 @@ async fn count_leader_changes(
 async fn spin_while_alone(
     raft: crate::raft::Raft,
     switch: crate::raft::thread::SpinSwitch,
-    mut stop: watch::Receiver<bool>,
+    stop: watch::Receiver<bool>,
 ) {
-    let mut rx = raft.server_metrics();
-    loop {
-        let alone = rx
-            .borrow_and_update()
-            .membership_config
-            .membership()
-            .nodes()
-            .count()
-            <= 1;
-        switch.set(alone);
-        tokio::select! {
-            changed = rx.changed() => {
-                if changed.is_err() {
-                    return;
-                }
-            }
-            _ = stop.wait_for(|s| *s) => return,
-        }
-    }
+    follow_server_metrics(&raft, stop, |m| {
+        switch.set(m.membership_config.membership().nodes().count() <= 1);
+    })
+    .await;
 }
 
 /// Publishes this member's name and client URLs into the membership once a leader exists

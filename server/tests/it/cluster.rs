@@ -260,6 +260,16 @@ async fn losing_the_leader_elects_another_and_keeps_every_write() -> anyhow::Res
     for i in 0..50 {
         cl.put(format!("a{i}"), "x", None).await?;
     }
+    // `metastore_server_leader_changes_seen_total`: the first election counts as a change.
+    let seen = |c: &Cluster, i: usize| {
+        c.members[i]
+            .server
+            .as_ref()
+            .and_then(|s| s.node())
+            .map_or(0, |n| n.metrics.leader_changes.get())
+    };
+    let before = seen(&c, other);
+    assert!(before >= 1, "the first leader was not counted");
     c.stop(leader).await;
     let start = Instant::now();
     let new_leader = c.wait_leader().await?;
@@ -269,6 +279,13 @@ async fn losing_the_leader_elects_another_and_keeps_every_write() -> anyhow::Res
         "election took {:?}",
         start.elapsed()
     );
+    while seen(&c, other) <= before {
+        anyhow::ensure!(
+            start.elapsed() < Duration::from_secs(10),
+            "the new leader was not counted"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     for i in 50..100 {
         cl.put(format!("a{i}"), "x", None).await?;
     }
