@@ -69,23 +69,30 @@ pub struct RaftThread {
     spin: SpinSwitch,
 }
 
-/// Turns a [`RaftThread`]'s idle spin off and back on (if it was configured).
+/// Turns a [`RaftThread`]'s idle spin off and back on (if it was configured), by whether this
+/// member is alone in the cluster; the write handlers' answer spin
+/// ([`Proposer`](crate::server::proposer::Proposer)) follows the same switch.
 #[derive(Clone)]
 pub struct SpinSwitch {
-    on: Arc<AtomicBool>,
+    alone: Arc<AtomicBool>,
     configured: bool,
 }
 
 impl SpinSwitch {
-    /// Off (`false`) while the cluster has other members, whose replies reach the thread
-    /// without its bell; on again (if configured) when it is alone.
-    pub fn set(&self, on: bool) {
-        self.on.store(on && self.configured, Ordering::Relaxed);
+    /// `false` while the cluster has other members, whose replies reach the thread without
+    /// its bell; `true` again when this member is alone.
+    pub fn set(&self, alone: bool) {
+        self.alone.store(alone, Ordering::Relaxed);
     }
 
     /// Whether the thread spins when it runs out of work.
     pub fn is_on(&self) -> bool {
-        self.on.load(Ordering::Relaxed)
+        self.configured && self.is_alone()
+    }
+
+    /// Whether the membership holds this member alone (as last [`set`](Self::set)).
+    pub fn is_alone(&self) -> bool {
+        self.alone.load(Ordering::Relaxed)
     }
 }
 
@@ -95,16 +102,16 @@ impl RaftThread {
     pub fn start(idle_spin: Duration) -> std::io::Result<Self> {
         let doorbell = Doorbell::default();
         let spin = SpinSwitch {
-            on: Arc::new(AtomicBool::new(!idle_spin.is_zero())),
+            alone: Arc::new(AtomicBool::new(true)),
             configured: !idle_spin.is_zero(),
         };
-        let (bell, spinning) = (doorbell.clone(), spin.on.clone());
+        let (bell, switch) = (doorbell.clone(), spin.clone());
         // Called each time the runtime finds no task to run, before it sleeps; a wake-up
         // that came meanwhile makes the sleep return at once.
         let rt = Builder::new_current_thread()
             .enable_all()
             .on_thread_park(move || {
-                if spinning.load(Ordering::Relaxed) {
+                if switch.is_on() {
                     bell.spin(idle_spin);
                 }
             })
@@ -250,6 +257,26 @@ mod tests {
         // The spin in progress still has to end: the bell does that.
         thread.doorbell().ring();
         tokio::time::timeout(Duration::from_secs(10), done).await??;
+        Ok(())
+    }
+
+    #[test]
+    fn the_switch_tells_alone_apart_from_spinning() -> anyhow::Result<()> {
+        // No idle spin configured: the thread never spins, but whether the member is alone
+        // is still known (the write handlers' answer spin follows it).
+        let quiet = RaftThread::start(Duration::ZERO)?;
+        let switch = quiet.spin_switch();
+        assert!(switch.is_alone() && !switch.is_on());
+        switch.set(false);
+        assert!(!switch.is_alone() && !switch.is_on());
+
+        let spinning = RaftThread::start(Duration::from_micros(200))?;
+        let switch = spinning.spin_switch();
+        assert!(switch.is_alone() && switch.is_on());
+        switch.set(false);
+        assert!(!switch.is_alone() && !switch.is_on());
+        switch.set(true);
+        assert!(switch.is_on());
         Ok(())
     }
 }

@@ -231,6 +231,14 @@ pub struct Config {
           value_parser = clap::value_parser!(u64).range(0..=100_000))]
     pub raft_idle_spin_us: u64,
 
+    /// Microseconds a write's handler, in a cluster that starts with one member, keeps its
+    /// worker polling for the answer (yielding the core on every turn) instead of sleeping,
+    /// while it is the only write in flight and the previous group was one write (MetaStore's
+    /// own; 0: off; no effect while the cluster has other members).
+    #[arg(long, env = "METASTORE_WRITE_ANSWER_SPIN_US", default_value_t = 400,
+          value_parser = clap::value_parser!(u64).range(0..=100_000))]
+    pub write_answer_spin_us: u64,
+
     /// Extra URLs to serve /metrics and /health on (plain HTTP).
     #[arg(long, env = "METASTORE_LISTEN_METRICS_URLS", value_delimiter = ',')]
     pub listen_metrics_urls: Vec<Url>,
@@ -811,6 +819,17 @@ mod tests {
             "a=http://127.0.0.1:2380,b=http://127.0.0.1:2381",
         ])?;
         assert_eq!(c.initial_cluster_members()?.len(), 2);
+        Ok(())
+    }
+
+    #[test]
+    fn the_write_answer_spin_is_bounded_and_can_be_off() -> anyhow::Result<()> {
+        assert_eq!(Config::load(["metastore"])?.write_answer_spin_us, 400);
+        let off = Config::load(["metastore", "--write-answer-spin-us", "0"])?;
+        assert_eq!(off.write_answer_spin_us, 0);
+        let most = Config::load(["metastore", "--write-answer-spin-us", "100000"])?;
+        assert_eq!(most.write_answer_spin_us, 100_000);
+        assert!(Config::load(["metastore", "--write-answer-spin-us", "100001"]).is_err());
         Ok(())
     }
 

@@ -706,7 +706,13 @@ pub async fn start(config: &Config) -> Result<Server, ServerError> {
         }
         _ => crate::storage::disk_guard::DiskGuard::disabled(),
     };
-    let proposer = proposer::Proposer::start(replica.clone(), waiters, disk, raft_thread.as_ref());
+    let proposer = proposer::Proposer::start(
+        replica.clone(),
+        waiters,
+        disk,
+        raft_thread.as_ref(),
+        std::time::Duration::from_micros(config.write_answer_spin_us),
+    );
     let node = Arc::new(Node {
         store,
         watch,
