@@ -5,7 +5,9 @@
 - the same with every commented-out example option switched on;
 - every flag of `metastore --help` is mentioned in the file, so a new flag cannot be left out;
 - `--worker-threads`: its default (one per core less the Raft thread's) and the flag, as the
-  server's runtime has them (`metastore_server_worker_threads` on /metrics).
+  server's runtime has them (`metastore_server_worker_threads` on /metrics);
+- `--write-answer-spin-us`: lone writes poll for their answer (counted on /metrics by outcome),
+  and 0 turns that off.
 
 Needs the MetaStore binary (METASTORE_BIN, see conftest.py) and etcdctl.
 """
@@ -142,3 +144,36 @@ def test_worker_threads_default_and_flag(server_factory, metastore_bin):
     chosen = cores + 2
     server = server_factory("metastore", metastore_bin, extra_args=["--worker-threads", str(chosen)])
     assert worker_threads(server.start().wait_ready()) == chosen
+
+
+def write_answer_spins(server) -> dict[str, int]:
+    with urllib.request.urlopen(server.client_url + "/metrics", timeout=5) as r:
+        text = r.read().decode()
+    return {
+        outcome: int(n)
+        for outcome, n in re.findall(
+            r'^metastore_server_write_answer_spins_total\{outcome="(\w+)"\} (\d+)$', text, re.M)
+    }
+
+
+def test_lone_writes_poll_for_their_answer_unless_turned_off(server_factory, metastore_bin,
+                                                             etcdctl_bin):
+    """One etcdctl put after another: each write is alone, after a group of one, so its handler
+    polls for the answer (a generous 100 ms here, so a slow disk's sync still lands in it)."""
+    on = server_factory("metastore", metastore_bin,
+                        extra_args=["--write-answer-spin-us", "100000"]).start().wait_ready()
+    ctl = Etcdctl(etcdctl_bin, on.client_url)
+    for i in range(10):
+        r = ctl.run("put", f"spin-{i}", "v")
+        assert r.rc == 0, r.stderr
+    got = write_answer_spins(on)
+    # The first put may follow no group of one; every later one does.
+    assert got.get("answered", 0) >= 8, got
+    assert ctl.run("get", "spin-9", "--print-value-only").stdout.strip() == "v"
+
+    off = server_factory("metastore", metastore_bin,
+                         extra_args=["--write-answer-spin-us", "0"]).start().wait_ready()
+    ctl = Etcdctl(etcdctl_bin, off.client_url)
+    for i in range(3):
+        assert ctl.run("put", f"spin-{i}", "v").rc == 0
+    assert write_answer_spins(off) == {}

@@ -38,6 +38,9 @@ pub struct Metrics {
     pub auto_compactions: prometheus::IntCounter,
     /// Client proposals that failed (no leader, timeout, stopped), by reason.
     pub proposals_failed: IntCounterVec,
+    /// Lone writes whose handler polled for its answer (`--write-answer-spin-us`), by
+    /// outcome: `answered` within the poll, or `gave_up` (time out, or another write came).
+    pub write_answer_spins: IntCounterVec,
     /// Per member (on the leader): log entries the member is behind the leader.
     pub apply_lag: prometheus::IntGaugeVec,
     /// The storage format this member writes, and its background re-encoding.
@@ -138,6 +141,13 @@ impl Metrics {
                 ),
                 &["reason"],
             )?,
+            write_answer_spins: IntCounterVec::new(
+                Opts::new(
+                    "metastore_server_write_answer_spins_total",
+                    "Lone writes whose handler polled for its answer, by outcome (answered, gave_up)",
+                ),
+                &["outcome"],
+            )?,
             apply_lag: prometheus::IntGaugeVec::new(
                 Opts::new(
                     "metastore_server_member_replication_lag_entries",
@@ -178,6 +188,8 @@ impl Metrics {
         m.registry.register(Box::new(m.leader_changes.clone()))?;
         m.registry.register(Box::new(m.auto_compactions.clone()))?;
         m.registry.register(Box::new(m.proposals_failed.clone()))?;
+        m.registry
+            .register(Box::new(m.write_answer_spins.clone()))?;
         m.registry.register(Box::new(m.apply_lag.clone()))?;
         for g in [
             &m.db_size,

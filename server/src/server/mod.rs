@@ -711,7 +711,10 @@ pub async fn start(config: &Config) -> Result<Server, ServerError> {
         waiters,
         disk,
         raft_thread.as_ref(),
-        std::time::Duration::from_micros(config.write_answer_spin_us),
+        proposer::AnswerSpinSettings {
+            max: std::time::Duration::from_micros(config.write_answer_spin_us),
+            outcomes: metrics.write_answer_spins.clone(),
+        },
     );
     let node = Arc::new(Node {
         store,

@@ -63,6 +63,13 @@ pub struct Proposer {
     answer_spin: Option<AnswerSpin>,
 }
 
+/// How long a lone write's handler polls for its answer (0: never), and where it counts the
+/// polls by outcome (`answered`, `gave_up`; see the module docs).
+pub struct AnswerSpinSettings {
+    pub max: Duration,
+    pub outcomes: prometheus::IntCounterVec,
+}
+
 /// When and how long a lone write's handler spins for its answer (see the module docs).
 #[derive(Clone)]
 struct AnswerSpin {
@@ -71,6 +78,8 @@ struct AnswerSpin {
     alone: SpinSwitch,
     /// Commands in the group the batching task submitted last.
     last_group: Arc<AtomicUsize>,
+    answered: prometheus::IntCounter,
+    gave_up: prometheus::IntCounter,
 }
 
 impl AnswerSpin {
@@ -85,15 +94,15 @@ impl AnswerSpin {
 impl Proposer {
     /// Starts the batching task, on `raft_thread` when given (the [`RaftThread`] that runs
     /// openraft's core, so that handing it an entry is no hop between threads; each command
-    /// rings its [`Doorbell`], and a lone write's handler spins up to `answer_spin` for its
-    /// answer while the member is alone). It ends once every `Proposer` clone is dropped.
+    /// rings its [`Doorbell`], and a lone write's handler polls for its answer as
+    /// `answer_spin` says while the member is alone). It ends once every `Proposer` clone is dropped.
     /// Every command is refused while `disk` finds the data directory's disk (nearly) full.
     pub fn start(
         replica: Arc<Replica>,
         waiters: Arc<Waiters>,
         disk: Arc<DiskGuard>,
         raft_thread: Option<&RaftThread>,
-        answer_spin: Duration,
+        answer_spin: AnswerSpinSettings,
     ) -> Self {
         let (tx, rx) = mpsc::channel(QUEUE);
         let timeout = replica.timing.request_timeout();
@@ -110,11 +119,13 @@ impl Proposer {
             disk,
             doorbell: raft_thread.map(RaftThread::doorbell),
             answer_spin: raft_thread
-                .filter(|_| !answer_spin.is_zero())
+                .filter(|_| !answer_spin.max.is_zero())
                 .map(|t| AnswerSpin {
-                    max: answer_spin,
+                    max: answer_spin.max,
                     alone: t.spin_switch(),
                     last_group,
+                    answered: answer_spin.outcomes.with_label_values(&["answered"]),
+                    gave_up: answer_spin.outcomes.with_label_values(&["gave_up"]),
                 }),
         }
     }
@@ -139,9 +150,12 @@ impl Proposer {
             let lone = || self.waiters.len() <= 1;
             if spin.applies() && lone() {
                 match spin_for_answer(&mut rx, spin.max, lone).await {
-                    Spun::Answered(r) => return r,
+                    Spun::Answered(r) => {
+                        spin.answered.inc();
+                        return r;
+                    }
                     Spun::SenderGone => return Err(ApplyError::Mvcc(mvcc::Error::Closed)),
-                    Spun::GaveUp => {}
+                    Spun::GaveUp => spin.gave_up.inc(),
                 }
             }
         }
@@ -306,6 +320,8 @@ mod tests {
             max: Duration::from_micros(400),
             alone: thread.spin_switch(),
             last_group: Arc::new(AtomicUsize::new(0)),
+            answered: prometheus::IntCounter::new("answered", "test")?,
+            gave_up: prometheus::IntCounter::new("gave_up", "test")?,
         };
         assert!(!spin.applies(), "nothing submitted yet");
         spin.last_group.store(1, Ordering::Relaxed);
