@@ -822,30 +822,30 @@ mod tests {
         Ok(())
     }
 
-    #[test]
-    fn the_write_answer_spin_is_bounded_and_can_be_off() -> anyhow::Result<()> {
-        assert_eq!(Config::load(["metastore"])?.write_answer_spin_us, 400);
-        let off = Config::load(["metastore", "--write-answer-spin-us", "0"])?;
-        assert_eq!(off.write_answer_spin_us, 0);
-        let most = Config::load(["metastore", "--write-answer-spin-us", "100000"])?;
-        assert_eq!(most.write_answer_spin_us, 100_000);
-        assert!(Config::load(["metastore", "--write-answer-spin-us", "100001"]).is_err());
+    /// A spin flag (µs): `default` when not given, 0 (off) and 100,000 accepted, 100,001
+    /// refused with an error naming the flag.
+    fn check_spin_flag(flag: &str, default: u64, get: fn(&Config) -> u64) -> anyhow::Result<()> {
+        assert_eq!(get(&Config::load(["metastore"])?), default, "{flag}");
+        for ok in [0, 100_000] {
+            let c = Config::load(["metastore", flag, &ok.to_string()])?;
+            assert_eq!(get(&c), ok, "{flag}");
+        }
+        let err = Config::load(["metastore", flag, "100001"])
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(err.contains(flag.trim_start_matches('-')), "{flag}: {err}");
         Ok(())
     }
 
     #[test]
+    fn the_write_answer_spin_is_bounded_and_can_be_off() -> anyhow::Result<()> {
+        check_spin_flag("--write-answer-spin-us", 400, |c| c.write_answer_spin_us)
+    }
+
+    #[test]
     fn the_raft_threads_idle_spin_is_bounded_and_can_be_off() -> anyhow::Result<()> {
-        assert_eq!(Config::load(["metastore"])?.raft_idle_spin_us, 200);
-        let off = Config::load(["metastore", "--raft-idle-spin-us", "0"])?;
-        assert_eq!(off.raft_idle_spin_us, 0);
-        let most = Config::load(["metastore", "--raft-idle-spin-us", "100000"])?;
-        assert_eq!(most.raft_idle_spin_us, 100_000);
-        let err = Config::load(["metastore", "--raft-idle-spin-us", "100001"])
-            .err()
-            .map(|e| e.to_string())
-            .unwrap_or_default();
-        assert!(err.contains("raft-idle-spin-us"), "{err}");
-        Ok(())
+        check_spin_flag("--raft-idle-spin-us", 200, |c| c.raft_idle_spin_us)
     }
 
     #[test]

@@ -147,7 +147,7 @@ impl Proposer {
             bell.ring();
         }
         if let Some(spin) = &self.answer_spin {
-            let lone = || self.waiters.len() <= 1;
+            let lone = || self.pending() <= 1;
             if spin.applies() && lone() {
                 match spin_for_answer(&mut rx, spin.max, lone).await {
                     Spun::Answered(r) => {
