@@ -11,6 +11,8 @@
 //! - [`v3lockpb`], [`v3electionpb`]: the lock and election services.
 //! - [`raftpb`]: MetaStore's own peer protocol (Raft and forwarding), on the peer port.
 //! - [`metastorepb`]: MetaStore's own client API (online storage-format migration).
+//! - [`codec`]: the codec every generated client and server uses (prost's, with small
+//!   per-call buffers).
 //!
 //! Byte fields are `bytes::Bytes` so that values move from storage to the wire without copies
 //! where the libraries allow it.
@@ -20,6 +22,8 @@
 //! base64, enums by name, defaults omitted, unknown fields ignored), for the JSON gateway.
 
 #![allow(clippy::all, clippy::unwrap_used)]
+
+pub mod codec;
 
 pub mod mvccpb {
     tonic::include_proto!("mvccpb");

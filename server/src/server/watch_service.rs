@@ -23,7 +23,7 @@ use metastore_proto::etcdserverpb::{
 use prost::Message;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
+use tonic::codec::{BufferSettings, Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
 use tonic::{Request, Response, Status, Streaming};
 
 use super::node::{Node, NodeRef};
@@ -204,6 +204,13 @@ impl Decoder for WatchCodec {
         WatchRequest::decode(src)
             .map(Some)
             .map_err(|e| Status::internal(e.to_string()))
+    }
+
+    /// Requests are small and a stream keeps its buffer while it lives: the generated
+    /// stubs' small buffer, not tonic's 8 KiB. Responses keep tonic's buffer, which a
+    /// delivery to many watchers fills.
+    fn buffer_settings(&self) -> BufferSettings {
+        metastore_proto::codec::buffer_settings()
     }
 }
 
