@@ -14,8 +14,9 @@ use std::marker::PhantomData;
 use tonic::codec::{BufferSettings, Codec as TonicCodec};
 use tonic_prost::{ProstDecoder, ProstEncoder};
 
-/// The buffer each call starts with, for encoding and for decoding: the largest request
-/// glibc's malloc serves from its per-thread cache and small bins (chunks under 1 KiB).
+/// The buffer each call starts with, for encoding and for decoding: a round figure under
+/// 1,008 bytes, the largest request whose chunk (the request, an 8-byte header, rounded up
+/// to 16) glibc's malloc keeps under 1 KiB, in its per-thread cache and small bins.
 pub const BUFFER_SIZE: usize = 1000;
 
 /// Bytes of streamed messages gathered into one write (tonic's default).
