@@ -78,6 +78,14 @@ mod tests {
         Ok(engine.write(b, false)?)
     }
 
+    /// A memory engine and a RocksDB engine in `dir`.
+    fn both_engines(dir: &std::path::Path) -> anyhow::Result<Vec<Box<dyn Engine>>> {
+        Ok(vec![
+            Box::new(MemoryEngine::new()),
+            Box::new(RocksEngine::open(dir, &Default::default())?),
+        ])
+    }
+
     fn walk(snap: &dyn Snapshot, key: &[u8], rev: i64) -> anyhow::Result<Vec<(i64, Vec<u8>)>> {
         let mut v = Versions::at(snap, key, rev);
         assert_eq!(v.prefix, crate::mvcc::key_codec::kv_prefix(key));
@@ -93,11 +101,7 @@ mod tests {
     #[test]
     fn walks_one_keys_versions_newest_first_from_the_revision_down() -> anyhow::Result<()> {
         let dir = tempfile::tempdir()?;
-        let engines: Vec<Box<dyn Engine>> = vec![
-            Box::new(MemoryEngine::new()),
-            Box::new(RocksEngine::open(dir.path(), &Default::default())?),
-        ];
-        for engine in engines {
+        for engine in both_engines(dir.path())? {
             // `a` and `ab` share a byte prefix: neither may show the other's versions. On
             // RocksDB the older half is in table files (with prefix filters), the newer half
             // in the memtable.
@@ -131,6 +135,44 @@ mod tests {
             assert_eq!(walk(s, b"", 100)?, vec![(4, b"empty4".to_vec())], "{name}");
             assert_eq!(walk(s, b"b", 100)?, vec![], "{name}");
             assert_eq!(walk(s, b"aa", 100)?, vec![], "{name}");
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn lookups_in_one_snapshot_read_the_snapshot_alone_or_together() -> anyhow::Result<()> {
+        // On RocksDB the snapshot lends one cursor to each lookup in turn (a second lookup
+        // while the first is held gets its own): every lookup must still see the snapshot
+        // and only its own key.
+        let dir = tempfile::tempdir()?;
+        for engine in both_engines(dir.path())? {
+            put(engine.as_ref(), &[(b"a", 2, b"a2"), (b"b", 3, b"b3")])?;
+            let snap = engine.snapshot();
+            let s = snap.as_ref();
+            // After the snapshot: invisible to it, through a new cursor or a kept one.
+            put(engine.as_ref(), &[(b"a", 5, b"a5"), (b"c", 6, b"c6")])?;
+            let name = engine.name();
+            assert_eq!(walk(s, b"c", 100)?, vec![], "{name}");
+            {
+                let a = Versions::at(s, b"a", 100);
+                let b = Versions::at(s, b"b", 100);
+                let rev = |v: &Versions| v.current().map(|c| c.map(|c| c.rev));
+                assert_eq!(rev(&a)?, Some(2), "{name}");
+                assert_eq!(rev(&b)?, Some(3), "{name}");
+            }
+            for _ in 0..3 {
+                assert_eq!(walk(s, b"a", 100)?, vec![(2, b"a2".to_vec())], "{name}");
+                assert_eq!(walk(s, b"zz", 100)?, vec![], "{name}");
+                assert_eq!(walk(s, b"b", 100)?, vec![(3, b"b3".to_vec())], "{name}");
+                assert_eq!(walk(s, b"c", 100)?, vec![], "{name}");
+            }
+            drop(snap);
+            let now = engine.snapshot();
+            assert_eq!(
+                walk(now.as_ref(), b"c", 100)?,
+                vec![(6, b"c6".to_vec())],
+                "{name}"
+            );
         }
         Ok(())
     }

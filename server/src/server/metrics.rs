@@ -1,14 +1,16 @@
 //! Prometheus metrics: per-RPC request counts and latencies (a tower layer around every gRPC
 //! service), and store gauges refreshed at scrape time.
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
-use std::task::{Context, Poll};
+use std::sync::{Arc, RwLock};
+use std::task::{ready, Context, Poll};
 use std::time::Instant;
 
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, Opts, Registry,
-    TextEncoder,
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts,
+    Registry, TextEncoder,
 };
 
 use super::proposer::ApplyObserver;
@@ -18,6 +20,8 @@ pub struct Metrics {
     registry: Registry,
     requests: IntCounterVec,
     latency: HistogramVec,
+    /// The methods called so far, by label.
+    methods: RwLock<HashMap<Box<str>, Arc<MethodMetrics>>>,
     apply_group: Histogram,
     /// How long each sync of the Raft log took (etcd: `etcd_disk_wal_fsync_duration_seconds`).
     pub wal_fsync: Histogram,
@@ -178,6 +182,7 @@ impl Metrics {
             registry,
             requests,
             latency,
+            methods: RwLock::new(HashMap::new()),
             apply_group,
             wal_fsync,
         };
@@ -222,10 +227,53 @@ impl Metrics {
         String::from_utf8_lossy(&buf).into_owned()
     }
 
-    fn observe(&self, method: &str, code: &str, seconds: f64) {
-        self.requests.with_label_values(&[method, code]).inc();
-        self.latency.with_label_values(&[method]).observe(seconds);
+    /// The metrics of the method at `path`, resolved once per method (see [`MethodMetrics`]);
+    /// `None` for a path outside the known packages.
+    fn method(&self, path: &str) -> Option<Arc<MethodMetrics>> {
+        let label = method_label(path)?;
+        if let Some(m) = self.methods.read().ok().and_then(|m| m.get(label).cloned()) {
+            return Some(m);
+        }
+        Some(Arc::new(MethodMetrics {
+            label: label.into(),
+            ok: self.requests.with_label_values(&[label, "0"]),
+            latency: self.latency.with_label_values(&[label]),
+        }))
     }
+
+    /// Counts a call of `m` that ended with `code` after `seconds`.
+    fn observe(&self, m: Arc<MethodMetrics>, code: Option<&str>, seconds: f64) {
+        m.latency.observe(seconds);
+        match code {
+            Some("0") => m.ok.inc(),
+            Some(c) => self.requests.with_label_values(&[&m.label, c]).inc(),
+            None => self
+                .requests
+                .with_label_values(&[&m.label, "transport"])
+                .inc(),
+        }
+        // Kept once the method proved to exist (a client can name any path; those that are no
+        // method get their labels, as before, but no entry).
+        if code != Some(UNIMPLEMENTED) {
+            if let Ok(mut methods) = self.methods.write() {
+                if !methods.contains_key(&m.label) {
+                    methods.insert(m.label.clone(), m);
+                }
+            }
+        }
+    }
+}
+
+/// gRPC's `Unimplemented` status code, as `grpc-status` carries it.
+const UNIMPLEMENTED: &str = "12";
+
+/// One gRPC method's request counter for status `0` and its latency histogram, taken from
+/// the labelled families once: a call then counts itself without hashing its labels or
+/// allocating them (each `with_label_values` hashes and looks up the labels under a lock).
+struct MethodMetrics {
+    label: Box<str>,
+    ok: IntCounter,
+    latency: Histogram,
 }
 
 impl ApplyObserver for Metrics {
@@ -244,7 +292,7 @@ fn method_label(path: &str) -> Option<&str> {
 
 /// A tower layer recording [`Metrics`] for every gRPC call.
 #[derive(Clone)]
-pub struct MetricsLayer(pub std::sync::Arc<Metrics>);
+pub struct MetricsLayer(pub Arc<Metrics>);
 
 impl<S> tower::Layer<S> for MetricsLayer {
     type Service = MetricsService<S>;
@@ -259,45 +307,64 @@ impl<S> tower::Layer<S> for MetricsLayer {
 #[derive(Clone)]
 pub struct MetricsService<S> {
     inner: S,
-    metrics: std::sync::Arc<Metrics>,
+    metrics: Arc<Metrics>,
 }
-
-type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
 
 impl<S, B, RB> tower::Service<http::Request<B>> for MetricsService<S>
 where
     S: tower::Service<http::Request<B>, Response = http::Response<RB>>,
-    S::Future: Send + 'static,
-    S::Error: Send + 'static,
 {
     type Response = S::Response;
     type Error = S::Error;
-    type Future = BoxFuture<Result<Self::Response, Self::Error>>;
+    type Future = MetricsFuture<S::Future>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.inner.poll_ready(cx)
     }
 
     fn call(&mut self, req: http::Request<B>) -> Self::Future {
-        let method = method_label(req.uri().path()).map(str::to_string);
-        let start = Instant::now();
-        let fut = self.inner.call(req);
-        let metrics = self.metrics.clone();
-        Box::pin(async move {
-            let res = fut.await;
-            if let Some(method) = method {
-                let code = match &res {
-                    Ok(r) => r
-                        .headers()
+        MetricsFuture {
+            method: self.metrics.method(req.uri().path()),
+            start: Instant::now(),
+            metrics: self.metrics.clone(),
+            inner: self.inner.call(req),
+        }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A call's response future, counted when it completes.
+    pub struct MetricsFuture<F> {
+        method: Option<Arc<MethodMetrics>>,
+        start: Instant,
+        metrics: Arc<Metrics>,
+        #[pin]
+        inner: F,
+    }
+}
+
+impl<F, RB, E> Future for MetricsFuture<F>
+where
+    F: Future<Output = Result<http::Response<RB>, E>>,
+{
+    type Output = F::Output;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let res = ready!(this.inner.poll(cx));
+        if let Some(method) = this.method.take() {
+            let code = match &res {
+                Ok(r) => Some(
+                    r.headers()
                         .get("grpc-status")
                         .and_then(|v| v.to_str().ok())
-                        .unwrap_or("0")
-                        .to_string(),
-                    Err(_) => "transport".to_string(),
-                };
-                metrics.observe(&method, &code, start.elapsed().as_secs_f64());
-            }
-            res
-        })
+                        .unwrap_or("0"),
+                ),
+                Err(_) => None,
+            };
+            this.metrics
+                .observe(method, code, this.start.elapsed().as_secs_f64());
+        }
+        Poll::Ready(res)
     }
 }

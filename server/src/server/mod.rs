@@ -27,6 +27,7 @@ pub mod election_service;
 pub mod gateway;
 pub mod h2_authority;
 pub mod http;
+pub mod kv_route;
 pub mod kv_service;
 pub mod lease_service;
 pub mod lock_service;
@@ -752,14 +753,13 @@ pub async fn start(config: &Config) -> Result<Server, ServerError> {
 
     let max_msg = config.max_request_bytes + GRPC_OVERHEAD_BYTES;
     let weak = node::NodeRef::new(&node);
+    let kv = KvServer::new(kv_service::KvService::new(weak.clone()))
+        .max_decoding_message_size(max_msg)
+        .max_encoding_message_size(usize::MAX);
     let routes = tonic::service::Routes::from(
         http::router(weak.clone()).merge(gateway::router(weak.clone(), node.limits)),
     )
-    .add_service(
-        KvServer::new(kv_service::KvService::new(weak.clone()))
-            .max_decoding_message_size(max_msg)
-            .max_encoding_message_size(usize::MAX),
-    )
+    .add_service(kv.clone())
     .add_service(
         MaintenanceServer::new(maintenance_service::MaintenanceService::new(weak.clone()))
             .max_decoding_message_size(max_msg),
@@ -813,6 +813,7 @@ pub async fn start(config: &Config) -> Result<Server, ServerError> {
             .layer(metrics::MetricsLayer(metrics.clone()))
             .layer(request_limit.clone())
             .layer(range_body::RangeBodyLayer::new(weak.clone(), max_msg))
+            .layer(kv_route::KvRouteLayer::new(kv.clone()))
             .add_routes(routes.clone());
         let stop = async move {
             let _ = rx.wait_for(|s| *s).await;

@@ -1,5 +1,6 @@
 //! [`RocksEngine`]: the durable default engine, one RocksDB column family per [`Table`].
 
+use std::cell::RefCell;
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, RwLock};
 use std::time::{Duration, Instant};
@@ -266,6 +267,7 @@ impl Engine for RocksEngine {
 
     fn snapshot(&self) -> Box<dyn Snapshot + '_> {
         Box::new(RocksSnapshot {
+            versions: RefCell::new(None),
             engine: self,
             snap: self.db.snapshot(),
         })
@@ -453,11 +455,19 @@ fn live_share(bytes: u64, entries: u64, deletions: u64) -> u64 {
 }
 
 struct RocksSnapshot<'a> {
+    /// The prefix-mode cursor of the last [`Snapshot::versions_iter`] caller, kept for the
+    /// next one: a put's lookup of its key then costs a seek, not a cursor made and dropped
+    /// (RocksDB pins the memtables and files of its view for each, about half of the lookup's
+    /// instructions; docs/PERFORMANCE.md, session 40). It reads `snap`, and is declared
+    /// before it so that it is dropped first: RocksDB requires a snapshot to outlive the
+    /// cursors reading it.
+    versions: RefCell<Option<DBRawIteratorWithThreadMode<'a, DB>>>,
     engine: &'a RocksEngine,
     snap: rocksdb::Snapshot<'a>,
 }
 
-// rocksdb::Snapshot is Send + Sync because DB is; a snapshot is an immutable handle.
+// rocksdb::Snapshot is Send + Sync because DB is, and so is its cursor; the kept cursor is used
+// by one thread at a time (`Snapshot` is not `Sync`).
 impl Snapshot for RocksSnapshot<'_> {
     fn get(&self, table: Table, key: &[u8]) -> Result<Option<Vec<u8>>> {
         Ok(self.snap.get_cf(self.engine.cf(table)?, key)?)
@@ -469,10 +479,77 @@ impl Snapshot for RocksSnapshot<'_> {
 
     /// A cursor in RocksDB's prefix mode: a seek checks the memtables' and table files' prefix
     /// Bloom filters first, and the cursor turns invalid when it leaves the prefix.
+    ///
+    /// A seek sets the prefix the cursor keeps to, so one cursor serves every key: the
+    /// snapshot keeps the cursor of the last caller and hands it to the next one (a second
+    /// caller while one holds it gets a cursor of its own).
     fn versions_iter(&self) -> Box<dyn EngineIter + '_> {
-        let mut o = ReadOptions::default();
-        o.set_prefix_same_as_start(true);
-        self.iter_opt(Table::Kv, o)
+        let kept = self
+            .versions
+            .try_borrow_mut()
+            .ok()
+            .and_then(|mut k| k.take());
+        let it = match kept {
+            Some(it) => it,
+            None => {
+                let cf = match self.engine.cf(Table::Kv) {
+                    Ok(cf) => cf,
+                    Err(e) => return Box::new(RocksIter(Err(e.to_string()))),
+                };
+                let mut o = ReadOptions::default();
+                o.set_prefix_same_as_start(true);
+                o.set_snapshot(&self.snap);
+                self.engine.db.raw_iterator_cf_opt(cf, o)
+            }
+        };
+        Box::new(KeptCursor {
+            it: RocksIter(Ok(it)),
+            home: &self.versions,
+        })
+    }
+}
+
+/// A cursor lent by [`RocksSnapshot::versions_iter`]: back to the snapshot when dropped,
+/// unless it failed.
+struct KeptCursor<'s, 'a> {
+    it: RocksIter<'a>,
+    home: &'s RefCell<Option<DBRawIteratorWithThreadMode<'a, DB>>>,
+}
+
+impl Drop for KeptCursor<'_, '_> {
+    fn drop(&mut self) {
+        let it = std::mem::replace(&mut self.it.0, Err(String::new()));
+        if let (Ok(it), Ok(mut home)) = (it, self.home.try_borrow_mut()) {
+            if it.status().is_ok() && home.is_none() {
+                *home = Some(it);
+            }
+        }
+    }
+}
+
+impl EngineIter for KeptCursor<'_, '_> {
+    fn seek(&mut self, key: &[u8]) {
+        self.it.seek(key);
+    }
+
+    fn valid(&self) -> bool {
+        self.it.valid()
+    }
+
+    fn key(&self) -> &[u8] {
+        self.it.key()
+    }
+
+    fn value(&self) -> &[u8] {
+        self.it.value()
+    }
+
+    fn next(&mut self) {
+        self.it.next();
+    }
+
+    fn status(&self) -> Result<()> {
+        self.it.status()
     }
 }
 
