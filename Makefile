@@ -60,10 +60,10 @@ build-deps:
 	@command -v protoc >/dev/null && ls /usr/lib/llvm-*/lib/libclang*.so* >/dev/null 2>&1 || $(MAKE) --no-print-directory deps
 
 test-deps: build-deps
-	@command -v etcd >/dev/null && command -v etcdctl >/dev/null && command -v debootstrap >/dev/null && $(PYTHON) -c 'import pytest, helm_python' 2>/dev/null || $(MAKE) --no-print-directory deps
+	@command -v etcd >/dev/null && command -v etcdctl >/dev/null && command -v debootstrap >/dev/null && command -v valgrind >/dev/null && $(PYTHON) -c 'import pytest, helm_python' 2>/dev/null || $(MAKE) --no-print-directory deps
 
 deps: ## install the system and Python packages the build and tests need (Debian, as root)
-	@[ "$$(id -u)" = 0 ] || { echo "run as root, or: sudo apt-get install -y etcd-server etcd-client protobuf-compiler libclang-dev debootstrap iproute2 && pip install -r e2e/requirements.txt"; exit 1; }
+	@[ "$$(id -u)" = 0 ] || { echo "run as root, or: sudo apt-get install -y etcd-server etcd-client protobuf-compiler libclang-dev debootstrap iproute2 valgrind && pip install -r e2e/requirements.txt"; exit 1; }
 	apt-get update -qq
-	DEBIAN_FRONTEND=noninteractive apt-get install -y -qq etcd-server etcd-client protobuf-compiler libclang-dev debootstrap iproute2
+	DEBIAN_FRONTEND=noninteractive apt-get install -y -qq etcd-server etcd-client protobuf-compiler libclang-dev debootstrap iproute2 valgrind
 	$(PYTHON) -m pip install -q -r e2e/requirements.txt

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -127,3 +128,32 @@ def test_ab_passes_settings_to_its_server_and_refuses_unknown_workloads(metastor
     assert "snapshot" in (r.stdout + r.stderr).lower(), r.stderr[-3000:]
     r = ab(bench_bin, metastore_bin, metastore_bin, "1", "put-1c", "nope")
     assert r.returncode == 2 and "nope" in r.stderr, r.stderr
+
+
+INSTRUCTIONS = ROOT / "bench" / "instructions"
+
+
+@pytest.mark.skipif(shutil.which("valgrind") is None, reason="valgrind is not installed")
+def test_instructions_counts_a_servers_work_per_request(metastore_bin, bench_bin):
+    r = subprocess.run([str(INSTRUCTIONS), "-b", metastore_bin, "-t", bench_bin, "-n", "200",
+                        "-c", "8", "-k", "2", "--", "--key-space-size", "100", "put"],
+                       capture_output=True, text=True, timeout=240, stdin=subprocess.DEVNULL)
+    assert r.returncode == 0, r.stderr[-4000:]
+    m = re.search(r"^([\d,]+) instructions per request, ([\d.]+) allocations per request "
+                  r"\(200 requests, ([\d,]+) instructions\)$", r.stdout, re.M)
+    assert m, r.stdout
+    per, allocs, total = int(m.group(1).replace(",", "")), float(m.group(2)), int(
+        m.group(3).replace(",", ""))
+    # A put is tens of thousands of instructions and tens of allocations; the total is the
+    # per-request figure times the requests.
+    assert 10_000 < per < 10_000_000 and 1 < allocs < 10_000, r.stdout
+    assert abs(total / 200 - per) <= 1, r.stdout
+    assert "put: 200 operations, 0 errors" in r.stdout, r.stdout
+    profile = re.search(r"^profile: (\S+)", r.stdout, re.M)
+    assert profile and Path(profile.group(1)).stat().st_size > 0, r.stdout
+
+
+def test_instructions_refuses_a_call_without_a_workload():
+    r = subprocess.run([str(INSTRUCTIONS), "-n", "10"], capture_output=True, text=True,
+                       timeout=30, stdin=subprocess.DEVNULL)
+    assert r.returncode == 2 and "WORKLOAD" in r.stdout, (r.stdout, r.stderr)

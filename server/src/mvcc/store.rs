@@ -540,6 +540,22 @@ pub(crate) fn range_snapshot(
 
 /// Calls `visit` with the record of every key live at `rev` in `range`, in key order, until it
 /// returns `false`.
+/// Visits `key`'s newest record at or below `rev`, unless it has none or it is a tombstone
+/// ([`scan`] of a single key, without the key copied into a [`KeyRange`]).
+pub(crate) fn scan_key(
+    snap: &dyn Snapshot,
+    key: &[u8],
+    rev: i64,
+    visit: impl FnOnce(&[u8]) -> Result<()>,
+) -> Result<()> {
+    if let Some(newest) = Versions::at(snap, key, rev).current()? {
+        if !is_tombstone(newest.record)? {
+            visit(newest.record)?;
+        }
+    }
+    Ok(())
+}
+
 pub(crate) fn scan(
     snap: &dyn Snapshot,
     range: &KeyRange,
@@ -547,12 +563,7 @@ pub(crate) fn scan(
     mut visit: impl FnMut(&[u8]) -> Result<bool>,
 ) -> Result<()> {
     if let KeyRange::Single(key) = range {
-        if let Some(newest) = Versions::at(snap, key, rev).current()? {
-            if !is_tombstone(newest.record)? {
-                visit(newest.record)?;
-            }
-        }
-        return Ok(());
+        return scan_key(snap, key, rev, |r| visit(r).map(drop));
     }
     if let KeyRange::Between(s, e) = range {
         if e <= s {
@@ -563,36 +574,45 @@ pub(crate) fn scan(
     let mut it = snap.iter(Table::Kv);
     it.seek(&kv_prefix(range.start()));
     let mut target = Vec::new();
+    // The cursor's key and value are read once per position (on RocksDB each read is a
+    // validity check and a lookup across the C API).
     while it.valid() {
-        let (plen, r) = split_kv_key(it.key()).ok_or_else(|| Error::Corrupt("kv key".into()))?;
+        let key = it.key();
+        let (plen, r) = split_kv_key(key).ok_or_else(|| Error::Corrupt("kv key".into()))?;
         if let Some(end) = &end {
-            if it.key()[..plen] >= end[..] {
+            if key[..plen] >= end[..] {
                 break;
             }
         }
+        // The key's prefix, while the cursor is on its versions.
+        target.clear();
+        target.extend_from_slice(&key[..plen]);
         if r > rev {
             // Newer than the read: jump to the newest version at or below `rev`.
-            target.clear();
-            target.extend_from_slice(&it.key()[..plen]);
             target.extend_from_slice(&(!(rev as u64)).to_be_bytes());
             it.seek(&target);
             if !it.valid() {
                 break;
             }
-            if it.key().len() != plen + 8 || it.key()[..plen] != target[..plen] {
+            let key = it.key();
+            if key.len() != plen + 8 || key[..plen] != target[..plen] {
                 continue; // no version at or below `rev`: we are on the next key already
             }
+            target.truncate(plen);
         }
-        if !is_tombstone(it.value())? && !visit(it.value())? {
+        let value = it.value();
+        if !is_tombstone(value)? && !visit(value)? {
             return Ok(());
         }
         // Skip the older versions of this key: a few steps, then a seek past them.
-        target.clear();
-        target.extend_from_slice(&it.key()[..plen]);
         let mut steps = 0;
         loop {
             it.next();
-            if !it.valid() || it.key().len() != plen + 8 || it.key()[..plen] != target[..] {
+            if !it.valid() {
+                break;
+            }
+            let key = it.key();
+            if key.len() != plen + 8 || key[..plen] != target[..] {
                 break;
             }
             steps += 1;

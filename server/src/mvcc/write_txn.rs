@@ -11,7 +11,9 @@ use bytes::Bytes;
 use metastore_proto::mvccpb::{event::EventType, Event, KeyValue};
 
 use super::key_codec::{kv_key, lease_key, rev_key};
-use super::store::{lease_keys, range_snapshot, scan, Overlay, RangeOptions, RangeResult, Store};
+use super::store::{
+    lease_keys, range_snapshot, scan, scan_key, Overlay, RangeOptions, RangeResult, Store,
+};
 use super::{Error, KeyRange, Result};
 use crate::storage::{codec, Snapshot, Table, WriteBatch};
 
@@ -130,15 +132,10 @@ impl<'a> WriteTxn<'a> {
             return Ok(Some(kv));
         }
         let mut out = None;
-        scan(
-            self.group.snap.as_ref(),
-            &KeyRange::Single(key.to_vec()),
-            self.begin_rev,
-            |r| {
-                out = Some(codec::decode(r)?);
-                Ok(false)
-            },
-        )?;
+        scan_key(self.group.snap.as_ref(), key, self.begin_rev, |r| {
+            out = Some(codec::decode(r)?);
+            Ok(())
+        })?;
         Ok(out)
     }
 

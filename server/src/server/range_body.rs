@@ -15,6 +15,7 @@ use std::pin::Pin;
 use std::task::{ready, Context, Poll};
 
 use bytes::{Bytes, BytesMut};
+use futures::future::Either;
 use http_body::Frame;
 use http_body_util::{BodyExt, Full};
 use metastore_proto::etcdserverpb::RangeRequest;
@@ -74,7 +75,8 @@ where
 {
     type Response = http::Response<Body>;
     type Error = S::Error;
-    type Future = BoxFuture<Result<Self::Response, Self::Error>>;
+    /// Other calls take the inner service's future as it is; a Range's is boxed.
+    type Future = Either<S::Future, BoxFuture<Result<Self::Response, Self::Error>>>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.inner.poll_ready(cx)
@@ -82,13 +84,13 @@ where
 
     fn call(&mut self, req: http::Request<Body>) -> Self::Future {
         if req.uri().path() != RANGE_PATH || req.method() != http::Method::POST {
-            return Box::pin(self.inner.call(req));
+            return Either::Left(self.inner.call(req));
         }
         // The service polled ready is the one to call (tower's clone-and-swap).
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
         let layer = self.layer.clone();
-        Box::pin(async move {
+        Either::Right(Box::pin(async move {
             let (parts, body) = req.into_parts();
             let bytes = match read_message(body, layer.max_message).await {
                 Ok(b) => b,
@@ -106,7 +108,7 @@ where
                     inner.call(req).await
                 }
             }
-        })
+        }))
     }
 }
 

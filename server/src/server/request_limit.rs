@@ -6,12 +6,13 @@
 //! counted: they wait rather than work, and `--max-concurrent-streams` bounds them per
 //! connection. Plain HTTP (the JSON gateway, /metrics, /health) is not counted either.
 
-use std::future::Future;
+use std::future::{Future, Ready};
 use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
+use std::task::{ready, Context, Poll};
 
-use tokio::sync::Semaphore;
+use futures::future::Either;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 /// etcd's `ErrTooManyRequests` message.
 pub const TOO_MANY_REQUESTS: &str = "etcdserver: too many requests";
@@ -69,37 +70,54 @@ pub struct RequestLimit<S> {
     permits: Arc<Semaphore>,
 }
 
-type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
-
 impl<S, B, RB> tower::Service<http::Request<B>> for RequestLimit<S>
 where
     S: tower::Service<http::Request<B>, Response = http::Response<RB>>,
-    S::Future: Send + 'static,
-    S::Error: Send + 'static,
-    RB: Default + Send + 'static,
+    RB: Default,
 {
     type Response = S::Response;
     type Error = S::Error;
-    type Future = BoxFuture<Result<Self::Response, Self::Error>>;
+    type Future = Either<Permitted<S::Future>, Ready<Result<Self::Response, Self::Error>>>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.inner.poll_ready(cx)
     }
 
     fn call(&mut self, req: http::Request<B>) -> Self::Future {
-        if !counted(&req) {
-            return Box::pin(self.inner.call(req));
-        }
-        let Ok(permit) = self.permits.clone().try_acquire_owned() else {
-            let refusal = tonic::Status::resource_exhausted(TOO_MANY_REQUESTS).into_http();
-            return Box::pin(async move { Ok(refusal) });
+        let permit = if counted(&req) {
+            let Ok(permit) = self.permits.clone().try_acquire_owned() else {
+                let refusal = tonic::Status::resource_exhausted(TOO_MANY_REQUESTS).into_http();
+                return Either::Right(std::future::ready(Ok(refusal)));
+            };
+            Some(permit)
+        } else {
+            None
         };
-        let fut = self.inner.call(req);
-        Box::pin(async move {
-            let res = fut.await;
-            drop(permit);
-            res
+        Either::Left(Permitted {
+            fut: self.inner.call(req),
+            permit,
         })
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A call's response future, holding the call's permit (if it is counted) until it
+    /// completes or is dropped.
+    pub struct Permitted<F> {
+        #[pin]
+        fut: F,
+        permit: Option<OwnedSemaphorePermit>,
+    }
+}
+
+impl<F: Future> Future for Permitted<F> {
+    type Output = F::Output;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let out = ready!(this.fut.poll(cx));
+        this.permit.take();
+        Poll::Ready(out)
     }
 }
 
