@@ -227,22 +227,24 @@ impl Metrics {
         String::from_utf8_lossy(&buf).into_owned()
     }
 
-    /// The metrics of the method at `path`, resolved once per method (see [`MethodMetrics`]);
-    /// `None` for a path outside the known packages.
-    fn method(&self, path: &str) -> Option<Arc<MethodMetrics>> {
+    /// The metrics of the method at `path`, resolved once per method (see [`MethodMetrics`]),
+    /// and whether they were kept already; `None` for a path outside the known packages.
+    fn method(&self, path: &str) -> Option<(Arc<MethodMetrics>, bool)> {
         let label = method_label(path)?;
         if let Some(m) = self.methods.read().ok().and_then(|m| m.get(label).cloned()) {
-            return Some(m);
+            return Some((m, true));
         }
-        Some(Arc::new(MethodMetrics {
+        let m = MethodMetrics {
             label: label.into(),
             ok: self.requests.with_label_values(&[label, "0"]),
             latency: self.latency.with_label_values(&[label]),
-        }))
+        };
+        Some((Arc::new(m), false))
     }
 
-    /// Counts a call of `m` that ended with `code` after `seconds`.
-    fn observe(&self, m: Arc<MethodMetrics>, code: Option<&str>, seconds: f64) {
+    /// Counts a call of `m` that ended with `code` (`None`: a transport error) after
+    /// `seconds`; keeps `m` unless it is `kept` already.
+    fn observe(&self, m: Arc<MethodMetrics>, kept: bool, code: Option<&str>, seconds: f64) {
         m.latency.observe(seconds);
         match code {
             Some("0") => m.ok.inc(),
@@ -252,13 +254,11 @@ impl Metrics {
                 .with_label_values(&[&m.label, "transport"])
                 .inc(),
         }
-        // Kept once the method proved to exist (a client can name any path; those that are no
-        // method get their labels, as before, but no entry).
-        if code != Some(UNIMPLEMENTED) {
+        // Kept once the method proved to exist: a client can name any path, and a path that
+        // is no method gets its labels, as before, but no entry.
+        if !kept && code != Some(UNIMPLEMENTED) {
             if let Ok(mut methods) = self.methods.write() {
-                if !methods.contains_key(&m.label) {
-                    methods.insert(m.label.clone(), m);
-                }
+                methods.entry(m.label.clone()).or_insert(m);
             }
         }
     }
@@ -335,7 +335,8 @@ where
 pin_project_lite::pin_project! {
     /// A call's response future, counted when it completes.
     pub struct MetricsFuture<F> {
-        method: Option<Arc<MethodMetrics>>,
+        // The method's metrics and whether `Metrics` keeps them already.
+        method: Option<(Arc<MethodMetrics>, bool)>,
         start: Instant,
         metrics: Arc<Metrics>,
         #[pin]
@@ -352,7 +353,7 @@ where
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
         let res = ready!(this.inner.poll(cx));
-        if let Some(method) = this.method.take() {
+        if let Some((method, kept)) = this.method.take() {
             let code = match &res {
                 Ok(r) => Some(
                     r.headers()
@@ -362,9 +363,96 @@ where
                 ),
                 Err(_) => None,
             };
-            this.metrics
-                .observe(method, code, this.start.elapsed().as_secs_f64());
+            let seconds = this.start.elapsed().as_secs_f64();
+            this.metrics.observe(method, kept, code, seconds);
         }
         Poll::Ready(res)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::convert::Infallible;
+    use std::future::Ready;
+
+    use tower::{Layer, Service, ServiceExt};
+
+    use super::*;
+
+    /// Answers every call with the `grpc-status` its path ends in (`/x.Y/Z/<code>`), none
+    /// for `0`.
+    #[derive(Clone)]
+    struct StatusFromPath;
+
+    impl Service<http::Request<()>> for StatusFromPath {
+        type Response = http::Response<()>;
+        type Error = Infallible;
+        type Future = Ready<Result<Self::Response, Infallible>>;
+
+        fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+            Poll::Ready(Ok(()))
+        }
+
+        fn call(&mut self, req: http::Request<()>) -> Self::Future {
+            let code = req
+                .uri()
+                .path()
+                .rsplit('/')
+                .next()
+                .unwrap_or("0")
+                .to_string();
+            let mut res = http::Response::new(());
+            if code != "0" {
+                if let Ok(v) = http::HeaderValue::from_str(&code) {
+                    res.headers_mut().insert("grpc-status", v);
+                }
+            }
+            std::future::ready(Ok(res))
+        }
+    }
+
+    async fn call(metrics: &Arc<Metrics>, path: &str) -> anyhow::Result<()> {
+        let mut svc = MetricsLayer(metrics.clone()).layer(StatusFromPath);
+        let req = http::Request::post(path).body(())?;
+        svc.ready().await?.call(req).await?;
+        Ok(())
+    }
+
+    fn kept(metrics: &Metrics) -> Vec<String> {
+        let mut k: Vec<String> = metrics
+            .methods
+            .read()
+            .map(|m| m.keys().map(|k| k.to_string()).collect())
+            .unwrap_or_default();
+        k.sort();
+        k
+    }
+
+    #[tokio::test]
+    async fn calls_are_counted_by_method_and_code_and_only_real_methods_are_kept(
+    ) -> anyhow::Result<()> {
+        let metrics = Arc::new(Metrics::new()?);
+        for _ in 0..3 {
+            call(&metrics, "/etcdserverpb.KV/Put/0").await?;
+        }
+        call(&metrics, "/etcdserverpb.KV/Put/9").await?;
+        call(&metrics, "/etcdserverpb.Nope/Nope/12").await?;
+        call(&metrics, "/elsewhere.Svc/Call/0").await?;
+        let text = metrics.render();
+        for line in [
+            r#"metastore_grpc_requests_total{code="0",method="etcdserverpb.KV/Put/0"} 3"#,
+            r#"metastore_grpc_requests_total{code="9",method="etcdserverpb.KV/Put/9"} 1"#,
+            r#"metastore_grpc_requests_total{code="12",method="etcdserverpb.Nope/Nope/12"} 1"#,
+            r#"metastore_grpc_request_duration_seconds_count{method="etcdserverpb.KV/Put/0"} 3"#,
+        ] {
+            assert!(text.contains(line), "{line} missing from\n{text}");
+        }
+        assert!(!text.contains("elsewhere"), "{text}");
+        // The path that answered Unimplemented got its labels but is not kept.
+        assert_eq!(
+            kept(&metrics),
+            ["etcdserverpb.KV/Put/0", "etcdserverpb.KV/Put/9"]
+        );
+        Ok(())
     }
 }
