@@ -538,8 +538,6 @@ pub(crate) fn range_snapshot(
     Ok(RangeResult { kvs, rev, count })
 }
 
-/// Calls `visit` with the record of every key live at `rev` in `range`, in key order, until it
-/// returns `false`.
 /// Visits `key`'s newest record at or below `rev`, unless it has none or it is a tombstone
 /// ([`scan`] of a single key, without the key copied into a [`KeyRange`]).
 pub(crate) fn scan_key(
@@ -556,6 +554,8 @@ pub(crate) fn scan_key(
     Ok(())
 }
 
+/// Calls `visit` with the record of every key live at `rev` in `range`, in key order, until it
+/// returns `false`.
 pub(crate) fn scan(
     snap: &dyn Snapshot,
     range: &KeyRange,

@@ -489,37 +489,55 @@ impl Snapshot for RocksSnapshot<'_> {
             .try_borrow_mut()
             .ok()
             .and_then(|mut k| k.take());
-        let it = match kept {
-            Some(it) => it,
-            None => {
-                let cf = match self.engine.cf(Table::Kv) {
-                    Ok(cf) => cf,
-                    Err(e) => return Box::new(RocksIter(Err(e.to_string()))),
-                };
-                let mut o = ReadOptions::default();
-                o.set_prefix_same_as_start(true);
-                o.set_snapshot(&self.snap);
-                self.engine.db.raw_iterator_cf_opt(cf, o)
-            }
-        };
-        Box::new(KeptCursor {
-            it: RocksIter(Ok(it)),
-            home: &self.versions,
+        let it = kept.map(Ok).unwrap_or_else(|| {
+            let mut o = ReadOptions::default();
+            o.set_prefix_same_as_start(true);
+            self.cursor(Table::Kv, o)
+        });
+        Box::new(RocksIter {
+            it,
+            home: Some(&self.versions),
         })
     }
 }
 
-/// A cursor lent by [`RocksSnapshot::versions_iter`]: back to the snapshot when dropped,
-/// unless it failed.
-struct KeptCursor<'s, 'a> {
-    it: RocksIter<'a>,
-    home: &'s RefCell<Option<DBRawIteratorWithThreadMode<'a, DB>>>,
+impl<'a> RocksSnapshot<'a> {
+    /// A cursor over `table` that reads the snapshot. It borrows the engine, not the
+    /// snapshot, so that the snapshot can keep one; whoever holds it must drop it before
+    /// the snapshot (RocksDB's rule for a snapshot named in read options).
+    fn cursor(
+        &self,
+        table: Table,
+        mut opts: ReadOptions,
+    ) -> std::result::Result<DBRawIteratorWithThreadMode<'a, DB>, String> {
+        let cf = self.engine.cf(table).map_err(|e| e.to_string())?;
+        opts.set_snapshot(&self.snap);
+        Ok(self.engine.db.raw_iterator_cf_opt(cf, opts))
+    }
+
+    fn iter_opt(&self, table: Table, opts: ReadOptions) -> Box<dyn EngineIter + '_> {
+        Box::new(RocksIter {
+            it: self.cursor(table, opts),
+            home: None,
+        })
+    }
 }
 
-impl Drop for KeptCursor<'_, '_> {
+/// A cursor of a [`RocksSnapshot`] (or why it could not be made). One lent by
+/// [`Snapshot::versions_iter`] goes back to its snapshot (`home`) when dropped, unless it
+/// failed.
+struct RocksIter<'s, 'a> {
+    it: std::result::Result<DBRawIteratorWithThreadMode<'a, DB>, String>,
+    home: Option<&'s RefCell<Option<DBRawIteratorWithThreadMode<'a, DB>>>>,
+}
+
+impl Drop for RocksIter<'_, '_> {
     fn drop(&mut self) {
-        let it = std::mem::replace(&mut self.it.0, Err(String::new()));
-        if let (Ok(it), Ok(mut home)) = (it, self.home.try_borrow_mut()) {
+        let Some(home) = self.home else {
+            return;
+        };
+        let it = std::mem::replace(&mut self.it, Err(String::new()));
+        if let (Ok(it), Ok(mut home)) = (it, home.try_borrow_mut()) {
             if it.status().is_ok() && home.is_none() {
                 *home = Some(it);
             }
@@ -527,56 +545,19 @@ impl Drop for KeptCursor<'_, '_> {
     }
 }
 
-impl EngineIter for KeptCursor<'_, '_> {
+impl EngineIter for RocksIter<'_, '_> {
     fn seek(&mut self, key: &[u8]) {
-        self.it.seek(key);
-    }
-
-    fn valid(&self) -> bool {
-        self.it.valid()
-    }
-
-    fn key(&self) -> &[u8] {
-        self.it.key()
-    }
-
-    fn value(&self) -> &[u8] {
-        self.it.value()
-    }
-
-    fn next(&mut self) {
-        self.it.next();
-    }
-
-    fn status(&self) -> Result<()> {
-        self.it.status()
-    }
-}
-
-impl RocksSnapshot<'_> {
-    fn iter_opt(&self, table: Table, opts: ReadOptions) -> Box<dyn EngineIter + '_> {
-        match self.engine.cf(table) {
-            Ok(cf) => Box::new(RocksIter(Ok(self.snap.raw_iterator_cf_opt(cf, opts)))),
-            Err(e) => Box::new(RocksIter(Err(e.to_string()))),
-        }
-    }
-}
-
-struct RocksIter<'a>(std::result::Result<DBRawIteratorWithThreadMode<'a, DB>, String>);
-
-impl EngineIter for RocksIter<'_> {
-    fn seek(&mut self, key: &[u8]) {
-        if let Ok(it) = &mut self.0 {
+        if let Ok(it) = &mut self.it {
             it.seek(key);
         }
     }
 
     fn valid(&self) -> bool {
-        self.0.as_ref().map(|it| it.valid()).unwrap_or(false)
+        self.it.as_ref().map(|it| it.valid()).unwrap_or(false)
     }
 
     fn key(&self) -> &[u8] {
-        self.0
+        self.it
             .as_ref()
             .ok()
             .and_then(|it| it.key())
@@ -584,7 +565,7 @@ impl EngineIter for RocksIter<'_> {
     }
 
     fn value(&self) -> &[u8] {
-        self.0
+        self.it
             .as_ref()
             .ok()
             .and_then(|it| it.value())
@@ -592,13 +573,13 @@ impl EngineIter for RocksIter<'_> {
     }
 
     fn next(&mut self) {
-        if let Ok(it) = &mut self.0 {
+        if let Ok(it) = &mut self.it {
             it.next();
         }
     }
 
     fn status(&self) -> Result<()> {
-        match &self.0 {
+        match &self.it {
             Ok(it) => Ok(it.status()?),
             Err(e) => Err(Error::Engine(e.clone())),
         }
