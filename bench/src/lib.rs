@@ -24,6 +24,7 @@
 
 pub mod error;
 pub mod keys;
+pub mod lean;
 pub mod options;
 pub mod rate;
 pub mod report;

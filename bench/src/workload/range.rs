@@ -4,11 +4,12 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use indicatif::ProgressBar;
-use metastore_proto::etcdserverpb::{kv_client::KvClient, RangeRequest};
+use metastore_proto::etcdserverpb::RangeRequest;
 use tonic::transport::Channel;
 
 use crate::error::Result;
 use crate::keys::{self, KeySpace};
+use crate::lean;
 use crate::options::Common;
 use crate::report::Report;
 use crate::runner::{self, Workload};
@@ -66,18 +67,26 @@ impl RangeArgs {
     }
 }
 
-/// Sends one fixed request.
+/// Sends one fixed request. Each answer is decoded as a [`lean::RangeSummary`] (its counts,
+/// the key-values skipped unread) and its counts checked.
 pub struct Range(RangeRequest);
 
 impl Workload for Range {
-    type Client = KvClient<Channel>;
+    type Client = tonic::client::Grpc<Channel>;
 
     async fn client(&self, channel: Channel, _id: usize) -> Result<Self::Client> {
-        Ok(KvClient::new(channel))
+        Ok(tonic::client::Grpc::new(channel))
     }
 
-    async fn call(&self, kv: &mut Self::Client, _seq: u64) -> Result<&'static str, tonic::Status> {
-        kv.range(self.0.clone()).await?;
+    async fn call(
+        &self,
+        grpc: &mut Self::Client,
+        _seq: u64,
+    ) -> Result<&'static str, tonic::Status> {
+        let summary = lean::range(grpc, self.0.clone()).await?;
+        summary
+            .check(self.0.count_only)
+            .map_err(tonic::Status::data_loss)?;
         Ok("range")
     }
 }

@@ -5,20 +5,20 @@
 use std::sync::Arc;
 
 use indicatif::ProgressBar;
-use metastore_proto::etcdserverpb::{
-    watch_client::WatchClient, watch_request, WatchCreateRequest, WatchRequest, WatchResponse,
-};
+use metastore_proto::etcdserverpb::{watch_request, WatchCreateRequest, WatchRequest};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Channel;
 
 use crate::error::{Error, Result};
 use crate::keys::{KeySpace, Rng};
+use crate::lean::{self, WatchResponse};
 use crate::options::Common;
 use crate::report::Report;
 use crate::runner::{self, Workload};
 
-/// One bidirectional watch stream.
+/// One bidirectional watch stream; its responses are decoded as [`lean::WatchResponse`] (the
+/// fields the workloads read).
 pub struct WatchStream {
     tx: mpsc::Sender<WatchRequest>,
     rx: tonic::Streaming<WatchResponse>,
@@ -38,10 +38,7 @@ impl WatchStream {
         tx.send(create(first))
             .await
             .map_err(|_| Error::Stream("watch request queue closed".into()))?;
-        let rx = WatchClient::new(channel)
-            .watch(ReceiverStream::new(rx))
-            .await?
-            .into_inner();
+        let rx = lean::watch(channel, ReceiverStream::new(rx)).await?;
         let mut stream = Self { tx, rx };
         stream.created().await?;
         Ok(stream)

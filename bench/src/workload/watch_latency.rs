@@ -75,10 +75,11 @@ impl Workload for StampedPut {
     }
 }
 
-/// The latency of an event whose value was stamped by [`StampedPut`].
-fn event_latency(base: Instant, value: &Bytes) -> Option<Duration> {
+/// The latency of an event whose value was stamped by [`StampedPut`], received `now` after
+/// the base time (read once per response: its events arrived together).
+fn event_latency(now: Duration, value: &Bytes) -> Option<Duration> {
     let stamp = u64::from_be_bytes(value.get(..8)?.try_into().ok()?);
-    base.elapsed().checked_sub(Duration::from_nanos(stamp))
+    now.checked_sub(Duration::from_nanos(stamp))
 }
 
 pub async fn run(
@@ -125,13 +126,16 @@ pub async fn run(
                 };
                 match resp {
                     Ok(Some(resp)) => {
-                        if !resp.events.is_empty() {
-                            last_event = Some(Instant::now());
+                        if resp.events.is_empty() {
+                            continue;
                         }
+                        let arrived = Instant::now();
+                        last_event = Some(arrived);
+                        let now = arrived.saturating_duration_since(base);
                         for ev in resp.events {
                             got += 1;
                             let value = ev.kv.map(|kv| kv.value).unwrap_or_default();
-                            match event_latency(base, &value) {
+                            match event_latency(now, &value) {
                                 Some(l) => rec.record("event", l),
                                 None => rec.error("event without a time stamp"),
                             }
@@ -191,15 +195,15 @@ mod tests {
 
     #[test]
     fn stamps_round_trip() {
-        let base = Instant::now() - Duration::from_secs(5);
         let stamp = Duration::from_secs(4).as_nanos() as u64;
         let mut v = stamp.to_be_bytes().to_vec();
         v.extend_from_slice(b"vvvv");
-        let l = event_latency(base, &Bytes::from(v)).unwrap_or_default();
-        assert!(
-            l >= Duration::from_secs(1) && l < Duration::from_secs(2),
-            "{l:?}"
+        let now = Duration::from_millis(5_250);
+        assert_eq!(
+            event_latency(now, &Bytes::from(v.clone())),
+            Some(Duration::from_millis(1_250))
         );
-        assert_eq!(event_latency(base, &Bytes::from_static(b"short")), None);
+        assert_eq!(event_latency(Duration::from_secs(3), &Bytes::from(v)), None);
+        assert_eq!(event_latency(now, &Bytes::from_static(b"short")), None);
     }
 }
