@@ -3,7 +3,9 @@
 
 use bytes::{Bytes, BytesMut};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use metastore::server::range_stream::{encode_kv_field, keep_encoded, kv_field_len};
+use metastore::server::range_stream::{
+    encode_kv_field, keep_encoded, kv_field_len_of, kv_message_len,
+};
 use metastore::storage::codec::{self, KvRef};
 use metastore_proto::mvccpb::KeyValue;
 
@@ -47,15 +49,15 @@ fn bench(c: &mut Criterion) {
 }
 
 /// Encodes `kvs` into a fresh buffer as the sizing pass of a unary Range keeps them:
-/// each key-value's field length is summed and `append` writes it.
-fn kept_answer(kvs: &[KeyValue], append: impl Fn(&mut BytesMut, &KvRef<'_>, u64)) -> Bytes {
+/// each key-value's field length is summed and `append` writes it (given its message length).
+fn kept_answer(kvs: &[KeyValue], append: impl Fn(&mut BytesMut, &KvRef<'_>, usize)) -> Bytes {
     let mut kept = BytesMut::new();
     let mut len = 0;
     for kv in kvs {
         let kv = KvRef::of(kv);
-        let field = kv_field_len(&kv);
-        len += field;
-        append(&mut kept, &kv, field);
+        let message_len = kv_message_len(&kv);
+        len += kv_field_len_of(message_len);
+        append(&mut kept, &kv, message_len);
     }
     std::hint::black_box(len);
     kept.freeze()
@@ -77,8 +79,8 @@ fn range_keep(c: &mut Criterion) {
     });
     g.bench_function("keep_encoded/1000x256B", |b| {
         b.iter(|| {
-            kept_answer(&kvs, |kept, kv, field| {
-                keep_encoded(kept, kv, field as usize)
+            kept_answer(&kvs, |kept, kv, message_len| {
+                keep_encoded(kept, kv, message_len)
             })
         })
     });

@@ -87,7 +87,7 @@ pub trait Encoder: Send + 'static {
 
 /// The encoded length of `kv` as a `mvccpb.KeyValue` message (what prost's `encoded_len`
 /// gives for the owned one).
-fn kv_message_len(kv: &KvRef<'_>) -> usize {
+pub fn kv_message_len(kv: &KvRef<'_>) -> usize {
     use prost::encoding::{encoded_len_varint, int64};
     let bytes = |tag: u32, b: &[u8]| {
         if b.is_empty() {
@@ -111,52 +111,114 @@ fn kv_message_len(kv: &KvRef<'_>) -> usize {
         + int(6, kv.lease)
 }
 
+/// Bytes of a key-value of [`kv_message_len`] `message_len` as field 2 of a `RangeResponse`.
+pub fn kv_field_len_of(message_len: usize) -> u64 {
+    (1 + prost::encoding::encoded_len_varint(message_len as u64) + message_len) as u64
+}
+
 /// Bytes of `kv` as field 2 of a `RangeResponse`.
 pub fn kv_field_len(kv: &KvRef<'_>) -> u64 {
-    let len = kv_message_len(kv);
-    (prost::encoding::key_len(2) + prost::encoding::encoded_len_varint(len as u64) + len) as u64
+    kv_field_len_of(kv_message_len(kv))
 }
 
 /// Writes `kv` as field 2 of a `RangeResponse`, straight from the borrowed record: the bytes
 /// prost writes for the owned key-value, without building it.
 pub fn encode_kv_field(kv: &KvRef<'_>, buf: &mut impl BufMut) {
-    use prost::encoding::{encode_key, encode_varint, int64, WireType};
-    fn bytes(tag: u32, b: &[u8], buf: &mut impl BufMut) {
-        if !b.is_empty() {
-            encode_key(tag, WireType::LengthDelimited, buf);
-            encode_varint(b.len() as u64, buf);
-            buf.put_slice(b);
-        }
-    }
-    fn int(tag: u32, v: i64, buf: &mut impl BufMut) {
-        if v != 0 {
-            int64::encode(tag, &v, buf);
-        }
-    }
-    encode_key(2, WireType::LengthDelimited, buf);
-    encode_varint(kv_message_len(kv) as u64, buf);
-    bytes(1, kv.key, buf);
-    int(2, kv.create_revision, buf);
-    int(3, kv.mod_revision, buf);
-    int(4, kv.version, buf);
-    bytes(5, kv.value, buf);
-    int(6, kv.lease, buf);
+    encode_kv_field_of_len(kv, kv_message_len(kv), buf);
 }
 
-/// Appends `kv` (as [`encode_kv_field`] writes it; `field_len` is its [`kv_field_len`]) to a
-/// result kept during the sizing pass, which must stay within [`KEEP_BYTES`] with it. The
+/// Tags and varints gathered on the stack and copied to the buffer at once: prost's
+/// `encode_varint` writes a `BufMut` a byte at a time, each byte a capacity check (a
+/// 1,000-key Range writes ~7,000 varints).
+struct Scratch {
+    bytes: [u8; Self::CAPACITY],
+    len: usize,
+}
+
+impl Scratch {
+    /// The most written between two copies: three `int64` fields (a one-byte key and up to
+    /// ten bytes each) and the value's key and length.
+    const CAPACITY: usize = 3 * 11 + 11;
+
+    fn new() -> Self {
+        Self {
+            bytes: [0; Self::CAPACITY],
+            len: 0,
+        }
+    }
+
+    fn byte(&mut self, b: u8) {
+        if let Some(slot) = self.bytes.get_mut(self.len) {
+            *slot = b;
+        }
+        self.len += 1;
+    }
+
+    fn varint(&mut self, mut v: u64) {
+        while v >= 0x80 {
+            self.byte(v as u8 | 0x80);
+            v >>= 7;
+        }
+        self.byte(v as u8);
+    }
+
+    /// A length-delimited field's key and length (field numbers 1 to 15: one-byte keys).
+    fn bytes_head(&mut self, field: u8, len: usize) {
+        self.byte(field << 3 | 2);
+        self.varint(len as u64);
+    }
+
+    /// An `int64` field, left out when 0 (proto3's default).
+    fn int64(&mut self, field: u8, v: i64) {
+        if v != 0 {
+            self.byte(field << 3);
+            self.varint(v as u64);
+        }
+    }
+
+    /// Copies what was gathered to `buf` and starts again.
+    fn put(&mut self, buf: &mut impl BufMut) {
+        debug_assert!(self.len <= Self::CAPACITY);
+        buf.put_slice(self.bytes.get(..self.len).unwrap_or_default());
+        self.len = 0;
+    }
+}
+
+/// [`encode_kv_field`] for a key-value whose [`kv_message_len`] is known.
+fn encode_kv_field_of_len(kv: &KvRef<'_>, message_len: usize, buf: &mut impl BufMut) {
+    let mut s = Scratch::new();
+    s.bytes_head(2, message_len);
+    if !kv.key.is_empty() {
+        s.bytes_head(1, kv.key.len());
+    }
+    s.put(buf);
+    buf.put_slice(kv.key);
+    s.int64(2, kv.create_revision);
+    s.int64(3, kv.mod_revision);
+    s.int64(4, kv.version);
+    if !kv.value.is_empty() {
+        s.bytes_head(5, kv.value.len());
+    }
+    s.put(buf);
+    buf.put_slice(kv.value);
+    s.int64(6, kv.lease);
+    s.put(buf);
+}
+
+/// Appends `kv` (as [`encode_kv_field`] writes it; `message_len` is its [`kv_message_len`])
+/// to a result kept during the sizing pass, which must stay within [`KEEP_BYTES`] with it. The
 /// buffer doubles while small; once it must grow past [`KEEP_GROW_AT_ONCE_FROM`] it takes its
 /// final size in one step instead of being copied through buffers of 128, 256 and 512 KiB.
 /// What that saves depends on the allocator's `realloc`: a 1,000-key answer of 256 B values
 /// (~290 KB) encoded in 46 µs instead of 62 µs on one machine and in about the same time on
 /// another (`cargo bench --bench codec -- range_keep`, docs/PERFORMANCE.md). The whole
 /// buffer lies within the window charged for the response.
-pub fn keep_encoded(kept: &mut BytesMut, kv: &KvRef<'_>, field_len: usize) {
-    let need = kept.len() + field_len;
+pub fn keep_encoded(kept: &mut BytesMut, kv: &KvRef<'_>, message_len: usize) {
+    let need = kept.len() + kv_field_len_of(message_len) as usize;
     if need > kept.capacity() && need > KEEP_GROW_AT_ONCE_FROM {
         kept.reserve(KEEP_BYTES.max(need) - kept.len());
     }
-    encode_kv_field(kv, kept);
+    encode_kv_field_of_len(kv, message_len, kept);
 }
 
 /// `RangeStream` messages: key-values only, then the header, `count` and `more` with the
@@ -425,14 +487,14 @@ impl<T: Send + 'static> Job<'_, T> {
         // are read again from the same snapshot to be encoded.
         let (mut len, mut kept, mut fits) = (0u64, BytesMut::new(), true);
         let totals = range::for_each(&pinned, r, |kv| {
-            let field_len = kv_field_len(&kv);
-            len += field_len;
+            let message_len = kv_message_len(&kv);
+            len += kv_field_len_of(message_len);
             if fits {
                 if len > KEEP_BYTES as u64 {
                     fits = false;
                     kept = BytesMut::new();
                 } else {
-                    keep_encoded(&mut kept, &kv, field_len as usize);
+                    keep_encoded(&mut kept, &kv, message_len);
                 }
             }
             Ok(true)
@@ -593,10 +655,11 @@ mod tests {
             lease: 0,
         };
         let one = kv_field_len(&KvRef::of(&kv)) as usize;
+        let message_len = kv_message_len(&KvRef::of(&kv));
         let (mut kept, mut plain) = (BytesMut::new(), BytesMut::new());
         let (mut grown, mut last_cap) = (0, 0);
         while kept.len() + one <= KEEP_BYTES {
-            keep_encoded(&mut kept, &KvRef::of(&kv), one);
+            keep_encoded(&mut kept, &KvRef::of(&kv), message_len);
             encode_kv_field(&KvRef::of(&kv), &mut plain);
             if kept.capacity() != last_cap {
                 grown += 1;
