@@ -93,16 +93,49 @@ pub struct Context {
     /// The last snapshot built for a follower, finished or not, shared by the followers
     /// that need one while it is recent enough.
     for_followers: Mutex<Option<(SnapshotMeta, Arc<Build>)>>,
-    /// Commands between snapshots (`--snapshot-count`; 0: only openraft's policy, by entries).
-    snapshot_every: AtomicU64,
-    /// Commands applied since the last snapshot.
-    since_snapshot: AtomicU64,
-    /// Woken when `since_snapshot` reaches `snapshot_every` ([`Context::snapshot_due`]).
-    snapshot_due: Arc<tokio::sync::Notify>,
+    /// Commands applied since the last snapshot, against `--snapshot-count`.
+    snapshot_due: Arc<SnapshotDue>,
     /// The newest entries' commands, for what to keep of the log after a snapshot.
     kept: Mutex<KeptLog>,
     /// Where the last snapshot lets the log be purged to, counted in commands.
     purge: Arc<PurgeHint>,
+}
+
+/// Whether a snapshot is due: the commands applied since the last one, against
+/// `--snapshot-count` (0: never by this count, only by openraft's policy).
+#[derive(Debug, Default)]
+pub struct SnapshotDue {
+    every: AtomicU64,
+    since: AtomicU64,
+    /// Woken by each apply while a snapshot is due, so a trigger that was ignored (one was
+    /// already being taken) is made again.
+    wake: tokio::sync::Notify,
+}
+
+impl SnapshotDue {
+    fn count(&self, commands: u64) {
+        let every = self.every.load(Ordering::Relaxed);
+        if every > 0 && self.since.fetch_add(commands, Ordering::Relaxed) + commands >= every {
+            self.wake.notify_one();
+        }
+    }
+
+    fn is_due(&self) -> bool {
+        let every = self.every.load(Ordering::Relaxed);
+        every > 0 && self.since.load(Ordering::Relaxed) >= every
+    }
+
+    /// Returns once a snapshot is due. A wake-up left from applies that came before the last
+    /// snapshot was taken (they go on while it is recorded) is let pass: acting on it took a
+    /// second snapshot right after the first, for next to nothing.
+    pub async fn wait(&self) {
+        loop {
+            self.wake.notified().await;
+            if self.is_due() {
+                return;
+            }
+        }
+    }
 }
 
 impl Context {
@@ -135,9 +168,7 @@ impl Context {
             receiving: Mutex::new(None),
             snapshot_lock: Mutex::new(()),
             for_followers: Mutex::new(None),
-            snapshot_every: AtomicU64::new(0),
-            since_snapshot: AtomicU64::new(0),
-            snapshot_due: Arc::new(tokio::sync::Notify::new()),
+            snapshot_due: Arc::new(SnapshotDue::default()),
             kept: Mutex::new(KeptLog::new(0)),
             purge: Arc::new(PurgeHint::default()),
         }))
@@ -148,18 +179,18 @@ impl Context {
     /// openraft's policy, which counts entries, would let the log grow a thousand times
     /// longer under load. [`snapshot_due`](Self::snapshot_due) tells when one is due.
     pub fn snapshot_every(&self, commands: u64) {
-        self.snapshot_every.store(commands, Ordering::Relaxed);
+        self.snapshot_due.every.store(commands, Ordering::Relaxed);
     }
 
     /// Returns once `--snapshot-count` commands have been applied since the last snapshot
     /// (the server then triggers one).
     pub async fn snapshot_due(&self) {
-        self.snapshot_due.notified().await
+        self.snapshot_due.wait().await
     }
 
     /// What [`snapshot_due`](Self::snapshot_due) waits on, for a task that must not keep the
     /// state machine alive.
-    pub fn snapshot_due_signal(&self) -> Arc<tokio::sync::Notify> {
+    pub fn snapshot_due_signal(&self) -> Arc<SnapshotDue> {
         self.snapshot_due.clone()
     }
 
@@ -177,10 +208,7 @@ impl Context {
     }
 
     fn count_commands(&self, n: u64) {
-        let every = self.snapshot_every.load(Ordering::Relaxed);
-        if every > 0 && self.since_snapshot.fetch_add(n, Ordering::Relaxed) + n >= every {
-            self.snapshot_due.notify_one();
-        }
+        self.snapshot_due.count(n);
     }
 
     fn apply_entries(&self, entries: Vec<Entry>) -> Result<(), StorageError> {
@@ -299,7 +327,7 @@ impl Context {
     /// needs the data gets a file built then ([`Context::build_for_followers`]).
     fn record_snapshot(&self) -> Result<SnapshotMeta, StorageError> {
         let engine = self.store.engine();
-        self.since_snapshot.store(0, Ordering::Relaxed);
+        self.snapshot_due.since.store(0, Ordering::Relaxed);
         // The meta first: the sync then covers everything it names (applies go on meanwhile).
         let meta = meta_of(engine.snapshot().as_ref())?;
         engine.sync().map_err(sm_err)?;
@@ -1013,7 +1041,14 @@ mod tests {
         assert!(!due().await, "8 of 10");
         ctx.count_commands(4);
         assert!(due().await, "12 of 10, in three groups");
+        // An apply while the snapshot is taken wakes the waiter again; once the snapshot is
+        // taken that wake-up is stale.
+        ctx.count_commands(1);
         sm.get_snapshot_builder().await.build_snapshot().await?;
+        assert!(
+            !due().await,
+            "0 since the snapshot, a wake-up from before it"
+        );
         ctx.count_commands(9);
         assert!(!due().await, "9 since the snapshot");
         ctx.count_commands(1);

@@ -417,13 +417,13 @@ async fn discover(
 /// last one ([`Context::snapshot_every`](crate::raft::state_machine::Context::snapshot_every)),
 /// until the server stops.
 async fn trigger_snapshots(
-    due: Arc<tokio::sync::Notify>,
+    due: Arc<crate::raft::state_machine::SnapshotDue>,
     raft: crate::raft::Raft,
     mut stop: watch::Receiver<bool>,
 ) {
     loop {
         tokio::select! {
-            _ = due.notified() => {}
+            _ = due.wait() => {}
             _ = stop.wait_for(|s| *s) => return,
         }
         if raft.trigger().snapshot().await.is_err() {
