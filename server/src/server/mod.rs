@@ -1062,16 +1062,17 @@ async fn count_leader_changes(
     metrics: Arc<metrics::Metrics>,
     stop: watch::Receiver<bool>,
 ) {
-    // The leader when this starts is not a change.
-    let mut leader = None;
+    // As etcd counts: each time the leader this member knows becomes one it did not know
+    // just before (none at start, or none while an election runs). So the first leader it
+    // sees counts, whether it was elected before this task first looked or after; taking the
+    // leader seen first as no change made the count depend on that race.
+    let mut known = None;
     follow_server_metrics(&raft, stop, |m| {
         let now = m.current_leader;
-        if let Some(before) = leader {
-            if now.is_some() && now != before {
-                metrics.leader_changes.inc();
-            }
+        if now.is_some() && now != known {
+            metrics.leader_changes.inc();
         }
-        leader = Some(now);
+        known = now;
     })
     .await;
 }
