@@ -120,6 +120,11 @@ impl SnapshotDue {
         }
     }
 
+    /// A snapshot was taken: the count starts again.
+    fn restart(&self) {
+        self.since.store(0, Ordering::Relaxed);
+    }
+
     fn is_due(&self) -> bool {
         let every = self.every.load(Ordering::Relaxed);
         every > 0 && self.since.load(Ordering::Relaxed) >= every
@@ -327,7 +332,7 @@ impl Context {
     /// needs the data gets a file built then ([`Context::build_for_followers`]).
     fn record_snapshot(&self) -> Result<SnapshotMeta, StorageError> {
         let engine = self.store.engine();
-        self.snapshot_due.since.store(0, Ordering::Relaxed);
+        self.snapshot_due.restart();
         // The meta first: the sync then covers everything it names (applies go on meanwhile).
         let meta = meta_of(engine.snapshot().as_ref())?;
         engine.sync().map_err(sm_err)?;
