@@ -1,4 +1,5 @@
-//! [`ChannelWorker`]: a background thread fed through a channel, stopped and joined on drop.
+//! [`ChannelWorker`]: a background thread fed through a channel, stopped and joined on drop;
+//! [`Reaper`]: one that drops what it is handed.
 
 use std::sync::mpsc;
 use std::thread::JoinHandle;
@@ -36,6 +37,30 @@ impl<T: Send + 'static> ChannelWorker<T> {
     }
 }
 
+/// A thread for clean-up that must not stall the thread that lets go of something: closing a
+/// large deleted file (the kernel then frees its blocks, discards them on a `discard` mount,
+/// and drops its cached pages), freeing thousands of buffers. Dropping the reaper waits for
+/// the work it was handed.
+pub(crate) struct Reaper(ChannelWorker<Box<dyn FnOnce() + Send>>);
+
+impl Reaper {
+    /// Starts thread `name`.
+    pub(crate) fn spawn(name: &str) -> std::io::Result<Self> {
+        ChannelWorker::spawn(name, |rx: mpsc::Receiver<Box<dyn FnOnce() + Send>>| {
+            while let Ok(job) = rx.recv() {
+                job();
+            }
+        })
+        .map(Self)
+    }
+
+    /// Runs `job` on the reaper's thread. If that thread has stopped, `job` is dropped
+    /// unrun, which drops what it holds here.
+    pub(crate) fn run(&self, job: impl FnOnce() + Send + 'static) {
+        self.0.send(Box::new(job));
+    }
+}
+
 impl<T> Drop for ChannelWorker<T> {
     fn drop(&mut self) {
         self.tx.take();
@@ -70,6 +95,31 @@ mod tests {
         drop(w);
         // Joined: the thread's clone is gone by the time drop returns.
         assert_eq!(Arc::strong_count(&held), 1);
+    }
+
+    #[test]
+    fn the_reaper_runs_on_its_own_thread_and_is_done_when_dropped() {
+        struct Noted(mpsc::Sender<Option<String>>);
+        impl Drop for Noted {
+            fn drop(&mut self) {
+                let _ = self
+                    .0
+                    .send(std::thread::current().name().map(str::to_owned));
+            }
+        }
+        let (tx, rx) = mpsc::channel();
+        let reaper = Reaper::spawn("test-reaper").expect("spawn");
+        let one = Noted(tx.clone());
+        reaper.run(move || drop(one));
+        let two = vec![Noted(tx.clone()), Noted(tx.clone())];
+        reaper.run(move || drop(two));
+        reaper.run(move || {
+            let _ = tx.send(std::thread::current().name().map(str::to_owned));
+        });
+        drop(reaper);
+        // All four were done by the time the reaper was dropped, and on its thread.
+        let threads: Vec<Option<String>> = rx.try_iter().collect();
+        assert_eq!(threads, vec![Some("test-reaper".to_owned()); 4]);
     }
 
     #[test]

@@ -318,6 +318,60 @@ pub struct Wal {
     on_sync: OnceLock<SyncObserver>,
 }
 
+/// The segments a [`Wal::purge`] deleted, still open. Closing a deleted file is when the
+/// kernel frees its blocks (and, on a file system mounted with `discard`, trims them) and
+/// drops its cached pages. For a 64 MiB segment at once that cost the Raft thread ~12 ms of
+/// CPU, and the next log `fdatasync`s waited ~10 ms more behind the trim (docs/PERFORMANCE.md,
+/// session 43), so the Raft thread hands this to a thread of its own, which calls
+/// [`close_gradually`](Self::close_gradually). Dropped, the files close at once.
+#[must_use = "dropping it closes the deleted segments at once, which can stall the disk"]
+pub struct Removed(Vec<Segment>);
+
+/// How much of a deleted segment [`Removed::close_gradually`] frees at a time.
+pub const RELEASE_STEP: u64 = 4 << 20;
+
+/// The pause between two of [`Removed::close_gradually`]'s steps.
+pub const RELEASE_PAUSE: Duration = Duration::from_millis(5);
+
+impl Removed {
+    /// How many segments were deleted.
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// Whether none was.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// Closes the deleted segments after shrinking each by [`RELEASE_STEP`] at a time, with
+    /// [`RELEASE_PAUSE`] between steps, so that the blocks are freed (and trimmed) in small
+    /// pieces that a log sync meanwhile does not queue behind; RocksDB deletes its files in
+    /// chunks for the same reason (`bytes_max_delete_chunk`). 64 MiB take ~100 ms. A failed
+    /// step is logged and the file closed at once.
+    pub fn close_gradually(self) {
+        for s in self.0 {
+            let mut len = match s.file.metadata() {
+                Ok(m) => m.len(),
+                Err(e) => {
+                    tracing::debug!(segment = %s.path.display(), error = %e,
+                        "closing a deleted raft log segment at once");
+                    continue;
+                }
+            };
+            while len > RELEASE_STEP {
+                len -= RELEASE_STEP;
+                if let Err(e) = s.file.set_len(len) {
+                    tracing::debug!(segment = %s.path.display(), error = %e,
+                        "closing a deleted raft log segment at once");
+                    break;
+                }
+                std::thread::sleep(RELEASE_PAUSE);
+            }
+        }
+    }
+}
+
 /// What [`Wal::state`] reports.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct WalState {
@@ -707,8 +761,9 @@ impl Wal {
     }
 
     /// Drops every entry up to `upto` and keeps `meta` as the purged id. Segments holding
-    /// nothing newer are deleted, after the purge record is synced.
-    pub fn purge(&self, upto: u64, meta: &[u8]) -> Result<()> {
+    /// nothing newer are deleted, after the purge record is synced; they are closed when the
+    /// returned [`Removed`] is dropped.
+    pub fn purge(&self, upto: u64, meta: &[u8]) -> Result<Removed> {
         let doomed: Vec<u64> = {
             let w = lock(&self.writer);
             let index = lock(&self.index);
@@ -727,14 +782,14 @@ impl Wal {
                 .filter_map(|seq| index.segments.remove(seq))
                 .collect()
         };
-        for s in removed {
+        for s in &removed {
             match fs::remove_file(&s.path) {
                 Ok(()) => {}
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
                 Err(e) => return Err(io_err(&s.path)(e)),
             }
         }
-        Ok(())
+        Ok(Removed(removed))
     }
 
     /// The entries with index in `[from, to)` that the log holds, in order.

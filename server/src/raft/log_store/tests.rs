@@ -371,11 +371,12 @@ fn the_entries_kept_in_memory_count_their_bytes_through_every_change() {
     r.truncate(8);
     assert_eq!(indexes(&r), (1..=7).collect::<Vec<_>>());
     assert_eq!(r.bytes, total(&r));
-    r.purge(3);
+    let gone: Vec<u64> = r.purge(3).iter().map(|e| e.log_id.index).collect();
+    assert_eq!(gone, vec![1, 2, 3]);
     assert_eq!(indexes(&r), (4..=7).collect::<Vec<_>>());
     assert_eq!(r.bytes, total(&r));
     // Purging below what is held, or truncating above it, changes nothing.
-    r.purge(1);
+    assert!(r.purge(1).is_empty());
     r.truncate(100);
     assert_eq!(indexes(&r), (4..=7).collect::<Vec<_>>());
     // A gap starts over.
@@ -395,6 +396,6 @@ fn the_entries_kept_in_memory_count_their_bytes_through_every_change() {
     r.push(&[big(24), big(25), big(26)]);
     assert_eq!(indexes(&r), vec![24, 25, 26]);
     assert_eq!(r.bytes, total(&r));
-    r.purge(u64::MAX);
+    assert_eq!(r.purge(u64::MAX).len(), 3);
     assert_eq!((r.first(), r.bytes), (None, 0));
 }

@@ -133,7 +133,7 @@ fn a_truncation_below_the_purge_point_leaves_the_next_entry_after_it() -> anyhow
     let dir = tempfile::tempdir()?;
     let wal = Wal::open(dir.path(), opts(1 << 20))?;
     append(&wal, 1..=10)?;
-    wal.purge(5, b"id 5")?;
+    drop(wal.purge(5, b"id 5")?);
     wal.truncate(3)?;
     assert_eq!(wal.state().entries, None);
     // What was purged stays purged: the next entry is 6, whether the truncation came in
@@ -194,6 +194,31 @@ fn a_very_large_write_does_not_keep_its_buffer() -> anyhow::Result<()> {
 }
 
 #[test]
+fn a_deleted_segment_is_freed_a_step_at_a_time_then_closed() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let path = dir.path().join("doomed");
+    let file = Arc::new(File::create(&path)?);
+    file.set_len(2 * RELEASE_STEP + 100)?;
+    fs::remove_file(&path)?;
+    let watcher = file.clone();
+    let removed = Removed(vec![Segment {
+        file,
+        path,
+        last_index: Some(1),
+    }]);
+    assert_eq!(removed.len(), 1);
+    removed.close_gradually();
+    // Shrunk by whole steps while more than one was left; the rest goes with the last handle.
+    assert_eq!(watcher.metadata()?.len(), 100);
+    assert_eq!(
+        Arc::strong_count(&watcher),
+        1,
+        "the segment's own handle is closed"
+    );
+    Ok(())
+}
+
+#[test]
 fn a_purge_deletes_the_segments_it_covers_and_survives_a_reopen() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     let wal = Wal::open(dir.path(), opts(4096))?;
@@ -201,9 +226,12 @@ fn a_purge_deletes_the_segments_it_covers_and_survives_a_reopen() -> anyhow::Res
         append(&wal, start..=start + 9)?;
     }
     let before = segment_files(dir.path())?.len();
-    wal.purge(150, b"id-150")?;
+    let removed = wal.purge(150, b"id-150")?;
+    // Deleted at once; only the closing is left to whoever drops `removed`.
     let after = segment_files(dir.path())?.len();
     assert!(after < before, "{before} -> {after} segments");
+    assert_eq!(removed.len(), before - after);
+    drop(removed);
     assert_eq!(after, wal.state().segments);
     assert_eq!(held(&wal)?, (151..=200).collect::<Vec<_>>());
     assert!(wal.read(0, 151)?.is_empty());
@@ -217,7 +245,7 @@ fn a_purge_deletes_the_segments_it_covers_and_survives_a_reopen() -> anyhow::Res
     );
     // A purge past the end (a snapshot installed) empties the log, and the next entry
     // follows the purged index.
-    wal.purge(500, b"id-500")?;
+    drop(wal.purge(500, b"id-500")?);
     assert_eq!(wal.state().entries, None);
     assert_eq!(
         segment_files(dir.path())?.len(),
