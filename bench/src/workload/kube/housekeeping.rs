@@ -126,6 +126,20 @@ async fn count(
     Ok((rev, Listed::Count(r.count.max(0) as u64)))
 }
 
+/// Whether `e` is a connection the member refused, so that the request never reached it.
+fn refused_before_sending(e: &Status) -> bool {
+    let mut cause = std::error::Error::source(e);
+    while let Some(c) = cause {
+        if c.downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::ConnectionRefused)
+        {
+            return true;
+        }
+        cause = c.source();
+    }
+    false
+}
+
 /// kube-apiserver's compactor: every interval, a Txn on `compact_rev_key` guarded by its
 /// version (so that several apiservers compact once), and if it wins, Compact at the revision
 /// the previous round saw. After each compaction, a watch from just below it must be refused.
@@ -157,16 +171,30 @@ pub async fn compactor(shared: Arc<Shared>, every: Duration) -> Housekeeping {
                 })),
             }],
         };
-        let t0 = Instant::now();
-        let r = match kv.txn(timed(txn)).await {
-            Ok(r) => r.into_inner(),
-            Err(e) => {
-                h.rec.error(format!("compact txn: {}", status_text(&e)));
-                conn.rotate();
-                continue;
+        // A member that refused the connection never saw the txn: kube-apiserver's etcd
+        // client sends it to another member at once (its balancer picks a live one), so the
+        // round goes on there rather than waiting for the next tick. Any other failure may
+        // have reached a member, and the round is over, as kube-apiserver's is.
+        let mut left = shared.channels.len();
+        let r = loop {
+            let t0 = Instant::now();
+            match kv.txn(timed(txn.clone())).await {
+                Ok(r) => {
+                    h.rec.record("compact-txn", t0.elapsed());
+                    break Some(r.into_inner());
+                }
+                Err(e) => {
+                    h.rec.error(format!("compact txn: {}", status_text(&e)));
+                    conn.rotate();
+                    left -= 1;
+                    if left == 0 || !refused_before_sending(&e) {
+                        break None;
+                    }
+                    kv = KvClient::new(conn.channel());
+                }
             }
         };
-        h.rec.record("compact-txn", t0.elapsed());
+        let Some(r) = r else { continue };
         let cur_rev = r.header.map_or(0, |h| h.revision);
         if !r.succeeded {
             // Someone else (an earlier attempt of ours whose answer was lost) won this round.
@@ -337,4 +365,33 @@ pub async fn health(shared: Arc<Shared>, every: Duration) -> Housekeeping {
         }
     }
     h
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_refused_connection_is_told_from_a_failure_after_sending() {
+        // A port nothing listens on any more: the connection is refused.
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free port")
+            .port();
+        let channel = tonic::transport::Endpoint::from_shared(format!("http://127.0.0.1:{port}"))
+            .expect("endpoint")
+            .connect_lazy();
+        let refused = KvClient::new(channel)
+            .txn(TxnRequest::default())
+            .await
+            .expect_err("nothing listens");
+        assert!(refused_before_sending(&refused), "{refused:?}");
+        // Statuses a member sent, or a deadline that passed, may follow a request it got.
+        assert!(!refused_before_sending(&Status::unavailable(
+            "etcdserver: leader changed"
+        )));
+        assert!(!refused_before_sending(&Status::deadline_exceeded(
+            "timeout expired"
+        )));
+    }
 }
