@@ -45,7 +45,8 @@ fn main() -> anyhow::Result<()> {
     // The tool logs nothing through `tracing`. Without a dispatcher set, `tracing`'s `log`
     // feature (on in workspace builds, for other crates) makes every span of h2's hot path
     // ask the `log` crate whether it is enabled: ~100 span calls and ~8 % of the tool's
-    // instructions per put (callgrind, docs/PERFORMANCE.md session 42). A no-op dispatcher turns the spans off outright.
+    // instructions per put (callgrind, docs/PERFORMANCE.md session 42). A no-op dispatcher
+    // turns the spans off outright.
     let _ = tracing::dispatcher::set_global_default(tracing::Dispatch::none());
     let rt = match cli.common.threads {
         1 => tokio::runtime::Builder::new_current_thread()

@@ -182,19 +182,13 @@ impl Context {
     /// Asks for a snapshot every `commands` applied commands, as etcd's `--snapshot-count`
     /// counts requests: an entry carries a whole group of commands (up to 1,024), so
     /// openraft's policy, which counts entries, would let the log grow a thousand times
-    /// longer under load. [`snapshot_due`](Self::snapshot_due) tells when one is due.
+    /// longer under load. [`SnapshotDue::wait`] tells when one is due.
     pub fn snapshot_every(&self, commands: u64) {
         self.snapshot_due.every.store(commands, Ordering::Relaxed);
     }
 
-    /// Returns once `--snapshot-count` commands have been applied since the last snapshot
-    /// (the server then triggers one).
-    pub async fn snapshot_due(&self) {
-        self.snapshot_due.wait().await
-    }
-
-    /// What [`snapshot_due`](Self::snapshot_due) waits on, for a task that must not keep the
-    /// state machine alive.
+    /// What tells when `--snapshot-count` commands have been applied since the last snapshot
+    /// (the server then triggers one), for a task that must not keep the state machine alive.
     pub fn snapshot_due_signal(&self) -> Arc<SnapshotDue> {
         self.snapshot_due.clone()
     }
@@ -210,10 +204,6 @@ impl Context {
     /// Where snapshots let the log be purged to, for the task that asks openraft to.
     pub fn purge_hint(&self) -> Arc<PurgeHint> {
         self.purge.clone()
-    }
-
-    fn count_commands(&self, n: u64) {
-        self.snapshot_due.count(n);
     }
 
     fn apply_entries(&self, entries: Vec<Entry>) -> Result<(), StorageError> {
@@ -322,7 +312,7 @@ impl Context {
             self.waiters.complete(seq, r);
         }
         self.observer.group_applied(commands);
-        self.count_commands(commands as u64);
+        self.snapshot_due.count(commands as u64);
         Ok(())
     }
 
@@ -1034,29 +1024,29 @@ mod tests {
         let mut sm = machine(HookedEngine::new(HoldCursors::default()), dir.path())?;
         let ctx = sm.ctx.clone();
         let due = || async {
-            tokio::time::timeout(Duration::from_millis(50), ctx.snapshot_due())
+            tokio::time::timeout(Duration::from_millis(50), ctx.snapshot_due.wait())
                 .await
                 .is_ok()
         };
-        ctx.count_commands(1_000_000);
+        ctx.snapshot_due.count(1_000_000);
         assert!(!due().await, "off until set");
         ctx.snapshot_every(10);
-        ctx.count_commands(4);
-        ctx.count_commands(4);
+        ctx.snapshot_due.count(4);
+        ctx.snapshot_due.count(4);
         assert!(!due().await, "8 of 10");
-        ctx.count_commands(4);
+        ctx.snapshot_due.count(4);
         assert!(due().await, "12 of 10, in three groups");
         // An apply while the snapshot is taken wakes the waiter again; once the snapshot is
         // taken that wake-up is stale.
-        ctx.count_commands(1);
+        ctx.snapshot_due.count(1);
         sm.get_snapshot_builder().await.build_snapshot().await?;
         assert!(
             !due().await,
             "0 since the snapshot, a wake-up from before it"
         );
-        ctx.count_commands(9);
+        ctx.snapshot_due.count(9);
         assert!(!due().await, "9 since the snapshot");
-        ctx.count_commands(1);
+        ctx.snapshot_due.count(1);
         assert!(due().await, "10 since the snapshot");
         Ok(())
     }
