@@ -12,7 +12,7 @@ pub enum Error {
     #[error("cannot connect to {endpoint}: {source}")]
     Connect {
         endpoint: String,
-        source: tonic::transport::Error,
+        source: Box<dyn std::error::Error + Send + Sync>,
     },
     /// A set-up call (opening a stream, granting a lease) failed.
     #[error("set-up failed: {0}")]

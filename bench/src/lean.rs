@@ -9,11 +9,11 @@
 //! type). They decode the same bytes as the full types, so any server's answer, MetaStore's or
 //! etcd's, costs the tool the same: the comparison stays side by side.
 
+use crate::conn::Conn;
 use bytes::{Buf, BufMut, Bytes};
 use prost::encoding::{self, DecodeContext, WireType};
 use prost::DecodeError;
 use tonic::codegen::http::uri::PathAndQuery;
-use tonic::transport::Channel;
 
 use metastore_proto::etcdserverpb::{RangeRequest, WatchRequest};
 
@@ -135,7 +135,7 @@ fn not_ready(e: impl std::fmt::Display) -> tonic::Status {
 
 /// `KV/Range`, answered as a [`RangeSummary`].
 pub async fn range(
-    grpc: &mut tonic::client::Grpc<Channel>,
+    grpc: &mut tonic::client::Grpc<Conn>,
     req: RangeRequest,
 ) -> Result<RangeSummary, tonic::Status> {
     grpc.ready().await.map_err(not_ready)?;
@@ -149,7 +149,7 @@ pub async fn range(
 
 /// `Watch/Watch`, its responses decoded as [`WatchResponse`].
 pub async fn watch(
-    channel: Channel,
+    channel: Conn,
     requests: impl tokio_stream::Stream<Item = WatchRequest> + Send + 'static,
 ) -> Result<tonic::Streaming<WatchResponse>, tonic::Status> {
     let mut grpc = tonic::client::Grpc::new(channel);

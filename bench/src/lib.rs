@@ -14,6 +14,8 @@
 //! - [`rate`]: the open-loop schedule: request *n* is due at `start + n / rate`, and its latency
 //!   is measured from that due time, so a server that falls behind shows the queueing it causes
 //!   (no coordinated omission).
+//! - [`conn`]: the gRPC connection the workloads use: tonic's stubs straight on an `h2`
+//!   connection, without the task hops of tonic's own channel.
 //! - [`runner`]: opens `--conns` gRPC connections and drives `--clients` concurrent requesters
 //!   over them until `--total` requests are done.
 //! - [`workload`]: one file per workload; each builds its requests and says what it measured
@@ -22,6 +24,7 @@
 //!   `--json` object.
 //! - `main.rs`: the command line.
 
+pub mod conn;
 pub mod error;
 pub mod keys;
 pub mod lean;

@@ -77,17 +77,21 @@ async fn run(mut cli: Cli) -> anyhow::Result<()> {
     }
     let common = &cli.common;
     common.validate()?;
-    let channels = runner::connect(common).await?;
     let bar = runner::progress(common, common.total);
+    // `kube` runs on tonic channels of its own (they reconnect); the others on `Conn`s.
+    let conns = || runner::connect(common);
     let report = match &cli.command {
-        Command::Kube(args) => return kube_command(common, args, &channels, &bar).await,
-        Command::Put => put::run(common, &channels, &bar).await,
-        Command::Range(a) => range::run(common, a, &channels, &bar).await,
-        Command::TxnPut(a) => txn_put::run(common, a, &channels, &bar).await,
-        Command::TxnMixed(a) => txn_mixed::run(common, a, &channels, &bar).await,
-        Command::Watch => watch::run(common, &channels, &bar).await,
-        Command::WatchLatency(a) => watch_latency::run(common, a, &channels, &bar).await,
-        Command::LeaseKeepalive => lease_keepalive::run(common, &channels, &bar).await,
+        Command::Kube(args) => {
+            let channels = runner::connect_channels(common).await?;
+            return kube_command(common, args, &channels, &bar).await;
+        }
+        Command::Put => put::run(common, &conns().await?, &bar).await,
+        Command::Range(a) => range::run(common, a, &conns().await?, &bar).await,
+        Command::TxnPut(a) => txn_put::run(common, a, &conns().await?, &bar).await,
+        Command::TxnMixed(a) => txn_mixed::run(common, a, &conns().await?, &bar).await,
+        Command::Watch => watch::run(common, &conns().await?, &bar).await,
+        Command::WatchLatency(a) => watch_latency::run(common, a, &conns().await?, &bar).await,
+        Command::LeaseKeepalive => lease_keepalive::run(common, &conns().await?, &bar).await,
     }?;
     print_report(common.json, &report)
 }

@@ -1,7 +1,8 @@
 //! Connections and concurrent requesters.
 //!
-//! `--conns` channels are opened round-robin over the endpoints (each a separate HTTP/2
-//! connection); requester `i` of `--clients` uses channel `i % conns`. The requesters share
+//! `--conns` connections are opened round-robin over the endpoints (each a separate HTTP/2
+//! connection: a [`Conn`], or tonic's `Channel` for `kube`, whose connections must outlive a
+//! member's restart); requester `i` of `--clients` uses connection `i % conns`. The requesters share
 //! one counter of issued requests, so `--total` is exact however fast each one is, and
 //! with `--rate` they share one [`Schedule`].
 
@@ -13,22 +14,19 @@ use std::time::Instant;
 use indicatif::ProgressBar;
 use tonic::transport::{Channel, Endpoint};
 
+use crate::conn::Conn;
 use crate::error::{Error, Result};
 use crate::options::Common;
 use crate::rate::Schedule;
 use crate::report::{Recorder, Report};
 
-/// A workload driven request by request.
-pub trait Workload: Send + Sync + 'static {
+/// A workload driven request by request, on connections of type `C`.
+pub trait Workload<C = Conn>: Send + Sync + 'static {
     /// What one requester keeps between requests (gRPC client, stream, random state).
     type Client: Send + 'static;
 
     /// Prepares requester `id` on `channel`; not measured.
-    fn client(
-        &self,
-        channel: Channel,
-        id: usize,
-    ) -> impl Future<Output = Result<Self::Client>> + Send;
+    fn client(&self, channel: C, id: usize) -> impl Future<Output = Result<Self::Client>> + Send;
 
     /// Sends request `seq` and waits for its answer; returns the kind of operation it was.
     fn call(
@@ -38,25 +36,46 @@ pub trait Workload: Send + Sync + 'static {
     ) -> impl Future<Output = Result<&'static str, tonic::Status>> + Send;
 }
 
-/// Opens `--conns` connections, round-robin over `--endpoints`.
-pub async fn connect(common: &Common) -> Result<Vec<Channel>> {
+/// The URL of each of the `--conns` connections, round-robin over `--endpoints`.
+fn urls(common: &Common) -> Vec<String> {
     let endpoints: Vec<&str> = common
         .endpoints
         .iter()
         .map(|e| e.trim())
         .filter(|e| !e.is_empty())
         .collect();
+    if endpoints.is_empty() {
+        return Vec::new();
+    }
+    (0..common.conns)
+        .map(|i| {
+            let e = endpoints[i % endpoints.len()];
+            if e.contains("://") {
+                e.to_string()
+            } else {
+                format!("http://{e}")
+            }
+        })
+        .collect()
+}
+
+/// Opens `--conns` connections, round-robin over `--endpoints`.
+pub async fn connect(common: &Common) -> Result<Vec<Conn>> {
+    let mut conns = Vec::with_capacity(common.conns);
+    for url in urls(common) {
+        conns.push(Conn::connect(&url).await?);
+    }
+    Ok(conns)
+}
+
+/// Opens `--conns` tonic channels, round-robin over `--endpoints`: `kube`'s, which reconnect
+/// when a member comes back.
+pub async fn connect_channels(common: &Common) -> Result<Vec<Channel>> {
     let mut channels = Vec::with_capacity(common.conns);
-    for i in 0..common.conns {
-        let e = endpoints[i % endpoints.len()];
-        let url = if e.contains("://") {
-            e.to_string()
-        } else {
-            format!("http://{e}")
-        };
-        let connect_err = |source| Error::Connect {
+    for url in urls(common) {
+        let connect_err = |source: tonic::transport::Error| Error::Connect {
             endpoint: url.clone(),
-            source,
+            source: source.into(),
         };
         let channel = Endpoint::from_shared(url.clone())
             .map_err(connect_err)?
@@ -87,10 +106,10 @@ pub fn progress(common: &Common, len: u64) -> ProgressBar {
 
 /// Runs `--total` requests of `workload` from `--clients` requesters and reports them under
 /// the name `name`.
-pub async fn run<W: Workload>(
+pub async fn run<C: Clone, W: Workload<C>>(
     name: &str,
     common: &Common,
-    channels: &[Channel],
+    channels: &[C],
     workload: Arc<W>,
     bar: &ProgressBar,
 ) -> Result<Report> {
@@ -99,9 +118,9 @@ pub async fn run<W: Workload>(
 }
 
 /// The measured part of [`run`]: the merged recorder and the wall time.
-pub async fn drive<W: Workload>(
+pub async fn drive<C: Clone, W: Workload<C>>(
     common: &Common,
-    channels: &[Channel],
+    channels: &[C],
     workload: Arc<W>,
     bar: &ProgressBar,
 ) -> Result<(Recorder, std::time::Duration)> {

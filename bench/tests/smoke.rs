@@ -72,6 +72,9 @@ async fn kv_workloads_against_metastore() -> anyhow::Result<()> {
         "metastore",
         "--listen-client-urls",
         "http://127.0.0.1:0",
+        // One member: its peer port is never dialled, but tests run in parallel.
+        "--listen-peer-urls",
+        "http://127.0.0.1:0",
         "--data-dir",
         &data,
     ])?;

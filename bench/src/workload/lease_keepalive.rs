@@ -4,13 +4,13 @@
 
 use std::sync::Arc;
 
+use crate::conn::Conn;
 use indicatif::ProgressBar;
 use metastore_proto::etcdserverpb::{
     lease_client::LeaseClient, LeaseGrantRequest, LeaseKeepAliveRequest, LeaseKeepAliveResponse,
 };
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::transport::Channel;
 
 use crate::error::{Error, Result};
 use crate::options::Common;
@@ -47,7 +47,7 @@ pub struct LeaseKeepalive;
 impl Workload for LeaseKeepalive {
     type Client = KeepAlive;
 
-    async fn client(&self, channel: Channel, _id: usize) -> Result<Self::Client> {
+    async fn client(&self, channel: Conn, _id: usize) -> Result<Self::Client> {
         let mut lease = LeaseClient::new(channel);
         let id = lease
             .lease_grant(LeaseGrantRequest {
@@ -84,7 +84,7 @@ impl Workload for LeaseKeepalive {
     }
 }
 
-pub async fn run(common: &Common, channels: &[Channel], bar: &ProgressBar) -> Result<Report> {
+pub async fn run(common: &Common, channels: &[Conn], bar: &ProgressBar) -> Result<Report> {
     runner::run(
         "lease-keepalive",
         common,

@@ -10,14 +10,14 @@ pub mod txn_put;
 pub mod watch;
 pub mod watch_latency;
 
+use crate::conn::Conn;
 use metastore_proto::etcdserverpb::kv_client::KvClient;
-use tonic::transport::Channel;
 
 use crate::keys::Rng;
 
 /// The client of the KV workloads that pick keys at random: a KV stub and a per-client
 /// random generator seeded by the client's number (so runs are repeatable).
-pub(crate) fn kv_client_with_rng(channel: Channel, id: usize) -> (KvClient<Channel>, Rng) {
+pub(crate) fn kv_client_with_rng(channel: Conn, id: usize) -> (KvClient<Conn>, Rng) {
     (KvClient::new(channel), Rng::seeded(id as u64))
 }
 

@@ -2,10 +2,10 @@
 
 use std::sync::Arc;
 
+use crate::conn::Conn;
 use bytes::Bytes;
 use indicatif::ProgressBar;
 use metastore_proto::etcdserverpb::{kv_client::KvClient, PutRequest};
-use tonic::transport::Channel;
 
 use crate::error::Result;
 use crate::keys::{self, KeySpace, Rng};
@@ -33,9 +33,9 @@ impl Put {
 }
 
 impl Workload for Put {
-    type Client = (KvClient<Channel>, Rng);
+    type Client = (KvClient<Conn>, Rng);
 
-    async fn client(&self, channel: Channel, id: usize) -> Result<Self::Client> {
+    async fn client(&self, channel: Conn, id: usize) -> Result<Self::Client> {
         Ok(super::kv_client_with_rng(channel, id))
     }
 
@@ -55,7 +55,7 @@ impl Workload for Put {
     }
 }
 
-pub async fn run(common: &Common, channels: &[Channel], bar: &ProgressBar) -> Result<Report> {
+pub async fn run(common: &Common, channels: &[Conn], bar: &ProgressBar) -> Result<Report> {
     let w = Arc::new(Put::new(common)?);
     runner::run("put", common, channels, w, bar).await
 }

@@ -2,10 +2,10 @@
 
 use std::sync::Arc;
 
+use crate::conn::Conn;
 use bytes::Bytes;
 use indicatif::ProgressBar;
 use metastore_proto::etcdserverpb::RangeRequest;
-use tonic::transport::Channel;
 
 use crate::error::Result;
 use crate::keys::{self, KeySpace};
@@ -72,9 +72,9 @@ impl RangeArgs {
 pub struct Range(RangeRequest);
 
 impl Workload for Range {
-    type Client = tonic::client::Grpc<Channel>;
+    type Client = tonic::client::Grpc<Conn>;
 
-    async fn client(&self, channel: Channel, _id: usize) -> Result<Self::Client> {
+    async fn client(&self, channel: Conn, _id: usize) -> Result<Self::Client> {
         Ok(tonic::client::Grpc::new(channel))
     }
 
@@ -94,7 +94,7 @@ impl Workload for Range {
 pub async fn run(
     common: &Common,
     args: &RangeArgs,
-    channels: &[Channel],
+    channels: &[Conn],
     bar: &ProgressBar,
 ) -> Result<Report> {
     let w = Arc::new(Range(args.request(common)?));

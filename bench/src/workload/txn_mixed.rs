@@ -3,12 +3,12 @@
 
 use std::sync::Arc;
 
+use crate::conn::Conn;
 use bytes::Bytes;
 use indicatif::ProgressBar;
 use metastore_proto::etcdserverpb::{
     kv_client::KvClient, request_op, PutRequest, RangeRequest, RequestOp, TxnRequest,
 };
-use tonic::transport::Channel;
 
 use crate::error::{Error, Result};
 use crate::keys::{self, KeySpace, Rng};
@@ -41,9 +41,9 @@ pub struct TxnMixed {
 }
 
 impl Workload for TxnMixed {
-    type Client = (KvClient<Channel>, Rng);
+    type Client = (KvClient<Conn>, Rng);
 
-    async fn client(&self, channel: Channel, id: usize) -> Result<Self::Client> {
+    async fn client(&self, channel: Conn, id: usize) -> Result<Self::Client> {
         Ok(super::kv_client_with_rng(channel, id))
     }
 
@@ -81,7 +81,7 @@ impl Workload for TxnMixed {
 pub async fn run(
     common: &Common,
     args: &TxnMixedArgs,
-    channels: &[Channel],
+    channels: &[Conn],
     bar: &ProgressBar,
 ) -> Result<Report> {
     if !(args.rw_ratio >= 0.0 && args.rw_ratio.is_finite()) {

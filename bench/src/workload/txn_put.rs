@@ -2,12 +2,12 @@
 
 use std::sync::Arc;
 
+use crate::conn::Conn;
 use bytes::Bytes;
 use indicatif::ProgressBar;
 use metastore_proto::etcdserverpb::{
     kv_client::KvClient, request_op, PutRequest, RequestOp, TxnRequest,
 };
-use tonic::transport::Channel;
 
 use crate::error::{Error, Result};
 use crate::keys::{self, KeySpace, Rng};
@@ -30,9 +30,9 @@ pub struct TxnPut {
 }
 
 impl Workload for TxnPut {
-    type Client = (KvClient<Channel>, Rng);
+    type Client = (KvClient<Conn>, Rng);
 
-    async fn client(&self, channel: Channel, id: usize) -> Result<Self::Client> {
+    async fn client(&self, channel: Conn, id: usize) -> Result<Self::Client> {
         Ok(super::kv_client_with_rng(channel, id))
     }
 
@@ -63,7 +63,7 @@ impl Workload for TxnPut {
 pub async fn run(
     common: &Common,
     args: &TxnPutArgs,
-    channels: &[Channel],
+    channels: &[Conn],
     bar: &ProgressBar,
 ) -> Result<Report> {
     let keys = KeySpace::new(

@@ -4,11 +4,11 @@
 
 use std::sync::Arc;
 
+use crate::conn::Conn;
 use indicatif::ProgressBar;
 use metastore_proto::etcdserverpb::{watch_request, WatchCreateRequest, WatchRequest};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::transport::Channel;
 
 use crate::error::{Error, Result};
 use crate::keys::{KeySpace, Rng};
@@ -33,7 +33,7 @@ fn create(req: WatchCreateRequest) -> WatchRequest {
 impl WatchStream {
     /// Opens a stream with `first` as its first watcher. The first request is queued before the
     /// call, because a gRPC server may send no response headers until it has something to say.
-    pub async fn open(channel: Channel, first: WatchCreateRequest) -> Result<Self> {
+    pub async fn open(channel: Conn, first: WatchCreateRequest) -> Result<Self> {
         let (tx, rx) = mpsc::channel(64);
         tx.send(create(first))
             .await
@@ -83,7 +83,7 @@ pub struct Watch {
 impl Workload for Watch {
     type Client = (WatchStream, Rng);
 
-    async fn client(&self, channel: Channel, id: usize) -> Result<Self::Client> {
+    async fn client(&self, channel: Conn, id: usize) -> Result<Self::Client> {
         let first = WatchCreateRequest {
             key: self.keys.key(0),
             ..Default::default()
@@ -110,7 +110,7 @@ impl Workload for Watch {
     }
 }
 
-pub async fn run(common: &Common, channels: &[Channel], bar: &ProgressBar) -> Result<Report> {
+pub async fn run(common: &Common, channels: &[Conn], bar: &ProgressBar) -> Result<Report> {
     let keys = KeySpace::new(
         common.key_size,
         common.key_space_size,

@@ -14,11 +14,11 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::conn::Conn;
 use bytes::{BufMut, Bytes, BytesMut};
 use indicatif::ProgressBar;
 use metastore_proto::etcdserverpb::{kv_client::KvClient, PutRequest, WatchCreateRequest};
 use tokio::task::JoinSet;
-use tonic::transport::Channel;
 
 use crate::error::{Error, Result};
 use crate::keys::{KeySpace, Rng};
@@ -50,9 +50,9 @@ struct StampedPut {
 }
 
 impl Workload for StampedPut {
-    type Client = (KvClient<Channel>, Rng);
+    type Client = (KvClient<Conn>, Rng);
 
-    async fn client(&self, channel: Channel, id: usize) -> Result<Self::Client> {
+    async fn client(&self, channel: Conn, id: usize) -> Result<Self::Client> {
         Ok(super::kv_client_with_rng(channel, id))
     }
 
@@ -85,7 +85,7 @@ fn event_latency(now: Duration, value: &Bytes) -> Option<Duration> {
 pub async fn run(
     common: &Common,
     args: &WatchLatencyArgs,
-    channels: &[Channel],
+    channels: &[Conn],
     bar: &ProgressBar,
 ) -> Result<Report> {
     common.validate()?;

@@ -475,7 +475,7 @@ pub async fn run(
         return Err(Error::Options("no connection".into()));
     }
     let version = server_version(channels).await?;
-    let watch_channels = runner::connect(common).await?;
+    let watch_channels = runner::connect_channels(common).await?;
     if watch_channels.len() != channels.len() {
         return Err(Error::Options(
             "the watch connections must mirror the request connections".into(),

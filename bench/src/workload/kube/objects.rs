@@ -416,7 +416,7 @@ impl Writers {
     }
 }
 
-impl Workload for Writers {
+impl Workload<Channel> for Writers {
     type Client = Writer;
 
     async fn client(&self, _channel: Channel, id: usize) -> Result<Self::Client> {
