@@ -55,7 +55,12 @@ impl Conn {
             .cloned()
             .ok_or_else(|| err(format!("no host in {url}").into()))?;
         let port = authority.port_u16().unwrap_or(80);
-        let tcp = TcpStream::connect((authority.host(), port))
+        // An IPv6 literal is written in brackets in a URL, not in an address.
+        let host = authority
+            .host()
+            .trim_start_matches('[')
+            .trim_end_matches(']');
+        let tcp = TcpStream::connect((host, port))
             .await
             .map_err(|e| err(e.into()))?;
         tcp.set_nodelay(true).map_err(|e| err(e.into()))?;
@@ -381,6 +386,10 @@ mod tests {
         drop(listener);
         let refused = Conn::connect(&format!("http://{addr}")).await;
         assert!(matches!(refused, Err(Error::Connect { .. })), "{refused:?}");
+        // An IPv6 literal: a refusal from that address, not a failed lookup of "[::1]".
+        let v6 = Conn::connect(&format!("http://[::1]:{}", addr.port())).await;
+        let message = v6.err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(!message.contains("lookup"), "{message}");
         let tls = Conn::connect("https://127.0.0.1:2379").await;
         let message = tls.err().map(|e| e.to_string()).unwrap_or_default();
         assert!(message.contains("only http://"), "{message}");
