@@ -31,7 +31,6 @@ type BoxError = Box<dyn StdError + Send + Sync>;
 #[derive(Clone, Debug)]
 pub struct Conn {
     send: h2::client::SendRequest<Bytes>,
-    scheme: Scheme,
     authority: Authority,
 }
 
@@ -80,11 +79,7 @@ impl Conn {
                 tracing::debug!(error = %e, "connection ended");
             }
         });
-        Ok(Self {
-            send,
-            scheme: Scheme::HTTP,
-            authority,
-        })
+        Ok(Self { send, authority })
     }
 
     /// Sends `req` as one HTTP/2 stream and waits for the answer's headers.
@@ -96,7 +91,7 @@ impl Conn {
         // tonic's stubs write only the path: the origin is the connection's, as tonic's own
         // channel adds it.
         let mut uri = std::mem::take(&mut parts.uri).into_parts();
-        uri.scheme = Some(self.scheme.clone());
+        uri.scheme = Some(Scheme::HTTP);
         uri.authority = Some(self.authority.clone());
         parts.uri = Uri::from_parts(uri)?;
         let mut send = self.send.ready().await?;

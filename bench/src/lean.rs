@@ -9,13 +9,14 @@
 //! type). They decode the same bytes as the full types, so any server's answer, MetaStore's or
 //! etcd's, costs the tool the same: the comparison stays side by side.
 
-use crate::conn::Conn;
 use bytes::{Buf, BufMut, Bytes};
 use prost::encoding::{self, DecodeContext, WireType};
 use prost::DecodeError;
 use tonic::codegen::http::uri::PathAndQuery;
 
 use metastore_proto::etcdserverpb::{RangeRequest, WatchRequest};
+
+use crate::conn::Conn;
 
 /// What the tool checks of a `RangeResponse`: its counts, not its key-values.
 #[derive(Debug, Default, Clone, PartialEq)]

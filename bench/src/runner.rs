@@ -2,9 +2,9 @@
 //!
 //! `--conns` connections are opened round-robin over the endpoints (each a separate HTTP/2
 //! connection: a [`Conn`], or tonic's `Channel` for `kube`, whose connections must outlive a
-//! member's restart); requester `i` of `--clients` uses connection `i % conns`. The requesters share
-//! one counter of issued requests, so `--total` is exact however fast each one is, and
-//! with `--rate` they share one [`Schedule`].
+//! member's restart); requester `i` of `--clients` uses connection `i % conns`. The
+//! requesters share one counter of issued requests, so `--total` is exact however fast each
+//! one is, and with `--rate` they share one [`Schedule`].
 
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};

@@ -1,5 +1,5 @@
 //! [`ChannelWorker`]: a background thread fed through a channel, stopped and joined on drop;
-//! [`Reaper`]: one that drops what it is handed.
+//! [`Reaper`]: one that runs the clean-up jobs it is handed.
 
 use std::sync::mpsc;
 use std::thread::JoinHandle;

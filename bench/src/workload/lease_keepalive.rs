@@ -4,7 +4,6 @@
 
 use std::sync::Arc;
 
-use crate::conn::Conn;
 use indicatif::ProgressBar;
 use metastore_proto::etcdserverpb::{
     lease_client::LeaseClient, LeaseGrantRequest, LeaseKeepAliveRequest, LeaseKeepAliveResponse,
@@ -12,6 +11,7 @@ use metastore_proto::etcdserverpb::{
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 
+use crate::conn::Conn;
 use crate::error::{Error, Result};
 use crate::options::Common;
 use crate::report::Report;

@@ -10,9 +10,9 @@ pub mod txn_put;
 pub mod watch;
 pub mod watch_latency;
 
-use crate::conn::Conn;
 use metastore_proto::etcdserverpb::kv_client::KvClient;
 
+use crate::conn::Conn;
 use crate::keys::Rng;
 
 /// The client of the KV workloads that pick keys at random: a KV stub and a per-client

@@ -2,11 +2,11 @@
 
 use std::sync::Arc;
 
-use crate::conn::Conn;
 use bytes::Bytes;
 use indicatif::ProgressBar;
 use metastore_proto::etcdserverpb::{kv_client::KvClient, PutRequest};
 
+use crate::conn::Conn;
 use crate::error::Result;
 use crate::keys::{self, KeySpace, Rng};
 use crate::options::Common;

@@ -2,11 +2,11 @@
 
 use std::sync::Arc;
 
-use crate::conn::Conn;
 use bytes::Bytes;
 use indicatif::ProgressBar;
 use metastore_proto::etcdserverpb::RangeRequest;
 
+use crate::conn::Conn;
 use crate::error::Result;
 use crate::keys::{self, KeySpace};
 use crate::lean;

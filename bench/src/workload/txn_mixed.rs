@@ -3,13 +3,13 @@
 
 use std::sync::Arc;
 
-use crate::conn::Conn;
 use bytes::Bytes;
 use indicatif::ProgressBar;
 use metastore_proto::etcdserverpb::{
     kv_client::KvClient, request_op, PutRequest, RangeRequest, RequestOp, TxnRequest,
 };
 
+use crate::conn::Conn;
 use crate::error::{Error, Result};
 use crate::keys::{self, KeySpace, Rng};
 use crate::options::Common;

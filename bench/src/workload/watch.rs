@@ -4,12 +4,12 @@
 
 use std::sync::Arc;
 
-use crate::conn::Conn;
 use indicatif::ProgressBar;
 use metastore_proto::etcdserverpb::{watch_request, WatchCreateRequest, WatchRequest};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 
+use crate::conn::Conn;
 use crate::error::{Error, Result};
 use crate::keys::{KeySpace, Rng};
 use crate::lean::{self, WatchResponse};

@@ -14,12 +14,12 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::conn::Conn;
 use bytes::{BufMut, Bytes, BytesMut};
 use indicatif::ProgressBar;
 use metastore_proto::etcdserverpb::{kv_client::KvClient, PutRequest, WatchCreateRequest};
 use tokio::task::JoinSet;
 
+use crate::conn::Conn;
 use crate::error::{Error, Result};
 use crate::keys::{KeySpace, Rng};
 use crate::options::Common;
