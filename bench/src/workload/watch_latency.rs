@@ -14,7 +14,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bytes::{BufMut, Bytes, BytesMut};
+use bytes::{BufMut, BytesMut};
 use indicatif::ProgressBar;
 use metastore_proto::etcdserverpb::{kv_client::KvClient, PutRequest, WatchCreateRequest};
 use tokio::task::JoinSet;
@@ -75,11 +75,11 @@ impl Workload for StampedPut {
     }
 }
 
-/// The latency of an event whose value was stamped by [`StampedPut`], received `now` after
-/// the base time (read once per response: its events arrived together).
-fn event_latency(now: Duration, value: &Bytes) -> Option<Duration> {
-    let stamp = u64::from_be_bytes(value.get(..8)?.try_into().ok()?);
-    now.checked_sub(Duration::from_nanos(stamp))
+/// The latency of an event whose value was stamped by [`StampedPut`] (its first 8 bytes, as
+/// [`crate::lean::KeyValue`] reads them), received `now` after the base time (read once per
+/// response: its events arrived together).
+fn event_latency(now: Duration, stamp: Option<u64>) -> Option<Duration> {
+    now.checked_sub(Duration::from_nanos(stamp?))
 }
 
 pub async fn run(
@@ -134,8 +134,7 @@ pub async fn run(
                         let now = arrived.saturating_duration_since(base);
                         for ev in resp.events {
                             got += 1;
-                            let value = ev.kv.map(|kv| kv.value).unwrap_or_default();
-                            match event_latency(now, &value) {
+                            match event_latency(now, ev.kv.and_then(|kv| kv.stamp)) {
                                 Some(l) => rec.record("event", l),
                                 None => rec.error("event without a time stamp"),
                             }
@@ -195,15 +194,21 @@ mod tests {
 
     #[test]
     fn stamps_round_trip() {
+        use prost::Message;
+        // A value as `StampedPut` writes it, read back through the lean key-value.
         let stamp = Duration::from_secs(4).as_nanos() as u64;
-        let mut v = stamp.to_be_bytes().to_vec();
-        v.extend_from_slice(b"vvvv");
+        let mut value = stamp.to_be_bytes().to_vec();
+        value.extend_from_slice(b"vvvv");
+        let full = metastore_proto::mvccpb::KeyValue {
+            value: bytes::Bytes::from(value),
+            ..Default::default()
+        };
+        let read = crate::lean::KeyValue::decode(full.encode_to_vec().as_slice())
+            .map(|kv| kv.stamp)
+            .unwrap_or_default();
         let now = Duration::from_millis(5_250);
-        assert_eq!(
-            event_latency(now, &Bytes::from(v.clone())),
-            Some(Duration::from_millis(1_250))
-        );
-        assert_eq!(event_latency(Duration::from_secs(3), &Bytes::from(v)), None);
-        assert_eq!(event_latency(now, &Bytes::from_static(b"short")), None);
+        assert_eq!(event_latency(now, read), Some(Duration::from_millis(1_250)));
+        assert_eq!(event_latency(Duration::from_secs(3), read), None);
+        assert_eq!(event_latency(now, None), None);
     }
 }
