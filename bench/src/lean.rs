@@ -142,12 +142,7 @@ impl prost::Message for WatchResponse {
             4 => encoding::bool::merge(wire_type, &mut self.canceled, buf, ctx),
             6 => encoding::string::merge(wire_type, &mut self.cancel_reason, buf, ctx),
             11 => {
-                encoding::check_wire_type(WireType::LengthDelimited, wire_type)?;
-                let len = encoding::decode_varint(buf)?;
-                if len > buf.remaining() as u64 {
-                    return Err(underflow());
-                }
-                let len = len as usize;
+                let len = field_len(wire_type, buf)?;
                 let mut event = Event::default();
                 if buf.chunk().len() >= len {
                     // The event lies in one piece (always, in tonic's decode buffer): read from
@@ -191,11 +186,18 @@ impl prost::Message for WatchResponse {
     }
 }
 
-/// prost's error for a length that runs past the message (`skip_field` and `bytes::merge`
-/// say the same); `DecodeError::new` is prost's only way to make one outside the crate.
-#[allow(deprecated)]
-fn underflow() -> DecodeError {
-    DecodeError::new("buffer underflow")
+/// The length of a length-delimited field whose key was just read, checked against what
+/// `buf` holds (with prost's own error when it runs past: `skip_field` and `bytes::merge` say
+/// the same).
+fn field_len(wire_type: WireType, buf: &mut impl Buf) -> Result<usize, DecodeError> {
+    encoding::check_wire_type(WireType::LengthDelimited, wire_type)?;
+    let len = encoding::decode_varint(buf)?;
+    if len > buf.remaining() as u64 {
+        // `DecodeError::new` is prost's only way to make one outside the crate.
+        #[allow(deprecated)]
+        return Err(DecodeError::new("buffer underflow"));
+    }
+    Ok(len as usize)
 }
 
 /// An event: only its key-value.
@@ -235,12 +237,7 @@ impl prost::Message for KeyValue {
         if tag != 5 {
             return encoding::skip_field(wire_type, tag, buf, ctx);
         }
-        encoding::check_wire_type(WireType::LengthDelimited, wire_type)?;
-        let len = encoding::decode_varint(buf)?;
-        if len > buf.remaining() as u64 {
-            return Err(underflow());
-        }
-        let len = len as usize;
+        let len = field_len(wire_type, buf)?;
         // A repeated field replaces the earlier one, as protobuf's last-one-wins rule says.
         self.stamp = (len >= 8).then(|| buf.get_u64());
         buf.advance(len - if len >= 8 { 8 } else { 0 });
