@@ -4,13 +4,14 @@
 //! the report must count every one of them and no error. (`e2e/test_bench_compare.py` runs
 //! `bench/compare --quick`, which drives every workload against both servers end to end.)
 
+mod common;
+
 use std::net::SocketAddr;
 use std::path::Path;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context};
-use metastore::server::config::Config;
 use serde_json::Value;
 
 const ETCD: &str = "/usr/bin/etcd";
@@ -67,18 +68,7 @@ fn expect_mixed(report: Value, total: u64) -> anyhow::Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kv_workloads_against_metastore() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
-    let data = dir.path().join("data").display().to_string();
-    let config = Config::load([
-        "metastore",
-        "--listen-client-urls",
-        "http://127.0.0.1:0",
-        // One member: its peer port is never dialled, but tests run in parallel.
-        "--listen-peer-urls",
-        "http://127.0.0.1:0",
-        "--data-dir",
-        &data,
-    ])?;
-    let server = metastore::server::start(&config).await?;
+    let server = common::metastore(&dir).await?;
     let addr = server.client_addrs()[0];
     let keys = ["--key-space-size", "100", "--key-size", "8"];
     let conc = ["--conns", "2", "--clients", "4"];
