@@ -73,8 +73,8 @@ impl prost::Message for RangeSummary {
     ) -> Result<(), DecodeError> {
         match tag {
             2 => {
-                encoding::check_wire_type(WireType::LengthDelimited, wire_type)?;
-                encoding::skip_field(wire_type, tag, buf, ctx)?;
+                let len = field_len(wire_type, buf)?;
+                buf.advance(len);
                 self.kvs += 1;
                 Ok(())
             }
