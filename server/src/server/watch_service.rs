@@ -194,7 +194,7 @@ impl Encoder for WatchCodec {
         Ok(())
     }
 
-    /// tonic's defaults, written out because [`room`] is sized by them.
+    /// tonic's defaults, written out because the burst room (`room`) is sized by them.
     fn buffer_settings(&self) -> BufferSettings {
         BufferSettings::new(ENCODE_BUFFER, ENCODE_YIELD)
     }
