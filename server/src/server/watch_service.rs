@@ -214,9 +214,10 @@ const BURST_ROOM: usize = ENCODE_YIELD + 8 * 1024;
 /// The room to reserve for an answer of `need` bytes with `buffered` bytes buffered.
 ///
 /// Growing by what each answer needs doubles the buffer from 8 to 64 KiB on the way to
-/// every 32 KiB chunk of a burst, copying the bytes buffered at each step: ~1.7 bytes copied
-/// per byte sent, more than the answers' own encoding (docs/PERFORMANCE.md, session 47). In a
-/// burst the buffer grows once, to [`BURST_ROOM`].
+/// every 32 KiB chunk of a burst, copying the bytes buffered at each step: two thirds of a
+/// byte copied per byte sent (the unit test below), about what copying the answers' events
+/// in costs (docs/PERFORMANCE.md, session 47). In a burst the buffer grows once, to
+/// [`BURST_ROOM`].
 fn room(need: usize, buffered: usize) -> usize {
     if buffered >= BURST_FROM {
         need.max(BURST_ROOM.saturating_sub(buffered))
