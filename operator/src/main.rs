@@ -6,6 +6,7 @@
 //! - `metastore-operator render --file cluster.yaml`: the objects the first reconcile of that
 //!   cluster applies, as a YAML stream.
 
+use std::io::IsTerminal;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
@@ -74,6 +75,8 @@ async fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        // Colours only on a terminal: a log file, a pipe or `kubectl logs` gets plain text.
+        .with_ansi(std::io::stderr().is_terminal())
         .init();
     match args.command {
         Some(Command::Render { file }) => {

@@ -15,6 +15,7 @@
 //! - [`server`]: configuration, the write pipeline (group commit), the tonic services, the
 //!   error → gRPC status table, HTTP endpoints and metrics.
 //! - [`restore`]: `metastore snapshot restore/status`, offline tools over snapshot files.
+//! - [`malloc`]: glibc's allocator thresholds, fixed at start for the server's buffers.
 //! - [`tls`]: TLS on the client and peer ports (rustls), certificates reread on change, TLS
 //!   clients for `https://` peers; used by [`server`] and the peer network in [`raft`].
 //!
@@ -24,6 +25,7 @@ pub mod apply;
 pub mod auth;
 pub mod fuzz;
 pub mod lease;
+pub mod malloc;
 pub mod migrate;
 pub mod mvcc;
 pub mod raft;

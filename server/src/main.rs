@@ -1,5 +1,6 @@
 //! The `metastore` daemon.
 
+use std::io::IsTerminal;
 use std::time::Duration;
 
 use anyhow::Context;
@@ -24,7 +25,25 @@ fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(EnvFilter::try_new(&config.log_level).context("--log-level")?)
         .with_writer(std::io::stderr)
+        // Colours only on a terminal: a log file, a pipe or `kubectl logs` gets plain text.
+        .with_ansi(std::io::stderr().is_terminal())
         .init();
+    // Before the runtime's threads start allocating (`metastore::malloc`).
+    match metastore::malloc::tune() {
+        metastore::malloc::Tuning::Set { mmap, trim } => {
+            tracing::debug!(mmap, trim, "glibc malloc thresholds fixed")
+        }
+        metastore::malloc::Tuning::LeftToEnvironment(name) => {
+            tracing::info!(
+                setting = name,
+                "glibc malloc thresholds left to the environment"
+            )
+        }
+        metastore::malloc::Tuning::Refused(name) => {
+            tracing::warn!(setting = name, "glibc refused a malloc threshold")
+        }
+        metastore::malloc::Tuning::Unsupported => {}
+    }
     // One worker per core, less the Raft thread's core in a one-member cluster
     // (`Config::worker_threads_for`).
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
@@ -72,6 +91,8 @@ fn migrate() -> anyhow::Result<()> {
             EnvFilter::try_from_env("METASTORE_LOG_LEVEL").unwrap_or_else(|_| "info".into()),
         )
         .with_writer(std::io::stderr)
+        // Colours only on a terminal: a log file, a pipe or `kubectl logs` gets plain text.
+        .with_ansi(std::io::stderr().is_terminal())
         .init();
     let report = metastore::migrate::run(&args)?;
     println!("{report}");

@@ -80,6 +80,16 @@ pub fn free_port() -> anyhow::Result<u16> {
 
 impl Proc {
     pub fn spawn(data_dir: &Path, port: u16, extra_env: &[(&str, &str)]) -> anyhow::Result<Self> {
+        Self::spawn_logging(data_dir, port, extra_env, Stdio::inherit())
+    }
+
+    /// [`spawn`](Self::spawn), with the server's log (its stderr) going to `log`.
+    pub fn spawn_logging(
+        data_dir: &Path,
+        port: u16,
+        extra_env: &[(&str, &str)],
+        log: Stdio,
+    ) -> anyhow::Result<Self> {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_metastore"));
         cmd.arg("--data-dir")
             .arg(data_dir)
@@ -90,7 +100,7 @@ impl Proc {
             .env("METASTORE_LISTEN_PEER_URLS", "http://127.0.0.1:0")
             .env("METASTORE_LOG_LEVEL", "warn")
             .stdout(Stdio::null())
-            .stderr(Stdio::inherit());
+            .stderr(log);
         for (k, v) in extra_env {
             cmd.env(k, v);
         }

@@ -15,6 +15,7 @@ mod kv;
 mod lease;
 mod limits;
 mod lock;
+mod malloc;
 mod migrate;
 mod online_migrate;
 mod range_memory;
