@@ -22,12 +22,7 @@ fn main() -> anyhow::Result<()> {
     if let Some(max) = config.max_storage_format {
         metastore::storage::codec::limit_formats(max);
     }
-    tracing_subscriber::fmt()
-        .with_env_filter(EnvFilter::try_new(&config.log_level).context("--log-level")?)
-        .with_writer(std::io::stderr)
-        // Colours only on a terminal: a log file, a pipe or `kubectl logs` gets plain text.
-        .with_ansi(std::io::stderr().is_terminal())
-        .init();
+    init_logging(EnvFilter::try_new(&config.log_level).context("--log-level")?);
     // Before the runtime's threads start allocating (`metastore::malloc`).
     match metastore::malloc::tune() {
         metastore::malloc::Tuning::Set { mmap, trim } => {
@@ -79,6 +74,16 @@ fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Logs to stderr, with colours only on a terminal: a log file, a pipe or `kubectl logs` gets
+/// plain text.
+fn init_logging(filter: EnvFilter) {
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .init();
+}
+
 /// `metastore migrate ...`: the offline storage-format migration (`metastore::migrate`).
 fn migrate() -> anyhow::Result<()> {
     use clap::Parser;
@@ -86,14 +91,7 @@ fn migrate() -> anyhow::Result<()> {
     if let Some(max) = args.max_storage_format {
         metastore::storage::codec::limit_formats(max);
     }
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            EnvFilter::try_from_env("METASTORE_LOG_LEVEL").unwrap_or_else(|_| "info".into()),
-        )
-        .with_writer(std::io::stderr)
-        // Colours only on a terminal: a log file, a pipe or `kubectl logs` gets plain text.
-        .with_ansi(std::io::stderr().is_terminal())
-        .init();
+    init_logging(EnvFilter::try_from_env("METASTORE_LOG_LEVEL").unwrap_or_else(|_| "info".into()));
     let report = metastore::migrate::run(&args)?;
     println!("{report}");
     Ok(())

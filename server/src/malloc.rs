@@ -42,8 +42,13 @@ pub enum Tuning {
     Unsupported,
 }
 
-/// The environment setting that takes the thresholds over, if any; `var` reads a variable.
-fn environment_setting(var: impl Fn(&str) -> Option<OsString>) -> Option<&'static str> {
+/// The setting in this process's environment that takes glibc's thresholds over, if any.
+pub fn environment_setting() -> Option<&'static str> {
+    environment_setting_in(|v| std::env::var_os(v))
+}
+
+/// [`environment_setting`] of the environment `var` reads.
+fn environment_setting_in(var: impl Fn(&str) -> Option<OsString>) -> Option<&'static str> {
     if let Some(t) = var("GLIBC_TUNABLES") {
         let t = t.to_string_lossy();
         for name in ["glibc.malloc.mmap_threshold", "glibc.malloc.trim_threshold"] {
@@ -60,7 +65,7 @@ fn environment_setting(var: impl Fn(&str) -> Option<OsString>) -> Option<&'stati
 /// Fixes glibc's thresholds (see the module documentation). Call it once, early in `main`,
 /// before the threads that allocate most are started.
 pub fn tune() -> Tuning {
-    if let Some(name) = environment_setting(|v| std::env::var_os(v)) {
+    if let Some(name) = environment_setting() {
         return Tuning::LeftToEnvironment(name);
     }
     set_thresholds()
@@ -106,29 +111,29 @@ mod tests {
 
     #[test]
     fn a_threshold_the_environment_sets_is_left_to_glibc() {
-        assert_eq!(environment_setting(env(&[])), None);
+        assert_eq!(environment_setting_in(env(&[])), None);
         assert_eq!(
-            environment_setting(env(&[("GLIBC_TUNABLES", "glibc.malloc.arena_max=2")])),
+            environment_setting_in(env(&[("GLIBC_TUNABLES", "glibc.malloc.arena_max=2")])),
             None,
             "other tunables leave the thresholds to us"
         );
         assert_eq!(
-            environment_setting(env(&[(
+            environment_setting_in(env(&[(
                 "GLIBC_TUNABLES",
                 "glibc.malloc.arena_max=2:glibc.malloc.trim_threshold=0"
             )])),
             Some("glibc.malloc.trim_threshold")
         );
         assert_eq!(
-            environment_setting(env(&[("GLIBC_TUNABLES", "glibc.malloc.mmap_threshold=1")])),
+            environment_setting_in(env(&[("GLIBC_TUNABLES", "glibc.malloc.mmap_threshold=1")])),
             Some("glibc.malloc.mmap_threshold")
         );
         assert_eq!(
-            environment_setting(env(&[("MALLOC_TRIM_THRESHOLD_", "0")])),
+            environment_setting_in(env(&[("MALLOC_TRIM_THRESHOLD_", "0")])),
             Some("MALLOC_TRIM_THRESHOLD_")
         );
         assert_eq!(
-            environment_setting(env(&[("MALLOC_MMAP_THRESHOLD_", "0")])),
+            environment_setting_in(env(&[("MALLOC_MMAP_THRESHOLD_", "0")])),
             Some("MALLOC_MMAP_THRESHOLD_")
         );
     }
@@ -164,7 +169,7 @@ mod tests {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     #[test]
     fn tuned_a_freed_buffer_s_pages_serve_the_next_one() {
-        if environment_setting(|v| std::env::var_os(v)).is_some() {
+        if environment_setting().is_some() {
             eprintln!("skipped: the environment sets glibc's thresholds");
             return;
         }
