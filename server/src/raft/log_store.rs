@@ -67,8 +67,12 @@ pub enum Placement {
     /// start) is moved in first.
     Engine { wal_dir: Option<PathBuf> },
     /// In segments of the log's own in `dir`; entries in the engine's table are moved out
-    /// first.
-    Wal { dir: PathBuf, segment_bytes: u64 },
+    /// first. `direct_io`: see [`WalOptions::direct_io`].
+    Wal {
+        dir: PathBuf,
+        segment_bytes: u64,
+        direct_io: bool,
+    },
 }
 
 /// How many bytes of recent entries a log of its own keeps decoded in memory.
@@ -201,10 +205,15 @@ impl LogStore {
                 }
                 None
             }
-            Placement::Wal { dir, segment_bytes } => {
+            Placement::Wal {
+                dir,
+                segment_bytes,
+                direct_io,
+            } => {
                 let opts = WalOptions {
                     segment_bytes,
                     fsync,
+                    direct_io,
                 };
                 Some(WalLog {
                     wal: open_wal_moving_engine_log(engine.as_ref(), &dir, opts)?,

@@ -26,6 +26,9 @@
 //! record: only the last segment may end in a torn write, which [`open`](Wal::open) cuts off
 //! (and zeroes), and a damaged record anywhere else is reported, not skipped.
 //!
+//! Where the file system takes it, each write is one direct write of whole blocks, synced in
+//! the same call (`direct`, [`WalOptions::direct_io`]); the bytes are the same.
+//!
 //! Segments are deleted once a purge covers every entry in them (the purge record is synced
 //! first); the last segment is never deleted. Everything the log holds is indexed in memory
 //! (24 bytes per entry); entries are read back with `pread`, adjacent ones together.
@@ -39,6 +42,9 @@ use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+
+mod direct;
+use direct::{Direct, BLOCK};
 
 /// Errors of the log.
 #[derive(Debug, thiserror::Error)]
@@ -75,6 +81,10 @@ pub struct WalOptions {
     pub segment_bytes: u64,
     /// Sync every write before it returns (off only under `--unsafe-no-fsync`).
     pub fsync: bool,
+    /// Write the segments with direct I/O (`O_DIRECT`, and `RWF_DSYNC` on each write that is
+    /// synced) where the file system takes it, else through the page cache and `fdatasync`;
+    /// the bytes on disk are the same (`raft/wal/direct.rs`). With `fsync` only.
+    pub direct_io: bool,
 }
 
 impl Default for WalOptions {
@@ -82,6 +92,7 @@ impl Default for WalOptions {
         Self {
             segment_bytes: 64 << 20,
             fsync: true,
+            direct_io: true,
         }
     }
 }
@@ -294,6 +305,8 @@ struct Writer {
     /// The segment's length: records past it would grow the file.
     capacity: u64,
     buf: Vec<u8>,
+    /// The segment opened for direct I/O, unless the log writes through the page cache.
+    direct: Option<Direct>,
     failed: bool,
 }
 
@@ -430,10 +443,18 @@ fn create_segment(dir: &Path, seq: u64, bytes: u64, fsync: bool) -> Result<(File
     Ok((file, path))
 }
 
-/// Makes segment `seq` ([`create_segment`]) and returns the writer for it, which keeps `buf`
-/// for its writes.
-fn start_segment(dir: &Path, seq: u64, capacity: u64, fsync: bool, buf: Vec<u8>) -> Result<Writer> {
-    let (file, path) = create_segment(dir, seq, capacity, fsync)?;
+/// Makes segment `seq` ([`create_segment`]), at least `capacity` long and a whole number of
+/// blocks, and returns the writer for it, which keeps `buf` for its writes.
+fn start_segment(
+    dir: &Path,
+    seq: u64,
+    capacity: u64,
+    opts: &WalOptions,
+    buf: Vec<u8>,
+) -> Result<Writer> {
+    let capacity = capacity.next_multiple_of(BLOCK as u64);
+    let (file, path) = create_segment(dir, seq, capacity, opts.fsync)?;
+    let direct = open_direct(opts, &path, &file, 0);
     Ok(Writer {
         seq,
         file: Arc::new(file),
@@ -441,8 +462,25 @@ fn start_segment(dir: &Path, seq: u64, capacity: u64, fsync: bool, buf: Vec<u8>)
         offset: 0,
         capacity,
         buf,
+        direct,
         failed: false,
     })
+}
+
+/// The segment at `path` (`file`) opened for direct writes after its first `end` bytes, when
+/// `opts` asks for direct I/O and the file system takes it.
+fn open_direct(opts: &WalOptions, path: &Path, file: &File, end: u64) -> Option<Direct> {
+    if !(opts.direct_io && opts.fsync) {
+        return None;
+    }
+    match Direct::open(path, file, end) {
+        Ok(d) => Some(d),
+        Err(e) => {
+            tracing::debug!(segment = %path.display(), error = %e,
+                "no direct I/O for this raft log segment; writing it through the page cache");
+            None
+        }
+    }
 }
 
 /// Sets the file's length to at least `offset + len`, with the new part allocated and zero.
@@ -604,12 +642,13 @@ impl Wal {
             Some((seq, file, path, end)) => {
                 // Whatever lies past the last good record (a torn write) is zeroed, so that
                 // records written over it can never run into an older one.
-                let capacity = end.max(opts.segment_bytes);
+                let capacity = end.max(opts.segment_bytes).next_multiple_of(BLOCK as u64);
                 file.set_len(end).map_err(io_err(&path))?;
                 allocate(&file, end, capacity - end).map_err(io_err(&path))?;
                 if opts.fsync {
                     file.sync_all().map_err(io_err(&path))?;
                 }
+                let direct = open_direct(&opts, &path, &file, end);
                 Writer {
                     seq,
                     file,
@@ -617,11 +656,12 @@ impl Wal {
                     offset: end,
                     capacity,
                     buf: Vec::new(),
+                    direct,
                     failed: false,
                 }
             }
             None => {
-                let w = start_segment(dir, 1, opts.segment_bytes, opts.fsync, Vec::new())?;
+                let w = start_segment(dir, 1, opts.segment_bytes, &opts, Vec::new())?;
                 index.segments.insert(w.seq, w.segment());
                 w
             }
@@ -696,13 +736,7 @@ impl Wal {
             self.roll(&mut w, buf.len() as u64)?;
         }
         let at = w.offset;
-        let written = w.file.write_all_at(&buf, at).and_then(|()| {
-            if sync {
-                self.sync_data(&w.file)
-            } else {
-                Ok(())
-            }
-        });
+        let written = self.write_at(&mut w, &buf, at, sync);
         if let Err(e) = written {
             // What reached the file is unknown: take no more writes (etcd stops on a failed
             // WAL sync too).
@@ -735,6 +769,37 @@ impl Wal {
         Ok(())
     }
 
+    /// Writes `buf` at `at` in the writer's segment, synced with `sync`: directly where the
+    /// segment was opened so, else through the page cache and `fdatasync`. A file system that
+    /// refuses the direct write's alignment (`EINVAL`, nothing written) gets the page cache
+    /// for the rest of the segment.
+    fn write_at(&self, w: &mut Writer, buf: &[u8], at: u64, sync: bool) -> std::io::Result<()> {
+        if let Some(direct) = w.direct.as_mut() {
+            let start = Instant::now();
+            match direct.write(buf, at, sync) {
+                Ok(()) => {
+                    if sync {
+                        if let Some(observe) = self.on_sync.get() {
+                            observe(start.elapsed());
+                        }
+                    }
+                    return Ok(());
+                }
+                Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+                    tracing::warn!(segment = %w.path.display(), error = %e,
+                        "direct I/O refused; writing the raft log through the page cache");
+                    w.direct = None;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        w.file.write_all_at(buf, at)?;
+        if sync {
+            self.sync_data(&w.file)?;
+        }
+        Ok(())
+    }
+
     /// Starts a new segment able to hold `need` bytes; the current one is synced first, so
     /// that no segment is ever read past a torn record.
     fn roll(&self, w: &mut Writer, need: u64) -> Result<()> {
@@ -746,7 +811,7 @@ impl Wal {
             &self.dir,
             w.seq + 1,
             need.max(self.opts.segment_bytes),
-            self.opts.fsync,
+            &self.opts,
             std::mem::take(&mut w.buf),
         )?;
         lock(&self.index).segments.insert(next.seq, next.segment());

@@ -218,6 +218,13 @@ pub struct Config {
           value_parser = clap::value_parser!(u64).range(4096..))]
     pub raft_log_segment_bytes: u64,
 
+    /// Write the Raft log with direct I/O, each synced write synced in the same system call
+    /// (`O_DIRECT` and `RWF_DSYNC`), where the file system takes it; `false`: through the page
+    /// cache and `fdatasync`, as etcd does (MetaStore's own).
+    #[arg(long, env = "METASTORE_RAFT_LOG_DIRECT_IO", action = ArgAction::Set, num_args = 0..=1,
+          default_value_t = true, default_missing_value = "true")]
+    pub raft_log_direct_io: bool,
+
     /// Threads serving requests (MetaStore's own; 0: chosen from the cores, see
     /// [`Config::worker_threads_for`]).
     #[arg(long, env = "METASTORE_WORKER_THREADS", default_value_t = 0)]
@@ -722,6 +729,8 @@ mod tests {
         assert_eq!(c.apply_cache_bytes, 8 << 20);
         assert_eq!(c.raft_log_store, RaftLogStore::Wal);
         assert_eq!(c.raft_log_segment_bytes, 64 << 20);
+        assert!(c.raft_log_direct_io);
+        assert!(!Config::load(["metastore", "--raft-log-direct-io", "false"])?.raft_log_direct_io);
         assert_eq!(c.max_watchers_per_stream, DEFAULT_MAX_WATCHERS_PER_STREAM);
         assert_eq!(c.max_concurrent_streams, u32::MAX, "etcd's default");
         assert_eq!(c.max_concurrent_requests, DEFAULT_MAX_CONCURRENT_REQUESTS);

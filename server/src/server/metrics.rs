@@ -86,8 +86,8 @@ impl Metrics {
         // usually takes 0.1-0.3 ms.
         let wal_fsync = histogram(
             "metastore_disk_wal_fsync_duration_seconds",
-            "Duration of the Raft log's syncs (fdatasync of a segment; with \
-             --raft-log-store engine, the whole synced write)",
+            "Duration of the Raft log's syncs (fdatasync of a segment; with direct I/O \
+             or --raft-log-store engine, the whole synced write)",
             prometheus::exponential_buckets(0.0000625, 2.0, 18)?,
         )?;
         let gauge = |name: &str, help: &str| IntGauge::new(name, help);

@@ -496,6 +496,7 @@ fn open_log_store(
             let placement = Placement::Wal {
                 dir: dir.wal_path(),
                 segment_bytes: config.raft_log_segment_bytes,
+                direct_io: config.raft_log_direct_io,
             };
             LogStore::open_at(engine, fsync, placement).map_err(raft_err)
         }

@@ -96,6 +96,7 @@ fn in_wal(dir: &Path) -> Placement {
     Placement::Wal {
         dir: dir.join("wal"),
         segment_bytes: 4096,
+        direct_io: true,
     }
 }
 

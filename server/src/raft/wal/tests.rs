@@ -4,6 +4,7 @@ fn opts(segment_bytes: u64) -> WalOptions {
     WalOptions {
         segment_bytes,
         fsync: true,
+        direct_io: true,
     }
 }
 
@@ -423,6 +424,7 @@ fn every_synced_write_is_timed_and_no_other() -> anyhow::Result<()> {
         WalOptions {
             segment_bytes: 1 << 20,
             fsync: false,
+            direct_io: true,
         },
     )?;
     let counted = syncs.clone();
@@ -431,5 +433,72 @@ fn every_synced_write_is_timed_and_no_other() -> anyhow::Result<()> {
     }));
     append(&unsynced, 1..=3)?;
     assert_eq!(syncs.load(std::sync::atomic::Ordering::Relaxed), 3);
+    Ok(())
+}
+
+/// Writes the same records (entries of many sizes, a truncation, a purge, committed ids,
+/// unsynced writes and a roll to a new segment) to a log in `dir`.
+fn write_a_history(dir: &Path, opts: WalOptions) -> anyhow::Result<Wal> {
+    let wal = Wal::open(dir, opts)?;
+    append(&wal, 1..=40)?;
+    let big = vec![7u8; 9_000];
+    wal.write(
+        &[Record::Entry {
+            index: 41,
+            data: &big,
+        }],
+        true,
+    )?;
+    wal.write(&[Record::Committed { meta: b"c41" }], false)?;
+    wal.truncate(30)?;
+    append(&wal, 30..=60)?;
+    wal.write(&[], true)?;
+    drop(wal.purge(10, b"p10")?);
+    wal.write(&[Record::Committed { meta: b"c60" }], true)?;
+    Ok(wal)
+}
+
+#[test]
+fn direct_io_writes_the_same_bytes_as_the_page_cache() -> anyhow::Result<()> {
+    // A segment length that is no whole number of blocks is rounded up to one, so that
+    // a direct write of whole blocks never grows a segment.
+    let buffered_dir = tempfile::tempdir()?;
+    let direct_dir = tempfile::tempdir()?;
+    let buffered_opts = WalOptions {
+        direct_io: false,
+        ..opts(10_000)
+    };
+    let buffered = write_a_history(buffered_dir.path(), buffered_opts)?;
+    let direct = write_a_history(direct_dir.path(), opts(10_000))?;
+    assert_eq!(held(&direct)?, held(&buffered)?);
+    assert_eq!(direct.state(), buffered.state());
+    drop((buffered, direct));
+
+    let files = segment_files(buffered_dir.path())?;
+    assert!(
+        files.len() > 1,
+        "the history should span segments: {files:?}"
+    );
+    let direct_files = segment_files(direct_dir.path())?;
+    assert_eq!(files.len(), direct_files.len());
+    for (b, d) in files.iter().zip(&direct_files) {
+        let (b_bytes, d_bytes) = (fs::read(b)?, fs::read(d)?);
+        assert_eq!(b_bytes.len() % 4096, 0, "{}", b.display());
+        assert!(
+            b_bytes == d_bytes,
+            "{} and {} differ",
+            b.display(),
+            d.display()
+        );
+    }
+
+    // And a log written directly opens, reads and takes writes as any other.
+    let wal = Wal::open(direct_dir.path(), opts(10_000))?;
+    assert_eq!(held(&wal)?, (11..=60).collect::<Vec<_>>());
+    append(&wal, 61..=62)?;
+    drop(wal);
+    let wal = Wal::open(direct_dir.path(), opts(10_000))?;
+    assert_eq!(held(&wal)?, (11..=62).collect::<Vec<_>>());
+    assert_eq!(wal.state().committed.as_deref(), Some(&b"c60"[..]));
     Ok(())
 }
