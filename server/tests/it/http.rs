@@ -41,7 +41,8 @@ async fn health_version_metrics() -> anyhow::Result<()> {
     assert!(
         metrics.contains(
             "# HELP metastore_disk_wal_fsync_duration_seconds Duration of the Raft log's syncs \
-             (fdatasync of a segment; with --raft-log-store engine, the whole synced write)\n"
+             (fdatasync of a segment; with direct I/O or --raft-log-store engine, the whole \
+             synced write)\n"
         ),
         "{metrics}"
     );
