@@ -15,6 +15,12 @@
 //! again in front of the new records. The page cache writes back whole 4 KiB pages the same
 //! way, so a torn write puts no more of the synced records at risk than a buffered one does.
 //! Segments are made a multiple of [`BLOCK`] long, so a rounded-up write never grows one.
+//!
+//! Reads go through the segment's ordinary handle and the page cache. The kernel drops the
+//! cached pages of a direct write's range after the write, waiting for a read of them still in
+//! flight; only a dirty or memory-mapped page could stay behind stale, and the log neither
+//! maps a segment nor, once a segment is open for direct writes, writes it through the cache
+//! (a refused direct write switches the segment over for good, and nothing was written).
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, IoSlice};
