@@ -715,6 +715,9 @@ impl Wal {
             if sync {
                 let path = w.path.clone();
                 self.sync_data(&w.file).map_err(io_err(&path))?;
+                if let Some(d) = w.direct.as_mut() {
+                    d.synced();
+                }
             }
             return Ok(());
         }

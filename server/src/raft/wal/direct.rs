@@ -16,6 +16,12 @@
 //! way, so a torn write puts no more of the synced records at risk than a buffered one does.
 //! Segments are made a multiple of [`BLOCK`] long, so a rounded-up write never grows one.
 //!
+//! `RWF_DSYNC` on a write that only overwrites written blocks may make just that write
+//! durable (a FUA write, on a disk that has them) without flushing the disk's cache, where an
+//! earlier unsynced write may still be. The log's unsynced writes are rare (a purge record that
+//! deletes no segment, the records a move from RocksDB writes before its one sync), so the
+//! first synced write after one is a plain direct write and a whole `fdatasync`.
+//!
 //! Reads go through the segment's ordinary handle and the page cache. The kernel drops the
 //! cached pages of a direct write's range after the write, waiting for a read of them still in
 //! flight; only a dirty or memory-mapped page could stay behind stale, and the log neither
@@ -47,6 +53,8 @@ pub(super) struct Direct {
     tail: Vec<u8>,
     /// The write's buffer, with a block's room to start at an aligned address.
     out: Vec<u8>,
+    /// A write since the last sync was not synced.
+    unsynced: bool,
 }
 
 impl Direct {
@@ -66,6 +74,7 @@ impl Direct {
             end,
             tail,
             out: Vec::new(),
+            unsynced: false,
         })
     }
 
@@ -95,7 +104,12 @@ impl Direct {
             .ok_or_else(|| io::Error::other("cannot align a direct write's buffer"))?;
         blocks[..self.tail.len()].copy_from_slice(&self.tail);
         blocks[self.tail.len()..len].copy_from_slice(records);
-        let flags = if sync {
+        // `RWF_DSYNC` on a write that only overwrites written blocks may make just that
+        // write durable (a FUA write, where the disk has it) and not flush the disk's cache,
+        // which earlier unsynced writes may still be in: after one, the sync is a whole
+        // `fdatasync`.
+        let dsync = sync && !self.unsynced;
+        let flags = if dsync {
             ReadWriteFlags::DSYNC
         } else {
             ReadWriteFlags::empty()
@@ -107,6 +121,10 @@ impl Direct {
                 format!("a direct write of {padded} bytes wrote {n}"),
             ));
         }
+        if sync && !dsync {
+            self.file.sync_data()?;
+        }
+        self.unsynced = !sync;
         self.end += records.len() as u64;
         let keep = len % BLOCK;
         self.tail.clear();
@@ -115,6 +133,18 @@ impl Direct {
             self.out = Vec::new();
         }
         Ok(())
+    }
+
+    /// Records that the segment was synced as a whole (`fdatasync`) since the last write.
+    pub(super) fn synced(&mut self) {
+        self.unsynced = false;
+    }
+
+    /// Whether a write since the last sync was not synced (the next synced write then
+    /// syncs the whole file).
+    #[cfg(test)]
+    pub(super) fn has_unsynced(&self) -> bool {
+        self.unsynced
     }
 }
 
@@ -188,6 +218,32 @@ mod tests {
         assert_eq!(&std::fs::read(&path)?[..8], b"abc\0\0\0\0\0");
         direct.write(b"xyz", 3, true)?;
         assert_eq!(&std::fs::read(&path)?[..8], b"abcxyz\0\0");
+        Ok(())
+    }
+
+    #[test]
+    fn a_synced_write_after_an_unsynced_one_syncs_the_whole_file() -> anyhow::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let path = dir.path().join("segment");
+        let file = file_with(&path, b"", 64 << 10)?;
+        let mut direct = Direct::open(&path, &file, 0)?;
+        assert!(!direct.has_unsynced());
+        // Spans a block boundary: the next write rewrites only the second block.
+        direct.write(&[1; 5000], 0, false)?;
+        assert!(direct.has_unsynced());
+        direct.write(&[2; 100], 5000, true)?;
+        assert!(
+            !direct.has_unsynced(),
+            "the synced write synced the first one too"
+        );
+        direct.write(&[3; 10], 5100, false)?;
+        direct.synced();
+        assert!(!direct.has_unsynced());
+        let whole = std::fs::read(&path)?;
+        assert!(whole[..5000].iter().all(|b| *b == 1));
+        assert!(whole[5000..5100].iter().all(|b| *b == 2));
+        assert!(whole[5100..5110].iter().all(|b| *b == 3));
+        assert!(whole[5110..].iter().all(|b| *b == 0));
         Ok(())
     }
 }
