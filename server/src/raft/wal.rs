@@ -683,12 +683,18 @@ impl Wal {
 
     /// `fdatasync`s `file`, timed for the observer.
     fn sync_data(&self, file: &File) -> std::io::Result<()> {
+        self.timed_sync(|| file.sync_data())
+    }
+
+    /// Runs `sync` (an `fdatasync`, or a write synced in the same call) and, if it succeeds,
+    /// tells the observer how long it took.
+    fn timed_sync<T>(&self, sync: impl FnOnce() -> std::io::Result<T>) -> std::io::Result<T> {
         let start = Instant::now();
-        file.sync_data()?;
+        let out = sync()?;
         if let Some(observe) = self.on_sync.get() {
             observe(start.elapsed());
         }
-        Ok(())
+        Ok(out)
     }
 
     /// What the log holds.
@@ -778,16 +784,13 @@ impl Wal {
     /// for the rest of the segment.
     fn write_at(&self, w: &mut Writer, buf: &[u8], at: u64, sync: bool) -> std::io::Result<()> {
         if let Some(direct) = w.direct.as_mut() {
-            let start = Instant::now();
-            match direct.write(buf, at, sync) {
-                Ok(()) => {
-                    if sync {
-                        if let Some(observe) = self.on_sync.get() {
-                            observe(start.elapsed());
-                        }
-                    }
-                    return Ok(());
-                }
+            let written = if sync {
+                self.timed_sync(|| direct.write(buf, at, true))
+            } else {
+                direct.write(buf, at, false)
+            };
+            match written {
+                Ok(()) => return Ok(()),
                 Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
                     tracing::warn!(segment = %w.path.display(), error = %e,
                         "direct I/O refused; writing the raft log through the page cache");

@@ -95,7 +95,8 @@ impl Direct {
         let start = at - self.tail.len() as u64;
         let len = self.tail.len() + records.len();
         let padded = len.next_multiple_of(BLOCK);
-        self.out.clear();
+        // Every byte of the aligned part is written below: the buffer is not zeroed first
+        // (only the room it grows by is).
         self.out.resize(padded + BLOCK, 0);
         let skip = self.out.as_ptr().align_offset(BLOCK);
         let blocks = self
@@ -104,6 +105,7 @@ impl Direct {
             .ok_or_else(|| io::Error::other("cannot align a direct write's buffer"))?;
         blocks[..self.tail.len()].copy_from_slice(&self.tail);
         blocks[self.tail.len()..len].copy_from_slice(records);
+        blocks[len..].fill(0);
         // `RWF_DSYNC` on a write that only overwrites written blocks may make just that
         // write durable (a FUA write, where the disk has it) and not flush the disk's cache,
         // which earlier unsynced writes may still be in: after one, the sync is a whole
