@@ -270,6 +270,13 @@ pub fn run(args: &MigrateArgs) -> Result<Report> {
         ..BatchLimits::default()
     };
     let convert_start = Instant::now();
+    // The `kv_current` table keeps each live key's newest record as it was written: without
+    // its marker the next open rebuilds it from the converted history, in `to`.
+    if engine.has_table(Table::Current) {
+        let mut b = WriteBatch::new();
+        b.delete(Table::Current, crate::mvcc::current::MARKER.to_vec());
+        engine.write(b, true)?;
+    }
     report.stats = rewrite(engine.as_ref(), args.to, limits, &mut |done, rewritten| {
         bar.update(done, rewritten)
     })?;

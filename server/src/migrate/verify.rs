@@ -50,7 +50,8 @@ pub fn sample_revisions(first: i64, last: i64, n: usize) -> Vec<i64> {
     out
 }
 
-/// Fingerprints the store on `engine`. Opens a [`Store`] on it (writing nothing: the store's
+/// Fingerprints the store on `engine`. Opens a [`Store`] on it (writing nothing but a rebuild
+/// of the `kv_current` table if it is stale, which the digest leaves out: the store's
 /// format mark exists in every directory the server has opened); physical compaction must not
 /// be in progress (the caller finishes it first), or the content would move under the digest.
 pub fn fingerprint(engine: Arc<dyn Engine>, format: u8) -> Result<Fingerprint> {

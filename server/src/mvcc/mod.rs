@@ -7,6 +7,8 @@
 //! - [`pinned_read`]: [`PinnedRead`]: one snapshot at one revision, read in several passes.
 //! - [`write_txn`]: [`WriteTxn`]: one write transaction = one new revision.
 //! - [`compactor`]: history removal below a revision, in the background, resumable.
+//! - `current`: each live key's newest version in a table beside the history
+//!   (`kv_current`), so that a range at the current revision reads one entry per key.
 //! - `latest`: the newest versions of recently written keys, kept by the apply step (bounded
 //!   by `--apply-cache-bytes`) so that a put need not seek its key in the engine.
 //!
@@ -23,6 +25,7 @@
 //! tombstone itself (nothing is live at 4); `compact 5` would keep `a=3`.
 
 pub mod compactor;
+pub(crate) mod current;
 mod error;
 pub mod key_codec;
 pub mod key_range;

@@ -1,12 +1,13 @@
 //! [`Store`]: the MVCC key space over an [`Engine`].
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicI64, AtomicU64, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use metastore_proto::mvccpb::{event::EventType, Event, KeyValue};
 
 use super::compactor::{CompactTicket, Compactor};
+use super::current;
 use super::key_codec::{kv_key, kv_prefix, lease_key, rev_key, split_kv_key, split_rev_key};
 use super::latest::Latest;
 use super::versions::Versions;
@@ -110,6 +111,10 @@ pub struct Store {
     /// reads or changes it. Lock order: the writer lock, then this one.
     latest: Mutex<Latest>,
     compactor: Compactor,
+    /// Whether the engine holds the `kv_current` table, current at the applied revision, which
+    /// the apply step then keeps so (see `mvcc::current`). Set when the store opens or
+    /// reloads, after a rebuild if the table was stale.
+    current_table: AtomicBool,
 }
 
 struct WriterState {
@@ -155,6 +160,7 @@ impl Store {
             put_meta_i64(&mut b, META_CURRENT_REV, current);
             engine.write(b, opts.fsync)?;
         }
+        let current_table = AtomicBool::new(current::rebuild(engine.as_ref(), current)?);
         let background = Arc::new(Mutex::new(()));
         let compactor = Compactor::start(engine.clone(), finished, background.clone())?;
         let alarms = load_alarms(engine.as_ref())?;
@@ -175,6 +181,7 @@ impl Store {
             }),
             latest,
             compactor,
+            current_table,
         });
         if scheduled > finished {
             tracing::info!(scheduled, finished, "resuming interrupted compaction");
@@ -189,6 +196,11 @@ impl Store {
 
     pub fn options(&self) -> &StoreOptions {
         &self.opts
+    }
+
+    /// Whether the apply step keeps the `kv_current` table (the engine holds it).
+    pub(crate) fn current_table(&self) -> bool {
+        self.current_table.load(Ordering::Relaxed)
     }
 
     /// The storage format new records are written in.
@@ -225,6 +237,8 @@ impl Store {
             self.write_format.store(f, Ordering::SeqCst);
         }
         *self.alarms.lock().map_err(|_| Error::Closed)? = load_alarms(engine)?;
+        let current_table = current::rebuild(engine, current)?;
+        self.current_table.store(current_table, Ordering::SeqCst);
         w.applied_rev = current;
         w.applied_index = index;
         self.forget_latest();
@@ -555,7 +569,8 @@ pub(crate) fn scan_key(
 }
 
 /// Calls `visit` with the record of every key live at `rev` in `range`, in key order, until it
-/// returns `false`.
+/// returns `false`. A range of several keys reads the `kv_current` table when the snapshot's
+/// is current at `rev` (`mvcc::current`), the key history otherwise.
 pub(crate) fn scan(
     snap: &dyn Snapshot,
     range: &KeyRange,
@@ -570,6 +585,20 @@ pub(crate) fn scan(
             return Ok(());
         }
     }
+    if current::serves(snap, rev)? {
+        return current::scan(snap, range, visit);
+    }
+    scan_history(snap, range, rev, visit)
+}
+
+/// [`scan`] of a range (not a single key) in the key history, [`Table::Kv`]: each key's
+/// newest version at or below `rev`, stepping over its other versions.
+pub(crate) fn scan_history(
+    snap: &dyn Snapshot,
+    range: &KeyRange,
+    rev: i64,
+    mut visit: impl FnMut(&[u8]) -> Result<bool>,
+) -> Result<()> {
     let end = range.end().map(kv_prefix);
     let mut it = snap.iter(Table::Kv);
     it.seek(&kv_prefix(range.start()));
@@ -712,6 +741,13 @@ impl<'a> Applying<'a> {
         }
         let mut batch = std::mem::take(&mut self.pending);
         put_meta_i64(&mut batch, META_CURRENT_REV, self.state.applied_rev);
+        if self.store.current_table() {
+            batch.put(
+                Table::Current,
+                current::MARKER.to_vec(),
+                current::marker(self.state.applied_rev),
+            );
+        }
         put_meta_i64(
             &mut batch,
             META_APPLIED_INDEX,

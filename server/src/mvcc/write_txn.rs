@@ -15,6 +15,7 @@ use super::store::{
     lease_keys, range_snapshot, scan, scan_key, Overlay, RangeOptions, RangeResult, Store,
 };
 use super::{Error, KeyRange, Result};
+use crate::storage::engine::KV_SUFFIX;
 use crate::storage::{codec, Snapshot, Table, WriteBatch};
 
 /// A write transaction: reads see the state before it plus its own changes; every change gets
@@ -278,7 +279,16 @@ impl<'a> WriteTxn<'a> {
         let rev = self.write_rev();
         let mut value = Vec::new();
         codec::encode(self.store.write_format(), &kv, &mut value)?;
-        self.batch.put(Table::Kv, kv_key(&kv.key, rev), value);
+        let key = kv_key(&kv.key, rev);
+        if self.store.current_table() {
+            // The key's newest version (`mvcc::current`), under the key without its revision.
+            let prefix = key[..key.len() - KV_SUFFIX].to_vec();
+            match ty {
+                EventType::Put => self.batch.put(Table::Current, prefix, value.clone()),
+                EventType::Delete => self.batch.delete(Table::Current, prefix),
+            }
+        }
+        self.batch.put(Table::Kv, key, value);
         self.batch
             .put(Table::Rev, rev_key(rev, self.sub), kv.key.to_vec());
         self.sub += 1;

@@ -225,6 +225,15 @@ pub struct Config {
           default_value_t = true, default_missing_value = "true")]
     pub raft_log_direct_io: bool,
 
+    /// Keep each live key's newest version in a table of its own beside the key history
+    /// (RocksDB's `kv_current`), so that a range at the current revision reads one entry per
+    /// key however many older versions it has (MetaStore's own). `false` drops the table, as
+    /// binaries before it need before they can open the data directory again; `true` builds
+    /// it from the history at start when it is missing or stale.
+    #[arg(long, env = "METASTORE_KV_CURRENT_TABLE", action = ArgAction::Set, num_args = 0..=1,
+          default_value_t = true, default_missing_value = "true")]
+    pub kv_current_table: bool,
+
     /// Threads serving requests (MetaStore's own; 0: chosen from the cores, see
     /// [`Config::worker_threads_for`]).
     #[arg(long, env = "METASTORE_WORKER_THREADS", default_value_t = 0)]
@@ -731,6 +740,8 @@ mod tests {
         assert_eq!(c.raft_log_segment_bytes, 64 << 20);
         assert!(c.raft_log_direct_io);
         assert!(!Config::load(["metastore", "--raft-log-direct-io", "false"])?.raft_log_direct_io);
+        assert!(c.kv_current_table);
+        assert!(!Config::load(["metastore", "--kv-current-table=false"])?.kv_current_table);
         assert_eq!(c.max_watchers_per_stream, DEFAULT_MAX_WATCHERS_PER_STREAM);
         assert_eq!(c.max_concurrent_streams, u32::MAX, "etcd's default");
         assert_eq!(c.max_concurrent_requests, DEFAULT_MAX_CONCURRENT_REQUESTS);

@@ -490,9 +490,10 @@ fn open_log_store(
     let Some(mut dir) = dir else {
         return LogStore::open(engine, fsync).map_err(raft_err);
     };
+    use crate::storage::data_dir::layout_for;
     match config.raft_log_store {
         config::RaftLogStore::Wal => {
-            dir.set_layout_version(LAYOUT_VERSION)?;
+            dir.set_layout_version(layout_for(config.kv_current_table, true))?;
             let placement = Placement::Wal {
                 dir: dir.wal_path(),
                 segment_bytes: config.raft_log_segment_bytes,
@@ -505,7 +506,7 @@ fn open_log_store(
                 wal_dir: Some(dir.wal_path()),
             };
             let store = LogStore::open_at(engine, fsync, placement).map_err(raft_err)?;
-            dir.set_layout_version(crate::storage::data_dir::LAYOUT_LOG_IN_ENGINE)?;
+            dir.set_layout_version(layout_for(config.kv_current_table, false))?;
             Ok(store)
         }
     }
@@ -539,7 +540,7 @@ pub async fn start(config: &Config) -> Result<Server, ServerError> {
             (Arc::new(MemoryEngine::new()), p)
         }
         EngineKind::Rocksdb => {
-            let dir = DataDir::open_or_create(
+            let mut dir = DataDir::open_or_create(
                 &data_dir,
                 Stamp {
                     layout_version: LAYOUT_VERSION,
@@ -556,8 +557,18 @@ pub async fn start(config: &Config) -> Result<Server, ServerError> {
             member_id = parse(&dir.stamp().member_id).unwrap_or(member_id);
             cluster_id = parse(&dir.stamp().cluster_id).unwrap_or(cluster_id);
             tracing::info!(path = %dir.path().display(), format = dir.stamp().storage_format, "opening data directory");
+            // A binary that cannot open the `kv_current` table must never find it: the stamp
+            // says so before the table is made, and is lowered (`open_log_store`) only after
+            // a start without it has dropped it.
+            if config.kv_current_table {
+                dir.set_layout_version(LAYOUT_VERSION)?;
+            }
+            let rocks_opts = crate::storage::rocks::RocksOptions {
+                current_table: Some(config.kv_current_table),
+                ..Default::default()
+            };
             let opened: (Arc<dyn Engine>, std::path::PathBuf) = (
-                Arc::new(RocksEngine::open(&dir.db_path(), &Default::default())?),
+                Arc::new(RocksEngine::open(&dir.db_path(), &rocks_opts)?),
                 dir.path().join("snap"),
             );
             opened_dir = Some(dir);

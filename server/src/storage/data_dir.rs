@@ -30,13 +30,28 @@ use serde::{Deserialize, Serialize};
 use super::codec;
 use super::{Error, Result};
 
-/// The directory layout this binary writes and understands: 2, the Raft log's entries in
-/// segment files of their own under [`WAL_DIR`] (since session 32). A directory whose log is
-/// in RocksDB is stamped [`LAYOUT_LOG_IN_ENGINE`], which binaries from before can open too;
-/// the server stamps the layout it leaves the directory in.
-pub const LAYOUT_VERSION: u32 = 2;
-/// The layout with the Raft log in RocksDB's `raft_log` column family.
+/// The directory layout this binary writes and understands: 3, RocksDB's `kv_current`
+/// column family beside the key history (`mvcc::current`, since session 50), which binaries
+/// from before cannot open. A directory without it is stamped [`LAYOUT_SEGMENT_LOG`] when
+/// the Raft log's entries are in segment files of their own under [`WAL_DIR`], and
+/// [`LAYOUT_LOG_IN_ENGINE`] when they are in RocksDB: binaries from before can open those.
+/// The server stamps the layout it leaves the directory in ([`layout_for`]).
+pub const LAYOUT_VERSION: u32 = 3;
+/// The layout with the Raft log in segment files of their own and no `kv_current` table.
+pub const LAYOUT_SEGMENT_LOG: u32 = 2;
+/// The layout with the Raft log in RocksDB's `raft_log` column family and no `kv_current`
+/// table.
 pub const LAYOUT_LOG_IN_ENGINE: u32 = 1;
+
+/// The layout a directory is in with (or without) the `kv_current` table and the Raft log in
+/// segment files (or in RocksDB).
+pub fn layout_for(current_table: bool, segment_log: bool) -> u32 {
+    match (current_table, segment_log) {
+        (true, _) => LAYOUT_VERSION,
+        (false, true) => LAYOUT_SEGMENT_LOG,
+        (false, false) => LAYOUT_LOG_IN_ENGINE,
+    }
+}
 /// The Raft log's own segments, under the data directory.
 pub const WAL_DIR: &str = "wal";
 /// The stamp's file name: a directory holding it is initialized.

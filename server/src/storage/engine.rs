@@ -22,13 +22,19 @@ pub enum Table {
     RaftState,
     /// Users, roles, permissions, the auth switch and the auth revision (see `auth::store`).
     Auth,
+    /// Each live key's newest version, beside [`Table::Kv`]'s history: `enc(key)` (the `Kv`
+    /// key without its revision) → the same record, plus one marker under the empty key (no
+    /// encoded key is empty) holding the revision the table is current at (see
+    /// `mvcc::current`). A derived table: rebuilt from `Kv` whenever its marker is not the
+    /// store's revision, never in a snapshot. Optional on RocksDB (`--kv-current-table`).
+    Current,
 }
 
 /// Bytes at the end of every [`Table::Kv`] key that tell its versions apart (the revision).
 pub const KV_SUFFIX: usize = 8;
 
 impl Table {
-    pub const ALL: [Table; 7] = [
+    pub const ALL: [Table; 8] = [
         Table::Kv,
         Table::Rev,
         Table::Meta,
@@ -36,6 +42,7 @@ impl Table {
         Table::RaftLog,
         Table::RaftState,
         Table::Auth,
+        Table::Current,
     ];
 
     pub fn name(self) -> &'static str {
@@ -47,6 +54,7 @@ impl Table {
             Table::RaftLog => "raft_log",
             Table::RaftState => "raft_state",
             Table::Auth => "auth",
+            Table::Current => "kv_current",
         }
     }
 
@@ -170,6 +178,11 @@ pub trait Snapshot: Send {
     fn versions_iter(&self) -> Box<dyn EngineIter + '_> {
         self.iter(Table::Kv)
     }
+    /// Whether the engine holds `table` (see [`Engine::has_table`]).
+    fn has_table(&self, table: Table) -> bool {
+        let _ = table;
+        true
+    }
 }
 
 /// An ordered key-value engine.
@@ -194,4 +207,11 @@ pub trait Engine: Send + Sync + 'static {
     fn size_in_use_bytes(&self) -> u64;
     /// Reclaims space left by deleted entries (etcd's defragment).
     fn defragment(&self) -> Result<()>;
+    /// Whether the engine holds `table`: every table but an optional one
+    /// ([`Table::Current`] on RocksDB) always. Reading or writing a table it does not hold
+    /// fails.
+    fn has_table(&self, table: Table) -> bool {
+        let _ = table;
+        true
+    }
 }

@@ -216,6 +216,9 @@ impl<H: EngineHook> Snapshot for HookedSnapshot<'_, H> {
         self.hook.snapshot_iter(table);
         self.inner.iter(table)
     }
+    fn has_table(&self, table: Table) -> bool {
+        self.inner.has_table(table)
+    }
 }
 
 /// A [`MemoryEngine`] whose writes and syncs first go through `hook`.

@@ -41,6 +41,11 @@ pub struct RocksOptions {
     /// session 31). A process's first log is always a new file. A spare file is not
     /// counted in [`size_bytes`](Engine::size_bytes), nor a reused one's old length.
     pub recycled_wals: usize,
+    /// Whether the database holds [`Table::Current`]: `Some(true)` creates it if missing,
+    /// `Some(false)` drops it if present (so that a binary without it can open the database),
+    /// `None` opens it if present and creates it only in a new database (the offline tools,
+    /// which must not change what a server left).
+    pub current_table: Option<bool>,
 }
 
 impl Default for RocksOptions {
@@ -51,6 +56,7 @@ impl Default for RocksOptions {
             total_write_buffer_bytes: 128 << 20,
             total_wal_bytes: 128 << 20,
             recycled_wals: 1,
+            current_table: None,
         }
     }
 }
@@ -156,8 +162,23 @@ impl RocksEngine {
         // With the default `kPointInTimeRecovery`: a recycled file's old records past the
         // new log's end carry the old log's number and are not replayed.
         db_opts.set_recycle_log_file_num(opts.recycled_wals);
-        let cfs: Vec<_> = Table::ALL.iter().map(|t| cf_opts(*t)).collect();
-        let db = DB::open_cf_descriptors(&db_opts, path, cfs)?;
+        // `list_cf` fails when there is no database yet.
+        let found = DB::list_cf(&db_opts, path)
+            .ok()
+            .map(|names| names.iter().any(|n| n == Table::Current.name()));
+        let want_current = opts.current_table.or(found).unwrap_or(true);
+        // RocksDB opens a database only with every family it has: one to drop is opened first.
+        let open_current = want_current || found == Some(true);
+        let cfs: Vec<_> = Table::ALL
+            .iter()
+            .filter(|t| **t != Table::Current || open_current)
+            .map(|t| cf_opts(*t))
+            .collect();
+        let mut db = DB::open_cf_descriptors(&db_opts, path, cfs)?;
+        if open_current && !want_current {
+            tracing::info!(path = %path.display(), "dropping the kv_current table");
+            db.drop_cf(Table::Current.name())?;
+        }
         Ok(Self {
             db,
             path: path.to_path_buf(),
@@ -263,6 +284,10 @@ impl Engine for RocksEngine {
 
     fn get(&self, table: Table, key: &[u8]) -> Result<Option<Vec<u8>>> {
         Ok(self.db.get_cf(self.cf(table)?, key)?)
+    }
+
+    fn has_table(&self, table: Table) -> bool {
+        self.cf(table).is_ok()
     }
 
     fn snapshot(&self) -> Box<dyn Snapshot + '_> {
@@ -389,9 +414,9 @@ impl Engine for RocksEngine {
     fn defragment(&self) -> Result<()> {
         let mut opts = CompactOptions::default();
         opts.set_bottommost_level_compaction(BottommostLevelCompaction::Force);
-        for t in Table::ALL {
+        for cf in Table::ALL.iter().filter_map(|t| self.cf(*t).ok()) {
             self.db
-                .compact_range_cf_opt(self.cf(t)?, None::<&[u8]>, None::<&[u8]>, &opts);
+                .compact_range_cf_opt(cf, None::<&[u8]>, None::<&[u8]>, &opts);
         }
         // Flushed memtables let RocksDB drop the old write-ahead log files.
         self.db.flush_wal(true)?;
@@ -471,6 +496,10 @@ struct RocksSnapshot<'a> {
 impl Snapshot for RocksSnapshot<'_> {
     fn get(&self, table: Table, key: &[u8]) -> Result<Option<Vec<u8>>> {
         Ok(self.snap.get_cf(self.engine.cf(table)?, key)?)
+    }
+
+    fn has_table(&self, table: Table) -> bool {
+        self.engine.has_table(table)
     }
 
     fn iter(&self, table: Table) -> Box<dyn EngineIter + '_> {

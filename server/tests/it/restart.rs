@@ -20,18 +20,27 @@ async fn write_some(p: &Proc, prefix: &str) -> anyhow::Result<i64> {
     Ok(rev + 1)
 }
 
-/// The layout the data directory's stamp says, and whether it has segment logs.
-fn layout(dir: &std::path::Path) -> anyhow::Result<(u64, bool)> {
+/// The layout the data directory's stamp says, whether it has segment logs, and whether its
+/// RocksDB database has the `kv_current` table (its newest options file names every table).
+fn layout(dir: &std::path::Path) -> anyhow::Result<(u64, bool, bool)> {
     let stamp: serde_json::Value =
         serde_json::from_slice(&std::fs::read(dir.join("metastore.json"))?)?;
     let version = stamp["layout_version"]
         .as_u64()
         .ok_or_else(|| anyhow::anyhow!("no layout_version in {stamp}"))?;
-    Ok((version, dir.join("wal").exists()))
+    let db = dir.join("db");
+    let options = std::fs::read_dir(&db)?
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("OPTIONS-"))
+        .max_by_key(|n| n.trim_start_matches("OPTIONS-").parse::<u64>().unwrap_or(0))
+        .ok_or_else(|| anyhow::anyhow!("no OPTIONS file in {}", db.display()))?;
+    let current_table = std::fs::read_to_string(db.join(options))?.contains("\"kv_current\"");
+    Ok((version, dir.join("wal").exists(), current_table))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_raft_log_moves_between_its_stores_across_crashes_without_losing_a_write(
+async fn the_raft_log_and_the_current_table_come_and_go_across_crashes_without_losing_a_write(
 ) -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     let port = free_port()?;
@@ -40,39 +49,63 @@ async fn the_raft_log_moves_between_its_stores_across_crashes_without_losing_a_w
         ("METASTORE_RAFT_LOG_SEGMENT_BYTES", "8192"),
         ("METASTORE_SNAPSHOT_COUNT", "50"),
     ];
+    let with = |extra: &[(&'static str, &'static str)]| {
+        let mut env = small.to_vec();
+        env.extend_from_slice(extra);
+        env
+    };
     let mut p = Proc::spawn(dir.path(), port, &small)?;
     for round in 0..8 {
         write_some(&p, &format!("w{round}")).await?;
     }
-    assert_eq!(layout(dir.path())?, (2, true), "segments by default");
+    assert_eq!(
+        layout(dir.path())?,
+        (3, true, true),
+        "segments and the current table by default"
+    );
     let segments = std::fs::read_dir(dir.path().join("wal"))?.count();
     assert!(segments >= 2, "{segments} segment files");
     let before = snapshot(&p).await?;
     p.signal("KILL")?;
 
-    // Back into RocksDB: a binary from before segment logs could open it now.
-    let mut with_engine = small.to_vec();
-    with_engine.push(("METASTORE_RAFT_LOG_STORE", "engine"));
-    let mut p = Proc::spawn(dir.path(), port, &with_engine)?;
+    // Back into RocksDB, without the current table: a binary from before segment logs could
+    // open it now.
+    let to_layout_1 = with(&[
+        ("METASTORE_RAFT_LOG_STORE", "engine"),
+        ("METASTORE_KV_CURRENT_TABLE", "false"),
+    ]);
+    let mut p = Proc::spawn(dir.path(), port, &to_layout_1)?;
     assert_eq!(
         snapshot(&p).await?,
         before,
         "after the move into the engine"
     );
-    assert_eq!(layout(dir.path())?, (1, false));
+    assert_eq!(layout(dir.path())?, (1, false, false));
     write_some(&p, "e").await?;
     let before = snapshot(&p).await?;
     p.signal("KILL")?;
 
-    // And into segments again.
-    let mut p = Proc::spawn(dir.path(), port, &small)?;
+    // Into segments again, still without the table: what binaries of sessions 32 to 49 open.
+    let mut p = Proc::spawn(
+        dir.path(),
+        port,
+        &with(&[("METASTORE_KV_CURRENT_TABLE", "false")]),
+    )?;
     assert_eq!(snapshot(&p).await?, before, "after the move into segments");
-    assert_eq!(layout(dir.path())?, (2, true));
+    assert_eq!(layout(dir.path())?, (2, true, false));
     write_some(&p, "s").await?;
     let before = snapshot(&p).await?;
     p.signal("KILL")?;
+
+    // With the table again: rebuilt from the history, and read from.
+    let mut p = Proc::spawn(dir.path(), port, &small)?;
+    assert_eq!(snapshot(&p).await?, before, "after the table is rebuilt");
+    assert_eq!(layout(dir.path())?, (3, true, true));
+    write_some(&p, "c").await?;
+    let before = snapshot(&p).await?;
+    p.signal("KILL")?;
     let p = Proc::spawn(dir.path(), port, &small)?;
-    assert_eq!(snapshot(&p).await?, before, "after a crash on segments");
+    assert_eq!(snapshot(&p).await?, before, "after a crash with the table");
     Ok(())
 }
 

@@ -445,7 +445,8 @@ fn a_group_writes_its_batch_once_it_holds_the_bound() {
     let auth = crate::auth::AuthStore::open_default(s.engine().clone()).expect("auth");
     let before = engine.hook.0.load(std::sync::atomic::Ordering::Relaxed);
     let mut a = s.applier().expect("applier");
-    let value = "v".repeat(crate::mvcc::store::PENDING_BYTES / 4);
+    // Each put holds its value twice: in the key history and in the `kv_current` table.
+    let value = "v".repeat(crate::mvcc::store::PENDING_BYTES / 8);
     for i in 0..10u64 {
         let cmd = Command::Put(put(&format!("k{i}"), &value));
         apply(&mut a, i + 1, &cmd, &NoLeases, &auth).expect("put");
