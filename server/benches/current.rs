@@ -1,6 +1,6 @@
 //! A range at the current revision over keys with several versions each, read from the
-//! `kv_current` table against the key history alone (criterion; docs/PERFORMANCE.md, session
-//! 50).
+//! `kv_current` table against the key history alone, with the versions in the memtable and in
+//! table files (criterion; docs/PERFORMANCE.md, session 50).
 
 use std::sync::Arc;
 
@@ -49,12 +49,19 @@ fn ranges(c: &mut Criterion) {
     g.throughput(Throughput::Elements(KEYS as u64));
     g.sample_size(20);
     let all = KeyRange::Between(b"00000000".to_vec(), b"00001000".to_vec());
-    for versions in [1, 4] {
+    // Versions in the memtable, where the table's overwritten entries are still there (RocksDB's
+    // cursor steps over them), and in table files after a flush and compaction, which keep
+    // only the newest of each key in the table and every version in the history.
+    for (versions, flushed) in [(1, false), (4, false), (16, false), (16, true)] {
         for current_table in [false, true] {
             let dir = tempfile::tempdir().expect("tempdir");
             let s = store(dir.path(), versions, current_table);
+            if flushed {
+                s.engine().defragment().expect("flush and compact");
+            }
             let table = if current_table { "table" } else { "history" };
-            let id = format!("{versions}-versions/{table}");
+            let place = if flushed { "-flushed" } else { "" };
+            let id = format!("{versions}-versions{place}/{table}");
             g.bench_function(BenchmarkId::new("1000-keys", &id), |b| {
                 b.iter(|| {
                     let r = s.range(&all, RangeOptions::default()).expect("range");
