@@ -162,10 +162,14 @@ impl RocksEngine {
         // With the default `kPointInTimeRecovery`: a recycled file's old records past the
         // new log's end carry the old log's number and are not replayed.
         db_opts.set_recycle_log_file_num(opts.recycled_wals);
-        // `list_cf` fails when there is no database yet.
-        let found = DB::list_cf(&db_opts, path)
-            .ok()
-            .map(|names| names.iter().any(|n| n == Table::Current.name()));
+        // Whether an existing database has the table (`None`: no database yet). One that
+        // cannot be listed is not opened either, rather than given a table it may not want.
+        let found = if path.join("CURRENT").exists() {
+            let names = DB::list_cf(&db_opts, path)?;
+            Some(names.iter().any(|n| n == Table::Current.name()))
+        } else {
+            None
+        };
         let want_current = opts.current_table.or(found).unwrap_or(true);
         // RocksDB opens a database only with every family it has: one to drop is opened first.
         let open_current = want_current || found == Some(true);
