@@ -46,10 +46,10 @@ use std::time::{Duration, Instant};
 
 use clap::builder::TypedValueParser;
 
-use crate::mvcc::store::{put_meta_i64, META_COMPACT_FINISHED, META_COMPACT_SCHEDULED};
+use crate::mvcc::store::{meta_i64, put_meta_i64, META_COMPACT_FINISHED, META_COMPACT_SCHEDULED};
 use crate::storage::data_dir::DataDir;
 use crate::storage::rocks::RocksOptions;
-use crate::storage::{codec, Engine, RocksEngine, Table, WriteBatch};
+use crate::storage::{codec, Engine, RocksEngine, WriteBatch};
 
 pub use rewrite::{count, rewrite, BatchLimits, FormatCounts, RewriteStats};
 pub use verify::{fingerprint, Fingerprint};
@@ -272,11 +272,7 @@ pub fn run(args: &MigrateArgs) -> Result<Report> {
     let convert_start = Instant::now();
     // The `kv_current` table keeps each live key's newest record as it was written: without
     // its marker the next open rebuilds it from the converted history, in `to`.
-    if engine.has_table(Table::Current) {
-        let mut b = WriteBatch::new();
-        b.delete(Table::Current, crate::mvcc::current::MARKER.to_vec());
-        engine.write(b, true)?;
-    }
+    crate::mvcc::current::invalidate(engine.as_ref())?;
     report.stats = rewrite(engine.as_ref(), args.to, limits, &mut |done, rewritten| {
         bar.update(done, rewritten)
     })?;
@@ -324,14 +320,7 @@ fn open_engine(db: &Path, dir: &Path) -> Result<RocksEngine> {
 /// Finishes a physical compaction a stopped server left unfinished (the server resumes it at
 /// start in the background; here it runs before anything is fingerprinted or converted).
 fn finish_compaction(engine: &dyn Engine) -> Result<()> {
-    let read = |key: &[u8]| -> Result<i64> {
-        Ok(match engine.get(Table::Meta, key)? {
-            Some(v) => i64::from_be_bytes(v.as_slice().try_into().map_err(|_| {
-                crate::mvcc::Error::Corrupt(format!("meta {}", String::from_utf8_lossy(key)))
-            })?),
-            None => 0,
-        })
-    };
+    let read = |key: &[u8]| -> Result<i64> { Ok(meta_i64(engine, key)?.unwrap_or(0)) };
     let (scheduled, finished) = (read(META_COMPACT_SCHEDULED)?, read(META_COMPACT_FINISHED)?);
     if scheduled > finished {
         tracing::info!(

@@ -20,7 +20,7 @@ use crate::apply::{apply, Command, CommandResult, LeaseLookup};
 use crate::mvcc::store::META_STORAGE_FORMAT;
 use crate::mvcc::{KeyRange, RangeOptions, Store, StoreOptions};
 use crate::storage::data_dir::{read_stamp, Stamp, LAYOUT_VERSION};
-use crate::storage::{EngineHook, HookedEngine, MemoryEngine};
+use crate::storage::{EngineHook, HookedEngine, MemoryEngine, Table};
 
 /// Leases the apply step sees as existing: those granted and not revoked.
 #[derive(Default)]

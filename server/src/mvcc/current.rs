@@ -30,7 +30,7 @@
 use std::time::{Duration, Instant};
 
 use super::key_codec::{kv_prefix, split_kv_key};
-use super::store::is_tombstone;
+use super::store::{be_i64, is_tombstone};
 use super::{Error, KeyRange, Result};
 use crate::storage::{Engine, Snapshot, Table, WriteBatch};
 
@@ -50,21 +50,25 @@ pub(crate) fn marked_rev(snap: &dyn Snapshot) -> Result<Option<i64>> {
     if !snap.has_table(Table::Current) {
         return Ok(None);
     }
-    match snap.get(Table::Current, MARKER)? {
-        None => Ok(None),
-        Some(v) => {
-            let arr: [u8; 8] = v
-                .as_slice()
-                .try_into()
-                .map_err(|_| Error::Corrupt("kv_current marker".into()))?;
-            Ok(Some(i64::from_be_bytes(arr)))
-        }
-    }
+    snap.get(Table::Current, MARKER)?
+        .map(|v| be_i64(&v, || "kv_current marker".into()))
+        .transpose()
 }
 
 /// Whether the table in `snap` holds exactly the live keys at `rev`.
 pub(crate) fn serves(snap: &dyn Snapshot, rev: i64) -> Result<bool> {
     Ok(marked_rev(snap)? == Some(rev))
+}
+
+/// Removes the marker, so that the next open rebuilds the table from the history (after an
+/// offline migration has re-encoded the history's records). Synced.
+pub(crate) fn invalidate(engine: &dyn Engine) -> Result<()> {
+    if engine.has_table(Table::Current) {
+        let mut b = WriteBatch::new();
+        b.delete(Table::Current, MARKER.to_vec());
+        engine.write(b, true)?;
+    }
+    Ok(())
 }
 
 /// Calls `visit` with the record of every live key in `range` (not a single key), in key

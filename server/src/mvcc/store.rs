@@ -1,7 +1,7 @@
 //! [`Store`]: the MVCC key space over an [`Engine`].
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use metastore_proto::mvccpb::{event::EventType, Event, KeyValue};
@@ -111,10 +111,10 @@ pub struct Store {
     /// reads or changes it. Lock order: the writer lock, then this one.
     latest: Mutex<Latest>,
     compactor: Compactor,
-    /// Whether the engine holds the `kv_current` table, current at the applied revision, which
-    /// the apply step then keeps so (see `mvcc::current`). Set when the store opens or
-    /// reloads, after a rebuild if the table was stale.
-    current_table: AtomicBool,
+    /// Whether the engine holds the `kv_current` table, which the apply step then keeps
+    /// current (see `mvcc::current`): it is rebuilt, if stale, whenever the store opens or
+    /// reloads.
+    current_table: bool,
 }
 
 struct WriterState {
@@ -124,17 +124,19 @@ struct WriterState {
     pending_compactions: Vec<CompactTicket>,
 }
 
-fn meta_i64(engine: &dyn Engine, key: &[u8]) -> Result<Option<i64>> {
-    match engine.get(Table::Meta, key)? {
-        None => Ok(None),
-        Some(v) => {
-            let arr: [u8; 8] = v
-                .as_slice()
-                .try_into()
-                .map_err(|_| Error::Corrupt(format!("meta {:?}", String::from_utf8_lossy(key))))?;
-            Ok(Some(i64::from_be_bytes(arr)))
-        }
-    }
+/// A Meta-table `i64` (as [`put_meta_i64`] writes it), if present.
+pub(crate) fn meta_i64(engine: &dyn Engine, key: &[u8]) -> Result<Option<i64>> {
+    engine
+        .get(Table::Meta, key)?
+        .map(|v| be_i64(&v, || format!("meta {:?}", String::from_utf8_lossy(key))))
+        .transpose()
+}
+
+/// An `i64` stored big endian (as [`put_meta_i64`] writes it); `what` names it when it is
+/// not 8 bytes long.
+pub(crate) fn be_i64(v: &[u8], what: impl FnOnce() -> String) -> Result<i64> {
+    let arr: [u8; 8] = v.try_into().map_err(|_| Error::Corrupt(what()))?;
+    Ok(i64::from_be_bytes(arr))
 }
 
 pub(crate) fn put_meta_i64(batch: &mut WriteBatch, key: &[u8], v: i64) {
@@ -160,7 +162,7 @@ impl Store {
             put_meta_i64(&mut b, META_CURRENT_REV, current);
             engine.write(b, opts.fsync)?;
         }
-        let current_table = AtomicBool::new(current::rebuild(engine.as_ref(), current)?);
+        let current_table = current::rebuild(engine.as_ref(), current)?;
         let background = Arc::new(Mutex::new(()));
         let compactor = Compactor::start(engine.clone(), finished, background.clone())?;
         let alarms = load_alarms(engine.as_ref())?;
@@ -200,7 +202,7 @@ impl Store {
 
     /// Whether the apply step keeps the `kv_current` table (the engine holds it).
     pub(crate) fn current_table(&self) -> bool {
-        self.current_table.load(Ordering::Relaxed)
+        self.current_table
     }
 
     /// The storage format new records are written in.
@@ -237,8 +239,7 @@ impl Store {
             self.write_format.store(f, Ordering::SeqCst);
         }
         *self.alarms.lock().map_err(|_| Error::Closed)? = load_alarms(engine)?;
-        let current_table = current::rebuild(engine, current)?;
-        self.current_table.store(current_table, Ordering::SeqCst);
+        current::rebuild(engine, current)?;
         w.applied_rev = current;
         w.applied_index = index;
         self.forget_latest();

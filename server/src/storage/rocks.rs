@@ -291,7 +291,7 @@ impl Engine for RocksEngine {
     }
 
     fn has_table(&self, table: Table) -> bool {
-        self.cf(table).is_ok()
+        self.db.cf_handle(table.name()).is_some()
     }
 
     fn snapshot(&self) -> Box<dyn Snapshot + '_> {
