@@ -164,16 +164,22 @@ impl<'a> WriteTxn<'a> {
                 _ => Err(Error::Regroup),
             };
         }
+        // From here on the group changed no key of the range after the snapshot, or the read
+        // is at or below the snapshot's revision: the snapshot at `rev.min(base_rev)` holds
+        // the range as it was at `rev.min(begin_rev)`. Read at the snapshot's own revision
+        // where it can, where a range of several keys reads the `kv_current` table rather
+        // than the key history (`mvcc::current`).
+        let snap_rev = rev.min(self.group.base_rev);
         let touched = touches(&self.changes, range);
         if rev <= self.begin_rev || !touched {
             let snap = self.group.snap.as_ref();
-            let mut r = range_snapshot(snap, range, rev.min(self.begin_rev), opts)?;
+            let mut r = range_snapshot(snap, range, snap_rev, opts)?;
             r.rev = cur;
             return Ok(r);
         }
-        // Merge the snapshot at `begin_rev` with this transaction's changes.
+        // Merge the snapshot (the range at `begin_rev`) with this transaction's changes.
         let mut merged = std::collections::BTreeMap::new();
-        scan(self.group.snap.as_ref(), range, self.begin_rev, |r| {
+        scan(self.group.snap.as_ref(), range, snap_rev, |r| {
             let kv = codec::decode(r)?;
             merged.insert(kv.key.to_vec(), kv);
             Ok(true)

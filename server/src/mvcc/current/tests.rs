@@ -69,10 +69,56 @@ fn churn(store: &Store, rng: &mut Rng, ops: usize) -> anyhow::Result<History> {
                 .collect(),
         };
         let deleted = KeyRange::Between(key(rng.below(24)), key(rng.below(24)));
+        // A range the transaction reads before its writes, and again after them (then with
+        // its own changes), as a txn's range operations do.
+        let ranges = ranges();
+        let looked_at = ranges[rng.below(ranges.len() as u64) as usize].clone();
+        // At the current revision (0) half the time, else at an earlier one.
+        let at = match rng.below(2) {
+            0 => 0,
+            _ => history
+                .keys()
+                .nth(rng.below(history.len() as u64) as usize)
+                .copied()
+                .unwrap_or_default(),
+        };
+        let mut after = model.clone();
+        if writes.is_empty() {
+            after.retain(|k, _| !deleted.contains(k));
+        }
+        for (k, v) in &writes {
+            match v {
+                Some(v) => after.insert(k.clone(), v.clone()),
+                None => after.remove(k),
+            };
+        }
+        let txn_read = |t: &crate::mvcc::WriteTxn<'_>,
+                        state: &BTreeMap<Vec<u8>, Vec<u8>>|
+         -> crate::mvcc::Result<()> {
+            let opts = crate::mvcc::RangeOptions {
+                rev: at,
+                ..Default::default()
+            };
+            let state = if at == 0 { state } else { &history[&at] };
+            let r = t.range(&looked_at, opts)?;
+            let got: Vec<(Vec<u8>, Vec<u8>)> = r
+                .kvs
+                .iter()
+                .map(|kv| (kv.key.to_vec(), kv.value.to_vec()))
+                .collect();
+            assert_eq!(
+                got,
+                expected(state, &looked_at),
+                "op {op} at {at}: {looked_at:?}"
+            );
+            assert_eq!(r.count, got.len());
+            Ok(())
+        };
         // As the applier does: a read the group cannot answer writes the group first.
         let t = loop {
             let mut t = a.begin()?;
             let run = |t: &mut crate::mvcc::WriteTxn<'_>| -> crate::mvcc::Result<()> {
+                txn_read(t, &model)?;
                 if writes.is_empty() {
                     t.delete_range(&deleted)?;
                 }
@@ -84,7 +130,7 @@ fn churn(store: &Store, rng: &mut Rng, ops: usize) -> anyhow::Result<History> {
                         None => drop(t.delete_range(&KeyRange::Single(k.clone()))?),
                     }
                 }
-                Ok(())
+                txn_read(t, &after)
             };
             match run(&mut t) {
                 Ok(()) => break t,
@@ -95,15 +141,7 @@ fn churn(store: &Store, rng: &mut Rng, ops: usize) -> anyhow::Result<History> {
                 Err(e) => return Err(e.into()),
             }
         };
-        if writes.is_empty() {
-            model.retain(|k, _| !deleted.contains(k));
-        }
-        for (k, v) in writes {
-            match v {
-                Some(v) => model.insert(k, v),
-                None => model.remove(&k),
-            };
-        }
+        model = after;
         index += 1;
         let out = a.commit(t, index)?;
         history.insert(out.rev, model.clone());
@@ -224,16 +262,69 @@ fn ranges_at_every_revision_match_the_history_and_a_model() -> anyhow::Result<()
     Ok(())
 }
 
-#[test]
-fn a_snapshot_ahead_of_the_read_uses_the_history() -> anyhow::Result<()> {
+/// A store on the memory engine holding `keys`, each with the value `1`, written in one
+/// transaction and published.
+fn memory_store_with(keys: &[&'static [u8]]) -> anyhow::Result<(Arc<dyn Engine>, Arc<Store>)> {
     let engine: Arc<dyn Engine> = Arc::new(MemoryEngine::new());
     let store = Store::open(engine.clone(), StoreOptions::default())?;
     let mut a = store.applier()?;
     let mut t = a.begin()?;
-    t.put(Bytes::from_static(b"a"), Bytes::from_static(b"1"), 0)?;
-    t.put(Bytes::from_static(b"b"), Bytes::from_static(b"1"), 0)?;
+    for k in keys {
+        t.put(Bytes::from_static(k), Bytes::from_static(b"1"), 0)?;
+    }
     a.commit(t, store.applied_index() + 1)?;
     a.publish()?;
+    Ok((engine, store))
+}
+
+#[test]
+fn a_write_txn_in_a_group_reads_a_range_the_group_did_not_change_from_the_table(
+) -> anyhow::Result<()> {
+    let (engine, store) = memory_store_with(&[b"a", b"m"])?;
+    // A key only the table holds (the marker stays current): a read that finds it read the
+    // table, one that does not read the history.
+    let mut planted = store
+        .range(&KeyRange::Single(b"m".to_vec()), Default::default())?
+        .kvs
+        .remove(0);
+    planted.key = Bytes::from_static(b"n");
+    let mut record = Vec::new();
+    codec::encode_v2(&planted, &mut record);
+    let mut b = WriteBatch::new();
+    b.put(Table::Current, kv_prefix(b"n"), record);
+    engine.write(b, false)?;
+    // The group's first command changes `a`; the second reads [m, z) and [a, z).
+    let mut a = store.applier()?;
+    let mut t = a.begin()?;
+    t.put(Bytes::from_static(b"a"), Bytes::from_static(b"2"), 0)?;
+    a.commit(t, store.applied_index() + 1)?;
+    let mut t = a.begin()?;
+    let keys = |r: crate::mvcc::RangeResult| -> Vec<Vec<u8>> {
+        r.kvs.iter().map(|kv| kv.key.to_vec()).collect()
+    };
+    let untouched = KeyRange::Between(b"m".to_vec(), b"z".to_vec());
+    let got = keys(t.range(&untouched, Default::default())?);
+    assert_eq!(
+        got,
+        vec![b"m".to_vec(), b"n".to_vec()],
+        "read from the table"
+    );
+    // With the transaction's own change merged in, still from the table.
+    t.put(Bytes::from_static(b"p"), Bytes::from_static(b"1"), 0)?;
+    let got = keys(t.range(&untouched, Default::default())?);
+    assert_eq!(got, vec![b"m".to_vec(), b"n".to_vec(), b"p".to_vec()]);
+    // A range over the key the group changed is not the snapshot's to answer.
+    let touched = KeyRange::Between(b"a".to_vec(), b"z".to_vec());
+    assert!(matches!(
+        t.range(&touched, Default::default()),
+        Err(Error::Regroup)
+    ));
+    Ok(())
+}
+
+#[test]
+fn a_snapshot_ahead_of_the_read_uses_the_history() -> anyhow::Result<()> {
+    let (engine, store) = memory_store_with(&[b"a", b"b"])?;
     let published = store.current_revision();
     // The next command reaches the engine before it is published.
     let mut a = store.applier()?;
