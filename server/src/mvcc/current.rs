@@ -40,9 +40,10 @@ pub(crate) const MARKER: &[u8] = b"";
 /// A rebuild writes in batches of about this many bytes.
 const REBUILD_BATCH_BYTES: usize = 4 << 20;
 
-/// The marker's value for revision `rev`.
-pub(crate) fn marker(rev: i64) -> Vec<u8> {
-    rev.to_be_bytes().to_vec()
+/// Sets the marker to `rev` in `batch`: the table is current at `rev` once the batch is
+/// written.
+pub(crate) fn set_marker(batch: &mut WriteBatch, rev: i64) {
+    batch.put(Table::Current, MARKER.to_vec(), rev.to_be_bytes().to_vec());
 }
 
 /// The revision the table in `snap` is current at; `None` without a table or a marker.
@@ -145,7 +146,7 @@ pub(crate) fn rebuild(engine: &dyn Engine, rev: i64) -> Result<bool> {
     it.status()?;
     drop(it);
     drop(snap);
-    batch.put(Table::Current, MARKER.to_vec(), marker(rev));
+    set_marker(&mut batch, rev);
     engine.write(batch, false)?;
     if versions > 0 {
         tracing::info!(

@@ -743,11 +743,7 @@ impl<'a> Applying<'a> {
         let mut batch = std::mem::take(&mut self.pending);
         put_meta_i64(&mut batch, META_CURRENT_REV, self.state.applied_rev);
         if self.store.current_table() {
-            batch.put(
-                Table::Current,
-                current::MARKER.to_vec(),
-                current::marker(self.state.applied_rev),
-            );
+            current::set_marker(&mut batch, self.state.applied_rev);
         }
         put_meta_i64(
             &mut batch,

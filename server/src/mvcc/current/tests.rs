@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 
-use super::{marked_rev, rebuild, serves, MARKER};
+use super::{marked_rev, rebuild, serves, set_marker, MARKER};
 use crate::mvcc::key_codec::{kv_key, kv_prefix};
 use crate::mvcc::store::{scan, scan_history};
 use crate::mvcc::{Error, KeyRange, Store, StoreOptions};
@@ -360,11 +360,7 @@ fn a_stale_or_missing_table_is_rebuilt_when_the_store_opens() -> anyhow::Result<
     let mut b = WriteBatch::new();
     b.put(Table::Current, kv_prefix(b"gone"), b"stale".to_vec());
     b.delete(Table::Current, want[0].0.clone());
-    b.put(
-        Table::Current,
-        MARKER.to_vec(),
-        (rev - 3).to_be_bytes().to_vec(),
-    );
+    set_marker(&mut b, rev - 3);
     engine.write(b, false)?;
     let store = Store::open(engine.clone(), StoreOptions::default())?;
     assert_eq!(table(engine.as_ref())?, want);
@@ -383,11 +379,7 @@ fn a_stale_or_missing_table_is_rebuilt_when_the_store_opens() -> anyhow::Result<
     // A reload (after a Raft snapshot is installed) checks it too.
     let mut b = WriteBatch::new();
     b.delete(Table::Current, want[1].0.clone());
-    b.put(
-        Table::Current,
-        MARKER.to_vec(),
-        (rev - 1).to_be_bytes().to_vec(),
-    );
+    set_marker(&mut b, rev - 1);
     engine.write(b, false)?;
     store.reload()?;
     assert_eq!(table(engine.as_ref())?, want);
