@@ -225,6 +225,46 @@ async fn a_member_without_the_target_format_refuses_the_switch() -> anyhow::Resu
     Ok(())
 }
 
+/// What a load writer saw: its acknowledged keys, and its failed and slow puts.
+#[derive(Default)]
+struct WriterLog {
+    acked: BTreeSet<String>,
+    failed: usize,
+    /// The first failures and slow puts: (ms since the test's start, ms taken, outcome).
+    notable: Vec<(u128, u128, String)>,
+}
+
+impl WriterLog {
+    const SLOW: Duration = Duration::from_millis(200);
+    const KEPT: usize = 40;
+
+    fn record(&mut self, t0: Instant, sent: Instant, err: Option<&etcd_client::Error>) {
+        let took = sent.elapsed();
+        if err.is_some() {
+            self.failed += 1;
+        }
+        if (err.is_some() || took >= Self::SLOW) && self.notable.len() < Self::KEPT {
+            let outcome = err.map_or_else(|| "ok (slow)".to_string(), |e| e.to_string());
+            let at = sent.duration_since(t0).as_millis();
+            self.notable.push((at, took.as_millis(), outcome));
+        }
+    }
+
+    fn summary(&self) -> String {
+        let mut out = format!(
+            "{} acknowledged, {} failed; failed or slower than {:?} (first {}):",
+            self.acked.len(),
+            self.failed,
+            Self::SLOW,
+            Self::KEPT
+        );
+        for (at, took, outcome) in &self.notable {
+            out.push_str(&format!("\n{at:>6} ms +{took} ms: {outcome}"));
+        }
+        out
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_members_migrate_online_under_load_with_a_restart() -> anyhow::Result<()> {
     // Slow re-encoding so the restart falls in the middle of it.
@@ -252,26 +292,67 @@ async fn three_members_migrate_online_under_load_with_a_restart() -> anyhow::Res
         )
         .await?;
 
-    // Write load through m0 for the whole migration; only acknowledged writes count.
+    // Write load through m0 for the whole migration; only acknowledged writes count. The
+    // writer keeps its failed and slow puts, and a watcher each member's leader, so that a
+    // stalled load says where it waited.
+    let t0 = Instant::now();
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let writer = {
         let stop = stop.clone();
         let mut client = client.clone();
         tokio::spawn(async move {
-            let mut acked = BTreeSet::new();
+            let mut log = WriterLog::default();
             let mut i = 0u64;
             while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                if client.put(format!("load/{i:06}"), "x", None).await.is_ok() {
-                    acked.insert(format!("load/{i:06}"));
+                let key = format!("load/{i:06}");
+                let sent = Instant::now();
+                let res = client.put(key.as_str(), "x", None).await;
+                log.record(t0, sent, res.as_ref().err());
+                if res.is_ok() {
+                    log.acked.insert(key);
                 }
                 i += 1;
             }
-            acked
+            log
         })
     };
+    let leaders = {
+        let stop = stop.clone();
+        let urls = urls.clone();
+        tokio::spawn(async move {
+            let mut seen: Vec<Option<String>> = vec![None; urls.len()];
+            let mut clients: Vec<Option<MaintenanceClient<_>>> = vec![None; urls.len()];
+            let mut changes = Vec::new();
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                for (i, url) in urls.iter().enumerate() {
+                    let asked = tokio::time::timeout(Duration::from_secs(1), async {
+                        if clients[i].is_none() {
+                            clients[i] = Some(MaintenanceClient::connect(url.clone()).await?);
+                        }
+                        let c = clients[i].as_mut().expect("connected above");
+                        anyhow::Ok(c.status(StatusRequest {}).await?.into_inner())
+                    });
+                    let now = match asked.await {
+                        Ok(Ok(s)) => format!("leader {:x} term {}", s.leader, s.raft_term),
+                        Ok(Err(e)) => format!("status failed: {e}"),
+                        Err(_) => "status timed out".to_string(),
+                    };
+                    if seen[i].as_ref() != Some(&now) {
+                        changes.push(format!("{:>6} ms m{i}: {now}", t0.elapsed().as_millis()));
+                        seen[i] = Some(now);
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            changes
+        })
+    };
+    let mut marks = Vec::new();
+    let mut mark = |what: &str| marks.push(format!("{:>6} ms {what}", t0.elapsed().as_millis()));
 
     let out = ctl_migrate(&urls[..1], 2, &["--timeout=20s"]).await?;
     assert!(out.status.success(), "{}", text(&out.stderr));
+    mark("switched to format 2");
     // Restart m1 once its re-encoding is under way (about 2 s of work at 4000 records/s).
     let victim = 1;
     let start = Instant::now();
@@ -286,15 +367,18 @@ async fn three_members_migrate_online_under_load_with_a_restart() -> anyhow::Res
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    mark("m1 mid-way");
     if let Some(mut p) = c.procs[victim].take() {
         tokio::task::block_in_place(|| p.signal("TERM"))?;
     }
+    mark("m1 stopped");
     let stamp = read_stamp(&c.members[victim].dir)?.map(|s| s.storage_format);
     assert_eq!(stamp, Some(2), "the stamp was raised at the switch");
     // Restarted without --storage-format: the directory (and the replicated switch) decide.
     let p = c.spawn(victim, &["--experimental-storage-migration-rate", "4000"])?;
     tokio::task::block_in_place(|| p.wait_healthy(Duration::from_secs(20)))?;
     c.procs[victim] = Some(p);
+    mark("m1 restarted and healthy");
 
     let out = ctl_migrate(
         &urls,
@@ -308,9 +392,19 @@ async fn three_members_migrate_online_under_load_with_a_restart() -> anyhow::Res
         text(&out.stdout),
         text(&out.stderr)
     );
+    mark("migration done");
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    let acked = writer.await?;
-    assert!(acked.len() > 10, "the load ran: {} writes", acked.len());
+    let log = writer.await?;
+    let leaders = leaders.await?;
+    assert!(
+        log.acked.len() > 10,
+        "the load ran: {} writes\n{}\nmarks:\n{}\nleaders:\n{}",
+        log.acked.len(),
+        log.summary(),
+        marks.join("\n"),
+        leaders.join("\n")
+    );
+    let acked = log.acked;
 
     // Everyone has applied the last write: compare at the same revisions.
     let last = client.put("last", "1", None).await?;
