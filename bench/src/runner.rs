@@ -148,13 +148,7 @@ pub async fn drive<C: Clone, W: Workload<C>>(
                 if seq >= total {
                     break;
                 }
-                let t0 = match schedule.due(seq) {
-                    Some(due) => {
-                        tokio::time::sleep_until(due.into()).await;
-                        due
-                    }
-                    None => Instant::now(),
-                };
+                let t0 = schedule.wait(seq).await;
                 match w.call(&mut client, seq).await {
                     Ok(kind) => rec.record(kind, t0.elapsed()),
                     Err(status) => rec.error(format!("{:?}: {}", status.code(), status.message())),
