@@ -32,10 +32,14 @@ type BoxError = Box<dyn StdError + Send + Sync>;
 pub struct Conn {
     send: h2::client::SendRequest<Bytes>,
     authority: Authority,
+    /// The runtime the connection's task runs on, where its requesters run best
+    /// ([`crate::shards`]).
+    runtime: tokio::runtime::Handle,
 }
 
 impl Conn {
-    /// Connects to `url` (`http://host:port`; TLS is not spoken) with `TCP_NODELAY` on.
+    /// Connects to `url` (`http://host:port`; TLS is not spoken) with `TCP_NODELAY` on. The
+    /// connection's task runs on the runtime this is called on.
     pub async fn connect(url: &str) -> Result<Self> {
         let err = |source: BoxError| Error::Connect {
             endpoint: url.to_string(),
@@ -79,7 +83,11 @@ impl Conn {
                 tracing::debug!(error = %e, "connection ended");
             }
         });
-        Ok(Self { send, authority })
+        Ok(Self {
+            send,
+            authority,
+            runtime: tokio::runtime::Handle::current(),
+        })
     }
 
     /// Sends `req` as one HTTP/2 stream and waits for the answer's headers.
@@ -143,6 +151,12 @@ async fn pipe(mut body: tonic::body::Body, mut out: h2::SendStream<Bytes>) {
         }
     }
     let _ = out.send_data(Bytes::new(), true);
+}
+
+impl crate::shards::Placed for Conn {
+    fn runtime(&self) -> Option<tokio::runtime::Handle> {
+        Some(self.runtime.clone())
+    }
 }
 
 impl tower::Service<http::Request<tonic::body::Body>> for Conn {

@@ -18,6 +18,8 @@
 //!   connection, without the task hops of tonic's own channel.
 //! - [`runner`]: opens `--conns` gRPC connections and drives `--clients` concurrent requesters
 //!   over them until `--total` requests are done.
+//! - [`shards`]: the tool's threads, one current-thread runtime each; a connection and its
+//!   requesters share one.
 //! - [`workload`]: one file per workload; each builds its requests and says what it measured
 //!   (`kube` is a directory: its writers, reflectors, background traffic and checker).
 //! - [`report`]: latency histograms (`hdrhistogram`), percentiles, the text histogram and the
@@ -32,6 +34,7 @@ pub mod options;
 pub mod rate;
 pub mod report;
 pub mod runner;
+pub mod shards;
 pub mod workload;
 
 pub use error::{Error, Result};

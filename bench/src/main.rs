@@ -2,6 +2,7 @@
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
+use metastore_bench::shards::Shards;
 use metastore_bench::workload::{
     kube, kube::KubeArgs, lease_keepalive, put, range, range::RangeArgs, txn_mixed,
     txn_mixed::TxnMixedArgs, txn_put, txn_put::TxnPutArgs, watch, watch_latency,
@@ -49,19 +50,39 @@ fn main() -> anyhow::Result<()> {
     // turns the spans off outright.
     let _ = tracing::dispatcher::set_global_default(tracing::Dispatch::none());
     keep_freed_memory();
-    let rt = match cli.common.threads {
-        1 => tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()?,
-        n => {
-            let mut b = tokio::runtime::Builder::new_multi_thread();
-            if n > 0 {
-                b.worker_threads(n);
+    if let Command::Kube(_) = &cli.command {
+        // `kube` runs on tonic's channels, which spread their tasks over a multi-thread
+        // runtime's workers.
+        let rt = match cli.common.threads {
+            1 => tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?,
+            n => {
+                let mut b = tokio::runtime::Builder::new_multi_thread();
+                if n > 0 {
+                    b.worker_threads(n);
+                }
+                b.enable_all().build()?
             }
-            b.enable_all().build()?
-        }
+        };
+        return rt.block_on(run(cli, &Shards::none()));
+    }
+    // The others run their connections and requesters on threads of their own, one
+    // current-thread runtime each (`shards`); this thread only starts them and collects the
+    // report. With `--threads 1` everything runs on this thread.
+    let threads = match cli.common.threads {
+        0 => std::thread::available_parallelism().map_or(1, usize::from),
+        n => n,
     };
-    rt.block_on(run(cli))
+    let shards = if threads == 1 {
+        Shards::none()
+    } else {
+        Shards::start(threads)?
+    };
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(run(cli, &shards))
 }
 
 /// Keeps the memory the tool frees for its next allocations instead of handing it back to the
@@ -88,7 +109,7 @@ fn keep_freed_memory() {
 #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
 fn keep_freed_memory() {}
 
-async fn run(mut cli: Cli) -> anyhow::Result<()> {
+async fn run(mut cli: Cli, shards: &Shards) -> anyhow::Result<()> {
     if let Command::Kube(_) = &cli.command {
         // One connection per endpoint at least: the kube workload moves to the next endpoint
         // when one fails.
@@ -104,7 +125,7 @@ async fn run(mut cli: Cli) -> anyhow::Result<()> {
     common.validate()?;
     let bar = runner::progress(common, common.total);
     // `kube` runs on tonic channels of its own (they reconnect); the others on `Conn`s.
-    let conns = || runner::connect(common);
+    let conns = || runner::connect(common, shards);
     let report = match &cli.command {
         Command::Kube(args) => {
             let channels = runner::connect_channels(common).await?;

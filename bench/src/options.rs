@@ -40,7 +40,8 @@ pub struct Common {
     /// Print one JSON object instead of the text report (and no progress bar).
     #[arg(long, global = true)]
     pub json: bool,
-    /// Threads the tool's own runtime runs on; 0 = one per core.
+    /// Threads the tool runs its connections and requesters on (one runtime each, a
+    /// connection and its requesters on one); 0 = one per core.
     #[arg(long, default_value_t = 0, global = true)]
     pub threads: usize,
 }

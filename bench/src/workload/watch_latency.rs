@@ -25,6 +25,7 @@ use crate::keys::{KeySpace, Rng};
 use crate::options::Common;
 use crate::report::{Recorder, Report};
 use crate::runner::{self, Workload};
+use crate::shards::Placed;
 
 use super::watch::WatchStream;
 
@@ -108,15 +109,31 @@ pub async fn run(
     let per_stream = common.total * args.watchers_per_stream as u64;
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let mut readers = JoinSet::new();
+    let mut set_ups = Vec::with_capacity(args.streams);
     for s in 0..args.streams {
+        // Each stream is opened, and then read, on its connection's runtime.
         let ch = channels[s % channels.len()].clone();
-        let mut stream = WatchStream::open(ch, watch_all.clone()).await?;
-        for _ in 1..args.watchers_per_stream {
-            stream.watch(watch_all.clone()).await?;
-        }
+        let runtime = ch.runtime();
+        let (watch_all, watchers) = (watch_all.clone(), args.watchers_per_stream);
+        let (set_up, set_up_rx) = tokio::sync::oneshot::channel::<Result<()>>();
         let mut stop = stop_rx.clone();
-        readers.spawn(async move {
+        let reader = async move {
             let mut rec = Recorder::new();
+            let opened = async {
+                let mut stream = WatchStream::open(ch, watch_all.clone()).await?;
+                for _ in 1..watchers {
+                    stream.watch(watch_all.clone()).await?;
+                }
+                Ok::<_, Error>(stream)
+            };
+            let mut stream = match opened.await {
+                Ok(stream) => stream,
+                Err(e) => {
+                    let _ = set_up.send(Err(e));
+                    return (rec, None);
+                }
+            };
+            let _ = set_up.send(Ok(()));
             let mut got = 0u64;
             let mut last_event = None;
             while got < per_stream {
@@ -149,8 +166,12 @@ pub async fn run(
             }
             rec.error_n("event not received", per_stream.saturating_sub(got));
             (rec, last_event)
-        });
+        };
+        runner::spawn_placed(&mut readers, runtime, reader);
+        set_ups.push(set_up_rx);
     }
+    // Every watcher exists before the first put (dropping `readers` ends the others).
+    runner::all_set_up(set_ups, "a watch reader").await?;
 
     let puts = Arc::new(StampedPut {
         keys,
