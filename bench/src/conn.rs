@@ -154,8 +154,8 @@ async fn pipe(mut body: tonic::body::Body, mut out: h2::SendStream<Bytes>) {
 }
 
 impl crate::shards::Placed for Conn {
-    fn runtime(&self) -> Option<tokio::runtime::Handle> {
-        Some(self.runtime.clone())
+    fn runtime(&self) -> tokio::runtime::Handle {
+        self.runtime.clone()
     }
 }
 

@@ -117,18 +117,6 @@ pub fn progress(common: &Common, len: u64) -> ProgressBar {
     bar
 }
 
-/// Spawns `task` into `set` on `runtime` (the caller's when `None`).
-pub(crate) fn spawn_placed<T: Send + 'static>(
-    set: &mut tokio::task::JoinSet<T>,
-    runtime: Option<tokio::runtime::Handle>,
-    task: impl Future<Output = T> + Send + 'static,
-) {
-    match runtime {
-        Some(rt) => drop(set.spawn_on(task, &rt)),
-        None => drop(set.spawn(task)),
-    }
-}
-
 /// Waits until every task that reports on one of `set_ups` is set up; the first failure in
 /// their order is the error (`who` names a task that ended without a word).
 pub(crate) async fn all_set_up(
@@ -193,13 +181,13 @@ pub async fn drive<C: Clone + Placed + Send + 'static, W: Workload<C>>(
                 }
             };
             let _ = set_up.send(Ok(()));
-            let schedule = loop {
-                if let Some(s) = *started.borrow_and_update() {
-                    break s;
-                }
-                if started.changed().await.is_err() {
-                    return rec; // another requester's set-up failed: no run
-                }
+            let Some(schedule) = started
+                .wait_for(Option::is_some)
+                .await
+                .ok()
+                .and_then(|s| *s)
+            else {
+                return rec; // another requester's set-up failed: no run
             };
             loop {
                 let seq = next.fetch_add(1, Ordering::Relaxed);
@@ -215,7 +203,7 @@ pub async fn drive<C: Clone + Placed + Send + 'static, W: Workload<C>>(
             }
             rec
         };
-        spawn_placed(&mut tasks, runtime, requester);
+        tasks.spawn_on(requester, &runtime);
         ready.push(set_up_rx);
     }
     // Set-up first, so that stream opening or lease grants are not measured; the first
@@ -251,8 +239,8 @@ mod tests {
     }
 
     impl Placed for FakeConn {
-        fn runtime(&self) -> Option<Handle> {
-            Some(self.runtime.clone())
+        fn runtime(&self) -> Handle {
+            self.runtime.clone()
         }
     }
 

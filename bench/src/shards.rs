@@ -21,9 +21,14 @@ use tokio::sync::oneshot;
 /// A set of threads, each running a current-thread runtime until the set is dropped. With no
 /// threads, everything runs on the caller's runtime.
 pub struct Shards {
-    handles: Vec<Handle>,
-    stops: Vec<oneshot::Sender<()>>,
-    threads: Vec<JoinHandle<()>>,
+    shards: Vec<Shard>,
+}
+
+/// One thread of a [`Shards`]: its runtime's handle, what stops it, and the thread.
+struct Shard {
+    handle: Handle,
+    stop: oneshot::Sender<()>,
+    thread: JoinHandle<()>,
 }
 
 impl Shards {
@@ -32,9 +37,8 @@ impl Shards {
         let mut shards = Self::none();
         for i in 0..n {
             let rt = Builder::new_current_thread().enable_all().build()?;
+            let handle = rt.handle().clone();
             let (stop, stopped) = oneshot::channel::<()>();
-            shards.handles.push(rt.handle().clone());
-            shards.stops.push(stop);
             let thread = std::thread::Builder::new()
                 .name(format!("bench-{i}"))
                 .spawn(move || {
@@ -42,36 +46,36 @@ impl Shards {
                     // then drops whatever is left on it.
                     let _ = rt.block_on(stopped);
                 })?;
-            shards.threads.push(thread);
+            shards.shards.push(Shard {
+                handle,
+                stop,
+                thread,
+            });
         }
         Ok(shards)
     }
 
     /// No threads of its own: [`handle`](Self::handle) is always the caller's runtime.
     pub fn none() -> Self {
-        Self {
-            handles: Vec::new(),
-            stops: Vec::new(),
-            threads: Vec::new(),
-        }
+        Self { shards: Vec::new() }
     }
 
     /// Threads in the set.
     pub fn len(&self) -> usize {
-        self.handles.len()
+        self.shards.len()
     }
 
     /// Whether the set has no threads of its own.
     pub fn is_empty(&self) -> bool {
-        self.handles.is_empty()
+        self.shards.is_empty()
     }
 
     /// The runtime of shard `i % len` (the caller's runtime when the set has no threads).
     /// Panics outside a tokio runtime when the set has no threads, as `Handle::current` does.
     pub fn handle(&self, i: usize) -> Handle {
-        match self.handles.len() {
+        match self.shards.len() {
             0 => Handle::current(),
-            n => self.handles[i % n].clone(),
+            n => self.shards[i % n].handle.clone(),
         }
     }
 
@@ -87,26 +91,31 @@ impl Shards {
 
 impl Drop for Shards {
     fn drop(&mut self) {
-        for stop in self.stops.drain(..) {
-            let _ = stop.send(());
-        }
-        for t in self.threads.drain(..) {
+        // Every thread is told first, so that they wind down together.
+        let threads: Vec<JoinHandle<()>> = self
+            .shards
+            .drain(..)
+            .map(|s| {
+                let _ = s.stop.send(());
+                s.thread
+            })
+            .collect();
+        for t in threads {
             let _ = t.join();
         }
     }
 }
 
-/// Where a connection's requesters should run: the runtime its connection's task runs on,
-/// when it has one of its own.
+/// Where a connection's requesters should run: the runtime its connection's task runs on.
 pub trait Placed {
-    /// The runtime to spawn this connection's requesters on (`None`: the caller's).
-    fn runtime(&self) -> Option<Handle>;
+    /// The runtime to spawn this connection's requesters on. Called from within a runtime.
+    fn runtime(&self) -> Handle;
 }
 
 impl Placed for tonic::transport::Channel {
-    /// tonic's channels run their tasks wherever they were made; requesters go anywhere.
-    fn runtime(&self) -> Option<Handle> {
-        None
+    /// tonic's channels run their tasks wherever they were made: the caller's runtime.
+    fn runtime(&self) -> Handle {
+        Handle::current()
     }
 }
 

@@ -167,7 +167,7 @@ pub async fn run(
             rec.error_n("event not received", per_stream.saturating_sub(got));
             (rec, last_event)
         };
-        runner::spawn_placed(&mut readers, runtime, reader);
+        readers.spawn_on(reader, &runtime);
         set_ups.push(set_up_rx);
     }
     // Every watcher exists before the first put (dropping `readers` ends the others).
