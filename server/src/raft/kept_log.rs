@@ -54,13 +54,15 @@ impl KeptLog {
     }
 
     /// After a snapshot of everything applied up to `snapshot`: the last entry that may be
-    /// purged, so that what is left holds the newest `keep` commands. `None` while fewer were
-    /// followed, or when the newest entry followed is not `snapshot`.
+    /// purged, so that what is left holds the newest `keep` commands applied, and never one
+    /// past the snapshot. Applies go on while a snapshot is recorded, so the newest entry
+    /// followed may already be past it. `None` while fewer commands were followed, or when
+    /// the snapshot is newer than anything followed.
     pub fn purge_upto(&self, snapshot: u64) -> Option<u64> {
         let (last, _) = *self.entries.back()?;
         let (first, before) = *self.entries.front()?;
-        (last == snapshot && self.keep > 0 && self.total - before >= self.keep && first > 0)
-            .then(|| first - 1)
+        (last >= snapshot && self.keep > 0 && self.total - before >= self.keep && first > 0)
+            .then(|| (first - 1).min(snapshot))
     }
 }
 
@@ -131,13 +133,18 @@ mod tests {
     }
 
     #[test]
-    fn only_a_snapshot_of_the_newest_entry_gets_an_answer() {
+    fn a_snapshot_behind_the_newest_entry_purges_no_further_than_itself() {
         let mut k = KeptLog::new(2);
         for i in 1..=5 {
             k.applied(i, 1);
         }
         assert_eq!(k.purge_upto(5), Some(3));
-        assert_eq!(k.purge_upto(4), None);
+        // Entries 4 and 5 were applied while the snapshot of 3 was recorded: they hold the
+        // newest two commands, and the log goes up to the snapshot, not past it.
+        assert_eq!(k.purge_upto(4), Some(3));
+        assert_eq!(k.purge_upto(3), Some(3));
+        assert_eq!(k.purge_upto(2), Some(2));
+        assert_eq!(k.purge_upto(6), None, "newer than anything followed");
         assert_eq!(KeptLog::new(0).purge_upto(0), None);
         let mut off = KeptLog::new(0);
         off.applied(1, 1);
