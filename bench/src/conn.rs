@@ -91,7 +91,7 @@ impl Conn {
     }
 
     /// Sends `req` as one HTTP/2 stream and waits for the answer's headers.
-    async fn send(
+    pub(crate) async fn send(
         self,
         req: http::Request<tonic::body::Body>,
     ) -> Result<http::Response<RecvBody>, BoxError> {

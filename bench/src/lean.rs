@@ -271,19 +271,133 @@ pub async fn range(
         .into_inner())
 }
 
-/// `Watch/Watch`, its responses decoded as [`WatchResponse`].
+/// `Watch/Watch`: sends `requests` and reads the responses as [`WatchResponse`]s, cut out of
+/// the answer's DATA frames in place ([`crate::frames`]) rather than through tonic's
+/// `Streaming`. The request is the one tonic's stub sends: the same path, headers and
+/// message framing.
 pub async fn watch(
     channel: Conn,
-    requests: impl tokio_stream::Stream<Item = WatchRequest> + Send + 'static,
-) -> Result<tonic::Streaming<WatchResponse>, tonic::Status> {
-    let mut grpc = tonic::client::Grpc::new(channel);
-    grpc.ready().await.map_err(not_ready)?;
-    let codec = tonic_prost::ProstCodec::<WatchRequest, WatchResponse>::default();
-    let path = PathAndQuery::from_static("/etcdserverpb.Watch/Watch");
-    Ok(grpc
-        .streaming(tonic::Request::new(requests), path, codec)
-        .await?
-        .into_inner())
+    requests: tokio::sync::mpsc::Receiver<WatchRequest>,
+) -> Result<WatchResponses, tonic::Status> {
+    let req = http::Request::builder()
+        .method(http::Method::POST)
+        .uri("/etcdserverpb.Watch/Watch")
+        .header(http::header::CONTENT_TYPE, "application/grpc")
+        .header(http::header::TE, "trailers")
+        .body(tonic::body::Body::new(RequestFrames(requests)))
+        .map_err(|e| tonic::Status::internal(format!("watch request: {e}")))?;
+    let answer = channel
+        .send(req)
+        .await
+        .map_err(|e| tonic::Status::unavailable(format!("watch stream: {e}")))?;
+    if answer.status() != http::StatusCode::OK {
+        return Err(tonic::Status::unknown(format!(
+            "watch stream: HTTP status {}",
+            answer.status()
+        )));
+    }
+    // A call refused at once answers with its status in the headers ("trailers only").
+    if let Some(status) = tonic::Status::from_header_map(answer.headers()) {
+        if status.code() != tonic::Code::Ok {
+            return Err(status);
+        }
+    }
+    Ok(WatchResponses {
+        body: answer.into_body(),
+        deframer: crate::frames::Deframer::new(crate::frames::DEFAULT_MAX_MESSAGE),
+        ready: std::collections::VecDeque::new(),
+        done: false,
+    })
+}
+
+/// A watch stream's requests, each framed as gRPC frames a message.
+struct RequestFrames(tokio::sync::mpsc::Receiver<WatchRequest>);
+
+impl http_body::Body for RequestFrames {
+    type Data = bytes::Bytes;
+    type Error = std::convert::Infallible;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<bytes::Bytes>, Self::Error>>> {
+        self.0.poll_recv(cx).map(|req| {
+            req.map(|req| {
+                let len = prost::Message::encoded_len(&req);
+                let mut out = bytes::BytesMut::with_capacity(5 + len);
+                out.put_u8(0);
+                out.put_u32(len as u32);
+                prost::Message::encode_raw(&req, &mut out);
+                Ok(http_body::Frame::data(out.freeze()))
+            })
+        })
+    }
+}
+
+/// The responses of a watch stream opened by [`watch`].
+pub struct WatchResponses {
+    body: crate::conn::RecvBody,
+    deframer: crate::frames::Deframer,
+    /// Responses decoded from the frames read so far, not yet taken.
+    ready: std::collections::VecDeque<WatchResponse>,
+    done: bool,
+}
+
+impl WatchResponses {
+    /// The next response; `None` once the server ended the stream with an OK status, the
+    /// status as the error when it ended it with another.
+    pub async fn message(&mut self) -> Result<Option<WatchResponse>, tonic::Status> {
+        use http_body_util::BodyExt;
+        loop {
+            if let Some(r) = self.ready.pop_front() {
+                return Ok(Some(r));
+            }
+            if self.done {
+                return Ok(None);
+            }
+            let frame = match self.body.frame().await {
+                Some(Ok(frame)) => frame,
+                Some(Err(e)) => {
+                    self.done = true;
+                    return Err(tonic::Status::unavailable(format!("watch stream: {e}")));
+                }
+                None => {
+                    self.done = true;
+                    return Err(tonic::Status::internal(
+                        "watch stream ended without a gRPC status",
+                    ));
+                }
+            };
+            match frame.into_data() {
+                Ok(data) => {
+                    let ready = &mut self.ready;
+                    self.deframer.feed(&data, |m| {
+                        let r = <WatchResponse as prost::Message>::decode(m)
+                            .map_err(|e| tonic::Status::internal(format!("watch response: {e}")))?;
+                        ready.push_back(r);
+                        Ok(())
+                    })?;
+                }
+                Err(frame) => {
+                    self.done = true;
+                    if !self.deframer.is_between_messages() {
+                        return Err(tonic::Status::internal(
+                            "watch stream ended in the middle of a message",
+                        ));
+                    }
+                    let status = frame
+                        .trailers_ref()
+                        .and_then(tonic::Status::from_header_map)
+                        .unwrap_or_else(|| {
+                            tonic::Status::internal("watch stream ended without a gRPC status")
+                        });
+                    if status.code() != tonic::Code::Ok {
+                        return Err(status);
+                    }
+                }
+            }
+        }
+    }
 }
 
 #[cfg(test)]

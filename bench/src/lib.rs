@@ -16,6 +16,8 @@
 //!   (no coordinated omission).
 //! - [`conn`]: the gRPC connection the workloads use: tonic's stubs straight on an `h2`
 //!   connection, without the task hops of tonic's own channel.
+//! - [`frames`]: gRPC messages cut out of a response's DATA frames in place (the watch
+//!   workloads' responses).
 //! - [`runner`]: opens `--conns` gRPC connections and drives `--clients` concurrent requesters
 //!   over them until `--total` requests are done.
 //! - [`shards`]: the tool's threads, one current-thread runtime each; a connection and its
@@ -28,6 +30,7 @@
 
 pub mod conn;
 pub mod error;
+pub mod frames;
 pub mod keys;
 pub mod lean;
 pub mod options;

@@ -141,6 +141,56 @@ async fn a_streaming_call_keeps_sending_after_its_first_message() -> TestResult 
     Ok(())
 }
 
+/// The watch workloads' reader (`lean::watch`): events larger than an HTTP/2 DATA frame, so
+/// that most messages are split between frames, come out whole and in order, with their
+/// stamps.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_lean_watch_reader_reads_events_split_between_frames() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let server = common::metastore(&dir).await?;
+    let conn = Conn::connect(&url(&server)).await?;
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    tx.send(WatchRequest {
+        request_union: Some(watch_request::RequestUnion::CreateRequest(
+            WatchCreateRequest {
+                key: Bytes::from_static(b"k"),
+                range_end: Bytes::from_static(b"l"),
+                ..Default::default()
+            },
+        )),
+    })
+    .await?;
+    let mut watch = metastore_bench::lean::watch(conn.clone(), rx).await?;
+    let created = watch.message().await?.ok_or("stream ended")?;
+    assert!(created.created);
+    // 7 KiB values: a 16 KiB frame ends inside every second or third event.
+    let mut kv = KvClient::new(conn);
+    for i in 0..40u64 {
+        let mut value = i.to_be_bytes().to_vec();
+        value.resize(7 << 10, b'v');
+        kv.put(PutRequest {
+            key: Bytes::from(format!("k{i}")),
+            value: Bytes::from(value),
+            ..Default::default()
+        })
+        .await?;
+    }
+    let mut stamps = Vec::new();
+    while stamps.len() < 40 {
+        let r = watch.message().await?.ok_or("stream ended")?;
+        assert_eq!(r.watch_id, created.watch_id);
+        stamps.extend(
+            r.events
+                .iter()
+                .map(|e| e.kv.as_ref().and_then(|kv| kv.stamp)),
+        );
+    }
+    assert_eq!(stamps, (0..40u64).map(Some).collect::<Vec<_>>());
+    drop((watch, tx));
+    server.shutdown().await;
+    Ok(())
+}
+
 #[tokio::test]
 async fn endpoints_it_cannot_use_are_refused_with_their_reason() -> TestResult {
     // A port nothing listens on.

@@ -7,7 +7,6 @@ use std::sync::Arc;
 use indicatif::ProgressBar;
 use metastore_proto::etcdserverpb::{watch_request, WatchCreateRequest, WatchRequest};
 use tokio::sync::mpsc;
-use tokio_stream::wrappers::ReceiverStream;
 
 use crate::conn::Conn;
 use crate::error::{Error, Result};
@@ -21,7 +20,7 @@ use crate::runner::{self, Workload};
 /// fields the workloads read).
 pub struct WatchStream {
     tx: mpsc::Sender<WatchRequest>,
-    rx: tonic::Streaming<WatchResponse>,
+    rx: lean::WatchResponses,
 }
 
 fn create(req: WatchCreateRequest) -> WatchRequest {
@@ -38,7 +37,7 @@ impl WatchStream {
         tx.send(create(first))
             .await
             .map_err(|_| Error::Stream("watch request queue closed".into()))?;
-        let rx = lean::watch(channel, ReceiverStream::new(rx)).await?;
+        let rx = lean::watch(channel, rx).await?;
         let mut stream = Self { tx, rx };
         stream.created().await?;
         Ok(stream)
