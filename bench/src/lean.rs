@@ -7,7 +7,9 @@
 //! integers that the tool then drops unread. These types read only what the workloads use and
 //! skip the rest of the wire bytes in place (protobuf lets a reader skip any field by its wire
 //! type). They decode the same bytes as the full types, so any server's answer, MetaStore's or
-//! etcd's, costs the tool the same: the comparison stays side by side.
+//! etcd's, costs the tool the same: the comparison stays side by side. A watch stream's
+//! responses are walked as slices ([`WatchResponse::walk`]) straight from the frames they
+//! arrive in ([`watch`], [`crate::frames`]).
 
 use bytes::{Buf, BufMut};
 use prost::encoding::{self, DecodeContext, WireType};
