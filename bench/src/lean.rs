@@ -185,18 +185,9 @@ impl prost::Message for WatchResponse {
             4 => encoding::bool::merge(wire_type, &mut self.canceled, buf, ctx),
             6 => encoding::string::merge(wire_type, &mut self.cancel_reason, buf, ctx),
             11 => {
-                let len = field_len(wire_type, buf)?;
-                // The event lies in one piece (always: a watch response is decoded from the
-                // frame it arrived in, or from one buffer), and is walked as a slice.
-                let event = if buf.chunk().len() >= len {
-                    let event = Event::walk(&buf.chunk()[..len])?;
-                    buf.advance(len);
-                    event
-                } else {
-                    Event::walk(&buf.copy_to_bytes(len))?
-                };
-                self.events.push(event);
-                Ok(())
+                // prost's own merge of the event: this impl is the reference the walk is
+                // tested against, not how a stream is read.
+                encoding::message::merge_repeated(wire_type, &mut self.events, buf, ctx)
             }
             _ => encoding::skip_field(wire_type, tag, buf, ctx),
         }
@@ -228,17 +219,22 @@ impl prost::Message for WatchResponse {
 }
 
 /// The length of a length-delimited field whose key was just read, checked against what
-/// `buf` holds (with prost's own error when it runs past: `skip_field` and `bytes::merge` say
-/// the same).
+/// `buf` holds ([`underflow`] when it runs past).
 fn field_len(wire_type: WireType, buf: &mut impl Buf) -> Result<usize, DecodeError> {
     encoding::check_wire_type(WireType::LengthDelimited, wire_type)?;
     let len = encoding::decode_varint(buf)?;
     if len > buf.remaining() as u64 {
-        // `DecodeError::new` is prost's only way to make one outside the crate.
-        #[allow(deprecated)]
-        return Err(DecodeError::new("buffer underflow"));
+        return Err(underflow());
     }
     Ok(len as usize)
+}
+
+/// prost's error for a field that runs past the end of its message (`skip_field` and
+/// `bytes::merge` say the same).
+fn underflow() -> DecodeError {
+    // `DecodeError::new` is prost's only way to make one outside the crate.
+    #[allow(deprecated)]
+    DecodeError::new("buffer underflow")
 }
 
 /// An event: only its key-value.
@@ -308,8 +304,7 @@ fn slice_len(wire_type: WireType, bytes: &mut &[u8]) -> Result<usize, DecodeErro
     encoding::check_wire_type(WireType::LengthDelimited, wire_type)?;
     let len = varint(bytes)?;
     if len > bytes.len() as u64 {
-        #[allow(deprecated)]
-        return Err(DecodeError::new("buffer underflow"));
+        return Err(underflow());
     }
     Ok(len as usize)
 }

@@ -20,6 +20,19 @@ fn url(server: &metastore::server::Server) -> String {
     format!("http://{}", server.client_addrs()[0])
 }
 
+/// A watch request creating a watcher on `key` (up to `range_end`, when not empty).
+fn create(key: &'static [u8], range_end: &'static [u8]) -> WatchRequest {
+    WatchRequest {
+        request_union: Some(watch_request::RequestUnion::CreateRequest(
+            WatchCreateRequest {
+                key: Bytes::from_static(key),
+                range_end: Bytes::from_static(range_end),
+                ..Default::default()
+            },
+        )),
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unary_calls_and_their_errors_go_through() -> TestResult {
     let dir = tempfile::tempdir()?;
@@ -106,15 +119,7 @@ async fn a_streaming_call_keeps_sending_after_its_first_message() -> TestResult 
     let server = common::metastore(&dir).await?;
     let conn = Conn::connect(&url(&server)).await?;
     let (tx, rx) = tokio::sync::mpsc::channel(4);
-    let create = |key: &'static [u8]| WatchRequest {
-        request_union: Some(watch_request::RequestUnion::CreateRequest(
-            WatchCreateRequest {
-                key: Bytes::from_static(key),
-                ..Default::default()
-            },
-        )),
-    };
-    tx.send(create(b"a")).await?;
+    tx.send(create(b"a", b"")).await?;
     let mut watch = metastore_proto::etcdserverpb::watch_client::WatchClient::new(conn.clone())
         .watch(tokio_stream::wrappers::ReceiverStream::new(rx))
         .await?
@@ -122,7 +127,7 @@ async fn a_streaming_call_keeps_sending_after_its_first_message() -> TestResult 
     let first = watch.next().await.ok_or("stream ended")??;
     assert!(first.created);
     // The second watcher is asked for after the call started: the body goes on streaming.
-    tx.send(create(b"b")).await?;
+    tx.send(create(b"b", b"")).await?;
     let second = watch.next().await.ok_or("stream ended")??;
     assert!(second.created);
     assert_ne!(second.watch_id, first.watch_id);
@@ -150,16 +155,7 @@ async fn the_lean_watch_reader_reads_events_split_between_frames() -> TestResult
     let server = common::metastore(&dir).await?;
     let conn = Conn::connect(&url(&server)).await?;
     let (tx, rx) = tokio::sync::mpsc::channel(4);
-    tx.send(WatchRequest {
-        request_union: Some(watch_request::RequestUnion::CreateRequest(
-            WatchCreateRequest {
-                key: Bytes::from_static(b"k"),
-                range_end: Bytes::from_static(b"l"),
-                ..Default::default()
-            },
-        )),
-    })
-    .await?;
+    tx.send(create(b"k", b"l")).await?;
     let mut watch = metastore_bench::lean::watch(conn.clone(), rx).await?;
     let created = watch.message().await?.ok_or("stream ended")?;
     assert!(created.created);
