@@ -164,6 +164,14 @@ fn wants(spec: &WatchSpec, ev: &Event, from: i64) -> bool {
     event_rev(ev) >= from && matches(spec, ev)
 }
 
+/// Whether two watchers get the same events of a batch from the same revision on.
+fn same_selection(a: &WatchSpec, b: &WatchSpec) -> bool {
+    a.no_put == b.no_put
+        && a.no_delete == b.no_delete
+        && a.prev_kv == b.prev_kv
+        && a.range == b.range
+}
+
 /// The events of `batch` a watcher should get, from revision `from` on.
 fn select(spec: &WatchSpec, batch: &Batch, from: i64) -> Events {
     Events::select(batch, spec.prev_kv, |e| wants(spec, e, from))
@@ -316,50 +324,79 @@ impl WatchHub {
     /// Called by the apply pipeline after each durable group, with the events in order.
     pub fn notify(&self, events: Vec<Event>, rev: i64) {
         let batch = events::batch(events);
+        // Watchers whose next revision is at most the batch's first get every event their
+        // spec matches, so such watchers with the same selection (often many: every client
+        // of a prefix) share one selection, made by the first of them.
+        let first_rev = batch
+            .iter()
+            .filter_map(|e| e.event().kv.as_ref().map(|kv| kv.mod_revision))
+            .min()
+            .unwrap_or(rev);
+        let now = Instant::now();
         let mut st = self.lock();
         let mut lagging = false;
         let mut closed = Vec::new();
+        let mut shared: Option<(&WatchSpec, Events)> = None;
         for (sid, s) in st.streams.iter_mut() {
             let mut stream_closed = false;
-            for (id, w) in s.watchers.iter_mut() {
-                if w.pending {
+            let StreamState { tx, watchers, .. } = s;
+            for (id, w) in watchers.iter_mut() {
+                let Watcher {
+                    spec,
+                    next_rev,
+                    synced,
+                    pending,
+                    last_sent,
+                } = w;
+                if *pending {
                     // Its `Created` response is still being sent, so nothing may go to the
                     // stream yet; but `notified_rev` moves past these revisions, so a synced
                     // watcher skipped here would never get them. Leave it to the syncer,
                     // which replays them once `activate` wakes it.
-                    if w.synced && batch.iter().any(|e| wants(&w.spec, e.event(), w.next_rev)) {
-                        w.synced = false;
-                    } else if w.synced {
-                        w.next_rev = w.next_rev.max(rev + 1);
+                    if *synced && batch.iter().any(|e| wants(spec, e.event(), *next_rev)) {
+                        *synced = false;
+                    } else if *synced {
+                        *next_rev = (*next_rev).max(rev + 1);
                     }
                     continue;
                 }
-                if !w.synced {
+                if !*synced {
                     continue;
                 }
                 if stream_closed {
                     break;
                 }
-                let evs = select(&w.spec, &batch, w.next_rev);
+                let evs = if *next_rev > first_rev {
+                    select(spec, &batch, *next_rev)
+                } else {
+                    match &shared {
+                        Some((other, evs)) if same_selection(other, spec) => evs.clone(),
+                        _ => {
+                            let evs = select(spec, &batch, *next_rev);
+                            shared = Some((spec, evs.clone()));
+                            evs
+                        }
+                    }
+                };
                 if evs.is_empty() {
-                    w.next_rev = w.next_rev.max(rev + 1);
+                    *next_rev = (*next_rev).max(rev + 1);
                     continue;
                 }
                 let first = evs.first().map_or(rev, |e| event_rev(e.event()));
-                match s.tx.try_send(Delivery::Events {
+                match tx.try_send(Delivery::Events {
                     watch_id: *id,
                     rev,
                     events: evs,
-                    fragment: w.spec.fragment,
+                    fragment: spec.fragment,
                 }) {
                     Ok(()) => {
-                        w.next_rev = rev + 1;
-                        w.last_sent = Instant::now();
+                        *next_rev = rev + 1;
+                        *last_sent = now;
                     }
                     Err(mpsc::error::TrySendError::Full(_)) => {
                         // Off the fast path: the syncer replays from `first` later.
-                        w.synced = false;
-                        w.next_rev = first;
+                        *synced = false;
+                        *next_rev = first;
                         lagging = true;
                     }
                     Err(mpsc::error::TrySendError::Closed(_)) => stream_closed = true,
@@ -369,6 +406,7 @@ impl WatchHub {
                 closed.push(*sid);
             }
         }
+        drop(shared);
         for sid in closed {
             st.streams.remove(&sid);
         }

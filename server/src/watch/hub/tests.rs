@@ -154,6 +154,85 @@ async fn live_events_filters_and_prev_kv() {
     assert_eq!(of(single).len(), 2);
 }
 
+/// Watchers with the same selection share the one the first of them made, but only those
+/// that want every revision of the group: a watcher starting in the middle of the group, or
+/// with other filters or `prev_kv`, gets its own, on any stream and in any order.
+#[tokio::test]
+async fn watchers_of_one_range_share_a_selection_only_when_they_want_the_same_events() {
+    let (store, hub) = setup();
+    write(&store, &hub, vec![put("k0", "z")]); // 2
+    let (s1, mut rx1) = open(&hub, 256);
+    let (s2, mut rx2) = open(&hub, 256);
+    let later = |from: i64| {
+        let mut s = spec("k", "l");
+        s.start_rev = from;
+        s
+    };
+    let mut no_put = spec("k", "l");
+    no_put.no_put = true;
+    let mut prev = spec("k", "l");
+    prev.prev_kv = true;
+    let mut ids = Vec::new();
+    for sid in [s1, s2] {
+        for _ in 0..3 {
+            ids.push((sid, "all", watch(&hub, sid, spec("k", "l"))));
+            ids.push((sid, "from 5", watch(&hub, sid, later(5))));
+            ids.push((sid, "no put", watch(&hub, sid, no_put.clone())));
+            ids.push((sid, "prev", watch(&hub, sid, prev.clone())));
+            ids.push((sid, "narrow", watch(&hub, sid, spec("k1", "k2"))));
+        }
+    }
+    let del = Command::DeleteRange(DeleteRangeRequest {
+        key: "k0".into(),
+        ..Default::default()
+    });
+    // One group: revisions 3 (k1), 4 (k2), 5 (x: no watcher's), 6 (k1 again), 7 (k0 deleted).
+    let cmds = vec![
+        put("k1", "a"),
+        put("k2", "b"),
+        put("x", "c"),
+        put("k1", "d"),
+        del,
+    ];
+    write(&store, &hub, cmds);
+    let mut got = flat(&drain(&mut rx1, Duration::from_millis(300)).await);
+    let from_s1 = got.len();
+    got.extend(flat(&drain(&mut rx2, Duration::from_millis(50)).await));
+    let expect = |kind: &str| -> Vec<(String, i64, bool, Option<String>)> {
+        let all = vec![
+            ("k1".to_string(), 3, true, None),
+            ("k2".into(), 4, true, None),
+            ("k1".into(), 6, true, None),
+            ("k0".into(), 7, false, None),
+        ];
+        match kind {
+            "all" => all,
+            "from 5" => all.into_iter().filter(|e| e.1 >= 5).collect(),
+            "no put" => all.into_iter().filter(|e| !e.2).collect(),
+            "narrow" => all.into_iter().filter(|e| e.0 == "k1").collect(),
+            _ => vec![
+                ("k1".to_string(), 3, true, None),
+                ("k2".into(), 4, true, None),
+                ("k1".into(), 6, true, Some("a".into())),
+                ("k0".into(), 7, false, Some("z".into())),
+            ],
+        }
+    };
+    for (sid, kind, id) in ids {
+        let range = if sid == s1 {
+            0..from_s1
+        } else {
+            from_s1..got.len()
+        };
+        let mine: Vec<_> = got[range]
+            .iter()
+            .filter(|e| e.0 == id)
+            .map(|e| (e.1.clone(), e.2, e.3, e.4.clone()))
+            .collect();
+        assert_eq!(mine, expect(kind), "watcher {id} ({kind}) on stream {sid}");
+    }
+}
+
 /// Holds the `watch-sync` thread's history reads (cursors over the revision log) while
 /// `held` is set, and tells when one is waiting.
 #[derive(Default)]
