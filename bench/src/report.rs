@@ -28,11 +28,13 @@ impl Recorder {
 
     /// Records one successful operation of `kind` that took `latency`.
     pub fn record(&mut self, kind: &'static str, latency: Duration) {
-        let us = (latency.as_micros() as u64).max(1);
-        self.ops
-            .entry(kind)
-            .or_insert_with(new_histogram)
-            .saturating_record(us);
+        record_in(self.histogram(kind), latency);
+    }
+
+    /// The histogram of `kind`, to record many operations of it in a row (with
+    /// [`record_in`]) without looking it up for each.
+    pub fn histogram(&mut self, kind: &'static str) -> &mut Histogram<u64> {
+        self.ops.entry(kind).or_insert_with(new_histogram)
     }
 
     /// Records one failed request, grouped by its message.
@@ -75,6 +77,8 @@ impl Recorder {
         let ops: BTreeMap<String, OpStats> = self
             .ops
             .iter()
+            // A histogram taken with `histogram` may have stayed empty.
+            .filter(|(_, h)| !h.is_empty())
             .map(|(k, h)| (k.to_string(), OpStats::new(h, secs)))
             .collect();
         Report {
@@ -86,6 +90,11 @@ impl Recorder {
             ops,
         }
     }
+}
+
+/// Records one operation that took `latency` in a histogram of [`Recorder::histogram`].
+pub fn record_in(h: &mut Histogram<u64>, latency: Duration) {
+    h.saturating_record((latency.as_micros() as u64).max(1));
 }
 
 fn new_histogram() -> Histogram<u64> {
@@ -269,6 +278,22 @@ mod tests {
         assert!(near(l.max, 10.0), "{l:?}");
         assert!(near(l.mean, 5.0005), "{l:?}");
         assert_eq!(l.min, 0.001);
+    }
+
+    #[test]
+    fn a_histogram_filled_in_a_row_counts_as_recorded_ones_and_an_empty_one_is_left_out() {
+        let mut r = recorder("put", [10, 20]);
+        let h = r.histogram("event");
+        for us in [5, 7, 9] {
+            record_in(h, Duration::from_micros(us));
+        }
+        r.histogram("never");
+        r.error_n("event without a time stamp", 2);
+        let rep = r.report("x", Duration::from_secs(1));
+        assert_eq!(rep.ops.keys().collect::<Vec<_>>(), ["event", "put"]);
+        assert_eq!(rep.ops["event"].count, 3);
+        assert_eq!(rep.ops["event"].latency_ms.max, 0.009);
+        assert_eq!((rep.requests, rep.errors), (5, 2));
     }
 
     #[test]

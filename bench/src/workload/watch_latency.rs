@@ -23,7 +23,7 @@ use crate::conn::Conn;
 use crate::error::{Error, Result};
 use crate::keys::{KeySpace, Rng};
 use crate::options::Common;
-use crate::report::{Recorder, Report};
+use crate::report::{record_in, Recorder, Report};
 use crate::runner::{self, Workload};
 use crate::shards::Placed;
 
@@ -149,13 +149,16 @@ pub async fn run(
                         let arrived = Instant::now();
                         last_event = Some(arrived);
                         let now = arrived.saturating_duration_since(base);
-                        for ev in resp.events {
-                            got += 1;
-                            match event_latency(now, ev.kv.and_then(|kv| kv.stamp)) {
-                                Some(l) => rec.record("event", l),
-                                None => rec.error("event without a time stamp"),
+                        let events = rec.histogram("event");
+                        let mut unstamped = 0;
+                        for ev in &resp.events {
+                            match event_latency(now, ev.kv.as_ref().and_then(|kv| kv.stamp)) {
+                                Some(l) => record_in(events, l),
+                                None => unstamped += 1,
                             }
                         }
+                        got += resp.events.len() as u64;
+                        rec.error_n("event without a time stamp", unstamped);
                     }
                     Ok(None) => break,
                     Err(s) => {
