@@ -263,8 +263,7 @@ impl Event {
                 let len = slice_len(wire_type, &mut bytes)?;
                 let (kv, rest) = bytes.split_at(len);
                 // Repeated, an embedded message merges into the earlier one.
-                let stamp = event.kv.get_or_insert_with(KeyValue::default);
-                stamp.walk(kv)?;
+                event.kv.get_or_insert_with(KeyValue::default).walk(kv)?;
                 bytes = rest;
             } else {
                 skip(tag, wire_type, &mut bytes)?;
