@@ -116,13 +116,20 @@ pub struct WatchResponse {
 impl WatchResponse {
     /// Decodes a response from one slice, as [`prost::Message::decode`] would: a plain loop
     /// over the wire bytes with one-byte keys and lengths read in line (see [`Event::walk`]).
-    pub fn walk(mut bytes: &[u8]) -> Result<Self, DecodeError> {
+    pub fn walk(bytes: &[u8]) -> Result<Self, DecodeError> {
+        let mut r = Self::default();
+        r.walk_into(bytes)?;
+        Ok(r)
+    }
+
+    /// [`WatchResponse::walk`] into `self`, which it first empties; its event vector keeps
+    /// its room. On an error `self` holds what was read before it.
+    pub fn walk_into(&mut self, mut bytes: &[u8]) -> Result<(), DecodeError> {
+        self.clear_keeping_room();
+        let r = self;
         // Room for the events at one per 64 bytes (a watch workload's are ~300), so that a
         // response's events are collected without growing the vector several times.
-        let mut r = Self {
-            events: Vec::with_capacity(bytes.len() / 64),
-            ..Self::default()
-        };
+        r.events.reserve(bytes.len() / 64);
         while !bytes.is_empty() {
             let (tag, wire_type) = key(&mut bytes)?;
             match tag {
@@ -155,7 +162,16 @@ impl WatchResponse {
                 _ => skip(tag, wire_type, &mut bytes)?,
             }
         }
-        Ok(r)
+        Ok(())
+    }
+
+    /// Empties the response, keeping its event vector's room.
+    fn clear_keeping_room(&mut self) {
+        self.watch_id = 0;
+        self.created = false;
+        self.canceled = false;
+        self.cancel_reason.clear();
+        self.events.clear();
     }
 }
 
@@ -493,8 +509,10 @@ impl http_body::Body for RequestFrames {
 pub struct WatchResponses {
     body: crate::conn::RecvBody,
     deframer: crate::frames::Deframer,
-    /// Responses decoded from the frames read so far, not yet taken.
-    ready: std::collections::VecDeque<WatchResponse>,
+    /// Messages cut out of the frames read so far (slices of them), not yet taken; each is
+    /// decoded when it is taken, into the caller's response where it gives one
+    /// ([`WatchResponses::next_into`]).
+    ready: std::collections::VecDeque<bytes::Bytes>,
     done: bool,
 }
 
@@ -502,10 +520,31 @@ impl WatchResponses {
     /// The next response; `None` once the server ended the stream with an OK status, the
     /// status as the error when it ended it with another.
     pub async fn message(&mut self) -> Result<Option<WatchResponse>, tonic::Status> {
+        let mut r = WatchResponse::default();
+        Ok(self.next_into(&mut r).await?.then_some(r))
+    }
+
+    /// Reads the next response into `out`, as [`WatchResponses::message`] but keeping `out`'s
+    /// event vector (and its room): a reader that takes responses one after another this way
+    /// allocates nothing per response (a vector per response was ~10 % of the tool's
+    /// instructions at watch-events, docs/PERFORMANCE.md, session 56). `false`, with `out`
+    /// left empty, once the stream ended with an OK status.
+    pub async fn next_into(&mut self, out: &mut WatchResponse) -> Result<bool, tonic::Status> {
+        let Some(message) = self.next_message().await? else {
+            out.clear_keeping_room();
+            return Ok(false);
+        };
+        out.walk_into(&message)
+            .map_err(|e| tonic::Status::internal(format!("watch response: {e}")))?;
+        Ok(true)
+    }
+
+    /// The next message's bytes; `None` once the stream ended with an OK status.
+    async fn next_message(&mut self) -> Result<Option<bytes::Bytes>, tonic::Status> {
         use http_body_util::BodyExt;
         loop {
-            if let Some(r) = self.ready.pop_front() {
-                return Ok(Some(r));
+            if let Some(m) = self.ready.pop_front() {
+                return Ok(Some(m));
             }
             if self.done {
                 return Ok(None);
@@ -527,9 +566,7 @@ impl WatchResponses {
                 Ok(data) => {
                     let ready = &mut self.ready;
                     self.deframer.feed(&data, |m| {
-                        let r = WatchResponse::walk(m)
-                            .map_err(|e| tonic::Status::internal(format!("watch response: {e}")))?;
-                        ready.push_back(r);
+                        ready.push_back(m);
                         Ok(())
                     })?;
                 }
@@ -758,6 +795,24 @@ mod tests {
         encoding::uint64::encode(2, &5, &mut wrong);
         assert!(Event::walk(&wrong).is_err());
         assert!(Event::decode(wrong.as_slice()).is_err());
+        // A value sent as a number, and a value's key written in two bytes (a longer form
+        // of the same key): read as prost reads them.
+        let mut number = Vec::new();
+        encoding::uint64::encode(5, &5, &mut number);
+        let mut wrong = Vec::new();
+        encoding::bytes::encode(2, &number, &mut wrong);
+        assert!(Event::walk(&wrong).is_err());
+        assert!(Event::decode(wrong.as_slice()).is_err());
+        let mut long_key = vec![0x2a | 0x80, 0x00, 8];
+        long_key.extend_from_slice(&3u64.to_be_bytes());
+        let mut event = Vec::new();
+        encoding::bytes::encode(2, &long_key, &mut event);
+        let walked = Event::walk(&event).map(|e| e.kv.and_then(|kv| kv.stamp));
+        assert_eq!(walked, Ok(Some(3)));
+        assert_eq!(
+            Event::decode(event.as_slice()).map(|e| e.kv.and_then(|kv| kv.stamp)),
+            walked
+        );
     }
 
     /// `WatchResponse::walk` reads what prost's generic decoding of the same lean type reads.
@@ -813,6 +868,18 @@ mod tests {
                     WatchResponse::decode(&bytes[..cut]),
                 );
                 assert_eq!(walked.ok(), decoded.ok(), "cut at {cut}");
+            }
+        }
+        // Walked into a response that held another one, each reads as when walked alone: a
+        // reader that reuses one response sees nothing of the one before.
+        for earlier in &cases {
+            for full in &cases {
+                let mut reused = WatchResponse::walk(&earlier.encode_to_vec()).expect("walks");
+                reused.walk_into(&full.encode_to_vec()).expect("walks");
+                assert_eq!(
+                    Ok(&reused),
+                    WatchResponse::decode(full.encode_to_vec().as_slice()).as_ref()
+                );
             }
         }
         let mut bad = Vec::new();

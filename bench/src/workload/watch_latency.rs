@@ -22,6 +22,7 @@ use tokio::task::JoinSet;
 use crate::conn::Conn;
 use crate::error::{Error, Result};
 use crate::keys::{KeySpace, Rng};
+use crate::lean::WatchResponse;
 use crate::options::Common;
 use crate::report::{record_in, Recorder, Report};
 use crate::runner::{self, Workload};
@@ -136,13 +137,18 @@ pub async fn run(
             let _ = set_up.send(Ok(()));
             let mut got = 0u64;
             let mut last_event = None;
+            // One response read into again and again: its event vector is allocated once.
+            let mut resp = WatchResponse::default();
             while got < per_stream {
-                let resp = tokio::select! {
-                    r = stream.next() => r,
+                let read = tokio::select! {
+                    // The stream first: a response already read is taken without polling
+                    // (and registering with) the stop signal.
+                    biased;
+                    r = stream.next_into(&mut resp) => r,
                     _ = stop.changed() => break,
                 };
-                match resp {
-                    Ok(Some(resp)) => {
+                match read {
+                    Ok(true) => {
                         if resp.events.is_empty() {
                             continue;
                         }
@@ -160,7 +166,7 @@ pub async fn run(
                         got += resp.events.len() as u64;
                         rec.error_n("event without a time stamp", unstamped);
                     }
-                    Ok(None) => break,
+                    Ok(false) => break,
                     Err(s) => {
                         rec.error(format!("watch stream: {:?}: {}", s.code(), s.message()));
                         break;
