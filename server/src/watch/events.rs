@@ -5,7 +5,8 @@
 //! delivery is an [`Events`]: the batch and which of its events the watcher gets. So a
 //! thousand watchers of one key cost one reference count per delivery, not a copy of every
 //! event, and the connection writes each event's encoded bytes instead of encoding the event
-//! again for every watcher.
+//! again for every watcher. Each encoding is kept as the whole `WatchResponse.events` field
+//! (its key and length too), so that a watcher's response takes it with one copy.
 
 use std::ops::Range;
 use std::sync::{Arc, OnceLock};
@@ -19,10 +20,23 @@ use prost::Message;
 #[derive(Debug)]
 pub struct SharedEvent {
     event: Event,
-    /// The encoding without `prev_kv`, when the event has one.
+    /// The field ([`field`]) without `prev_kv`, when the event has one.
     bare: OnceLock<Vec<u8>>,
-    /// The encoding of the whole event.
+    /// The field of the whole event.
     full: OnceLock<Vec<u8>>,
+}
+
+/// `event` encoded as one `WatchResponse.events` field: the field's key, the event's length
+/// and its `mvccpb.Event` encoding. A watcher's response takes it with one copy, where
+/// writing the key and the length for every watcher was ~10 % of the server's instructions
+/// at watch-events (docs/PERFORMANCE.md, session 56).
+fn field(event: &Event) -> Vec<u8> {
+    let len = event.encoded_len();
+    let mut bytes = Vec::with_capacity(1 + encoded_len_varint(len as u64) + len);
+    encode_key(EVENTS_FIELD, WireType::LengthDelimited, &mut bytes);
+    encode_varint(len as u64, &mut bytes);
+    event.encode_raw(&mut bytes);
+    bytes
 }
 
 impl SharedEvent {
@@ -39,13 +53,13 @@ impl SharedEvent {
         &self.event
     }
 
-    /// The event's `mvccpb.Event` encoding, with its `prev_kv` or without.
-    pub fn wire(&self, prev_kv: bool) -> &[u8] {
+    /// The event as a `WatchResponse.events` field ([`field`]), with its `prev_kv` or
+    /// without.
+    fn field_bytes(&self, prev_kv: bool) -> &[u8] {
         if prev_kv || self.event.prev_kv.is_none() {
-            self.full.get_or_init(|| self.event.encode_to_vec())
+            self.full.get_or_init(|| field(&self.event))
         } else {
-            self.bare
-                .get_or_init(|| self.to_event(false).encode_to_vec())
+            self.bare.get_or_init(|| field(&self.to_event(false)))
         }
     }
 
@@ -161,16 +175,13 @@ impl Events {
 
     /// Bytes of `events` (field 11) in an encoded `WatchResponse`.
     pub fn encoded_len(&self) -> usize {
-        self.iter().map(|e| field_len(e.wire(self.prev_kv))).sum()
+        self.iter().map(|e| e.field_bytes(self.prev_kv).len()).sum()
     }
 
     /// Writes the events as `WatchResponse.events` (field 11).
     pub fn encode(&self, buf: &mut impl BufMut) {
         for e in self.iter() {
-            let wire = e.wire(self.prev_kv);
-            encode_key(EVENTS_FIELD, WireType::LengthDelimited, buf);
-            encode_varint(wire.len() as u64, buf);
-            buf.put_slice(wire);
+            buf.put_slice(e.field_bytes(self.prev_kv));
         }
     }
 
@@ -185,7 +196,7 @@ impl Events {
             Pick::Some(v) => v.clone(),
         };
         for i in indices {
-            let n = field_len(self.batch[i as usize].wire(self.prev_kv));
+            let n = self.batch[i as usize].field_bytes(self.prev_kv).len();
             if !cur.is_empty() && size + n > max_bytes {
                 out.push(self.with_pick(Pick::Some(std::mem::take(&mut cur))));
                 size = 0;
@@ -213,12 +224,6 @@ impl PartialEq for Events {
     fn eq(&self, other: &Self) -> bool {
         self.len() == other.len() && self.to_vec() == other.to_vec()
     }
-}
-
-/// Bytes of one length-delimited field of the events tag holding `wire`.
-fn field_len(wire: &[u8]) -> usize {
-    // Tag 11, wire type 2: one byte.
-    1 + encoded_len_varint(wire.len() as u64) + wire.len()
 }
 
 #[cfg(test)]
