@@ -126,10 +126,9 @@ impl WatchResponse {
     /// its room. On an error `self` holds what was read before it.
     pub fn walk_into(&mut self, mut bytes: &[u8]) -> Result<(), DecodeError> {
         self.clear_keeping_room();
-        let r = self;
         // Room for the events at one per 64 bytes (a watch workload's are ~300), so that a
         // response's events are collected without growing the vector several times.
-        r.events.reserve(bytes.len() / 64);
+        self.events.reserve(bytes.len() / 64);
         while !bytes.is_empty() {
             let (tag, wire_type) = key(&mut bytes)?;
             match tag {
@@ -137,15 +136,15 @@ impl WatchResponse {
                     encoding::check_wire_type(WireType::Varint, wire_type)?;
                     let v = varint(&mut bytes)?;
                     match tag {
-                        2 => r.watch_id = v as i64,
-                        3 => r.created = v != 0,
-                        _ => r.canceled = v != 0,
+                        2 => self.watch_id = v as i64,
+                        3 => self.created = v != 0,
+                        _ => self.canceled = v != 0,
                     }
                 }
                 6 => {
                     let len = slice_len(wire_type, &mut bytes)?;
                     let (reason, rest) = bytes.split_at(len);
-                    r.cancel_reason = std::str::from_utf8(reason)
+                    self.cancel_reason = std::str::from_utf8(reason)
                         .map_err(|_| {
                             #[allow(deprecated)]
                             DecodeError::new("invalid string value: data is not UTF-8 encoded")
@@ -156,7 +155,7 @@ impl WatchResponse {
                 11 => {
                     let len = slice_len(wire_type, &mut bytes)?;
                     let (event, rest) = bytes.split_at(len);
-                    r.events.push(Event::walk(event)?);
+                    self.events.push(Event::walk(event)?);
                     bytes = rest;
                 }
                 _ => skip(tag, wire_type, &mut bytes)?,

@@ -69,13 +69,8 @@ impl WatchStream {
         }
     }
 
-    /// The next response (events of any watcher); `None` when the stream ended.
-    pub async fn next(&mut self) -> Result<Option<WatchResponse>, tonic::Status> {
-        self.rx.message().await
-    }
-
-    /// The next response into `out`, keeping its event vector's room
-    /// ([`lean::WatchResponses::next_into`]); `false` when the stream ended.
+    /// The next response (events of any watcher) into `out`, keeping its event vector's
+    /// room ([`lean::WatchResponses::next_into`]); `false` when the stream ended.
     pub async fn next_into(&mut self, out: &mut WatchResponse) -> Result<bool, tonic::Status> {
         self.rx.next_into(out).await
     }
